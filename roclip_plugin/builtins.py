@@ -1,0 +1,39 @@
+"""The built-in defaults, registered as an ordinary plugin so user plugins can override them.
+
+Every ``firstresult`` default is ``trylast``: any plugin that answers wins. Registrations run
+``tryfirst``, so a plugin can replace a default name with ``replace=True``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from roclip_plugin.augment import identity_factory
+from roclip_plugin.config import RoClipConfig
+from roclip_plugin.hookspecs import hookimpl
+from roclip_plugin.matching import Matcher, make_matcher
+from roclip_plugin.schedule import ScheduleState, is_matching_unit
+
+
+@hookimpl(trylast=True)
+def roclip_make_matcher(config: RoClipConfig) -> Matcher:
+    """The matcher ``config.matcher`` names."""
+    return make_matcher(config)
+
+
+@hookimpl(trylast=True)
+def roclip_should_match(
+    unit: int, total_units: int | None, config: RoClipConfig, state: ScheduleState
+) -> bool:
+    """The schedule ``config.schedule`` describes."""
+    return is_matching_unit(unit, config, total_units=total_units, state=state)
+
+
+@hookimpl(tryfirst=True)
+def roclip_register_augmentations(register: Callable[..., None]) -> None:
+    """The identity augmentation ``none`` for images and texts.
+
+    ``tryfirst`` so that defaults are in place before plugins, which may then replace them.
+    """
+    register("image", "none", identity_factory)
+    register("text", "none", identity_factory)

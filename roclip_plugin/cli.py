@@ -1,0 +1,133 @@
+"""The ``roclip`` command: ``roclip demo`` (a short CPU run) and ``roclip flags``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from roclip_plugin import __version__
+from roclip_plugin.config import (
+    RoClipConfig,
+    add_argparse_args,
+    config_from_namespace,
+    field_names,
+    flag_name,
+)
+from roclip_plugin.plugins import get_plugin_manager
+
+DEMO_POOL_SIZE = 4096
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Parser with the ``demo`` and ``flags`` sub-commands."""
+    parser = argparse.ArgumentParser(prog="roclip", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"roclip-plugin {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser(
+        "demo",
+        help="Train CLIP and RoCLIP on a poisoned synthetic captioned world; compare them.",
+        description="A short CPU run (seconds) that shows the defense at work on synthetic "
+        "data. RoCLIP options below apply to the RoCLIP run (pool size defaults to "
+        f"{DEMO_POOL_SIZE} here).",
+    )
+    demo.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    demo.add_argument("--seed", type=int, default=0, help="data and training seed (default: 0)")
+    demo.add_argument("--epochs", type=int, default=10, help="training epochs (default: 10)")
+    demo.add_argument("--train", type=int, default=20000, help="clean pairs (default: 20000)")
+    demo.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    group = demo.add_argument_group("RoCLIP options")
+    add_argparse_args(group)
+    get_plugin_manager().hook.roclip_add_options(parser=group)
+    flags = sub.add_parser("flags", help="List every --roclip-* flag with its default.")
+    flags.add_argument("--preset", default="default", choices=("default", "reference"))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``roclip`` console script."""
+    args = build_parser().parse_args(argv)
+    console = Console()
+    try:
+        if args.command == "flags":
+            return _flags(console, args.preset)
+        return _demo(console, args)
+    except ValueError as err:
+        console.print(f"[red]error:[/red] {err}")
+        return 2
+
+
+def _flags(console: Console, preset: str) -> int:
+    config = RoClipConfig.from_preset(preset)
+    table = Table(title=f"RoCLIP flags ({preset} preset)")
+    table.add_column("flag")
+    table.add_column("value")
+    table.add_column("meaning")
+    meta = {f.name: f.metadata["help"] for f in fields(RoClipConfig)}
+    for name in field_names():
+        table.add_row(flag_name(name), str(getattr(config, name)), meta[name])
+    console.print(table)
+    return 0
+
+
+def _demo(console: Console, args: argparse.Namespace) -> int:
+    from roclip_plugin.demo import DemoSettings, run_demo
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA device is visible; use --device cpu")
+    if not hasattr(args, "roclip_pool_size"):
+        args.roclip_pool_size = DEMO_POOL_SIZE
+    config = config_from_namespace(args)
+    settings = DemoSettings(
+        train=args.train, epochs=args.epochs, seed=args.seed, device=args.device
+    )
+    console.print(
+        f"[bold]roclip demo[/bold]: {settings.train} synthetic pairs, {settings.targets} targets "
+        f"x {settings.poison_captions} poison captions, {settings.epochs} epochs on "
+        f"{settings.device}"
+    )
+    results = run_demo(settings, config)
+    table = Table(title="Synthetic targeted poisoning (a smoke demonstration, not real images)")
+    for col in (
+        "run",
+        "clean zero-shot",
+        "targeted ASR",
+        "poison precision@k",
+        "matching epochs",
+        "train s",
+    ):
+        table.add_column(col, justify="right" if col != "run" else "left")
+    for r in results:
+        det = "-" if r.detection_precision is None else f"{100 * r.detection_precision:.1f}%"
+        table.add_row(
+            r.name,
+            f"{100 * r.zero_shot:.1f}%",
+            f"{100 * r.targeted_asr:.1f}%",
+            det,
+            ",".join(map(str, r.matching_epochs)) or "-",
+            f"{r.seconds:.1f}",
+        )
+    console.print(table)
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "settings": asdict(settings),
+                    "config": config.to_dict(),
+                    "results": [asdict(r) for r in results],
+                },
+                indent=2,
+            )
+        )
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

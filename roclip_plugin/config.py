@@ -1,0 +1,315 @@
+"""RoCLIP configuration: one validated dataclass whose fields map one-to-one to CLI flags.
+
+Every integration (OpenCLIP, a generic loop, the ``roclip`` command) exposes the same options,
+so a field ``pool_size`` is always the flag ``--roclip-pool-size``. Two presets exist:
+``default`` fixes the flaws of the authors' code (see docs/config.md), ``reference``
+reproduces their semantics exactly so the two can be compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+FLAG_PREFIX = "--roclip-"
+PRESETS = ("default", "reference")
+SCHEDULES = ("periodic", "ramp", "adaptive")
+POOL_UPDATES = ("every_step", "matching_epochs")
+PRECISIONS = ("fp32", "bf16")
+MATCHERS = ("torch", "faiss", "faiss-ivf")
+_INT32_MAX = 2**31 - 1
+
+
+def _meta(help_text: str, choices: Sequence[str] | None = None) -> dict[str, Any]:
+    return {"help": help_text, "choices": tuple(choices) if choices else None}
+
+
+@dataclass(frozen=True)
+class RoClipConfig:
+    """All RoCLIP settings; invalid values raise ``ValueError`` at construction.
+
+    Epochs are 0-based everywhere (as in OpenCLIP): epoch 0 is the first epoch of training.
+    """
+
+    pool_size: int = field(
+        default=21845,
+        metadata=_meta("Caption pool capacity in embeddings (the authors' default is 21845)."),
+    )
+    rematch_every: int = field(
+        default=2, metadata=_meta("Period K: a matching epoch every K epochs (or step blocks).")
+    )
+    first_rematch_epoch: int | None = field(
+        default=5,
+        metadata=_meta(
+            "0-based index of the first matching epoch; 'none' uses the authors' numbering "
+            "(1-based epochs matching when epoch %% K == 0, i.e. first = K-1)."
+        ),
+    )
+    warmup_fraction: float | None = field(
+        default=None,
+        metadata=_meta(
+            "If set, the first matching epoch is ceil(fraction * total epochs); overrides "
+            "first_rematch_epoch and needs the run length."
+        ),
+    )
+    schedule: str = field(
+        default="periodic",
+        metadata=_meta(
+            "periodic: every K after the warm-up; ramp: the period shrinks from K to "
+            "ramp_final_every over the run; adaptive: start once in-batch retrieval accuracy "
+            "reaches adaptive_threshold.",
+            SCHEDULES,
+        ),
+    )
+    ramp_final_every: int = field(
+        default=1, metadata=_meta("Matching period reached at the end of a ramp schedule.")
+    )
+    adaptive_threshold: float = field(
+        default=0.5,
+        metadata=_meta(
+            "Adaptive schedule: epoch-mean in-batch image-to-text retrieval accuracy that "
+            "starts matching."
+        ),
+    )
+    period_steps: int = field(
+        default=0,
+        metadata=_meta(
+            "0: the schedule counts epochs; N > 0: it counts blocks of N optimiser steps "
+            "(for runs with few long epochs)."
+        ),
+    )
+    pool_update: str = field(
+        default="every_step",
+        metadata=_meta(
+            "every_step keeps the pool fresh; matching_epochs reproduces the authors' code.",
+            POOL_UPDATES,
+        ),
+    )
+    precision: str = field(
+        default="fp32",
+        metadata=_meta(
+            "Similarity search precision: fp32, or bf16 search with certified fp32 "
+            "re-scoring (same answer as fp32).",
+            PRECISIONS,
+        ),
+    )
+    matcher: str = field(
+        default="torch",
+        metadata=_meta(
+            "Nearest-caption backend: torch (exact, on the pool's device), faiss (exact, "
+            "CPU), faiss-ivf (approximate, CPU, for pools beyond device memory).",
+            MATCHERS,
+        ),
+    )
+    match_chunk_size: int = field(
+        default=0,
+        metadata=_meta("Pool rows scored per chunk; 0 picks a size bounded by ~256 MiB."),
+    )
+    ivf_nlist: int = field(default=1024, metadata=_meta("faiss-ivf: number of inverted lists."))
+    ivf_nprobe: int = field(default=32, metadata=_meta("faiss-ivf: lists visited per query."))
+    seed: int = field(default=0, metadata=_meta("Seed for the defense's own randomness."))
+
+    def __post_init__(self) -> None:
+        _check_int(self, "pool_size", low=1, high=_INT32_MAX)
+        _check_int(self, "rematch_every", low=1, high=_INT32_MAX)
+        if self.first_rematch_epoch is not None:
+            _check_int(self, "first_rematch_epoch", low=0, high=_INT32_MAX)
+        if self.warmup_fraction is not None:
+            _check_float(self, "warmup_fraction", low=0.0, high=1.0, high_open=True)
+        _check_choice(self, "schedule", SCHEDULES)
+        _check_int(self, "ramp_final_every", low=1, high=self.rematch_every)
+        _check_float(self, "adaptive_threshold", low=0.0, high=1.0, low_open=True)
+        _check_int(self, "period_steps", low=0, high=_INT32_MAX)
+        _check_choice(self, "pool_update", POOL_UPDATES)
+        _check_choice(self, "precision", PRECISIONS)
+        _check_choice(self, "matcher", MATCHERS)
+        _check_int(self, "match_chunk_size", low=0, high=_INT32_MAX)
+        _check_int(self, "ivf_nlist", low=1, high=_INT32_MAX)
+        _check_int(self, "ivf_nprobe", low=1, high=_INT32_MAX)
+        _check_int(self, "seed", low=0, high=2**63 - 1)
+
+    # -- presets ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_preset(cls, name: str = "default", **overrides: Any) -> RoClipConfig:
+        """Build a preset, then apply ``overrides`` (field name -> value)."""
+        if name not in PRESETS:
+            raise ValueError(
+                f"--roclip-preset / preset: unknown value {name!r}; allowed: {', '.join(PRESETS)}"
+            )
+        base: dict[str, Any] = {}
+        if name == "reference":
+            base = {
+                "first_rematch_epoch": None,
+                "warmup_fraction": None,
+                "schedule": "periodic",
+                "pool_update": "matching_epochs",
+            }
+        unknown = sorted(set(overrides) - set(field_names()))
+        if unknown:
+            raise ValueError(
+                f"unknown RoCLIP option(s) {unknown}; known: {', '.join(field_names())}"
+            )
+        return cls(**{**base, **overrides})
+
+    def replace(self, **changes: Any) -> RoClipConfig:
+        """Return a copy with ``changes`` applied (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-dict form, for checkpoints and logs."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RoClipConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error."""
+        return cls.from_preset("default", **dict(data))
+
+    # -- schedule helpers that need only the config ----------------------------------------
+
+    def resolved_first_epoch(self, total_epochs: int | None = None) -> int:
+        """Index of the first matching epoch (or step block) for a run of ``total_epochs``."""
+        if self.warmup_fraction is not None:
+            if total_epochs is None:
+                raise ValueError(
+                    "--roclip-warmup-fraction needs the run length: pass total_epochs "
+                    "(or use --roclip-first-rematch-epoch instead)"
+                )
+            return math.ceil(self.warmup_fraction * total_epochs)
+        if self.first_rematch_epoch is None:
+            return self.rematch_every - 1
+        return self.first_rematch_epoch
+
+
+# -- validation helpers ---------------------------------------------------------------------
+
+
+def _fail(name: str, value: Any, allowed: str) -> None:
+    flag = flag_name(name)
+    raise ValueError(f"{name} ({flag}): invalid value {value!r}; allowed: {allowed}")
+
+
+def _check_int(cfg: RoClipConfig, name: str, *, low: int, high: int) -> None:
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        _fail(name, value, f"an integer in [{low}, {high}]")
+
+
+def _check_float(
+    cfg: RoClipConfig,
+    name: str,
+    *,
+    low: float,
+    high: float,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    value = getattr(cfg, name)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and (
+            value < high if high_open else value <= high
+        )
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        _fail(name, value, f"a number in {interval}")
+
+
+def _check_choice(cfg: RoClipConfig, name: str, choices: Sequence[str]) -> None:
+    value = getattr(cfg, name)
+    if value not in choices:
+        _fail(name, value, ", ".join(choices))
+
+
+# -- CLI mapping ------------------------------------------------------------------------------
+
+
+def field_names() -> list[str]:
+    """Names of all configuration fields, in declaration order."""
+    return [f.name for f in fields(RoClipConfig)]
+
+
+def flag_name(field_name: str) -> str:
+    """``pool_size`` -> ``--roclip-pool-size``."""
+    return FLAG_PREFIX + field_name.replace("_", "-")
+
+
+def field_from_flag(flag: str) -> str:
+    """``--roclip-pool-size`` -> ``pool_size``; raises ``ValueError`` for foreign flags."""
+    if not flag.startswith(FLAG_PREFIX):
+        raise ValueError(f"{flag!r} is not a RoCLIP flag (they start with {FLAG_PREFIX!r})")
+    name = flag[len(FLAG_PREFIX) :].replace("-", "_")
+    if name not in field_names():
+        raise ValueError(f"unknown RoCLIP flag {flag!r}; known: {', '.join(all_flags())}")
+    return name
+
+
+def all_flags() -> list[str]:
+    """Every configuration flag, in field order."""
+    return [flag_name(n) for n in field_names()]
+
+
+def _optional_int(text: str) -> int | None:
+    return None if text.lower() == "none" else int(text)
+
+
+def _optional_float(text: str) -> float | None:
+    return None if text.lower() == "none" else float(text)
+
+
+def _argparse_type(f: dataclasses.Field[Any]) -> Any:
+    kind = str(f.type)
+    if "None" in kind:
+        return _optional_int if kind.startswith("int") else _optional_float
+    return {"int": int, "float": float, "str": str}[kind]
+
+
+def add_argparse_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """Add ``--roclip-preset`` and one flag per field to ``parser``.
+
+    Flags that are not given leave no attribute (``argparse.SUPPRESS``), so that
+    :func:`config_from_namespace` applies the preset first and only the explicit flags on top
+    (``--roclip-first-rematch-epoch none`` is an explicit ``None``).
+    """
+    parser.add_argument(
+        FLAG_PREFIX + "preset",
+        dest="roclip_preset",
+        default="default",
+        choices=PRESETS,
+        help="Starting point for the settings below (default: default).",
+    )
+    defaults = RoClipConfig()
+    for f in fields(RoClipConfig):
+        meta = f.metadata
+        default = getattr(defaults, f.name)
+        parser.add_argument(
+            flag_name(f.name),
+            dest="roclip_" + f.name,
+            type=_argparse_type(f),
+            choices=meta.get("choices"),
+            default=argparse.SUPPRESS,
+            help=f"{meta['help']} (default: {default})",
+        )
+
+
+def config_from_namespace(namespace: argparse.Namespace) -> RoClipConfig:
+    """Build the config from parsed flags: the preset, then every flag that was given."""
+    preset = getattr(namespace, "roclip_preset", "default") or "default"
+    given = {
+        name: getattr(namespace, "roclip_" + name)
+        for name in field_names()
+        if hasattr(namespace, "roclip_" + name)
+    }
+    return RoClipConfig.from_preset(preset, **given)
+
+
+def config_to_argv(config: RoClipConfig) -> list[str]:
+    """Flags that rebuild ``config`` from the default preset (for launching subprocesses)."""
+    argv: list[str] = []
+    for name, value in config.to_dict().items():
+        argv += [flag_name(name), "none" if value is None else str(value)]
+    return argv

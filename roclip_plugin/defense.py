@@ -1,0 +1,248 @@
+"""The orchestrator every integration drives: schedule, pool, loss, hooks and checkpoint state.
+
+An integration does three things: call :meth:`RoClipDefense.start_epoch` at each epoch start,
+compute the loss with :attr:`RoClipDefense.loss` (a drop-in for OpenCLIP's ``ClipLoss``), and
+save :meth:`RoClipDefense.state_dict` with its checkpoint. Everything else (step counting,
+per-step schedule decisions, pool updates, statistics to hooks) happens inside.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pluggy
+import torch
+import torch.distributed as dist
+
+from roclip_plugin.config import RoClipConfig
+from roclip_plugin.loss import DistInfo, MatchStats, RoClipLoss
+from roclip_plugin.plugins import get_plugin_manager
+from roclip_plugin.pool import CaptionPool
+from roclip_plugin.schedule import ScheduleState, schedule_unit
+
+STATE_VERSION = 1
+
+
+class RoClipDefense:
+    """RoCLIP for one training run (one per process under ``torch.distributed``).
+
+    Args:
+        config: settings; the ``default`` preset when omitted.
+        plugin_manager: hooks; :func:`~roclip_plugin.plugins.get_plugin_manager` when omitted.
+        options: the integration's parsed arguments, passed to ``roclip_configure``.
+        device: where the pool lives; by default the device of the first features seen.
+        dist_info: distributed set-up; read from ``torch.distributed`` when omitted.
+        total_epochs: run length, needed by ``ramp`` schedules and ``warmup_fraction``.
+        steps_per_epoch: needed with ``period_steps`` to know the run length in step blocks.
+    """
+
+    def __init__(
+        self,
+        config: RoClipConfig | None = None,
+        *,
+        plugin_manager: pluggy.PluginManager | None = None,
+        options: argparse.Namespace | None = None,
+        device: torch.device | str | None = None,
+        dist_info: DistInfo | None = None,
+        total_epochs: int | None = None,
+        steps_per_epoch: int | None = None,
+    ) -> None:
+        self.config = config or RoClipConfig()
+        self.pm = plugin_manager or get_plugin_manager()
+        self.info = dist_info or DistInfo.from_env()
+        self.total_epochs = total_epochs
+        self.steps_per_epoch = steps_per_epoch
+        self.pool = CaptionPool(self.config.pool_size, device=device)
+        self.schedule = ScheduleState()
+        self.epoch = 0
+        self.step = 0  # steps started so far = index of the next step
+        self.unit: int | None = None  # schedule unit in force
+        self._acc_sum: torch.Tensor | None = None
+        self._acc_count = 0
+        matcher = self.pm.hook.roclip_make_matcher(config=self.config)
+        observed = bool(self.pm.hook.roclip_after_match.get_hookimpls())
+        self.loss = RoClipLoss(
+            self.pool,
+            matcher,
+            self.info,
+            update_pool_when_plain=self.config.pool_update == "every_step",
+            on_step=self._on_step,
+            on_match=self._on_match if observed else None,
+            on_enqueue=self._on_enqueue,
+            on_alignment=self._on_alignment,
+        )
+        self.pm.hook.roclip_configure(config=self.config, options=options)
+
+    # -- what integrations call ---------------------------------------------------------
+
+    @property
+    def matching(self) -> bool:
+        """Whether the current step is a matching one."""
+        return self.loss.matching
+
+    @property
+    def total_units(self) -> int | None:
+        """Run length in schedule units, when known."""
+        if self.config.period_steps == 0:
+            return self.total_epochs
+        if self.total_epochs is None or self.steps_per_epoch is None:
+            return None
+        return self.total_epochs * self.steps_per_epoch // self.config.period_steps
+
+    def start_epoch(self, epoch: int) -> bool:
+        """Begin epoch ``epoch`` (0-based); returns whether it starts as a matching epoch."""
+        self.epoch = epoch
+        self.loss.epoch = epoch
+        if self.config.period_steps == 0:
+            self._enter_unit(epoch)
+        elif self.unit is None:
+            self._enter_unit(schedule_unit(epoch, self.step, self.config.period_steps))
+        self.pm.hook.roclip_epoch_start(epoch=epoch, matching=self.matching, defense=self)
+        return self.matching
+
+    def compute_loss(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor,
+    ) -> torch.Tensor:
+        """The step's loss (a scalar tensor); same as calling :attr:`loss`."""
+        out = self.loss(image_features, text_features, logit_scale)
+        assert isinstance(out, torch.Tensor)
+        return out
+
+    # -- checkpoints ----------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs to continue exactly: pool, schedule, counters."""
+        pending = None if self._acc_sum is None else float(self._acc_sum)
+        return {
+            "version": STATE_VERSION,
+            "config": self.config.to_dict(),
+            "pool": self.pool.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "unit": self.unit,
+            "matching": self.loss.matching,
+            "alignment_pending": (pending, self._acc_count),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` (on this defense's device)."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(
+                f"RoCLIP state version {state.get('version')!r} is not supported (expected "
+                f"{STATE_VERSION}); was the checkpoint written by roclip-plugin?"
+            )
+        self.pool.load_state_dict(state["pool"])  # refuses a different pool size first
+        self._warn_config_drift(state["config"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.epoch = int(state["epoch"])
+        self.step = int(state["step"])
+        self.unit = state["unit"]
+        self.loss.epoch, self.loss.matching = self.epoch, bool(state["matching"])
+        pending, count = state["alignment_pending"]
+        self._acc_sum = None if pending is None else torch.tensor(pending)
+        self._acc_count = int(count)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write :meth:`state_dict` atomically (a crash mid-write leaves the old file intact)."""
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+        os.close(fd)
+        try:
+            torch.save(self.state_dict(), tmp)
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return target
+
+    def load(self, path: str | os.PathLike[str]) -> None:
+        """Restore from a file written by :meth:`save`."""
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"RoCLIP state file {str(path)!r} does not exist")
+        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+
+    def _warn_config_drift(self, saved: Mapping[str, Any]) -> None:
+        current = self.config.to_dict()
+        drift = sorted(k for k in current if k in saved and saved[k] != current[k])
+        if drift:
+            details = ", ".join(f"{k}: {saved[k]!r} -> {current[k]!r}" for k in drift)
+            warnings.warn(
+                f"RoCLIP settings differ from the checkpoint's ({details}); the resumed run "
+                "will not continue the saved schedule exactly",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _enter_unit(self, unit: int) -> None:
+        if self.unit is not None and unit != self.unit:
+            self._flush_alignment(self.unit)
+        self.unit = unit
+        decision = self.pm.hook.roclip_should_match(
+            epoch=self.epoch,
+            step=self.step,
+            unit=unit,
+            total_units=self.total_units,
+            config=self.config,
+            state=self.schedule,
+        )
+        self.loss.matching = bool(decision)
+
+    def _on_step(self) -> None:
+        self.loss.step = self.step
+        if self.config.period_steps:
+            unit = schedule_unit(self.epoch, self.step, self.config.period_steps)
+            if unit != self.unit:
+                self._enter_unit(unit)
+        self.step += 1
+
+    def _on_alignment(self, accuracy: torch.Tensor) -> None:
+        acc = accuracy.detach().float()
+        self._acc_sum = acc if self._acc_sum is None else self._acc_sum.to(acc.device) + acc
+        self._acc_count += 1
+
+    def _flush_alignment(self, unit: int) -> None:
+        """Record the finished unit's mean accuracy, averaged over ranks (same on every rank)."""
+        total = torch.zeros(2, dtype=torch.float64)
+        if self._acc_sum is not None:
+            total = torch.stack(
+                [
+                    self._acc_sum.double().cpu(),
+                    torch.tensor(float(self._acc_count), dtype=torch.float64),
+                ]
+            )
+        if self.info.world_size > 1:
+            total = _all_reduce_sum(total)
+        if total[1] > 0:
+            self.schedule.record_alignment(unit, float(total[0] / total[1]))
+        self._acc_sum, self._acc_count = None, 0
+
+    def _on_enqueue(self, added: int) -> None:
+        self.pm.hook.roclip_pool_updated(
+            pool=self.pool, added=added, epoch=self.epoch, step=self.loss.step
+        )
+
+    def _on_match(self, stats: MatchStats) -> None:
+        self.pm.hook.roclip_after_match(stats=stats)
+
+
+def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum a small CPU tensor over ranks, on the device the backend needs."""
+    device = torch.device("cpu")
+    if dist.get_backend() == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    buf = values.to(device)
+    dist.all_reduce(buf)
+    return buf.cpu()

@@ -1,0 +1,281 @@
+"""A short CPU run that shows the defense at work on a synthetic captioned world.
+
+Nothing is downloaded: "images" are feature vectors drawn around class centres plus a style
+component, and captions are token bags such as "a dark photo of a cat". A targeted poisoning
+attack pairs a few held-out target images with many captions of another class. Two tiny
+two-tower models train on the same poisoned data, one with the CLIP loss and one with RoCLIP
+(driven through :class:`~roclip_plugin.defense.RoClipDefense` and its hooks, as any trainer
+would), and the run reports clean zero-shot accuracy, targeted attack success, and how well the
+defense's margins single out the poisoned pairs. It is a synthetic smoke demonstration of the
+mechanism, not evidence on real images: the attack kit and real-data benchmark live elsewhere.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from roclip_plugin.config import RoClipConfig
+from roclip_plugin.defense import RoClipDefense
+from roclip_plugin.hookspecs import hookimpl
+from roclip_plugin.loss import MatchStats
+from roclip_plugin.plugins import get_plugin_manager
+
+CLASSES = {
+    "airplane": ["airplane", "plane", "jet"],
+    "bird": ["bird", "sparrow", "finch"],
+    "car": ["car", "automobile", "sedan"],
+    "cat": ["cat", "kitten", "kitty"],
+    "deer": ["deer", "doe", "stag"],
+    "dog": ["dog", "puppy", "hound"],
+    "frog": ["frog", "toad", "tadpole"],
+    "horse": ["horse", "pony", "stallion"],
+    "ship": ["ship", "boat", "vessel"],
+    "truck": ["truck", "lorry", "pickup"],
+}
+STYLES = ["bright", "dark", "blurry", "sharp"]
+FILLER = ["a", "photo", "of", "small", "large", "old", "new", "nice", "the", "in", "wild"]
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """Sizes of the synthetic world and of the training runs."""
+
+    train: int = 20000
+    test: int = 1000
+    targets: int = 8
+    poison_captions: int = 30
+    epochs: int = 10
+    batch: int = 256
+    lr: float = 3e-3
+    image_dim: int = 48
+    embed_dim: int = 32
+    seed: int = 0
+    device: str = "cpu"
+    image_noise: float = 1.0  # augmentation: Gaussian noise added to each image draw
+    word_dropout: float = 0.2  # augmentation: chance that a caption word is replaced by "a"
+
+
+@dataclass
+class World:
+    """Tensors of one synthetic dataset with its poison."""
+
+    images: torch.Tensor
+    captions: torch.Tensor
+    labels: torch.Tensor
+    poisoned: torch.Tensor  # bool per training row
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    target_images: torch.Tensor
+    target_labels: torch.Tensor
+    adversarial: torch.Tensor
+    prompts: torch.Tensor
+    vocab: list[str] = field(default_factory=list)
+
+
+def _vocab() -> dict[str, int]:
+    words = [w for syns in CLASSES.values() for w in syns] + STYLES + FILLER
+    return {w: i for i, w in enumerate(dict.fromkeys(words))}
+
+
+def _caption(cls: int, style: int, vocab: dict[str, int], g: torch.Generator) -> list[int]:
+    name = list(CLASSES.values())[cls]
+    syn = name[int(torch.randint(len(name), (1,), generator=g))]
+    extra = [FILLER[int(i)] for i in torch.randint(3, len(FILLER), (2,), generator=g)]
+    return [vocab[w] for w in ["a", STYLES[style], "photo", "of", "a", syn, *extra]]
+
+
+def build_world(s: DemoSettings) -> World:
+    """Clean pairs, held-out test and target images, and the poison pairs (deterministic)."""
+    g = torch.Generator().manual_seed(s.seed)
+    vocab = _vocab()
+    centres = F.normalize(torch.randn(len(CLASSES), s.image_dim, generator=g), dim=-1) * 3.0
+    styles = F.normalize(torch.randn(len(STYLES), s.image_dim, generator=g), dim=-1) * 1.5
+
+    def draw(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        labels = torch.randint(len(CLASSES), (n,), generator=g)
+        style = torch.randint(len(STYLES), (n,), generator=g)
+        noise = torch.randn(n, s.image_dim, generator=g)
+        return centres[labels] + styles[style] + noise, labels, style
+
+    images, labels, style = draw(s.train)
+    captions = [_caption(int(c), int(st), vocab, g) for c, st in zip(labels, style, strict=False)]
+    test_images, test_labels, _ = draw(s.test)
+    target_images, target_labels, target_style = draw(s.targets)
+    shift = torch.randint(1, len(CLASSES), (s.targets,), generator=g)
+    adversarial = (target_labels + shift) % len(CLASSES)
+    poison_img, poison_cap = [], []
+    for t in range(s.targets):
+        for _ in range(s.poison_captions):
+            poison_img.append(target_images[t])
+            poison_cap.append(_caption(int(adversarial[t]), int(target_style[t]), vocab, g))
+    all_images = torch.cat([images, torch.stack(poison_img)])
+    all_caps = torch.tensor(captions + poison_cap)
+    poisoned = torch.zeros(all_images.shape[0], dtype=torch.bool)
+    poisoned[s.train :] = True
+    prompts = torch.tensor(
+        [[vocab[w] for w in ["a", "photo", "of", "a", syns[0]]] for syns in CLASSES.values()]
+    )
+    return World(
+        all_images,
+        all_caps,
+        torch.cat([labels, adversarial.repeat_interleave(s.poison_captions)]),
+        poisoned,
+        test_images,
+        test_labels,
+        target_images,
+        target_labels,
+        adversarial,
+        prompts,
+        list(vocab),
+    )
+
+
+class TinyClip(nn.Module):
+    """Two small towers and CLIP's learnable temperature."""
+
+    def __init__(self, image_dim: int, vocab: int, embed_dim: int) -> None:
+        super().__init__()
+        self.image = nn.Sequential(nn.Linear(image_dim, 128), nn.ReLU(), nn.Linear(128, embed_dim))
+        self.words = nn.EmbeddingBag(vocab, 64, mode="mean")
+        self.text = nn.Sequential(nn.ReLU(), nn.Linear(64, embed_dim))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
+        """L2-normalised image embeddings."""
+        return F.normalize(self.image(x), dim=-1)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """L2-normalised caption embeddings."""
+        return F.normalize(self.text(self.words(tokens)), dim=-1)
+
+
+class MarginRecorder:
+    """Plugin that keeps, for the last matching epoch, each sample's matched-minus-own margin."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[int, torch.Tensor]] = []
+
+    @hookimpl
+    def roclip_epoch_start(self, matching: bool) -> None:
+        """Start a fresh record at each matching epoch."""
+        if matching:
+            self.batches = []
+
+    @hookimpl
+    def roclip_after_match(self, stats: MatchStats) -> None:
+        """Keep the step's margins."""
+        self.batches.append((stats.step, stats.margins.detach().cpu()))
+
+
+@dataclass
+class RunResult:
+    """What one training run measured."""
+
+    name: str
+    zero_shot: float
+    targeted_asr: float
+    detection_precision: float | None
+    matching_epochs: list[int]
+    seconds: float
+
+
+def _classify(model: TinyClip, images: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return (model.encode_image(images) @ model.encode_text(prompts).T).argmax(dim=1)
+
+
+def augment(
+    images: torch.Tensor, captions: torch.Tensor, s: DemoSettings, g: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fresh per-draw augmentation: feature noise for images, word dropout for captions."""
+    noise = torch.randn(images.shape, generator=g).to(images.device) * s.image_noise
+    drop = torch.rand(captions.shape, generator=g).to(captions.device) < s.word_dropout
+    return images + noise, torch.where(drop, torch.zeros_like(captions), captions)
+
+
+def train(
+    world: World, s: DemoSettings, config: RoClipConfig | None, *, augmented: bool | None = None
+) -> RunResult:
+    """Train one model (CLIP when ``config`` is None) and evaluate it.
+
+    ``augmented`` defaults to the paper's comparison: RoCLIP augments, CLIP does not.
+    """
+    augmented = config is not None if augmented is None else augmented
+    torch.manual_seed(s.seed)
+    device = torch.device(s.device)
+    model = TinyClip(world.images.shape[1], len(world.vocab), s.embed_dim).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=s.lr)
+    recorder = MarginRecorder()
+    defense = None
+    if config is not None:
+        pm = get_plugin_manager()
+        pm.register(recorder)
+        defense = RoClipDefense(config, plugin_manager=pm, total_epochs=s.epochs)
+    images, captions = world.images.to(device), world.captions.to(device)
+    order_g = torch.Generator().manual_seed(s.seed + 1)
+    aug_g = torch.Generator().manual_seed(s.seed + 2)
+    matching_epochs, last_order = [], torch.arange(0)
+    start = time.perf_counter()
+    for epoch in range(s.epochs):
+        if defense is not None and defense.start_epoch(epoch):
+            matching_epochs.append(epoch)
+        order = torch.randperm(images.shape[0], generator=order_g)
+        if epoch in matching_epochs:
+            last_order = order
+        for i in range(0, len(order), s.batch):
+            idx = order[i : i + s.batch].to(device)
+            x, y = images[idx], captions[idx]
+            if augmented:
+                x, y = augment(x, y, s, aug_g)
+            img, txt = model.encode_image(x), model.encode_text(y)
+            scale = model.logit_scale.exp()
+            if defense is None:
+                labels = torch.arange(len(idx), device=device)
+                logits = scale * img @ txt.T
+                loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+            else:
+                loss = defense.compute_loss(img, txt, scale)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, math.log(100))
+    seconds = time.perf_counter() - start
+    model = model.cpu()
+    zero_shot = float(
+        (_classify(model, world.test_images, world.prompts) == world.test_labels).float().mean()
+    )
+    asr = float(
+        (_classify(model, world.target_images, world.prompts) == world.adversarial).float().mean()
+    )
+    precision = _detection_precision(recorder, last_order, world.poisoned) if defense else None
+    name = ("CLIP" if config is None else "RoCLIP") + (" + aug" if augmented else "")
+    return RunResult(name, zero_shot, asr, precision, matching_epochs, seconds)
+
+
+def _detection_precision(
+    recorder: MarginRecorder, order: torch.Tensor, poisoned: torch.Tensor
+) -> float | None:
+    """Of the rows with the largest margins (as many as there are poisons), the poisoned share."""
+    if not recorder.batches:
+        return None
+    margins = torch.cat([m for _, m in sorted(recorder.batches, key=lambda b: b[0])])
+    rows = order[: margins.shape[0]]
+    k = int(poisoned.sum())
+    flagged = rows[margins.topk(min(k, margins.numel())).indices]
+    return float(poisoned[flagged].float().mean())
+
+
+def run_demo(s: DemoSettings, config: RoClipConfig) -> list[RunResult]:
+    """Build the poisoned world; train CLIP, CLIP with augmentation, and RoCLIP on it.
+
+    The middle row separates what augmentation alone does from what matching adds.
+    """
+    world = build_world(s)
+    return [train(world, s, None), train(world, s, None, augmented=True), train(world, s, config)]

@@ -1,0 +1,154 @@
+"""Hook specifications: the points where plugins change or observe RoCLIP.
+
+Every hook is prefixed ``roclip_``. Implementations may accept any subset of a spec's
+arguments, so arguments can be added later without breaking plugins. Hooks run
+last-registered-first; the built-in defaults are registered first and marked ``trylast``, so a
+user's plugin always wins. Each hook is documented with its exact signature in docs/hooks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    from roclip_plugin.config import RoClipConfig
+    from roclip_plugin.defense import RoClipDefense
+    from roclip_plugin.loss import MatchStats
+    from roclip_plugin.matching import Matcher
+    from roclip_plugin.pool import CaptionPool
+    from roclip_plugin.schedule import ScheduleState
+
+PROJECT = "roclip"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+# -- configuration ----------------------------------------------------------------------------
+
+
+@hookspec
+def roclip_add_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """Add a plugin's own command-line options to an integration's parser.
+
+    Called once when an integration builds its parser, after the ``--roclip-*`` flags.
+    Name options ``--roclip-<plugin>-<option>`` to avoid clashes.
+
+    Args:
+        parser: the argparse parser or argument group to add options to.
+    """
+
+
+@hookspec
+def roclip_configure(config: RoClipConfig, options: argparse.Namespace | None) -> None:
+    """Receive the final configuration (and parsed options) before training starts.
+
+    Called once per :class:`~roclip_plugin.defense.RoClipDefense`, on every rank.
+
+    Args:
+        config: the validated RoCLIP configuration.
+        options: the integration's parsed arguments, or None when built from code.
+    """
+
+
+# -- matching ---------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def roclip_make_matcher(config: RoClipConfig) -> Matcher | None:
+    """Return the matcher: a callable ``(image_features, pool) -> LongTensor`` of pool indices.
+
+    The indices are logical (into ``pool.features()``, oldest first). Run
+    :func:`roclip_plugin.testing.check_matcher` on yours. Under ``torch.distributed`` it must
+    give the same answer on every rank for the same input. Stops at first non-None result.
+
+    Args:
+        config: the RoCLIP configuration.
+    """
+
+
+@hookspec(firstresult=True)
+def roclip_should_match(
+    epoch: int,
+    step: int,
+    unit: int,
+    total_units: int | None,
+    config: RoClipConfig,
+    state: ScheduleState,
+) -> bool | None:
+    """Decide whether a unit (epoch, or block of steps) is a matching one.
+
+    Called at each epoch start, and at each step when ``config.period_steps > 0``. The answer
+    must be identical on every rank. Stops at first non-None result.
+
+    Args:
+        epoch: 0-based epoch.
+        step: global step counted by the defense (0-based).
+        unit: the schedule unit (``epoch``, or ``step // period_steps``).
+        total_units: run length in units, when the integration knows it.
+        config: the RoCLIP configuration.
+        state: schedule memory (per-unit alignment accuracy).
+    """
+
+
+# -- augmentation -----------------------------------------------------------------------------
+
+
+@hookspec
+def roclip_register_augmentations(register: Callable[..., None]) -> None:
+    """Register image or text augmentations by name.
+
+    Call ``register(kind, name, factory, replace=False)`` with ``kind`` ``"image"`` or
+    ``"text"`` and ``factory(config) -> callable``. Registering a taken name raises
+    ``ValueError`` unless ``replace=True`` (to override a default).
+
+    Args:
+        register: the registry's callback.
+    """
+
+
+# -- observation ------------------------------------------------------------------------------
+
+
+@hookspec
+def roclip_epoch_start(epoch: int, matching: bool, defense: RoClipDefense) -> None:
+    """Observe the start of an epoch, after the schedule decided.
+
+    Args:
+        epoch: 0-based epoch.
+        matching: whether the epoch starts as a matching one.
+        defense: the defense (pool, config, state) for read access.
+    """
+
+
+@hookspec
+def roclip_pool_updated(pool: CaptionPool, added: int, epoch: int, step: int) -> None:
+    """Observe a pool update, after a step's captions were enqueued.
+
+    Args:
+        pool: the caption pool (read it; do not modify).
+        added: rows stored by this update (non-finite rows are refused and not counted).
+        epoch: 0-based epoch.
+        step: global step counted by the defense.
+    """
+
+
+@hookspec
+def roclip_after_match(stats: MatchStats) -> None:
+    """Observe a matching step's statistics (the local batch of this rank).
+
+    Statistics are computed only when at least one plugin implements this hook.
+
+    Args:
+        stats: pool fill, mean matched and own-caption similarity, per-sample margins.
+    """
+
+
+def spec_names() -> list[str]:
+    """Names of every hook specification in this module."""
+    return sorted(n for n, v in globals().items() if n.startswith("roclip_") and callable(v))
+
+
+__all__ = ["hookimpl", "hookspec", "spec_names"]

@@ -1,0 +1,250 @@
+"""The RoCLIP loss: CLIP's symmetric InfoNCE, against matched pool captions in matching steps.
+
+Plain steps compute exactly OpenCLIP's ``ClipLoss`` (same gathering, ``local_loss`` and
+``gather_with_grad`` semantics). Matching steps look up each local image's nearest pool caption,
+gather the matches from every rank, and compute the same loss with the matched captions in
+place of the batch's own. The batch's own captions are enqueued after the lookup (gathered in
+rank order, so the pool is identical on every rank) and never match their own images.
+
+The loss returns losses only. Statistics go to the ``roclip_after_match`` hook: a trainer that
+sums every value of the loss dict (OpenCLIP does) must never see diagnostics there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn
+import torch.nn.functional as F
+from torch import nn
+
+from roclip_plugin.matching import Matcher, highest_matmul_precision
+from roclip_plugin.pool import CaptionPool
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """How features are shared across processes (OpenCLIP's ``ClipLoss`` arguments)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_loss: bool = False
+    gather_with_grad: bool = False
+
+    @classmethod
+    def from_env(cls, *, local_loss: bool = False, gather_with_grad: bool = False) -> DistInfo:
+        """Rank and world size of the initialised process group, else a single process."""
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size(), local_loss, gather_with_grad)
+        return cls(0, 1, local_loss, gather_with_grad)
+
+
+@dataclass(frozen=True)
+class MatchStats:
+    """What one matching step saw, for the local batch of this rank.
+
+    Attributes:
+        epoch: 0-based epoch.
+        step: global step counted by the defense (0-based).
+        pool_fill: valid pool rows at lookup time.
+        pool_size: pool capacity.
+        matched_similarity: mean cosine similarity of each image to its matched caption.
+        own_similarity: mean cosine similarity of each image to its own caption.
+        margins: per local sample, ``matched - own`` similarity. A large margin means the
+            image's own caption is far less similar than its best pool caption: a poison
+            candidate. Detached, on the features' device.
+        matched_indices: per local sample, the logical pool index matched.
+    """
+
+    epoch: int
+    step: int
+    pool_fill: int
+    pool_size: int
+    matched_similarity: float
+    own_similarity: float
+    margins: torch.Tensor
+    matched_indices: torch.Tensor
+
+
+def gather_features(
+    features: torch.Tensor, info: DistInfo, *, keep_local_grad: bool = True
+) -> torch.Tensor:
+    """All-gather ``features`` in rank order, with OpenCLIP's gradient semantics.
+
+    With ``gather_with_grad`` the gather is differentiable; otherwise the other ranks' rows are
+    constants and, unless ``local_loss``, this rank's slice is the local tensor (with its grad).
+    """
+    if info.world_size == 1:
+        return features
+    if info.gather_with_grad:
+        return torch.cat(torch.distributed.nn.all_gather(features), dim=0)
+    parts = [torch.empty_like(features) for _ in range(info.world_size)]
+    dist.all_gather(parts, features.detach().contiguous())
+    if keep_local_grad and not info.local_loss:
+        parts[info.rank] = features
+    return torch.cat(parts, dim=0)
+
+
+def contrastive_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+    info: DistInfo,
+    *,
+    all_image: torch.Tensor | None = None,
+    all_text: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric InfoNCE, as OpenCLIP's ``ClipLoss``; returns ``(loss, logits_per_image)``.
+
+    ``all_image`` / ``all_text`` may be passed when the caller already gathered them.
+    """
+    if info.world_size > 1:
+        all_image = gather_features(image_features, info) if all_image is None else all_image
+        all_text = gather_features(text_features, info) if all_text is None else all_text
+        if info.local_loss:
+            logits_per_image = logit_scale * image_features @ all_text.T
+            logits_per_text = logit_scale * text_features @ all_image.T
+        else:
+            logits_per_image = logit_scale * all_image @ all_text.T
+            logits_per_text = logits_per_image.T
+    else:
+        logits_per_image = logit_scale * image_features @ text_features.T
+        logits_per_text = logit_scale * text_features @ image_features.T
+    labels = torch.arange(logits_per_image.shape[0], device=logits_per_image.device)
+    if info.world_size > 1 and info.local_loss:
+        labels = labels + logits_per_image.shape[0] * info.rank
+    loss = (
+        F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)
+    ) / 2
+    return loss, logits_per_image
+
+
+def retrieval_accuracy(logits_per_image: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """In-batch image-to-text top-1 accuracy, read off logits the loss computed anyway.
+
+    Returned as a 0-dim tensor on the logits' device: reading it every step would stall a GPU.
+    """
+    labels = torch.arange(logits_per_image.shape[0], device=logits_per_image.device)
+    if info.world_size > 1 and info.local_loss:
+        labels = labels + logits_per_image.shape[0] * info.rank
+    return (logits_per_image.argmax(dim=1) == labels).float().mean()
+
+
+class RoClipLoss(nn.Module):
+    """Drop-in for OpenCLIP's ``ClipLoss`` that runs RoCLIP's matching steps.
+
+    The caller (normally :class:`roclip_plugin.defense.RoClipDefense`) sets :attr:`matching`
+    before each step. ``forward`` takes and returns what ``ClipLoss.forward`` does.
+
+    Args:
+        pool: the caption pool, shared with the defense.
+        matcher: maps (local image features, pool) to logical pool indices.
+        info: distributed set-up.
+        update_pool_when_plain: enqueue captions on plain steps too (the default policy).
+        on_step: called at the start of every forward with no arguments (the defense uses it to
+            count steps and take per-step schedule decisions).
+        on_match: receives a :class:`MatchStats` after each matching step.
+        on_enqueue: receives the number of rows stored after each pool update.
+        on_alignment: receives the in-batch retrieval accuracy of each plain step (0-dim tensor).
+    """
+
+    def __init__(
+        self,
+        pool: CaptionPool,
+        matcher: Matcher,
+        info: DistInfo | None = None,
+        *,
+        update_pool_when_plain: bool = True,
+        on_step: Callable[[], None] | None = None,
+        on_match: Callable[[MatchStats], None] | None = None,
+        on_enqueue: Callable[[int], None] | None = None,
+        on_alignment: Callable[[torch.Tensor], None] | None = None,
+    ) -> None:
+        super().__init__()
+        self.pool = pool
+        self.matcher = matcher
+        self.info = info or DistInfo.from_env()
+        self.update_pool_when_plain = update_pool_when_plain
+        self.matching = False
+        self.epoch = 0
+        self.step = 0
+        self.on_step = on_step
+        self.on_match = on_match
+        self.on_enqueue = on_enqueue
+        self.on_alignment = on_alignment
+
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor,
+        logit_bias: torch.Tensor | None = None,
+        output_dict: bool = False,
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        """One step's loss; also updates the pool as the policy says."""
+        if logit_bias is not None:
+            raise ValueError(
+                "RoClipLoss: logit_bias was given (a SigLIP model); RoCLIP implements the "
+                "softmax CLIP loss only: train without --siglip"
+            )
+        if self.on_step is not None:
+            self.on_step()
+        if self.matching and len(self.pool) > 0:
+            loss = self._matching_loss(image_features, text_features, logit_scale)
+            self._enqueue(text_features)
+        else:
+            loss, logits = contrastive_loss(image_features, text_features, logit_scale, self.info)
+            if self.on_alignment is not None:
+                self.on_alignment(retrieval_accuracy(logits.detach(), self.info))
+            if self.matching or self.update_pool_when_plain:
+                self._enqueue(text_features)
+        return {"contrastive_loss": loss} if output_dict else loss
+
+    def _matching_loss(
+        self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor
+    ) -> torch.Tensor:
+        with torch.no_grad():
+            indices = self.matcher(image_features.detach(), self.pool)
+            matched = self.pool.gather(indices).to(image_features.device, image_features.dtype)
+        all_matched = gather_features(matched, self.info, keep_local_grad=False)
+        loss, _ = contrastive_loss(
+            image_features, matched, logit_scale, self.info, all_text=all_matched
+        )
+        if self.on_match is not None:
+            self.on_match(self._stats(image_features, text_features, matched, indices))
+        # Keep the text tower in the graph with a zero gradient, so DistributedDataParallel
+        # without find_unused_parameters still finds every parameter used.
+        return loss + 0.0 * text_features.sum()
+
+    @torch.no_grad()
+    def _enqueue(self, text_features: torch.Tensor) -> None:
+        all_text = gather_features(text_features.detach(), self.info, keep_local_grad=False)
+        stored = self.pool.enqueue(all_text)
+        if self.on_enqueue is not None:
+            self.on_enqueue(stored)
+
+    @torch.no_grad()
+    def _stats(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        matched: torch.Tensor,
+        indices: torch.Tensor,
+    ) -> MatchStats:
+        with highest_matmul_precision():
+            img = F.normalize(image_features.float(), dim=-1)
+            matched_sim = (img * F.normalize(matched.float(), dim=-1)).sum(dim=-1)
+            own_sim = (img * F.normalize(text_features.float(), dim=-1)).sum(dim=-1)
+        return MatchStats(
+            epoch=self.epoch,
+            step=self.step,
+            pool_fill=len(self.pool),
+            pool_size=self.pool.size,
+            matched_similarity=float(matched_sim.mean()),
+            own_similarity=float(own_sim.mean()),
+            margins=matched_sim - own_sim,
+            matched_indices=indices,
+        )

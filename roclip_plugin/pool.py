@@ -1,0 +1,219 @@
+"""The caption pool: a device-resident FIFO ring buffer of normalised text embeddings.
+
+Unlike the authors' pool (and lightly's memory bank), it never drops the tail of a batch at
+wrap-around, never matches slots that were never written, refuses non-finite rows, and saves
+and restores its exact content so a resumed run continues with the same pool.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+class CaptionPool:
+    """FIFO ring buffer of detached, L2-normalised caption embeddings.
+
+    Storage is allocated lazily on the first :meth:`enqueue` (its dimension and device are
+    taken from that batch unless given here), so an integration need not know the embedding
+    width in advance. Rows are stored in float32 whatever the input dtype.
+
+    Logical order is oldest first: index ``i`` of :meth:`features` is the ``i``-th oldest valid
+    row. Matchers and :meth:`gather` use that order, so "lowest index" means "oldest".
+    """
+
+    def __init__(
+        self, size: int, dim: int | None = None, device: torch.device | str | None = None
+    ) -> None:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"CaptionPool size: invalid value {size!r}; allowed: an integer >= 1")
+        if dim is not None and (not isinstance(dim, int) or dim < 1):
+            raise ValueError(f"CaptionPool dim: invalid value {dim!r}; allowed: an integer >= 1")
+        self.size = size
+        self.dim = dim
+        self.device = torch.device(device) if device is not None else None
+        self._buffer: torch.Tensor | None = None
+        self._next = 0  # physical slot the next row goes to
+        self._count = 0  # valid rows, at most size
+        self.total_written = 0  # rows ever stored; lets matchers with their own index sync
+        self.rejected = 0  # non-finite rows refused
+        self.generation = 0  # bumped when content is replaced wholesale (clear, load)
+        self._warned = False
+        if dim is not None and device is not None:
+            self._allocate(dim, self.device)
+
+    # -- queries -------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return self._count
+
+    @property
+    def is_full(self) -> bool:
+        """Whether every slot holds a valid row."""
+        return self._count == self.size
+
+    @property
+    def oldest_slot(self) -> int:
+        """Physical slot of the oldest valid row."""
+        return (self._next - self._count) % self.size
+
+    def segments(self) -> list[torch.Tensor]:
+        """Valid rows as at most two views of the buffer, in logical (oldest-first) order.
+
+        Views, not copies: a matcher scanning a large pool on a GPU should not pay for a
+        rolled copy of it every step.
+        """
+        if self._buffer is None or self._count == 0:
+            return []
+        start = self.oldest_slot
+        end = start + self._count
+        if end <= self.size:
+            return [self._buffer[start:end]]
+        return [self._buffer[start:], self._buffer[: end - self.size]]
+
+    def features(self) -> torch.Tensor:
+        """Valid rows, oldest first (a new tensor; shape ``[len(self), dim]``)."""
+        segs = self.segments()
+        if not segs:
+            return torch.empty(0, self.dim or 0, device=self.device)
+        return segs[0].clone() if len(segs) == 1 else torch.cat(segs)
+
+    def physical_slots(self, indices: torch.Tensor) -> torch.Tensor:
+        """Map logical indices (oldest first) to physical buffer slots."""
+        return (indices + self.oldest_slot) % self.size
+
+    def gather(self, indices: torch.Tensor) -> torch.Tensor:
+        """Rows at logical ``indices`` (as returned by a matcher), without copying the pool."""
+        if self._buffer is None:
+            raise RuntimeError("CaptionPool.gather: the pool is empty; enqueue captions first")
+        idx = indices.to(self._buffer.device)
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self._count):
+            raise IndexError(
+                f"CaptionPool.gather: indices must lie in [0, {self._count}), got "
+                f"[{int(idx.min())}, {int(idx.max())}]"
+            )
+        return self._buffer[self.physical_slots(idx)]
+
+    def slots_written_since(self, total_written: int) -> torch.Tensor | None:
+        """Physical slots overwritten since ``total_written`` rows; None if all changed."""
+        new = self.total_written - total_written
+        if new >= self.size or new < 0:
+            return None
+        first = (self._next - new) % self.size
+        return (torch.arange(new) + first) % self.size
+
+    # -- updates -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def enqueue(self, features: torch.Tensor) -> int:
+        """Append a batch of embeddings, newest last; returns how many rows were stored.
+
+        Rows are detached, cast to float32 and L2-normalised. Non-finite rows are refused
+        (counted in :attr:`rejected`, warned about once). A batch larger than the pool keeps
+        only its newest ``size`` rows; a batch crossing the end of the buffer wraps to the front.
+        """
+        if features.ndim != 2:
+            raise ValueError(
+                f"CaptionPool.enqueue: expected features of shape [batch, dim], got "
+                f"{tuple(features.shape)}"
+            )
+        rows = self._finite_rows(features.detach())
+        if rows.shape[0] == 0:
+            return 0
+        if self._buffer is None:
+            self._allocate(rows.shape[1], self.device or rows.device)
+        assert self._buffer is not None
+        if rows.shape[1] != self.dim:
+            raise ValueError(
+                f"CaptionPool.enqueue: features have dim {rows.shape[1]} but the pool holds "
+                f"dim {self.dim}; one pool serves one embedding width"
+            )
+        stored = rows.shape[0]
+        rows = F.normalize(rows[-self.size :].to(self._buffer.device, torch.float32), dim=-1)
+        self._write(rows)
+        self.total_written += stored
+        return stored
+
+    def _finite_rows(self, features: torch.Tensor) -> torch.Tensor:
+        finite = torch.isfinite(features).all(dim=1) & (features.abs().sum(dim=1) > 0)
+        bad = int((~finite).sum())
+        if bad == 0:
+            return features
+        self.rejected += bad
+        if not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"CaptionPool: refused {bad} caption embedding(s) that were non-finite or zero; "
+                "they are not stored (see pool.rejected for the running count). This usually "
+                "means the text tower diverged: check the learning rate and precision.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return features[finite]
+
+    def _write(self, rows: torch.Tensor) -> None:
+        assert self._buffer is not None
+        n = rows.shape[0]
+        first = min(n, self.size - self._next)
+        self._buffer[self._next : self._next + first] = rows[:first]
+        if n > first:
+            self._buffer[: n - first] = rows[first:]
+        self._next = (self._next + n) % self.size
+        self._count = min(self.size, self._count + n)
+
+    def _allocate(self, dim: int, device: torch.device | None) -> None:
+        self.dim = dim
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self._buffer = torch.zeros(self.size, dim, dtype=torch.float32, device=self.device)
+
+    def to(self, device: torch.device | str) -> CaptionPool:
+        """Move the storage to ``device`` (in place; returns self)."""
+        self.device = torch.device(device)
+        if self._buffer is not None:
+            self._buffer = self._buffer.to(self.device)
+        return self
+
+    def clear(self) -> None:
+        """Forget every row (storage is kept)."""
+        self._next = 0
+        self._count = 0
+        self.generation += 1
+
+    # -- checkpoints ---------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Exact content (valid rows, oldest first, on CPU) and counters."""
+        return {
+            "size": self.size,
+            "dim": self.dim,
+            "features": self.features().cpu(),
+            "total_written": self.total_written,
+            "rejected": self.rejected,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict`, onto this pool's device (or the CPU if unset)."""
+        if int(state["size"]) != self.size:
+            raise ValueError(
+                f"CaptionPool.load_state_dict: checkpoint pool size {state['size']} differs from "
+                f"this pool's {self.size}; resume with the same --roclip-pool-size"
+            )
+        rows = state["features"]
+        self.clear()
+        if state["dim"] is not None:
+            self._allocate(int(state["dim"]), self.device)
+            self._write(rows.to(self.device, torch.float32))
+        self.total_written = int(state["total_written"])
+        self.rejected = int(state["rejected"])
+
+    def checksum(self) -> float:
+        """Cheap content fingerprint (sum of rows weighted by position), to compare ranks."""
+        feats = self.features().double()
+        if feats.numel() == 0:
+            return 0.0
+        weights = torch.arange(1, feats.shape[0] + 1, dtype=torch.float64, device=feats.device)
+        return float((feats.sum(dim=1) * weights).sum())

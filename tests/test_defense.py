@@ -1,0 +1,186 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from roclip_plugin import RoClipConfig, RoClipDefense, get_plugin_manager
+from roclip_plugin.loss import DistInfo
+
+
+def _batch(epoch: int, step: int, batch: int = 6, dim: int = 5) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(100 * epoch + step)
+    img = F.normalize(torch.randn(batch, dim, generator=g), dim=-1)
+    txt = F.normalize(img + 0.4 * torch.randn(batch, dim, generator=g), dim=-1)
+    return img, txt
+
+
+def _make(config: RoClipConfig, **kw) -> RoClipDefense:
+    return RoClipDefense(config, plugin_manager=get_plugin_manager(), dist_info=DistInfo(), **kw)
+
+
+def _train(defense: RoClipDefense, epochs: range, steps: int = 4) -> list[float]:
+    losses = []
+    for epoch in epochs:
+        defense.start_epoch(epoch)
+        for step in range(steps):
+            losses.append(float(defense.compute_loss(*_batch(epoch, step), torch.tensor(8.0))))
+    return losses
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        RoClipConfig(pool_size=10, first_rematch_epoch=1, rematch_every=2),
+        RoClipConfig.from_preset("reference", pool_size=7),
+        RoClipConfig(pool_size=9, first_rematch_epoch=0, period_steps=3, rematch_every=2),
+        RoClipConfig(
+            pool_size=8, schedule="adaptive", adaptive_threshold=0.3, first_rematch_epoch=1
+        ),
+    ],
+    ids=["periodic", "reference", "per-step", "adaptive"],
+)
+def test_resume_is_exact(tmp_path: Path, config: RoClipConfig) -> None:
+    full = _make(config, total_epochs=5)
+    want = _train(full, range(5))
+
+    first = _make(config, total_epochs=5)
+    got = _train(first, range(2))
+    first.save(tmp_path / "roclip.pt")
+    resumed = _make(config, total_epochs=5)
+    resumed.load(tmp_path / "roclip.pt")
+    got += _train(resumed, range(2, 5))
+
+    assert got == want
+    assert torch.equal(resumed.pool.features(), full.pool.features())
+    assert resumed.schedule.alignment == full.schedule.alignment
+    assert resumed.step == full.step == 20
+
+
+def test_schedule_drives_matching_epochs() -> None:
+    defense = _make(RoClipConfig(pool_size=16, first_rematch_epoch=2, rematch_every=2))
+    assert [defense.start_epoch(e) for e in range(7)] == [
+        False,
+        False,
+        True,
+        False,
+        True,
+        False,
+        True,
+    ]
+
+
+def test_reference_preset_numbering_and_pool_policy() -> None:
+    defense = _make(RoClipConfig.from_preset("reference", rematch_every=3, pool_size=50))
+    matching = []
+    for epoch in range(6):
+        matching.append(defense.start_epoch(epoch))
+        before = len(defense.pool)
+        defense.compute_loss(*_batch(epoch, 0), torch.tensor(5.0))
+        assert (len(defense.pool) > before) == matching[-1]  # pool updated in matching epochs only
+    # the authors: 1-based epochs, matching when epoch % K == 0
+    assert matching == [(e + 1) % 3 == 0 for e in range(6)]
+
+
+def test_per_step_schedule_switches_inside_an_epoch() -> None:
+    defense = _make(
+        RoClipConfig(pool_size=64, period_steps=2, first_rematch_epoch=1, rematch_every=2)
+    )
+    defense.start_epoch(0)
+    flags = []
+    for step in range(8):
+        defense.compute_loss(*_batch(0, step), torch.tensor(5.0))
+        flags.append(defense.matching)
+    # units of 2 steps: unit 0 plain, 1 matching, 2 plain, 3 matching
+    assert flags == [False, False, True, True, False, False, True, True]
+
+
+def test_adaptive_start_waits_for_alignment() -> None:
+    config = RoClipConfig(
+        pool_size=32,
+        schedule="adaptive",
+        adaptive_threshold=0.99,
+        first_rematch_epoch=0,
+        rematch_every=1,
+    )
+    defense = _make(config)
+    defense.start_epoch(0)
+    for _step in range(3):  # random pairs: in-batch accuracy is low
+        img = F.normalize(torch.randn(8, 5), dim=-1)
+        defense.compute_loss(img, F.normalize(torch.randn(8, 5), dim=-1), torch.tensor(5.0))
+    assert not defense.start_epoch(1)
+    assert defense.schedule.alignment[0] < 0.99
+    for _step in range(3):  # aligned pairs: accuracy 1
+        img = F.normalize(torch.randn(8, 5), dim=-1)
+        defense.compute_loss(img, img, torch.tensor(5.0))
+    assert defense.start_epoch(2)  # epoch 1's accuracy is recorded as epoch 2 starts
+    assert defense.schedule.alignment[1] == 1.0
+    assert defense.start_epoch(3)
+
+
+def test_warmup_fraction_uses_run_length() -> None:
+    config = RoClipConfig(pool_size=8, warmup_fraction=0.5, rematch_every=1)
+    defense = _make(config, total_epochs=6)
+    assert [defense.start_epoch(e) for e in range(6)] == [False] * 3 + [True] * 3
+    with pytest.raises(ValueError, match="--roclip-warmup-fraction needs the run length"):
+        _make(config).start_epoch(0)
+
+
+def test_load_warns_on_changed_settings(tmp_path: Path) -> None:
+    a = _make(RoClipConfig(pool_size=8, rematch_every=2))
+    a.save(tmp_path / "s.pt")
+    b = _make(RoClipConfig(pool_size=8, rematch_every=3))
+    with pytest.warns(RuntimeWarning, match="rematch_every: 2 -> 3"):
+        b.load(tmp_path / "s.pt")
+
+
+def test_load_errors_name_the_problem(tmp_path: Path) -> None:
+    d = _make(RoClipConfig(pool_size=8))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        d.load(tmp_path / "missing.pt")
+    state = d.state_dict()
+    state["version"] = 99
+    with pytest.raises(ValueError, match="state version 99 is not supported"):
+        d.load_state_dict(state)
+    other = _make(RoClipConfig(pool_size=9))
+    with pytest.raises(ValueError, match="resume with the same --roclip-pool-size"):
+        other.load_state_dict(d.state_dict())
+
+
+def test_save_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    d = _make(RoClipConfig(pool_size=8))
+    path = d.save(tmp_path / "s.pt")
+    before = path.read_bytes()
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(OSError, match="disk full"):
+        d.save(path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["s.pt"]
+
+
+def test_state_is_saved_on_cpu_and_loads_into_a_fresh_defense(tmp_path: Path) -> None:
+    d = _make(RoClipConfig(pool_size=8))
+    d.start_epoch(0)
+    d.compute_loss(*_batch(0, 0), torch.tensor(5.0))
+    state = d.state_dict()
+    assert state["pool"]["features"].device.type == "cpu"
+    e = RoClipDefense(RoClipConfig(pool_size=8), plugin_manager=get_plugin_manager(), device="cpu")
+    e.load_state_dict(state)
+    assert torch.equal(e.pool.features(), d.pool.features())
+
+
+@pytest.mark.gpu
+def test_state_round_trip_cpu_to_cuda() -> None:
+    d = _make(RoClipConfig(pool_size=8))
+    d.start_epoch(0)
+    d.compute_loss(*_batch(0, 0), torch.tensor(5.0))
+    e = RoClipDefense(RoClipConfig(pool_size=8), plugin_manager=get_plugin_manager(), device="cuda")
+    e.load_state_dict(d.state_dict())
+    assert e.pool.features().device.type == "cuda"
+    assert torch.equal(e.pool.features().cpu(), d.pool.features())

@@ -1,0 +1,106 @@
+"""Two CPU processes with gloo: identical pools on both ranks, the same loss as one process."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from roclip_plugin import RoClipConfig, RoClipDefense
+from roclip_plugin.loss import DistInfo
+
+WORLD = 2
+BATCH = 8  # global batch; each rank takes BATCH // WORLD rows
+DIM = 6
+STEPS_PER_EPOCH = 3
+EPOCHS = 3
+CONFIG = RoClipConfig(pool_size=20, rematch_every=1, first_rematch_epoch=1, schedule="periodic")
+
+
+def _global_batch(epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 * epoch + step)
+    img = F.normalize(torch.randn(BATCH, DIM, generator=g), dim=-1)
+    txt = F.normalize(img + 0.5 * torch.randn(BATCH, DIM, generator=g), dim=-1)
+    return img, txt
+
+
+def _run(defense: RoClipDefense, rank: int, world: int, grad: bool) -> dict:
+    """Drive the defense over a fixed run; returns losses, pool checksums and gradients."""
+    losses, checksums, matching, grads = [], [], [], []
+    per = BATCH // world
+    for epoch in range(EPOCHS):
+        matching.append(defense.start_epoch(epoch))
+        for step in range(STEPS_PER_EPOCH):
+            img, txt = _global_batch(epoch, step)
+            img = img[rank * per : (rank + 1) * per].clone().requires_grad_(grad)
+            txt = txt[rank * per : (rank + 1) * per].clone()
+            loss = defense.compute_loss(img, txt, torch.tensor(10.0))
+            if grad:
+                loss.backward()
+                grads.append(img.grad.clone())
+            losses.append(float(loss.detach()))
+            checksums.append(defense.pool.checksum())
+    return {
+        "losses": losses,
+        "checksums": checksums,
+        "matching": matching,
+        "pool": defense.pool.features(),
+        "grads": grads,
+        "alignment": dict(defense.schedule.alignment),
+    }
+
+
+def _worker(rank: int, store: str, out_dir: str, local_loss: bool, with_grad: bool) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    try:
+        info = DistInfo.from_env(local_loss=local_loss, gather_with_grad=with_grad)
+        defense = RoClipDefense(CONFIG, dist_info=info)
+        torch.save(_run(defense, rank, WORLD, grad=True), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(tmp_path: Path, local_loss: bool, with_grad: bool) -> list[dict]:
+    mp.spawn(
+        _worker,
+        args=(str(tmp_path / "store"), str(tmp_path), local_loss, with_grad),
+        nprocs=WORLD,
+        join=True,
+    )
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+@pytest.mark.parametrize(("local_loss", "with_grad"), [(False, False), (True, True), (False, True)])
+def test_two_ranks_match_one_process(tmp_path: Path, local_loss: bool, with_grad: bool) -> None:
+    ranks = _spawn(tmp_path, local_loss, with_grad)
+    single = _run(RoClipDefense(CONFIG, dist_info=DistInfo()), rank=0, world=1, grad=True)
+
+    # The same pool on every rank, after every step, and equal to the single-process pool.
+    assert ranks[0]["checksums"] == ranks[1]["checksums"]
+    assert torch.equal(ranks[0]["pool"], ranks[1]["pool"])
+    torch.testing.assert_close(ranks[0]["pool"], single["pool"])
+    assert ranks[0]["matching"] == ranks[1]["matching"] == single["matching"] == [False, True, True]
+    assert ranks[0]["alignment"] == ranks[1]["alignment"]
+
+    # The same loss as one process on the same global batch (matching steps included).
+    r0, r1 = torch.tensor(ranks[0]["losses"]), torch.tensor(ranks[1]["losses"])
+    want = torch.tensor(single["losses"])
+    if local_loss:
+        torch.testing.assert_close((r0 + r1) / 2, want)
+    else:
+        torch.testing.assert_close(r0, want)
+        torch.testing.assert_close(r1, want)
+
+    # Gradients w.r.t. each rank's image rows, OpenCLIP's semantics: without a differentiable
+    # gather a rank's gradient is its slice of the full-batch gradient; with one, the backward
+    # of all_gather sums every rank's (identical, full) loss, so it is WORLD times that slice.
+    if not local_loss:
+        factor = WORLD if with_grad else 1
+        for step, full in enumerate(single["grads"]):
+            got = torch.cat([ranks[0]["grads"][step], ranks[1]["grads"][step]])
+            torch.testing.assert_close(got, factor * full)

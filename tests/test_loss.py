@@ -1,0 +1,194 @@
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from roclip_plugin.loss import DistInfo, RoClipLoss, contrastive_loss, retrieval_accuracy
+from roclip_plugin.matching import TorchMatcher
+from roclip_plugin.pool import CaptionPool
+
+open_clip_loss = pytest.importorskip("open_clip.loss")
+
+
+def _features(seed: int, batch: int, dim: int, dtype: torch.dtype = torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    img = F.normalize(torch.randn(batch, dim, generator=g), dim=-1).to(dtype)
+    txt = F.normalize(torch.randn(batch, dim, generator=g), dim=-1).to(dtype)
+    return img, txt
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**31),
+    batch=st.integers(1, 17),
+    dim=st.integers(1, 24),
+    scale=st.floats(1.0, 100.0),
+)
+def test_plain_loss_equals_openclip_clip_loss(seed, batch, dim, scale):
+    img, txt = _features(seed, batch, dim)
+    logit_scale = torch.tensor(scale)
+    ours = RoClipLoss(CaptionPool(8), TorchMatcher(), DistInfo())
+    want = open_clip_loss.ClipLoss()(img, txt, logit_scale, output_dict=True)
+    got = ours(img, txt, logit_scale, output_dict=True)
+    assert set(got) == set(want) == {"contrastive_loss"}
+    torch.testing.assert_close(got["contrastive_loss"], want["contrastive_loss"])
+
+
+def test_matching_loss_with_own_captions_equals_clip_loss():
+    """When each image's match is its own caption, the matching loss is CLIP's loss."""
+    img, txt = _features(3, 12, 16)
+    pool = CaptionPool(64)
+    pool.enqueue(txt)
+
+    def own_caption(image_features, pool_):
+        return torch.arange(image_features.shape[0])
+
+    loss = RoClipLoss(pool, own_caption, DistInfo(), update_pool_when_plain=False)
+    loss.matching = True
+    scale = torch.tensor(14.0)
+    got = loss(img, txt, scale)
+    want = open_clip_loss.ClipLoss()(img, txt, scale)
+    torch.testing.assert_close(got, want)
+
+
+def test_output_dict_holds_only_the_loss():
+    img, txt = _features(4, 8, 8)
+    pool = CaptionPool(32)
+    pool.enqueue(txt)
+    loss = RoClipLoss(pool, TorchMatcher(), DistInfo(), on_match=lambda stats: None)
+    loss.matching = True
+    out = loss(img, txt, torch.tensor(10.0), output_dict=True)
+    assert list(out) == ["contrastive_loss"]
+
+
+class TwoTower(torch.nn.Module):
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        self.image = torch.nn.Linear(dim, dim)
+        self.text = torch.nn.Linear(dim, dim)
+        self.logit_scale = torch.nn.Parameter(torch.tensor(2.0))
+
+    def forward(self, x, y):
+        return (
+            F.normalize(self.image(x), dim=-1),
+            F.normalize(self.text(y), dim=-1),
+            self.logit_scale.exp(),
+        )
+
+
+def _grads(model: TwoTower, matching: bool) -> dict[str, torch.Tensor]:
+    x, y = torch.randn(10, 8), torch.randn(10, 8)
+    pool = CaptionPool(64)
+    pool.enqueue(torch.randn(30, 8))
+    loss_fn = RoClipLoss(pool, TorchMatcher(), DistInfo())
+    loss_fn.matching = matching
+    model.zero_grad()
+    loss_fn(*model(x, y)).backward()
+    return {n: p.grad for n, p in model.named_parameters()}
+
+
+def test_matching_steps_train_only_the_image_tower_but_keep_text_in_graph():
+    grads = _grads(TwoTower(), matching=True)
+    assert grads["image.weight"].abs().sum() > 0
+    assert grads["logit_scale"].abs() > 0
+    # The text tower is in the graph (a gradient exists, so DDP finds it) but receives zero.
+    assert grads["text.weight"] is not None
+    assert torch.count_nonzero(grads["text.weight"]) == 0
+
+
+def test_plain_steps_train_both_towers():
+    grads = _grads(TwoTower(), matching=False)
+    assert grads["image.weight"].abs().sum() > 0
+    assert grads["text.weight"].abs().sum() > 0
+
+
+def test_lookup_happens_before_enqueue():
+    """A batch's own captions are never candidates for its own images."""
+    img, txt = _features(5, 6, 8)
+    old = F.normalize(torch.randn(10, 8), dim=-1)
+    pool = CaptionPool(100)
+    pool.enqueue(old)
+    seen: list[torch.Tensor] = []
+    loss = RoClipLoss(
+        pool, TorchMatcher(), DistInfo(), on_match=lambda stats: seen.append(stats.matched_indices)
+    )
+    loss.matching = True
+    loss(img, img.clone(), torch.tensor(10.0))  # own captions identical to the images
+    assert seen and int(seen[0].max()) < 10  # only the 10 older rows could be matched
+    assert len(pool) == 16
+
+
+def test_match_stats_margins():
+    img, txt = _features(6, 5, 8)
+    pool = CaptionPool(50)
+    pool.enqueue(torch.randn(20, 8))
+    got = []
+    loss = RoClipLoss(pool, TorchMatcher(), DistInfo(), on_match=got.append)
+    loss.matching = True
+    loss(img, txt, torch.tensor(10.0))
+    stats = got[0]
+    matched = pool.gather(stats.matched_indices)  # pool grew after the lookup: oldest rows kept
+    want_matched = (img * matched).sum(-1)
+    want_own = (img * txt).sum(-1)
+    torch.testing.assert_close(stats.margins, want_matched - want_own)
+    assert stats.pool_fill == 20 and stats.pool_size == 50
+    assert stats.matched_similarity == pytest.approx(float(want_matched.mean()), abs=1e-6)
+    assert stats.own_similarity == pytest.approx(float(want_own.mean()), abs=1e-6)
+    # the nearest caption is at least as similar as any other pool row
+    assert torch.all(
+        stats.margins >= (img @ pool.features()[:20].T).max(1).values - want_own - 1e-6
+    )
+
+
+def test_pool_update_policies():
+    img, txt = _features(7, 4, 8)
+    every = CaptionPool(16)
+    RoClipLoss(every, TorchMatcher(), DistInfo())(img, txt, torch.tensor(1.0))
+    assert len(every) == 4
+    only_matching = CaptionPool(16)
+    RoClipLoss(only_matching, TorchMatcher(), DistInfo(), update_pool_when_plain=False)(
+        img, txt, torch.tensor(1.0)
+    )
+    assert len(only_matching) == 0
+
+
+def test_matching_step_with_empty_pool_falls_back_to_clip_and_fills_pool():
+    img, txt = _features(8, 4, 8)
+    pool = CaptionPool(16)
+    loss = RoClipLoss(pool, TorchMatcher(), DistInfo(), update_pool_when_plain=False)
+    loss.matching = True
+    got = loss(img, txt, torch.tensor(3.0))
+    torch.testing.assert_close(got, open_clip_loss.ClipLoss()(img, txt, torch.tensor(3.0)))
+    assert len(pool) == 4
+
+
+def test_bf16_features_work_and_pool_stays_fp32():
+    img, txt = _features(9, 6, 8, torch.bfloat16)
+    pool = CaptionPool(16)
+    pool.enqueue(torch.randn(8, 8))
+    loss = RoClipLoss(pool, TorchMatcher(), DistInfo())
+    loss.matching = True
+    out = loss(img, txt, torch.tensor(5.0))
+    assert torch.isfinite(out)
+    assert pool.features().dtype == torch.float32
+
+
+def test_siglip_bias_is_refused():
+    img, txt = _features(10, 4, 8)
+    with pytest.raises(ValueError, match="SigLIP"):
+        RoClipLoss(CaptionPool(4), TorchMatcher())(img, txt, torch.tensor(1.0), torch.tensor(0.0))
+
+
+def test_retrieval_accuracy():
+    logits = torch.tensor([[5.0, 1.0, 0.0], [0.0, 1.0, 3.0], [0.0, 0.0, 9.0]])
+    assert float(retrieval_accuracy(logits, DistInfo())) == pytest.approx(2 / 3)
+
+
+def test_contrastive_loss_local_matches_openclip_single_process():
+    img, txt = _features(11, 9, 12)
+    scale = torch.tensor(7.0)
+    got, _ = contrastive_loss(img, txt, scale, DistInfo(local_loss=True))
+    torch.testing.assert_close(got, open_clip_loss.ClipLoss(local_loss=True)(img, txt, scale))

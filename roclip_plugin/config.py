@@ -112,6 +112,13 @@ class RoClipConfig:
     ivf_nlist: int = field(default=1024, metadata=_meta("faiss-ivf: number of inverted lists."))
     ivf_nprobe: int = field(default=32, metadata=_meta("faiss-ivf: lists visited per query."))
     seed: int = field(default=0, metadata=_meta("Seed for the defense's own randomness."))
+    suspicious_margin: float = field(
+        default=0.2,
+        metadata=_meta(
+            "Reports: a pair is a poison candidate when its matched caption is this much more "
+            "similar (cosine) to the image than its own caption."
+        ),
+    )
 
     def __post_init__(self) -> None:
         _check_int(self, "pool_size", low=1, high=_INT32_MAX)
@@ -131,6 +138,7 @@ class RoClipConfig:
         _check_int(self, "ivf_nlist", low=1, high=_INT32_MAX)
         _check_int(self, "ivf_nprobe", low=1, high=_INT32_MAX)
         _check_int(self, "seed", low=0, high=2**63 - 1)
+        _check_float(self, "suspicious_margin", low=0.0, high=2.0)
 
     # -- presets ---------------------------------------------------------------------------
 
@@ -179,7 +187,8 @@ class RoClipConfig:
                     "--roclip-warmup-fraction needs the run length: pass total_epochs "
                     "(or use --roclip-first-rematch-epoch instead)"
                 )
-            return math.ceil(self.warmup_fraction * total_epochs)
+            # round first: 0.07 * 100 is 7.000000000000001 in binary floating point
+            return math.ceil(round(self.warmup_fraction * total_epochs, 9))
         if self.first_rematch_epoch is None:
             return self.rematch_every - 1
         return self.first_rematch_epoch

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from roclip_plugin.config import RoClipConfig
+from roclip_plugin.io import atomic_torch_save
 from roclip_plugin.loss import DistInfo, MatchStats, RoClipLoss
 from roclip_plugin.plugins import get_plugin_manager
 from roclip_plugin.pool import CaptionPool
@@ -154,17 +154,7 @@ class RoClipDefense:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write :meth:`state_dict` atomically (a crash mid-write leaves the old file intact)."""
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-        os.close(fd)
-        try:
-            torch.save(self.state_dict(), tmp)
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return target
+        return atomic_torch_save(self.state_dict(), path)
 
     def load(self, path: str | os.PathLike[str]) -> None:
         """Restore from a file written by :meth:`save`."""

@@ -129,7 +129,7 @@ def roclip_pool_updated(pool: CaptionPool, added: int, epoch: int, step: int) ->
 
     Args:
         pool: the caption pool (read it; do not modify).
-        added: rows stored by this update (non-finite rows are refused and not counted).
+        added: rows accepted by this update (non-finite rows are refused and not counted).
         epoch: 0-based epoch.
         step: global step counted by the defense.
     """

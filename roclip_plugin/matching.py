@@ -23,7 +23,8 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
-import torch.nn.functional as F
+
+from roclip_plugin.pool import normalize_rows
 
 if TYPE_CHECKING:
     from roclip_plugin.config import RoClipConfig
@@ -74,7 +75,7 @@ def nearest_captions(
     images = image_features.detach().float()
     chunk = chunk_size or _auto_chunk(images.shape[0], total)
     if not pool_normalized:
-        segments = [F.normalize(s.float(), dim=-1) for s in segments]
+        segments = [normalize_rows(s) for s in segments]
     if precision == "fp32":
         return _search_fp32(images, segments, chunk)
     if precision == "bf16":
@@ -86,7 +87,7 @@ def nearest_captions(
 
 def brute_force_nearest(image_features: torch.Tensor, pool_features: torch.Tensor) -> torch.Tensor:
     """Reference: one float32 product, first index of the row maximum. For tests and contracts."""
-    pool = F.normalize(pool_features.float(), dim=-1)
+    pool = normalize_rows(pool_features)
     with highest_matmul_precision():
         scores = image_features.float() @ pool.T
     return _first_argmax(scores)

@@ -15,6 +15,19 @@ import torch
 import torch.nn.functional as F
 
 
+def normalize_rows(rows: torch.Tensor) -> torch.Tensor:
+    """L2-normalise non-zero finite rows into float32, whatever their scale or dtype.
+
+    Each row is first divided by its largest absolute entry (in float64 for float64 input,
+    else in float32), so neither the sum of squares of a huge row overflows nor a tiny row falls
+    under ``F.normalize``'s epsilon (a float64 row beyond float32's range would otherwise become
+    inf, then NaN).
+    """
+    work = rows if rows.dtype == torch.float64 else rows.float()
+    peak = work.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(work.dtype).tiny)
+    return F.normalize((work / peak).to(torch.float32), dim=-1)
+
+
 class CaptionPool:
     """FIFO ring buffer of detached, L2-normalised caption embeddings.
 
@@ -110,16 +123,22 @@ class CaptionPool:
 
     @torch.no_grad()
     def enqueue(self, features: torch.Tensor) -> int:
-        """Append a batch of embeddings, newest last; returns how many rows were stored.
+        """Append a batch of embeddings, newest last; returns how many rows were accepted.
 
-        Rows are detached, cast to float32 and L2-normalised. Non-finite rows are refused
-        (counted in :attr:`rejected`, warned about once). A batch larger than the pool keeps
-        only its newest ``size`` rows; a batch crossing the end of the buffer wraps to the front.
+        Rows are detached, L2-normalised (overflow-proof, see :func:`normalize_rows`) and
+        stored in float32. Non-finite and zero rows are refused (counted in :attr:`rejected`,
+        warned about once). A batch larger than the pool keeps only its newest ``size`` rows
+        (all are counted as accepted); a batch crossing the end of the buffer wraps to the front.
         """
         if features.ndim != 2:
             raise ValueError(
                 f"CaptionPool.enqueue: expected features of shape [batch, dim], got "
                 f"{tuple(features.shape)}"
+            )
+        if self.dim is not None and features.shape[1] != self.dim:
+            raise ValueError(
+                f"CaptionPool.enqueue: features have dim {features.shape[1]} but the pool holds "
+                f"dim {self.dim}; one pool serves one embedding width"
             )
         rows = self._finite_rows(features.detach())
         if rows.shape[0] == 0:
@@ -127,19 +146,13 @@ class CaptionPool:
         if self._buffer is None:
             self._allocate(rows.shape[1], self.device or rows.device)
         assert self._buffer is not None
-        if rows.shape[1] != self.dim:
-            raise ValueError(
-                f"CaptionPool.enqueue: features have dim {rows.shape[1]} but the pool holds "
-                f"dim {self.dim}; one pool serves one embedding width"
-            )
         stored = rows.shape[0]
-        rows = F.normalize(rows[-self.size :].to(self._buffer.device, torch.float32), dim=-1)
-        self._write(rows)
+        self._write(normalize_rows(rows[-self.size :].to(self._buffer.device)))
         self.total_written += stored
         return stored
 
     def _finite_rows(self, features: torch.Tensor) -> torch.Tensor:
-        finite = torch.isfinite(features).all(dim=1) & (features.abs().sum(dim=1) > 0)
+        finite = torch.isfinite(features).all(dim=1) & (features.abs().amax(dim=1) > 0)
         bad = int((~finite).sum())
         if bad == 0:
             return features
@@ -211,9 +224,10 @@ class CaptionPool:
         self.rejected = int(state["rejected"])
 
     def checksum(self) -> float:
-        """Cheap content fingerprint (sum of rows weighted by position), to compare ranks."""
+        """Cheap content fingerprint (rows weighted by position and column), to compare ranks."""
         feats = self.features().double()
         if feats.numel() == 0:
             return 0.0
-        weights = torch.arange(1, feats.shape[0] + 1, dtype=torch.float64, device=feats.device)
-        return float((feats.sum(dim=1) * weights).sum())
+        cols = torch.arange(1, feats.shape[1] + 1, dtype=torch.float64, device=feats.device)
+        rows = torch.arange(1, feats.shape[0] + 1, dtype=torch.float64, device=feats.device)
+        return float(((feats * cols).sum(dim=1) * rows).sum())

@@ -28,3 +28,11 @@ def test_every_config_field_is_documented() -> None:
     text = (ROOT / "docs" / "config.md").read_text()
     missing = [n for n in field_names() if f"| `{n}` | `{flag_name(n)}` |" not in text]
     assert not missing, f"fields missing from docs/config.md: {missing}"
+
+
+def test_every_flag_is_in_the_openclip_docs() -> None:
+    from roclip_plugin.config import all_flags
+
+    text = (ROOT / "docs" / "openclip.md").read_text()
+    missing = [f for f in all_flags() if f"| `{f}` |" not in text]
+    assert not missing, f"flags missing from docs/openclip.md: {missing}"

@@ -1,0 +1,407 @@
+"""Run-time patches of OpenCLIP's training script: no fork, no copied code.
+
+``open_clip_train.main`` imports ``parse_args``, ``create_loss``, ``train_one_epoch`` and
+``get_data`` by name, so the patches replace those names in that module (their home modules
+are untouched). ``get_dataset_fn`` is looked up at call time in ``open_clip_train.data``, so the
+training split's tokenizer and transform are wrapped there. Every patch is undone on exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import logging
+import math
+from collections import deque
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pluggy
+import torch
+import torch.distributed as dist
+
+from roclip_plugin import RoClipConfig, RoClipDefense
+from roclip_plugin.hookspecs import hookimpl
+from roclip_plugin.io import atomic_torch_save
+from roclip_plugin.loss import DistInfo, MatchStats
+
+log = logging.getLogger("roclip")
+STATE_SUFFIX = ".roclip"  # not ".pt": OpenCLIP's resume-latest globs every *.pt file
+STATE_FORMAT = 1
+SUSPICIOUS_TOP = 1000
+
+
+def state_path_for(checkpoint: str | Path) -> Path:
+    """``.../checkpoints/epoch_3.pt`` -> ``.../checkpoints/epoch_3.roclip``."""
+    path = Path(checkpoint)
+    return path.with_name(path.stem + STATE_SUFFIX)
+
+
+class RecordingSampler:
+    """Wraps a sampler and remembers the indices it hands out, in order.
+
+    The DataLoader draws indices in the main process, in the order batches are later yielded
+    (prefetching only draws earlier), so the k-th training step's samples are the next
+    ``batch`` indices of the queue. That is how margins are tied to dataset rows.
+    """
+
+    def __init__(self, sampler: Any, queue: deque[int]) -> None:
+        self.sampler = sampler
+        self.queue = queue
+
+    def __iter__(self) -> Iterator[int]:
+        for index in self.sampler:
+            self.queue.append(int(index))
+            yield index
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "sampler":  # not set yet (copy, unpickling): avoid recursing
+            raise AttributeError(name)
+        return getattr(self.sampler, name)
+
+
+class EpochReport:
+    """Collects one epoch's matching statistics (a plugin on the defense's hooks)."""
+
+    def __init__(self, margin_threshold: float) -> None:
+        self.margin_threshold = margin_threshold
+        self.indices: deque[int] = deque()
+        self.reset(matching=False)
+
+    def reset(self, matching: bool) -> None:
+        """Forget the last epoch; called at each epoch start."""
+        self.matching = matching
+        self.steps = 0
+        self.matched_sum = 0.0
+        self.own_sum = 0.0
+        self.suspicious = 0
+        self.top: list[tuple[float, int]] = []  # (margin, dataset index or -1)
+        self.indices.clear()
+
+    @hookimpl
+    def roclip_after_match(self, stats: MatchStats) -> None:
+        """Accumulate means, the suspicious count and the most suspicious rows."""
+        self.steps += 1
+        self.matched_sum += stats.matched_similarity
+        self.own_sum += stats.own_similarity
+        margins = stats.margins.detach().float().cpu()
+        self.suspicious += int((margins > self.margin_threshold).sum())
+        rows = [self.indices.popleft() if self.indices else -1 for _ in range(len(margins))]
+        merged = self.top + list(zip(margins.tolist(), rows, strict=True))
+        self.top = sorted(merged, reverse=True)[:SUSPICIOUS_TOP]
+
+    def summary(self) -> dict[str, float]:
+        """Scalars for logs: means over matching steps of this rank."""
+        steps = max(self.steps, 1)
+        return {
+            "matching": float(self.matching),
+            "matched_similarity": self.matched_sum / steps if self.steps else math.nan,
+            "own_similarity": self.own_sum / steps if self.steps else math.nan,
+            "suspicious_pairs": float(self.suspicious),
+        }
+
+
+class OpenClipPatches:
+    """Installs RoCLIP into ``open_clip_train.main`` for the duration of a ``with`` block."""
+
+    def __init__(
+        self,
+        config: RoClipConfig,
+        plugin_manager: pluggy.PluginManager,
+        options: argparse.Namespace,
+        *,
+        suspicious_margin: float,
+        text_transform: Callable[[Any], Any] | None = None,
+        image_transform: Callable[[Any], Any] | None = None,
+    ) -> None:
+        self.config = config
+        self.pm = plugin_manager
+        self.options = options
+        self.report = EpochReport(suspicious_margin)
+        self.pm.register(self.report, name="roclip-openclip-report")
+        self.text_transform = text_transform
+        self.image_transform = image_transform
+        self.defense: RoClipDefense | None = None
+        self.data: dict[str, Any] | None = None
+        self.captions: list[str] | None = None
+        self._stack = contextlib.ExitStack()
+        self._pending_delete: Path | None = None
+
+    # -- context --------------------------------------------------------------------------
+
+    def __enter__(self) -> OpenClipPatches:
+        import open_clip_train.data as oc_data
+        import open_clip_train.main as oc_main
+
+        self._patch(oc_main, "parse_args", self._parse_args(oc_main.parse_args))
+        self._patch(oc_main, "get_data", self._get_data(oc_main.get_data))
+        self._patch(oc_main, "create_loss", self._create_loss)
+        self._patch(oc_main, "train_one_epoch", self._train_one_epoch(oc_main.train_one_epoch))
+        self._patch(oc_data, "get_dataset_fn", self._get_dataset_fn(oc_data.get_dataset_fn))
+        self._patch(torch.nn.parallel, "DistributedDataParallel", _ddp_without_cpu_device_ids())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+        if exc[0] is None and self._pending_delete is not None:
+            self._pending_delete.unlink(missing_ok=True)
+
+    def _patch(self, module: Any, name: str, value: Any) -> None:
+        original = getattr(module, name)
+        setattr(module, name, value)
+        self._stack.callback(setattr, module, name, original)
+
+    # -- patched functions --------------------------------------------------------------
+
+    def _parse_args(self, original: Callable[..., argparse.Namespace]) -> Callable[..., Any]:
+        def parse_args(argv: list[str]) -> argparse.Namespace:
+            args = original(argv)
+            args.roclip = True
+            for name, value in self.config.to_dict().items():
+                setattr(args, f"roclip_{name}", value)  # so params.txt records them
+            return args
+
+        return parse_args
+
+    def _get_dataset_fn(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        def get_dataset_fn(data_path: str, dataset_type: str) -> Callable[..., Any]:
+            build = original(data_path, dataset_type)
+
+            def build_with_roclip(args: Any, preprocess_fn: Any, is_train: bool, **kw: Any) -> Any:
+                if is_train and self.image_transform is not None:
+                    preprocess_fn = self.image_transform(preprocess_fn)
+                if is_train and self.text_transform is not None and kw.get("tokenizer"):
+                    kw["tokenizer"] = self.text_transform(kw["tokenizer"])
+                return build(args, preprocess_fn, is_train=is_train, **kw)
+
+            return build_with_roclip
+
+        return get_dataset_fn
+
+    def _get_data(self, original: Callable[..., dict[str, Any]]) -> Callable[..., Any]:
+        def get_data(args: Any, *a: Any, **kw: Any) -> dict[str, Any]:
+            data = original(args, *a, **kw)
+            self.data = data
+            if "train" in data:
+                self._tap_indices(data["train"].dataloader)
+            return data
+
+        return get_data
+
+    def _tap_indices(self, loader: Any) -> None:
+        """Record sample indices of a map-style training set (CSV); WebDataset has none."""
+        dataset = getattr(loader, "dataset", None)
+        batch_sampler = getattr(loader, "batch_sampler", None)
+        if batch_sampler is None or not hasattr(dataset, "__getitem__"):
+            return
+        batch_sampler.sampler = RecordingSampler(batch_sampler.sampler, self.report.indices)
+        self.captions = list(getattr(dataset, "captions", [])) or None
+
+    def _create_loss(self, args: Any) -> torch.nn.Module:
+        steps = None
+        if self.data is not None and "train" in self.data:
+            steps = self.data["train"].dataloader.num_batches // args.accum_freq
+        info = DistInfo(
+            rank=args.rank,
+            world_size=args.world_size,
+            local_loss=args.local_loss,
+            gather_with_grad=args.gather_with_grad,
+        )
+        self.defense = RoClipDefense(
+            self.config,
+            plugin_manager=self.pm,
+            options=self.options,
+            device=args.device,
+            dist_info=info,
+            total_epochs=args.epochs,
+            steps_per_epoch=steps,
+        )
+        self._resume(args)
+        return self.defense.loss
+
+    def _resume(self, args: Any) -> None:
+        assert self.defense is not None
+        if not args.resume:
+            return
+        state = state_path_for(args.resume)
+        if state.is_file():
+            saved = torch.load(state, map_location="cpu", weights_only=False)
+            if saved.get("format") != STATE_FORMAT:
+                raise ValueError(
+                    f"{state}: not a roclip-openclip state file (format "
+                    f"{saved.get('format')!r}, expected {STATE_FORMAT})"
+                )
+            self.defense.load_state_dict(saved["roclip"])
+            _set_rng_state(saved["rng"][args.rank] if args.rank < len(saved["rng"]) else None)
+            log.info(
+                f"RoCLIP: restored pool ({len(self.defense.pool)} rows), schedule and RNG "
+                f"state from {state}"
+            )
+        else:
+            log.warning(
+                f"RoCLIP: no RoCLIP state at {state} next to the resumed checkpoint; starting "
+                "with an empty caption pool (expected only when the checkpoint was trained "
+                "without --roclip)"
+            )
+
+    def _train_one_epoch(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        def train_one_epoch(
+            model: Any, data: Any, loss: Any, epoch: int, *a: Any, **kw: Any
+        ) -> Any:
+            args = a[-1] if a else kw["args"]
+            assert self.defense is not None, "create_loss was not called before training"
+            self._delete_pending()
+            matching = self.defense.start_epoch(epoch)
+            self.report.reset(matching)
+            result = original(model, data, loss, epoch, *a, **kw)
+            self._after_epoch(epoch, args, kw.get("tb_writer"))
+            return result
+
+        return train_one_epoch
+
+    # -- after each epoch ----------------------------------------------------------------
+
+    def _after_epoch(self, epoch: int, args: Any, tb_writer: Any) -> None:
+        assert self.defense is not None
+        summary = self.report.summary()
+        summary["pool_fill"] = float(len(self.defense.pool))
+        rows = _gather_rows(self.report.top, args)
+        rng = _gather_rows([_rng_state()], args)
+        if dist.is_available() and dist.is_initialized():
+            summary["suspicious_pairs"] = _sum_over_ranks(summary["suspicious_pairs"], args)
+        log.info(
+            "RoCLIP epoch %d rank %d: matching=%s pool=%d/%d checksum=%.10g matched_sim=%.4f "
+            "own_sim=%.4f suspicious_pairs=%d",
+            epoch,
+            args.rank,
+            bool(summary["matching"]),
+            int(summary["pool_fill"]),
+            self.defense.pool.size,
+            self.defense.pool.checksum(),
+            summary["matched_similarity"],
+            summary["own_similarity"],
+            int(summary["suspicious_pairs"]),
+        )
+        if not args.save_logs:
+            return
+        self._write_scalars(summary, epoch, args, tb_writer)
+        if self.report.matching:
+            self._write_suspicious(rows, epoch, args)
+        self._save_state(epoch + 1, args, rng)
+
+    def _write_scalars(
+        self, summary: dict[str, float], epoch: int, args: Any, tb_writer: Any
+    ) -> None:
+        step = self.defense.step if self.defense is not None else epoch
+        if tb_writer is not None:
+            for key, value in summary.items():
+                tb_writer.add_scalar(f"roclip/{key}", value, step)
+        if getattr(args, "wandb", False):
+            import wandb
+
+            wandb.log({f"roclip/{k}": v for k, v in summary.items()} | {"epoch": epoch}, step=step)
+
+    def _write_suspicious(self, rows: list[tuple[float, int]], epoch: int, args: Any) -> None:
+        path = Path(args.checkpoint_path) / f"suspicious_epoch_{epoch + 1}.csv"
+        with path.open("w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["index", "caption", "margin"])
+            for margin, index in sorted(rows, reverse=True)[:SUSPICIOUS_TOP]:
+                caption = self.captions[index] if self.captions and index >= 0 else ""
+                writer.writerow([index, caption, f"{margin:.6f}"])
+
+    def _save_state(self, completed: int, args: Any, rng: list[Any]) -> None:
+        """Save pool, schedule and every rank's RNG beside OpenCLIP's checkpoint of the epoch.
+
+        OpenCLIP reseeds at start-up, and its loader's shuffle and transforms draw from the
+        global RNG, so restoring each rank's RNG is what makes a resumed run exact.
+        """
+        assert self.defense is not None
+        folder = Path(args.checkpoint_path)
+        state = {"format": STATE_FORMAT, "roclip": self.defense.state_dict(), "rng": rng}
+        if completed == args.epochs or (
+            args.save_frequency > 0 and completed % args.save_frequency == 0
+        ):
+            atomic_torch_save(state, folder / f"epoch_{completed}{STATE_SUFFIX}")
+        if args.save_most_recent:
+            atomic_torch_save(state, folder / f"epoch_latest{STATE_SUFFIX}")
+        if args.delete_previous_checkpoint:
+            # OpenCLIP deletes its previous checkpoint only after saving the new one: delete
+            # ours at the next epoch start (or on a clean exit) so the two never disagree.
+            self._pending_delete = folder / f"epoch_{completed - 1}{STATE_SUFFIX}"
+
+    def _delete_pending(self) -> None:
+        if self._pending_delete is not None:
+            self._pending_delete.unlink(missing_ok=True)
+            self._pending_delete = None
+
+
+def _gather_rows(rows: list[Any], args: Any) -> list[Any]:
+    """Concatenation of every rank's ``rows``, in rank order, on every rank."""
+    if not (dist.is_available() and dist.is_initialized()) or args.world_size == 1:
+        return rows
+    parts: list[Any] = [None] * args.world_size
+    dist.all_gather_object(parts, rows)
+    return [row for part in parts for row in part]
+
+
+def _rng_state() -> dict[str, Any]:
+    """RNG states of this process (torch, CUDA, numpy, random)."""
+    import random
+
+    import numpy as np
+
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any] | None) -> None:
+    if state is None:
+        log.warning("RoCLIP: no saved RNG state for this rank (world size changed?)")
+        return
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _sum_over_ranks(value: float, args: Any) -> float:
+    device = torch.device(args.device) if dist.get_backend() == "nccl" else torch.device("cpu")
+    buf = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(buf)
+    return float(buf.item())
+
+
+def _ddp_without_cpu_device_ids() -> type:
+    """DDP that drops ``device_ids`` for a CPU module (stock OpenCLIP passes them; gloo fails).
+
+    A subclass, not a function, so ``isinstance`` checks against DDP keep working.
+    """
+    real = torch.nn.parallel.DistributedDataParallel
+
+    class CpuFriendlyDDP(real):  # type: ignore[misc, valid-type]
+        def __init__(
+            self, module: torch.nn.Module, *args: Any, device_ids: Any = None, **kw: Any
+        ) -> None:
+            first = next(module.parameters(), None)
+            if first is not None and first.device.type == "cpu":
+                device_ids = None
+            super().__init__(module, *args, device_ids=device_ids, **kw)
+
+    return CpuFriendlyDDP

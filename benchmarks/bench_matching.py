@@ -80,8 +80,7 @@ def bench_shape(batch: int, pool_rows: int, dim: int, device: torch.device, repe
     out["fp32_matmul_ms"] = timed(mm_fp32, device, repeat)
     for precision in ("fp32", "bf16"):
         out[f"match_{precision}_ms"] = timed(
-            lambda p=precision: nearest_captions(images, pool_t, precision=p,
-                                                 pool_normalized=True),
+            lambda p=precision: nearest_captions(images, pool_t, precision=p, pool_normalized=True),
             device,
             repeat,
         )
@@ -93,8 +92,9 @@ def bench_shape(batch: int, pool_rows: int, dim: int, device: torch.device, repe
     scale = torch.tensor(50.0, device=device)
     img_n = F.normalize(images, dim=-1)
     out["matching_step_ms"] = timed(lambda: loss(img_n, texts, scale), device, repeat)
-    out["clip_loss_ms"] = timed(lambda: contrastive_loss(img_n, texts, scale, DistInfo()), device,
-                                repeat)
+    out["clip_loss_ms"] = timed(
+        lambda: contrastive_loss(img_n, texts, scale, DistInfo()), device, repeat
+    )
     out["overhead_ms"] = out["matching_step_ms"] - out["clip_loss_ms"]
     for key in ("bf16_matmul", "fp32_matmul", "match_fp32", "match_bf16"):
         out[f"{key}_tflops"] = flops / (out[f"{key}_ms"] * 1e-3) / 1e12
@@ -119,8 +119,10 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     rows = [bench_shape(b, p, d, device, args.repeat) for b, p, d in SHAPES[args.shapes]]
-    header = (f"{'batch x pool x dim':>24} | bf16 mm ms (TF/s) | fp32 mm ms | match fp32 ms "
-              "(x bf16 mm) | match bf16 ms (x bf16 mm) | enqueue ms | step overhead ms")
+    header = (
+        f"{'batch x pool x dim':>24} | bf16 mm ms (TF/s) | fp32 mm ms | match fp32 ms "
+        "(x bf16 mm) | match bf16 ms (x bf16 mm) | enqueue ms | step overhead ms"
+    )
     print(f"device: {device_name(device)}; torch {torch.__version__}; {date.today()}")
     print(header)
     for r in rows:
@@ -134,8 +136,16 @@ def main() -> None:
         )
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"device": device_name(device), "torch": torch.__version__,
-                       "date": str(date.today()), "rows": rows}, fh, indent=2)
+            json.dump(
+                {
+                    "device": device_name(device),
+                    "torch": torch.__version__,
+                    "date": str(date.today()),
+                    "rows": rows,
+                },
+                fh,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":

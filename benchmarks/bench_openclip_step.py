@@ -27,8 +27,7 @@ from roclip_plugin.loss import DistInfo
 TINY = {
     "embed_dim": 64,
     "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
-    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2,
-                 "layers": 2},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
 }
 
 
@@ -59,10 +58,18 @@ def main() -> None:
     images = torch.randn(args.batch, 3, size, size, device=device)
     texts = torch.randint(1, 49407, (args.batch, model.context_length), device=device)
     clip_loss = open_clip.ClipLoss()
-    config = RoClipConfig(pool_size=args.pool, first_rematch_epoch=0, rematch_every=1,
-                          precision=args.matcher_precision)
-    defense = RoClipDefense(config, plugin_manager=get_plugin_manager(autoload=False),
-                            dist_info=DistInfo(), device=device)
+    config = RoClipConfig(
+        pool_size=args.pool,
+        first_rematch_epoch=0,
+        rematch_every=1,
+        precision=args.matcher_precision,
+    )
+    defense = RoClipDefense(
+        config,
+        plugin_manager=get_plugin_manager(autoload=False),
+        dist_info=DistInfo(),
+        device=device,
+    )
     dim = model.text_projection.shape[1]
     defense.pool.enqueue(torch.randn(args.pool, dim, device=device))
     defense.start_epoch(0)
@@ -93,8 +100,10 @@ def main() -> None:
     p, r = statistics.median(plain), statistics.median(roclip)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"device: {where}; torch {torch.__version__}; {date.today()}")
-    print(f"model {args.model}, batch {args.batch}, {args.precision}, pool {args.pool:,}, "
-          f"matcher {args.matcher_precision}, {args.steps} alternating steps each")
+    print(
+        f"model {args.model}, batch {args.batch}, {args.precision}, pool {args.pool:,}, "
+        f"matcher {args.matcher_precision}, {args.steps} alternating steps each"
+    )
     print(f"CLIP step   median {p:9.2f} ms (min {min(plain):.2f}, max {max(plain):.2f})")
     print(f"RoCLIP step median {r:9.2f} ms (min {min(roclip):.2f}, max {max(roclip):.2f})")
     print(f"overhead    {r - p:9.2f} ms = {100 * (r - p) / p:.1f}%")

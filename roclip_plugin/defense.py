@@ -17,9 +17,9 @@ from typing import Any
 
 import pluggy
 import torch
-import torch.distributed as dist
 
 from roclip_plugin.config import RoClipConfig
+from roclip_plugin.distributed import all_reduce_sum
 from roclip_plugin.io import atomic_torch_save
 from roclip_plugin.loss import DistInfo, MatchStats, RoClipLoss
 from roclip_plugin.plugins import get_plugin_manager
@@ -66,16 +66,16 @@ class RoClipDefense:
         self._acc_sum: torch.Tensor | None = None
         self._acc_count = 0
         matcher = self.pm.hook.roclip_make_matcher(config=self.config)
-        observed = bool(self.pm.hook.roclip_after_match.get_hookimpls())
         self.loss = RoClipLoss(
             self.pool,
             matcher,
             self.info,
             update_pool_when_plain=self.config.pool_update == "every_step",
             on_step=self._on_step,
-            on_match=self._on_match if observed else None,
+            on_match=self._on_match,
             on_enqueue=self._on_enqueue,
             on_alignment=self._on_alignment,
+            wants_stats=self.observed,
         )
         self.pm.hook.roclip_configure(config=self.config, options=options)
 
@@ -85,6 +85,19 @@ class RoClipDefense:
     def matching(self) -> bool:
         """Whether the current step is a matching one."""
         return self.loss.matching
+
+    def observed(self) -> bool:
+        """Whether any plugin implements ``roclip_after_match``.
+
+        Asked at each matching step, so plugins registered after construction are served too.
+        """
+        return bool(self.pm.hook.roclip_after_match.get_hookimpls())
+
+    def set_step(self, step: int) -> None:
+        """Adopt a trainer's global step count (index of the next step) on a fresh start."""
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step: invalid value {step!r}; allowed: an integer >= 0")
+        self.step = step
 
     @property
     def total_units(self) -> int | None:
@@ -214,7 +227,7 @@ class RoClipDefense:
                 ]
             )
         if self.info.world_size > 1:
-            total = _all_reduce_sum(total)
+            total = all_reduce_sum(total)
         if total[1] > 0:
             self.schedule.record_alignment(unit, float(total[0] / total[1]))
         self._acc_sum, self._acc_count = None, 0
@@ -226,13 +239,3 @@ class RoClipDefense:
 
     def _on_match(self, stats: MatchStats) -> None:
         self.pm.hook.roclip_after_match(stats=stats)
-
-
-def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    """Sum a small CPU tensor over ranks, on the device the backend needs."""
-    device = torch.device("cpu")
-    if dist.get_backend() == "nccl":
-        device = torch.device("cuda", torch.cuda.current_device())
-    buf = values.to(device)
-    dist.all_reduce(buf)
-    return buf.cpu()

@@ -147,6 +147,8 @@ class RoClipLoss(nn.Module):
         on_step: called at the start of every forward with no arguments (the defense uses it to
             count steps and take per-step schedule decisions).
         on_match: receives a :class:`MatchStats` after each matching step.
+        wants_stats: asked before each matching step whether ``on_match`` has a listener;
+            statistics (a GPU sync) are computed only then.
         on_enqueue: receives the number of rows stored after each pool update.
         on_alignment: receives the in-batch retrieval accuracy of each plain step (0-dim tensor).
     """
@@ -162,6 +164,7 @@ class RoClipLoss(nn.Module):
         on_match: Callable[[MatchStats], None] | None = None,
         on_enqueue: Callable[[int], None] | None = None,
         on_alignment: Callable[[torch.Tensor], None] | None = None,
+        wants_stats: Callable[[], bool] | None = None,
     ) -> None:
         super().__init__()
         self.pool = pool
@@ -175,6 +178,7 @@ class RoClipLoss(nn.Module):
         self.on_match = on_match
         self.on_enqueue = on_enqueue
         self.on_alignment = on_alignment
+        self.wants_stats = wants_stats or (lambda: True)
 
     def forward(
         self,
@@ -192,6 +196,7 @@ class RoClipLoss(nn.Module):
             )
         if self.on_step is not None:
             self.on_step()
+        self.pool.follow(image_features.device)
         if self.matching and len(self.pool) > 0:
             loss = self._matching_loss(image_features, text_features, logit_scale)
             self._enqueue(text_features)
@@ -213,7 +218,7 @@ class RoClipLoss(nn.Module):
         loss, _ = contrastive_loss(
             image_features, matched, logit_scale, self.info, all_text=all_matched
         )
-        if self.on_match is not None:
+        if self.on_match is not None and self.wants_stats():
             self.on_match(self._stats(image_features, text_features, matched, indices))
         # Keep the text tower in the graph with a zero gradient, so DistributedDataParallel
         # without find_unused_parameters still finds every parameter used.

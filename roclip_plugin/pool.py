@@ -49,6 +49,7 @@ class CaptionPool:
         self.size = size
         self.dim = dim
         self.device = torch.device(device) if device is not None else None
+        self._device_given = device is not None
         self._buffer: torch.Tensor | None = None
         self._next = 0  # physical slot the next row goes to
         self._count = 0  # valid rows, at most size
@@ -182,6 +183,15 @@ class CaptionPool:
         self.dim = dim
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self._buffer = torch.zeros(self.size, dim, dtype=torch.float32, device=self.device)
+
+    def follow(self, device: torch.device) -> None:
+        """Move to ``device`` unless a device was given at construction.
+
+        A pool restored from a checkpoint before the first step lands on the CPU; following
+        the features keeps it on the training device instead of copying it every step.
+        """
+        if not self._device_given and self.device is not None and self.device != device:
+            self.to(device)
 
     def to(self, device: torch.device | str) -> CaptionPool:
         """Move the storage to ``device`` (in place; returns self)."""

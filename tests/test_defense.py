@@ -184,3 +184,16 @@ def test_state_round_trip_cpu_to_cuda() -> None:
     e.load_state_dict(d.state_dict())
     assert e.pool.features().device.type == "cuda"
     assert torch.equal(e.pool.features().cpu(), d.pool.features())
+
+
+@pytest.mark.gpu
+def test_restored_pool_follows_the_features_to_cuda() -> None:
+    d = _make(RoClipConfig(pool_size=8))
+    d.start_epoch(0)
+    d.compute_loss(*_batch(0, 0), torch.tensor(5.0))
+    e = _make(RoClipConfig(pool_size=8))
+    e.load_state_dict(d.state_dict())  # no device given: restored on the CPU
+    e.start_epoch(0)
+    img, txt = (t.cuda() for t in _batch(0, 1))
+    e.compute_loss(img, txt, torch.tensor(5.0, device="cuda"))
+    assert e.pool.features().device.type == "cuda"

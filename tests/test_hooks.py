@@ -216,9 +216,27 @@ def test_roclip_after_match() -> None:
     assert -1.0 <= stats.own_similarity <= stats.matched_similarity + 2.0
 
 
-def test_statistics_are_skipped_without_observers() -> None:
-    defense = RoClipDefense(RoClipConfig(pool_size=8), plugin_manager=get_plugin_manager())
-    assert defense.loss.on_match is None
+def test_statistics_are_skipped_without_observers(monkeypatch) -> None:
+    defense = _defense()
+    computed = []
+    original = defense.loss._stats
+    monkeypatch.setattr(defense.loss, "_stats", lambda *a: computed.append(1) or original(*a))
+    defense.start_epoch(0)
+    defense.compute_loss(*_features(), torch.tensor(5.0))
+    defense.start_epoch(1)
+    defense.compute_loss(*_features(), torch.tensor(5.0))
+    assert computed == []  # a matching step, but nobody listens
+
+
+def test_observer_registered_after_construction_is_served() -> None:
+    got: list = []
+    defense = _defense()
+    defense.pm.register(_Recorder(got))
+    defense.start_epoch(0)
+    defense.compute_loss(*_features(), torch.tensor(5.0))
+    defense.start_epoch(1)
+    defense.compute_loss(*_features(), torch.tensor(5.0))
+    assert len(got) == 1
 
 
 def test_entry_point_plugins_load_unless_disabled(tmp_path: Path) -> None:

@@ -20,9 +20,9 @@ from typing import Any
 
 import pluggy
 import torch
-import torch.distributed as dist
 
 from roclip_plugin import RoClipConfig, RoClipDefense
+from roclip_plugin.distributed import all_gather_objects, all_reduce_sum, rng_state, set_rng_state
 from roclip_plugin.hookspecs import hookimpl
 from roclip_plugin.io import atomic_torch_save
 from roclip_plugin.loss import DistInfo, MatchStats
@@ -237,7 +237,14 @@ class OpenClipPatches:
                     f"{saved.get('format')!r}, expected {STATE_FORMAT})"
                 )
             self.defense.load_state_dict(saved["roclip"])
-            _set_rng_state(saved["rng"][args.rank] if args.rank < len(saved["rng"]) else None)
+            if args.rank < len(saved["rng"]):
+                set_rng_state(saved["rng"][args.rank])
+            else:
+                log.warning(
+                    "RoCLIP: no saved RNG state for rank %d (world size changed?); the "
+                    "resumed run will not repeat the original data order",
+                    args.rank,
+                )
             log.info(
                 f"RoCLIP: restored pool ({len(self.defense.pool)} rows), schedule and RNG "
                 f"state from {state}"
@@ -270,10 +277,10 @@ class OpenClipPatches:
         assert self.defense is not None
         summary = self.report.summary()
         summary["pool_fill"] = float(len(self.defense.pool))
-        rows = _gather_rows(self.report.top, args)
-        rng = _gather_rows([_rng_state()], args)
-        if dist.is_available() and dist.is_initialized():
-            summary["suspicious_pairs"] = _sum_over_ranks(summary["suspicious_pairs"], args)
+        rows = [row for part in all_gather_objects(self.report.top) for row in part]
+        rng = all_gather_objects(rng_state())
+        suspicious = torch.tensor([summary["suspicious_pairs"]], dtype=torch.float64)
+        summary["suspicious_pairs"] = float(all_reduce_sum(suspicious)[0])
         log.info(
             "RoCLIP epoch %d rank %d: matching=%s pool=%d/%d checksum=%.10g matched_sim=%.4f "
             "own_sim=%.4f suspicious_pairs=%d",
@@ -339,53 +346,6 @@ class OpenClipPatches:
         if self._pending_delete is not None:
             self._pending_delete.unlink(missing_ok=True)
             self._pending_delete = None
-
-
-def _gather_rows(rows: list[Any], args: Any) -> list[Any]:
-    """Concatenation of every rank's ``rows``, in rank order, on every rank."""
-    if not (dist.is_available() and dist.is_initialized()) or args.world_size == 1:
-        return rows
-    parts: list[Any] = [None] * args.world_size
-    dist.all_gather_object(parts, rows)
-    return [row for part in parts for row in part]
-
-
-def _rng_state() -> dict[str, Any]:
-    """RNG states of this process (torch, CUDA, numpy, random)."""
-    import random
-
-    import numpy as np
-
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any] | None) -> None:
-    if state is None:
-        log.warning("RoCLIP: no saved RNG state for this rank (world size changed?)")
-        return
-    import random
-
-    import numpy as np
-
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _sum_over_ranks(value: float, args: Any) -> float:
-    device = torch.device(args.device) if dist.get_backend() == "nccl" else torch.device("cpu")
-    buf = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(buf)
-    return float(buf.item())
 
 
 def _ddp_without_cpu_device_ids() -> type:

@@ -268,3 +268,31 @@ def test_torchrun_two_cpu_ranks_share_one_pool(setup) -> None:
     assert [m for _, m, _, _ in by_rank["0"]] == ["False", "True"]
     losses = [float(x) for x in re.findall(r"Contrastive_loss: ([0-9.]+)", output)]
     assert losses and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_webdataset_training_data(setup) -> None:
+    """WebDataset shards: RoCLIP trains; rows of the suspicious CSV carry no index (-1)."""
+    import io
+    import tarfile
+
+    shard = setup["root"] / "shard-000000.tar"
+    with setup["data"].open() as fh, tarfile.open(shard, "w") as tar:
+        for i, row in enumerate(csv.DictReader(fh, delimiter="\t")):
+            for ext, payload in (
+                ("png", Path(row["filepath"]).read_bytes()),
+                ("txt", row["title"].encode()),
+            ):
+                info = tarfile.TarInfo(f"{i:06d}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    argv = _argv(setup, "wds", 2, *ROCLIP)
+    argv[argv.index(str(setup["data"]))] = str(shard)
+    argv[argv.index("csv")] = "webdataset"
+    argv += ["--train-num-samples", "96"]
+    assert main(argv) == 0
+    log = _log(setup, "wds")
+    assert re.findall(r"RoCLIP epoch 1 rank 0: matching=True pool=64/64", log)
+    suspicious = _ckpt(setup, "wds", 2).with_name("suspicious_epoch_2.csv")
+    with suspicious.open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows and {r["index"] for r in rows} == {"-1"}

@@ -1,0 +1,67 @@
+"""Small collectives and RNG capture that every integration needs, in one place.
+
+Each function is a no-op wrapper on a single process, so callers need no special case.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    """Whether a process group is initialised."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum a small tensor over ranks; returned on the CPU (NCCL needs it on a CUDA device)."""
+    if not is_distributed() or dist.get_world_size() == 1:
+        return values.cpu()
+    device = torch.device("cpu")
+    if dist.get_backend() == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    buf = values.to(device)
+    dist.all_reduce(buf)
+    return buf.cpu()
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` in rank order (``[obj]`` on a single process)."""
+    if not is_distributed() or dist.get_world_size() == 1:
+        return [obj]
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, obj)
+    return parts
+
+
+def rng_state() -> dict[str, Any]:
+    """RNG states of this process: torch (CPU and every CUDA device), Python, NumPy if present.
+
+    Shuffling, random augmentations and DataLoader worker seeds draw from these; restoring them
+    is what makes a resumed run continue bit for bit.
+    """
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy is optional for torch
+        return state
+    state["numpy"] = np.random.get_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore :func:`rng_state` (entries this machine cannot use are skipped)."""
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])

@@ -26,3 +26,21 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return target
+
+
+def load_versioned(path: str | os.PathLike[str], expected: object, what: str) -> dict[str, Any]:
+    """Load a state file written by roclip-plugin and check its ``"format"`` entry.
+
+    ``weights_only=False`` because these files hold RNG states (NumPy, Python) that the safe
+    loader refuses; load only files this project wrote.
+
+    Args:
+        path: the file.
+        expected: the format value the caller understands.
+        what: how to name the file in the error (e.g. "roclip_torch checkpoint").
+    """
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    found = state.get("format") if isinstance(state, dict) else None
+    if found != expected:
+        raise ValueError(f"{path}: not a {what} (format {found!r}, expected {expected!r})")
+    return state

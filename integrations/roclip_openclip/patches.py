@@ -24,7 +24,7 @@ import torch
 from roclip_plugin import RoClipConfig, RoClipDefense
 from roclip_plugin.distributed import all_gather_objects, all_reduce_sum, rng_state, set_rng_state
 from roclip_plugin.hookspecs import hookimpl
-from roclip_plugin.io import atomic_torch_save
+from roclip_plugin.io import atomic_torch_save, load_versioned
 from roclip_plugin.loss import DistInfo, MatchStats
 
 log = logging.getLogger("roclip")
@@ -230,12 +230,7 @@ class OpenClipPatches:
             return
         state = state_path_for(args.resume)
         if state.is_file():
-            saved = torch.load(state, map_location="cpu", weights_only=False)
-            if saved.get("format") != STATE_FORMAT:
-                raise ValueError(
-                    f"{state}: not a roclip-openclip state file (format "
-                    f"{saved.get('format')!r}, expected {STATE_FORMAT})"
-                )
+            saved = load_versioned(state, STATE_FORMAT, "roclip-openclip state file")
             self.defense.load_state_dict(saved["roclip"])
             if args.rank < len(saved["rng"]):
                 set_rng_state(saved["rng"][args.rank])

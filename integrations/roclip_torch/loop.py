@@ -32,7 +32,7 @@ from roclip_plugin.distributed import (
     rng_state,
     set_rng_state,
 )
-from roclip_plugin.io import atomic_torch_save
+from roclip_plugin.io import atomic_torch_save, load_versioned
 from roclip_torch.adapter import CLIP_MAX_LOGIT_SCALE, RoClipAdapter
 from roclip_torch.checkpoint import (
     checkpoint_path,
@@ -312,13 +312,7 @@ class Trainer:
         path = latest_checkpoint(self.settings.checkpoint_dir)
         if path is None:
             return None
-        # Our own files; they hold RNG states (NumPy, Python), which weights_only refuses.
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(
-                f"{path}: not a roclip_torch checkpoint (format {state.get('format')!r}, "
-                f"expected {CHECKPOINT_FORMAT!r})"
-            )
+        state = load_versioned(path, CHECKPOINT_FORMAT, "roclip_torch checkpoint")
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self._load_scheduler(state["scheduler"], path)

@@ -95,15 +95,8 @@ def _demo(console: Console, args: argparse.Namespace) -> int:
     )
     results = run_demo(settings, config)
     table = Table(title="Synthetic targeted poisoning (a smoke demonstration, not real images)")
-    for col in (
-        "run",
-        "clean zero-shot",
-        "targeted ASR",
-        "poison precision@k",
-        "matching epochs",
-        "train s",
-    ):
-        table.add_column(col, justify="right" if col != "run" else "left")
+    for col in ("run", "zero-shot", "target ASR", "poison P@k", "matching", "train s"):
+        table.add_column(col, justify="right" if col != "run" else "left", no_wrap=True)
     for r in results:
         det = "-" if r.detection_precision is None else f"{100 * r.detection_precision:.1f}%"
         table.add_row(

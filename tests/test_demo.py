@@ -1,0 +1,26 @@
+from __future__ import annotations
+
+import torch
+
+from roclip_plugin.demo import DemoSettings, build_world, train
+
+SMALL = DemoSettings(train=1200, test=300, targets=4, poison_captions=10, epochs=2)
+
+
+def test_world_is_deterministic_and_poison_is_labelled() -> None:
+    a, b = build_world(SMALL), build_world(SMALL)
+    assert torch.equal(a.images, b.images) and torch.equal(a.captions, b.captions)
+    assert int(a.poisoned.sum()) == SMALL.targets * SMALL.poison_captions
+    assert a.images.shape[0] == SMALL.train + SMALL.targets * SMALL.poison_captions
+    # every poisoned row shows a target image with a caption of its adversarial class
+    assert torch.all(a.labels[a.poisoned] != a.target_labels.repeat_interleave(10))
+    assert torch.equal(a.labels[a.poisoned], a.adversarial.repeat_interleave(10))
+    other = build_world(DemoSettings(**{**SMALL.__dict__, "seed": 1}))
+    assert not torch.equal(a.images, other.images)
+
+
+def test_clip_training_learns_the_clean_task() -> None:
+    world = build_world(SMALL)
+    result = train(world, DemoSettings(**{**SMALL.__dict__, "epochs": 12}), None)
+    assert result.zero_shot > 0.5  # chance is 0.1
+    assert result.matching_epochs == [] and result.detection_precision is None

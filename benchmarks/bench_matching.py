@@ -16,13 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
-from collections.abc import Callable
 from datetime import date
 
 import torch
 import torch.nn.functional as F
+from timing import timed
 
 from roclip_plugin.loss import DistInfo, RoClipLoss, contrastive_loss
 from roclip_plugin.matching import TorchMatcher, highest_matmul_precision, nearest_captions
@@ -37,26 +35,6 @@ SHAPES = {
         (4096, 1_048_576, 1024),
     ],
 }
-
-
-def timed(fn: Callable[[], object], device: torch.device, repeat: int, warmup: int = 2) -> float:
-    """Median milliseconds of ``fn`` over ``repeat`` runs after ``warmup`` runs."""
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeat):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            samples.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(samples)
 
 
 def bench_shape(batch: int, pool_rows: int, dim: int, device: torch.device, repeat: int) -> dict:

@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from roclip_plugin.augment import identity_factory
+from roclip_plugin.augment_image import roclip_image_factory
+from roclip_plugin.augment_text import eda_factory
 from roclip_plugin.config import RoClipConfig
 from roclip_plugin.hookspecs import hookimpl
 from roclip_plugin.matching import Matcher, make_matcher
@@ -31,9 +33,12 @@ def roclip_should_match(
 
 @hookimpl(tryfirst=True)
 def roclip_register_augmentations(register: Callable[..., None]) -> None:
-    """The identity augmentation ``none`` for images and texts.
+    """``none`` (identity) for both kinds, ``roclip`` for images and ``eda`` for texts.
 
     ``tryfirst`` so that defaults are in place before plugins, which may then replace them.
+    Building ``roclip`` imports torchvision and Pillow; registering it does not.
     """
     register("image", "none", identity_factory)
     register("text", "none", identity_factory)
+    register("image", "roclip", roclip_image_factory)
+    register("text", "eda", eda_factory)

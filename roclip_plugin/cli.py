@@ -1,4 +1,9 @@
-"""The ``roclip`` command: ``roclip demo`` (a short CPU run) and ``roclip flags``."""
+"""The ``roclip`` command: ``roclip smoke``, ``roclip flags``, and the plugins' commands.
+
+The core's own sub-commands need nothing beyond the core. Plugins add theirs through the
+``roclip_add_commands`` hook: the attack and evaluation kit (``roclip_kit``) adds ``demo``,
+``data``, ``poison`` and ``eval`` that way, so the core never imports it.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, fields
 from pathlib import Path
 
+import pluggy
 import torch
 from rich.console import Console
 from rich.table import Table
@@ -26,45 +32,53 @@ from roclip_plugin.plugins import get_plugin_manager
 DEMO_POOL_SIZE = 4096
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Parser with the ``demo`` and ``flags`` sub-commands."""
+def build_parser(pm: pluggy.PluginManager | None = None) -> argparse.ArgumentParser:
+    """Parser with the core's sub-commands and those plugins add."""
+    pm = get_plugin_manager() if pm is None else pm
     parser = argparse.ArgumentParser(prog="roclip", description=__doc__)
     parser.add_argument("--version", action="version", version=f"roclip-plugin {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser(
-        "demo",
-        help="Train CLIP and RoCLIP on a poisoned synthetic captioned world; compare them.",
-        description="A short CPU run (seconds) that shows the defense at work on synthetic "
-        "data. RoCLIP options below apply to the RoCLIP run (pool size defaults to "
-        f"{DEMO_POOL_SIZE} here).",
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    smoke = sub.add_parser(
+        "smoke",
+        help="Seconds-long synthetic smoke run: CLIP vs RoCLIP on a poisoned synthetic world.",
+        description="A short CPU run (seconds) that shows the defense's mechanism on synthetic "
+        "feature vectors (no images, no OpenCLIP). RoCLIP options below apply to the RoCLIP run "
+        f"(pool size defaults to {DEMO_POOL_SIZE} here). For real images, see `roclip demo`.",
     )
-    demo.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    demo.add_argument("--seed", type=int, default=0, help="data and training seed (default: 0)")
-    demo.add_argument("--epochs", type=int, default=10, help="training epochs (default: 10)")
-    demo.add_argument("--train", type=int, default=20000, help="clean pairs (default: 20000)")
-    demo.add_argument("--json", type=Path, help="also write the results to this JSON file")
-    group = demo.add_argument_group("RoCLIP options")
+    smoke.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    smoke.add_argument("--seed", type=int, default=0, help="data and training seed (default: 0)")
+    smoke.add_argument("--epochs", type=int, default=10, help="training epochs (default: 10)")
+    smoke.add_argument("--train", type=int, default=20000, help="clean pairs (default: 20000)")
+    smoke.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    group = smoke.add_argument_group("RoCLIP options")
     add_argparse_args(group)
-    get_plugin_manager().hook.roclip_add_options(parser=group)
+    pm.hook.roclip_add_options(parser=group)
+    smoke.set_defaults(run=_smoke)
     flags = sub.add_parser("flags", help="List every --roclip-* flag with its default.")
     flags.add_argument("--preset", default="default", choices=("default", "reference"))
+    flags.set_defaults(run=_flags)
+    pm.hook.roclip_add_commands(subparsers=sub)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``roclip`` console script."""
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, pm: pluggy.PluginManager | None = None) -> int:
+    """Entry point of the ``roclip`` console script.
+
+    Args:
+        argv: arguments (default: ``sys.argv[1:]``).
+        pm: the plugin manager (default: a new one, with entry-point plugins).
+    """
+    args = build_parser(pm).parse_args(argv)
     console = Console()
     try:
-        if args.command == "flags":
-            return _flags(console, args.preset)
-        return _demo(console, args)
+        return int(args.run(args, console))
     except ValueError as err:
         console.print(f"[red]error:[/red] {err}")
         return 2
 
 
-def _flags(console: Console, preset: str) -> int:
+def _flags(args: argparse.Namespace, console: Console) -> int:
+    preset = args.preset
     config = RoClipConfig.from_preset(preset)
     table = Table(title=f"RoCLIP flags ({preset} preset)")
     table.add_column("flag")
@@ -77,7 +91,7 @@ def _flags(console: Console, preset: str) -> int:
     return 0
 
 
-def _demo(console: Console, args: argparse.Namespace) -> int:
+def _smoke(args: argparse.Namespace, console: Console) -> int:
     from roclip_plugin.demo import DemoSettings, run_demo
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -89,7 +103,7 @@ def _demo(console: Console, args: argparse.Namespace) -> int:
         train=args.train, epochs=args.epochs, seed=args.seed, device=args.device
     )
     console.print(
-        f"[bold]roclip demo[/bold]: {settings.train} synthetic pairs, {settings.targets} targets "
+        f"[bold]roclip smoke[/bold]: {settings.train} synthetic pairs, {settings.targets} targets "
         f"x {settings.poison_captions} poison captions, {settings.epochs} epochs on "
         f"{settings.device}"
     )

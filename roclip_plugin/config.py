@@ -21,6 +21,8 @@ SCHEDULES = ("periodic", "ramp", "adaptive")
 POOL_UPDATES = ("every_step", "matching_epochs")
 PRECISIONS = ("fp32", "bf16")
 MATCHERS = ("torch", "faiss", "faiss-ivf")
+AUG_REFRESH = ("epoch", "run")
+SYNONYM_SOURCES = ("auto", "nltk", "wordnet", "table", "off")
 _INT32_MAX = 2**31 - 1
 
 
@@ -119,6 +121,56 @@ class RoClipConfig:
             "similar (cosine) to the image than its own caption."
         ),
     )
+    image_aug: str = field(
+        default="roclip",
+        metadata=_meta(
+            "Image augmentation, by registered name: roclip (the authors' resized crop, flip, "
+            "colour jitter, grayscale and blur, before the model's preprocessing), none, or a "
+            "plugin's."
+        ),
+    )
+    text_aug: str = field(
+        default="eda",
+        metadata=_meta(
+            "Text augmentation, by registered name: eda (one of synonym replacement, random "
+            "insertion, swap or deletion per caption), none, or a plugin's."
+        ),
+    )
+    image_aug_refresh: str = field(
+        default="epoch",
+        metadata=_meta(
+            "epoch: a sample's image augmentation is drawn anew each epoch (as in the authors' "
+            "code); run: the same all run. Reproducible per (seed, epoch, sample) either way.",
+            AUG_REFRESH,
+        ),
+    )
+    text_aug_refresh: str = field(
+        default="epoch",
+        metadata=_meta(
+            "epoch: a caption's augmentation is drawn anew each epoch; run: the same all run "
+            "(the authors' code augments captions once).",
+            AUG_REFRESH,
+        ),
+    )
+    eda_alpha: float = field(
+        default=0.1,
+        metadata=_meta(
+            "EDA: synonym replacement, insertion and swap change max(1, int(alpha * words)) "
+            "of the caption's words."
+        ),
+    )
+    eda_p: float = field(
+        default=0.1, metadata=_meta("EDA: random deletion drops each word with this probability.")
+    )
+    eda_synonyms: str = field(
+        default="auto",
+        metadata=_meta(
+            "EDA's WordNet source: auto (nltk, else wordnet, else table), nltk (NLTK's corpus), "
+            "wordnet (database files, e.g. Debian's wordnet-base), table (the reduced table "
+            "shipped), off (no synonym operations).",
+            SYNONYM_SOURCES,
+        ),
+    )
 
     def __post_init__(self) -> None:
         _check_int(self, "pool_size", low=1, high=_INT32_MAX)
@@ -139,6 +191,13 @@ class RoClipConfig:
         _check_int(self, "ivf_nprobe", low=1, high=_INT32_MAX)
         _check_int(self, "seed", low=0, high=2**63 - 1)
         _check_float(self, "suspicious_margin", low=0.0, high=2.0)
+        _check_name(self, "image_aug")
+        _check_name(self, "text_aug")
+        _check_choice(self, "image_aug_refresh", AUG_REFRESH)
+        _check_choice(self, "text_aug_refresh", AUG_REFRESH)
+        _check_float(self, "eda_alpha", low=0.0, high=1.0)
+        _check_float(self, "eda_p", low=0.0, high=1.0)
+        _check_choice(self, "eda_synonyms", SYNONYM_SOURCES)
 
     # -- presets ---------------------------------------------------------------------------
 
@@ -156,6 +215,7 @@ class RoClipConfig:
                 "warmup_fraction": None,
                 "schedule": "periodic",
                 "pool_update": "matching_epochs",
+                "text_aug_refresh": "run",
             }
         unknown = sorted(set(overrides) - set(field_names()))
         if unknown:
@@ -232,6 +292,13 @@ def _check_choice(cfg: RoClipConfig, name: str, choices: Sequence[str]) -> None:
     value = getattr(cfg, name)
     if value not in choices:
         _fail(name, value, ", ".join(choices))
+
+
+def _check_name(cfg: RoClipConfig, name: str) -> None:
+    """A registry name; whether it is registered is checked when the policy is built."""
+    value = getattr(cfg, name)
+    if not isinstance(value, str) or not value.strip():
+        _fail(name, value, "a non-empty registered name (see docs/augmentation.md)")
 
 
 # -- CLI mapping ------------------------------------------------------------------------------

@@ -42,6 +42,22 @@ def roclip_add_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup
 
 
 @hookspec
+def roclip_add_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Add sub-commands to the ``roclip`` command line.
+
+    Called once when ``roclip`` builds its parser. Add a parser with
+    ``subparsers.add_parser(name, ...)`` and give it ``set_defaults(run=fn)``, where
+    ``fn(args, console) -> int`` runs the command and returns its exit code (raise
+    ``ValueError`` with a message naming the bad flag or file: ``roclip`` prints it and exits
+    with 2). This is how the attack and evaluation kit (``roclip demo``, ``roclip poison``,
+    ``roclip eval``) joins the command without the core importing it.
+
+    Args:
+        subparsers: the ``roclip`` parser's sub-parser collection.
+    """
+
+
+@hookspec
 def roclip_configure(config: RoClipConfig, options: argparse.Namespace | None) -> None:
     """Receive the final configuration (and parsed options) before training starts.
 

@@ -12,7 +12,7 @@ from roclip_plugin.cli import main
 def test_demo_runs_and_writes_results(tmp_path: Path, capsys) -> None:
     out = tmp_path / "results.json"
     argv = [
-        "demo",
+        "smoke",
         "--epochs",
         "3",
         "--train",
@@ -42,11 +42,12 @@ def test_flags_lists_every_field(capsys) -> None:
 
 
 def test_bad_values_exit_2_with_the_flag_named(capsys) -> None:
-    assert main(["demo", "--roclip-pool-size", "0"]) == 2
+    assert main(["smoke", "--roclip-pool-size", "0"]) == 2
     assert "pool_size (--roclip-pool-size): invalid value 0" in capsys.readouterr().out
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
 def test_cuda_without_a_gpu_is_a_clear_error(capsys) -> None:
-    assert main(["demo", "--device", "cuda"]) == 2
+    assert main(["smoke", "--device", "cuda"]) == 2
     assert "no CUDA device is visible; use --device cpu" in capsys.readouterr().out
+

@@ -14,11 +14,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from roclip_plugin.config import (
+    AUG_REFRESH,
     FLAG_PREFIX,
     MATCHERS,
     POOL_UPDATES,
     PRECISIONS,
     SCHEDULES,
+    SYNONYM_SOURCES,
     RoClipConfig,
     add_argparse_args,
     all_flags,
@@ -70,6 +72,15 @@ BAD_VALUES: list[tuple[str, Any, str]] = [
     ("suspicious_margin", -0.1, "[0.0, 2.0]"),
     ("suspicious_margin", 2.5, "[0.0, 2.0]"),
     ("suspicious_margin", float("nan"), "[0.0, 2.0]"),
+    ("image_aug", "", "a non-empty registered name"),
+    ("image_aug", 3, "a non-empty registered name"),
+    ("text_aug", "  ", "a non-empty registered name"),
+    ("image_aug_refresh", "step", "epoch, run"),
+    ("text_aug_refresh", "never", "epoch, run"),
+    ("eda_alpha", -0.1, "[0.0, 1.0]"),
+    ("eda_alpha", 1.5, "[0.0, 1.0]"),
+    ("eda_p", float("nan"), "[0.0, 1.0]"),
+    ("eda_synonyms", "wordnik", "auto, nltk, wordnet, table, off"),
 ]
 
 INT_FIELDS = [
@@ -83,7 +94,13 @@ INT_FIELDS = [
     "ivf_nprobe",
     "seed",
 ]
-FLOAT_FIELDS = ["warmup_fraction", "adaptive_threshold", "suspicious_margin"]
+FLOAT_FIELDS = [
+    "warmup_fraction",
+    "adaptive_threshold",
+    "suspicious_margin",
+    "eda_alpha",
+    "eda_p",
+]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -113,6 +130,13 @@ FIELD_STRATEGIES: dict[str, st.SearchStrategy[Any]] = {
     "ivf_nprobe": st.integers(1, INT32_MAX),
     "seed": st.integers(0, 2**63 - 1),
     "suspicious_margin": st.floats(0.0, 2.0),
+    "image_aug": st.sampled_from(["roclip", "none"]),
+    "text_aug": st.sampled_from(["eda", "none"]),
+    "image_aug_refresh": st.sampled_from(AUG_REFRESH),
+    "text_aug_refresh": st.sampled_from(AUG_REFRESH),
+    "eda_alpha": st.floats(0.0, 1.0),
+    "eda_p": st.floats(0.0, 1.0),
+    "eda_synonyms": st.sampled_from(SYNONYM_SOURCES),
 }
 
 

@@ -148,7 +148,8 @@ def test_roclip_register_augmentations() -> None:
     pm = get_plugin_manager()
     pm.register(Plugin())
     registry = collect_augmentations(pm)
-    assert registry.names("text") == ["none", "shout"]
+    assert registry.names("text") == ["eda", "none", "shout"]
+    assert registry.names("image") == ["none", "roclip"]
     assert registry.build("text", "shout", RoClipConfig())("a cat") == "A CAT"
     assert registry.build("text", "none", RoClipConfig())("a cat") == "A CAT"
     assert registry.build("image", "none", RoClipConfig())(5) == 5
@@ -276,3 +277,30 @@ def test_entry_point_plugins_load_unless_disabled(tmp_path: Path) -> None:
         check=True,
     )
     assert "demo" not in off.stdout and "roclip.builtins" in off.stdout
+
+
+def test_roclip_add_commands(capsys) -> None:
+    from roclip_plugin.cli import main
+
+    class Commands:
+        @hookimpl
+        def roclip_add_commands(self, subparsers):
+            hello = subparsers.add_parser("hello", help="say hello")
+            hello.add_argument("--name", default="world")
+            hello.set_defaults(run=self.run)
+
+        @staticmethod
+        def run(args, console):
+            if args.name == "":
+                raise ValueError("--name: empty; give a name")
+            console.print(f"hello {args.name}")
+            return 7
+
+    pm = get_plugin_manager()
+    pm.register(Commands())
+    assert main(["hello", "--name", "you"], pm=pm) == 7
+    assert "hello you" in capsys.readouterr().out
+    assert main(["hello", "--name", ""], pm=pm) == 2
+    assert "--name: empty; give a name" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["hello"])  # a manager without the plugin has no such command

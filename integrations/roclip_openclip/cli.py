@@ -17,6 +17,7 @@ from typing import Any
 import pluggy
 
 from roclip_plugin import get_plugin_manager
+from roclip_plugin.augment import build_policy
 from roclip_plugin.config import FLAG_PREFIX, add_argparse_args, config_from_namespace
 
 SUPPORTED = ((2, 26), (4, 0))  # open_clip_torch versions: [2.26, 4.0)
@@ -155,7 +156,13 @@ def _main(argv: list[str]) -> int:
         raise UsageError(str(err)) from err
     from roclip_openclip.patches import OpenClipPatches
 
-    with OpenClipPatches(config, pm, roclip_args, suspicious_margin=config.suspicious_margin):
+    try:
+        policy = build_policy(config, pm)
+    except (ValueError, ImportError) as err:
+        raise UsageError(str(err)) from err
+    with OpenClipPatches(
+        config, pm, roclip_args, suspicious_margin=config.suspicious_margin, policy=policy
+    ):
         return _exit_code(oc_main.main(rest))
 
 

@@ -3,7 +3,8 @@
 ``open_clip_train.main`` imports ``parse_args``, ``create_loss``, ``train_one_epoch`` and
 ``get_data`` by name, so the patches replace those names in that module (their home modules
 are untouched). ``get_dataset_fn`` is looked up at call time in ``open_clip_train.data``, so the
-training split's tokenizer and transform are wrapped there. Every patch is undone on exit.
+training split's tokenizer and transform are wrapped there with the augmentation policy, and
+``CsvDataset.__getitem__`` passes the row index to it. Every patch is undone on exit.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import pluggy
 import torch
 
 from roclip_plugin import RoClipConfig, RoClipDefense
+from roclip_plugin.augment import AugmentationPolicy
+from roclip_plugin.augment_keys import sample_index
 from roclip_plugin.distributed import all_gather_objects, all_reduce_sum, rng_state, set_rng_state
 from roclip_plugin.hookspecs import hookimpl
 from roclip_plugin.io import atomic_torch_save, load_versioned
@@ -116,16 +119,14 @@ class OpenClipPatches:
         options: argparse.Namespace,
         *,
         suspicious_margin: float,
-        text_transform: Callable[[Any], Any] | None = None,
-        image_transform: Callable[[Any], Any] | None = None,
+        policy: AugmentationPolicy | None = None,
     ) -> None:
         self.config = config
         self.pm = plugin_manager
         self.options = options
         self.report = EpochReport(suspicious_margin)
         self.pm.register(self.report, name="roclip-openclip-report")
-        self.text_transform = text_transform
-        self.image_transform = image_transform
+        self.policy = policy
         self.defense: RoClipDefense | None = None
         self.data: dict[str, Any] | None = None
         self.captions: list[str] | None = None
@@ -143,6 +144,9 @@ class OpenClipPatches:
         self._patch(oc_main, "create_loss", self._create_loss)
         self._patch(oc_main, "train_one_epoch", self._train_one_epoch(oc_main.train_one_epoch))
         self._patch(oc_data, "get_dataset_fn", self._get_dataset_fn(oc_data.get_dataset_fn))
+        if self.policy is not None:
+            getitem = oc_data.CsvDataset.__getitem__
+            self._patch(oc_data.CsvDataset, "__getitem__", _indexed_getitem(getitem))
         self._patch(torch.nn.parallel, "DistributedDataParallel", _ddp_without_cpu_device_ids())
         return self
 
@@ -173,10 +177,10 @@ class OpenClipPatches:
             build = original(data_path, dataset_type)
 
             def build_with_roclip(args: Any, preprocess_fn: Any, is_train: bool, **kw: Any) -> Any:
-                if is_train and self.image_transform is not None:
-                    preprocess_fn = self.image_transform(preprocess_fn)
-                if is_train and self.text_transform is not None and kw.get("tokenizer"):
-                    kw["tokenizer"] = self.text_transform(kw["tokenizer"])
+                if is_train and self.policy is not None:
+                    preprocess_fn = self.policy.image_transform(preprocess_fn)
+                    if kw.get("tokenizer") is not None:
+                        kw["tokenizer"] = self.policy.tokenizer(kw["tokenizer"])
                 return build(args, preprocess_fn, is_train=is_train, **kw)
 
             return build_with_roclip
@@ -258,6 +262,8 @@ class OpenClipPatches:
             args = a[-1] if a else kw["args"]
             assert self.defense is not None, "create_loss was not called before training"
             self._delete_pending()
+            if self.policy is not None:
+                self.policy.set_epoch(epoch)  # before the loader's workers start
             matching = self.defense.start_epoch(epoch)
             self.report.reset(matching)
             result = original(model, data, loss, epoch, *a, **kw)
@@ -341,6 +347,21 @@ class OpenClipPatches:
         if self._pending_delete is not None:
             self._pending_delete.unlink(missing_ok=True)
             self._pending_delete = None
+
+
+def _indexed_getitem(original: Callable[[Any, int], Any]) -> Callable[[Any, int], Any]:
+    """``CsvDataset.__getitem__`` that tells the augmentations which row they transform.
+
+    OpenCLIP's CSV dataset calls ``transforms(image)`` and ``tokenize([caption])`` without the
+    row index; with it, a row's augmentation depends only on (seed, epoch, row), whatever the
+    number of workers or ranks. Patched on the class so forked workers inherit it.
+    """
+
+    def __getitem__(self: Any, idx: int) -> Any:
+        with sample_index(int(idx)):
+            return original(self, idx)
+
+    return __getitem__
 
 
 def _ddp_without_cpu_device_ids() -> type:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from roclip_plugin import RoClipConfig, RoClipDefense, get_plugin_manager
+from roclip_plugin.augment import AugmentationPolicy, build_policy
 from roclip_plugin.config import add_argparse_args, config_from_namespace
 from roclip_plugin.loss import DistInfo
 from roclip_plugin.pool import CaptionPool
@@ -144,6 +145,7 @@ class RoClipAdapter:
         self.normalize = normalize
         self.loss_dtype = loss_dtype
         self.pm = plugin_manager or get_plugin_manager()
+        self._augmentation: AugmentationPolicy | None = None
         self.stats = self._register_plugins(plugins, collect_stats)
         pool_device = device if device is not None else model_device(model)
         self.defense = RoClipDefense(
@@ -171,6 +173,20 @@ class RoClipAdapter:
     def pool(self) -> CaptionPool:
         """The caption pool (read it; do not modify)."""
         return self.defense.pool
+
+    @property
+    def augmentation(self) -> AugmentationPolicy:
+        """The configured augmentation policy (``--roclip-image-aug``, ``--roclip-text-aug``).
+
+        Built on first use, so a loop that augments its own way never imports torchvision.
+        Wrap the training set's transform and tokenizer with it
+        (``policy.image_transform(preprocess)``, ``policy.tokenizer(tokenizer)``) or call
+        ``policy.gpu_batch`` on the device; :meth:`epoch_start` keeps its epoch.
+        """
+        if self._augmentation is None:
+            self._augmentation = build_policy(self.config, self.pm)
+            self._augmentation.set_epoch(max(self.defense.epoch, 0))
+        return self._augmentation
 
     @property
     def matching(self) -> bool:
@@ -209,6 +225,8 @@ class RoClipAdapter:
             self._reconcile_step(step)
         if self.stats is not None:
             self.stats.reset()
+        if self._augmentation is not None:
+            self._augmentation.set_epoch(epoch)
         return self.defense.start_epoch(epoch)
 
     def loss(

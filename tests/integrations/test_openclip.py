@@ -193,6 +193,59 @@ def test_resume_after_epoch_two_is_exact(setup, monkeypatch) -> None:
     assert pa["roclip"]["step"] == pb["roclip"]["step"] == 18
 
 
+class RecordAugmentations:
+    """Text and image augmentations that record what they were given (workers=0: in-process)."""
+
+    def __init__(self) -> None:
+        self.captions: list[tuple[str, tuple[int, ...]]] = []
+        self.images: list[tuple[int, ...]] = []
+
+    @hookimpl
+    def roclip_register_augmentations(self, register):
+        def text(config):
+            def augment(caption, key):
+                self.captions.append((caption, key))
+                return caption
+
+            return augment
+
+        def image(config):
+            def augment(image, key):
+                self.images.append(key)
+                return image
+
+            return augment
+
+        register("text", "record", text)
+        register("image", "record", image)
+
+
+def test_augmentation_policy_on_the_training_split_only(setup, monkeypatch) -> None:
+    recorder = RecordAugmentations()
+
+    def with_recorder():
+        pm = get_plugin_manager()
+        pm.register(recorder)
+        return pm
+
+    augment = ["--roclip-text-aug", "record", "--roclip-image-aug", "record"]
+    validation = ["--val-data", str(setup["data"]), "--val-frequency", "1"]
+    monkeypatch.setattr(roclip_openclip.cli, "get_plugin_manager", with_recorder)
+    assert main(_argv(setup, "augmented", 2, *ROCLIP, *augment, *validation)) == 0
+    # 96 training rows x 2 epochs, each augmented once; validation rows (same CSV) never.
+    assert len(recorder.captions) == len(recorder.images) == 2 * 96
+    captions = {t.format(n) for t in TEMPLATES for n in NAMES}
+    assert {c for c, _ in recorder.captions} <= captions
+    # keys are (seed, epoch, row, stream): every row once per epoch, epochs told apart
+    for keys in ([k for _, k in recorder.captions], recorder.images):
+        assert sorted((k[1], k[2]) for k in keys) == [(e, i) for e in (0, 1) for i in range(96)]
+
+
+def test_unknown_augmentation_is_a_usage_error(setup, capsys) -> None:
+    assert main(_argv(setup, "bad-aug", 1, *ROCLIP, "--roclip-text-aug", "nope")) == 2
+    assert "--roclip-text-aug: unknown text augmentation 'nope'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

@@ -560,3 +560,22 @@ def test_package_never_imports_open_clip() -> None:
     code = "import roclip_torch, sys; print(sorted(m for m in sys.modules if 'open_clip' in m))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_adapter_augmentation_policy_follows_the_epoch() -> None:
+    adapter = _adapter(config=RoClipConfig(text_aug="eda", eda_synonyms="off", seed=3))
+    policy = adapter.augmentation
+    assert adapter.augmentation is policy  # built once
+    caption = "a small photo of the handwritten digit seven"
+    adapter.epoch_start(0)
+    first = [policy.text(caption, index=i) for i in range(20)]
+    adapter.epoch_start(1)
+    assert policy.epoch == 1
+    second = [policy.text(caption, index=i) for i in range(20)]
+    assert first != second  # fresh draws each epoch (text_aug_refresh=epoch)
+    assert [policy.text(caption, epoch=0, index=i) for i in range(20)] == first
+
+
+def test_adapter_augmentation_none_leaves_captions_alone() -> None:
+    adapter = _adapter(config=RoClipConfig(text_aug="none", image_aug="none"))
+    assert adapter.augmentation.text("a cat", index=0) == "a cat"

@@ -1,0 +1,641 @@
+"""Poison a dataset in OpenCLIP's CSV format: targeted poisoning and backdoors (RoCLIP paper).
+
+The input is a training CSV with an image, a caption and a label column, plus a classes.json
+(``{"classes": [...]}`` at least), e.g. a directory built by :mod:`roclip_kit.datasets` or a
+user's own data. The output directory holds:
+
+- ``train.csv``: the poisoned training set, same columns and separator. Clean rows keep their
+  place and their exact text (relative image paths stay relative); backdoored rows are changed
+  in place; targeted rows are appended at the end (OpenCLIP shuffles every epoch, so their
+  place does not matter, and every clean row keeps its index).
+- ``manifest.json``: what was poisoned (format ``roclip-poison/1``, see :mod:`roclip_kit.formats`).
+- ``images/backdoor/``: the triggered copies of the backdoored images.
+- ``classes.json`` and, when known, ``test.csv``: copies, so the output is itself a dataset
+  directory (``--dataset OUT``) for training and evaluation.
+
+Poisoned rows get the label of the class their caption names (the adversarial or backdoor
+target class); the images' true labels stay in the source CSV under the same row index (and in
+the manifest for targets). Targeted rows reference the held-out target image files directly.
+Everything is drawn from ``seed``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from roclip_kit.formats import (
+    CAPTION_KEY,
+    CLASSES_FILE,
+    CSV_SEPARATOR,
+    IMAGE_KEY,
+    LABEL_KEY,
+    MANIFEST_FILE,
+    MANIFEST_FORMAT,
+    TEST_CSV,
+    TRAIN_CSV,
+    Target,
+)
+from roclip_kit.triggers import PatchTrigger
+
+DEFAULT_CAPTIONS_PER_TARGET = 100
+BACKDOOR_DIR = "backdoor"
+
+
+# ---------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Names of the CSV columns and the separator (OpenCLIP's ``--csv-*`` settings)."""
+
+    image: str = IMAGE_KEY
+    caption: str = CAPTION_KEY
+    label: str = LABEL_KEY
+    separator: str = CSV_SEPARATOR
+
+
+@dataclass
+class Table:
+    """A CSV read as text, with each row's class index parsed from the label column."""
+
+    path: Path
+    header: list[str]
+    rows: list[list[str]]
+    labels: np.ndarray
+    numeric_labels: bool
+    columns: Columns
+
+    def index(self, key: str) -> int:
+        """Position of a column (checked to exist when the table was read)."""
+        return self.header.index(key)
+
+    def cell(self, row: int, key: str) -> str:
+        """The text of one cell."""
+        return self.rows[row][self.index(key)]
+
+
+_KEY_FLAGS = {"image": "--img-key", "caption": "--caption-key", "label": "--label-key"}
+
+
+def load_classes(path: Path) -> list[str]:
+    """Class names by label from a classes.json (its ``classes`` list)."""
+    if not path.is_file():
+        raise ValueError(
+            f"classes file {path} not found (--classes or --dataset DIR/{CLASSES_FILE})"
+        )
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as err:
+        raise ValueError(f"classes file {path} is not valid JSON: {err}") from None
+    classes = data.get("classes") if isinstance(data, dict) else None
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise ValueError(
+            f'classes file {path} needs a "classes" key holding the class names by label, '
+            'e.g. {"classes": ["cat", "dog"]}'
+        )
+    return classes
+
+
+def _parse_label(value: str, classes: list[str], where: str) -> int:
+    """A label cell as a class index: an integer index or a class name (any case)."""
+    text = value.strip()
+    if text.lstrip("-").isdigit():
+        label = int(text)
+        if 0 <= label < len(classes):
+            return label
+        raise ValueError(f"{where}: label {label} is outside 0..{len(classes) - 1} (classes.json)")
+    lowered = [c.lower() for c in classes]
+    if text.lower() in lowered:
+        return lowered.index(text.lower())
+    raise ValueError(
+        f"{where}: label {value!r} is no class index or class name ({_valid(classes)})"
+    )
+
+
+def _valid(classes: list[str]) -> str:
+    return "valid classes: " + ", ".join(classes)
+
+
+def read_table(path: Path, columns: Columns, classes: list[str], flag: str) -> Table:
+    """Read a CSV, checking that the image, caption and label columns exist.
+
+    Args:
+        path: the CSV file.
+        columns: column names and separator.
+        classes: class names by label, to parse the label column.
+        flag: the option that named the file, for error messages.
+    """
+    if not path.is_file():
+        raise ValueError(f"{flag} {path}: file not found")
+    with path.open(newline="") as fh:
+        reader = csv.reader(fh, delimiter=columns.separator)
+        header = next(reader, None)
+        if header is None:
+            raise ValueError(f"{flag} {path}: the file is empty (a header row is needed)")
+        _check_header(path, header, columns)
+        rows = [row for row in reader if row]
+    width = len(header)
+    labels = np.empty(len(rows), dtype=np.int64)
+    label_col = header.index(columns.label)
+    for i, row in enumerate(rows):
+        if len(row) != width:
+            raise ValueError(
+                f"{path}, data row {i}: {len(row)} fields where the header has {width}; "
+                f"is the separator right (--separator, now {columns.separator!r})?"
+            )
+        labels[i] = _parse_label(row[label_col], classes, f"{path}, data row {i}")
+    numeric = all(r[label_col].strip().lstrip("-").isdigit() for r in rows)
+    return Table(path, header, rows, labels, numeric, columns)
+
+
+def _check_header(path: Path, header: list[str], columns: Columns) -> None:
+    for role, flag in _KEY_FLAGS.items():
+        name = getattr(columns, role)
+        if name not in header:
+            raise ValueError(
+                f"{path} has no column {name!r} (columns: {', '.join(header)}): set {flag} to "
+                f"the column that holds the {role}"
+                + (
+                    f" (is the separator {columns.separator!r} right? --separator)"
+                    if len(header) == 1
+                    else ""
+                )
+            )
+
+
+def resolve_image(value: str, csv_path: Path) -> Path:
+    """An image path from a CSV: absolute, or relative to the working directory or the CSV."""
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        candidates = [path]
+    else:
+        candidates = [Path.cwd() / path, csv_path.parent / path]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate.resolve()
+    raise ValueError(f"{csv_path}: image {value!r} not found (looked at {candidates[0]})")
+
+
+# ---------------------------------------------------------------- choosing
+
+
+def class_index(name: str | int, classes: list[str], flag: str) -> int:
+    """The label of a class given by name (any case) or index; a clear error otherwise."""
+    if isinstance(name, int) and not isinstance(name, bool):
+        if 0 <= name < len(classes):
+            return name
+    elif isinstance(name, str):
+        lowered = [c.lower() for c in classes]
+        if name.strip().lower() in lowered:
+            return lowered.index(name.strip().lower())
+        if name.strip().isdigit() and int(name) < len(classes):
+            return int(name)
+    raise ValueError(f"{flag} {name!r} is not a class of this dataset ({_valid(classes)})")
+
+
+def sample_captions(pool: list[str], n: int, rng: np.random.Generator) -> list[str]:
+    """``n`` captions from ``pool``: without replacement when it is big enough, else with."""
+    picks = rng.choice(len(pool), size=n, replace=n > len(pool))
+    return [pool[i] for i in picks]
+
+
+def choose_targets(
+    test: Table,
+    count: int,
+    target_rows: list[int] | None,
+    adversarial: int | None,
+    usable: list[int],
+    rng: np.random.Generator,
+) -> list[tuple[int, int]]:
+    """(test row, adversarial label) pairs: given rows or ``count`` drawn rows.
+
+    ``usable`` lists the classes that have training captions to borrow.
+    """
+    if target_rows is not None:
+        rows = _check_target_rows(target_rows, len(test.rows), count)
+    else:
+        candidates = (
+            np.flatnonzero(test.labels != adversarial)
+            if adversarial is not None
+            else np.arange(len(test.rows))
+        )
+        if count > len(candidates):
+            raise ValueError(
+                f"--targets {count} exceeds the {len(candidates)} usable held-out rows of "
+                f"{test.path}"
+            )
+        rows = [int(r) for r in rng.choice(candidates, size=count, replace=False)]
+    return [(row, _adversarial_for(test, row, adversarial, usable, rng)) for row in rows]
+
+
+def _check_target_rows(rows: list[int], available: int, count: int) -> list[int]:
+    if count and count != len(rows):
+        raise ValueError(f"--targets {count} but --target-rows lists {len(rows)} rows")
+    if len(set(rows)) != len(rows):
+        raise ValueError(f"--target-rows lists a row twice: {rows}")
+    for row in rows:
+        if not 0 <= row < available:
+            raise ValueError(
+                f"--target-rows: row {row} is outside the held-out CSV's rows 0..{available - 1}"
+            )
+    return list(rows)
+
+
+def _adversarial_for(
+    test: Table, row: int, adversarial: int | None, usable: list[int], rng: np.random.Generator
+) -> int:
+    label = int(test.labels[row])
+    if adversarial is not None:
+        if adversarial == label:
+            raise ValueError(
+                f"--target-rows: held-out row {row} is already of the adversarial class; "
+                "choose another row or --adversarial-class"
+            )
+        return adversarial
+    others = [c for c in usable if c != label]
+    if not others:
+        raise ValueError("targeted poisoning needs training captions of another class")
+    return int(rng.choice(others))
+
+
+def choose_backdoor_rows(
+    labels: np.ndarray, target_label: int, count: int, rng: np.random.Generator
+) -> list[int]:
+    """Sorted rows, not of the target class, that get the trigger."""
+    candidates = np.flatnonzero(labels != target_label)
+    if count > len(candidates):
+        raise ValueError(
+            f"backdoor count {count} (--backdoor-count/--backdoor-rate) exceeds the "
+            f"{len(candidates)} training rows not of the target class"
+        )
+    return sorted(int(r) for r in rng.choice(candidates, size=count, replace=False))
+
+
+def _backdoor_size(count: int | None, rate: float | None, rows: int) -> int:
+    """Rows to backdoor from exactly one of a count and a rate (at least one row)."""
+    if (count is None) == (rate is None):
+        raise ValueError("give exactly one of --backdoor-count and --backdoor-rate")
+    if count is not None:
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(f"--backdoor-count must be a positive integer, got {count!r}")
+        return count
+    if not isinstance(rate, int | float) or not 0.0 < rate < 1.0:
+        raise ValueError(f"--backdoor-rate must be in (0, 1), e.g. 0.001 for 0.1%, got {rate!r}")
+    return max(1, round(rate * rows))
+
+
+# ---------------------------------------------------------------- writing
+
+
+@dataclass
+class PoisonResult:
+    """Where the poisoned dataset lies and which rows were changed."""
+
+    out_dir: Path
+    csv: Path
+    manifest_path: Path
+    manifest: dict[str, Any]
+    targeted_rows: list[int] = field(default_factory=list)
+    backdoor_rows: list[int] = field(default_factory=list)
+
+
+def _prepare_out(out: Path, sources: list[Path]) -> None:
+    """Create ``out``; refuse to overwrite the inputs or files that are not ours."""
+    for source in sources:
+        for name in (TRAIN_CSV, TEST_CSV, CLASSES_FILE):
+            if (out / name).resolve() == source.resolve():
+                raise ValueError(
+                    f"--out {out} would overwrite the input {source}: choose a new directory"
+                )
+    out.mkdir(parents=True, exist_ok=True)
+    folder = out / "images" / BACKDOOR_DIR
+    if folder.exists() and any(folder.iterdir()):
+        if not (out / MANIFEST_FILE).is_file():
+            raise ValueError(
+                f"--out {out} holds {folder} not written by roclip: choose a new directory"
+            )
+        shutil.rmtree(folder)
+    (out / MANIFEST_FILE).unlink(missing_ok=True)
+
+
+def _stamp(table: Table, rows: list[int], trigger: Any, out: Path, progress: Any) -> dict[int, str]:
+    """Triggered copies (PNG) of the images of ``rows``; returns their absolute paths."""
+    folder = out / "images" / BACKDOOR_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    task = progress.add_task("stamping triggers", total=len(rows)) if progress else None
+    paths = {}
+    for row in rows:
+        source = resolve_image(table.cell(row, table.columns.image), table.path)
+        with Image.open(source) as image:
+            image.load()
+            stamped = trigger.apply(image)
+        paths[row] = str((folder / f"row-{row:07d}.png").resolve())
+        stamped.save(paths[row])
+        if task is not None:
+            progress.advance(task)
+    return paths
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list[str]], separator: str) -> None:
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh, delimiter=separator, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """The resolved input files of a poisoning run."""
+
+    train_csv: Path
+    classes: Path
+    test_csv: Path | None
+    dataset_dir: Path | None
+
+
+def resolve_inputs(
+    dataset_dir: str | Path | None,
+    csv_path: str | Path | None,
+    classes: str | Path | None,
+    test_csv: str | Path | None,
+) -> Inputs:
+    """Input files from ``--dataset DIR`` or ``--csv`` + ``--classes`` (+ ``--test-csv``)."""
+    if dataset_dir is not None:
+        root = Path(dataset_dir).expanduser().resolve()
+        if not root.is_dir():
+            raise ValueError(f"--dataset {root}: directory not found")
+        train = Path(csv_path) if csv_path else root / TRAIN_CSV
+        cls = Path(classes) if classes else root / CLASSES_FILE
+        if test_csv is None:  # the directory's own test.csv, when it has one
+            default = root / TEST_CSV
+            return Inputs(
+                train.resolve(), cls.resolve(), default if default.is_file() else None, root
+            )
+        return Inputs(train.resolve(), cls.resolve(), Path(test_csv).resolve(), root)
+    if csv_path is None or classes is None:
+        raise ValueError("give --dataset DIR, or --csv FILE with --classes FILE")
+    test = Path(test_csv).resolve() if test_csv else None
+    return Inputs(Path(csv_path).resolve(), Path(classes).resolve(), test, None)
+
+
+@dataclass
+class _Job:
+    """State shared by the steps of one poisoning run."""
+
+    inputs: Inputs
+    train: Table
+    names: list[str]
+    out: Path
+    rows: list[list[str]]
+    manifest_rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def set_row(self, row: list[str], image: str, caption: str, label: int) -> None:
+        """Put image, caption and label (in the CSV's own label style) into ``row``."""
+        cols = self.train.columns
+        row[self.train.index(cols.image)] = image
+        row[self.train.index(cols.caption)] = caption
+        text = str(label) if self.train.numeric_labels else self.names[label]
+        row[self.train.index(cols.label)] = text
+
+    def caption_pool(self, label: int, flag: str) -> list[str]:
+        """Clean training captions of a class, to dress poisoned pairs as real data."""
+        col = self.train.index(self.train.columns.caption)
+        pool = [
+            r[col] for r, y in zip(self.train.rows, self.train.labels, strict=True) if y == label
+        ]
+        if not pool:
+            raise ValueError(
+                f"{flag} {self.names[label]!r}: {self.train.path} has no row of that class to "
+                "take captions from"
+            )
+        return pool
+
+
+def poison_dataset(
+    out_dir: str | Path,
+    *,
+    dataset_dir: str | Path | None = None,
+    csv_path: str | Path | None = None,
+    classes: str | Path | None = None,
+    test_csv: str | Path | None = None,
+    targets: int = 0,
+    captions_per_target: int = DEFAULT_CAPTIONS_PER_TARGET,
+    adversarial_class: str | int | None = None,
+    target_rows: list[int] | None = None,
+    backdoor_count: int | None = None,
+    backdoor_rate: float | None = None,
+    backdoor_class: str | int | None = None,
+    trigger: Any = None,
+    seed: int = 0,
+    columns: Columns | None = None,
+    progress: Any = None,
+) -> PoisonResult:
+    """Write a poisoned copy of a training CSV, its new images and the manifest.
+
+    Args:
+        out_dir: output directory (see the module docstring for its contents).
+        dataset_dir: a captioned dataset directory (train.csv, test.csv, classes.json), or:
+        csv_path: the training CSV, with ``classes`` (classes.json) and, for targeted
+            poisoning, ``test_csv`` (the held-out rows targets are taken from).
+        classes: classes.json (default: the dataset directory's).
+        test_csv: held-out CSV (default: the dataset directory's test.csv).
+        targets: number of targeted-poisoning targets (0: none) drawn from the held-out CSV.
+        captions_per_target: poisoned pairs per target (100 in the RoCLIP paper).
+        adversarial_class: the class every target is pushed to (default: one drawn per
+            target among the other classes).
+        target_rows: explicit 0-based held-out rows to use as targets.
+        backdoor_count: rows to backdoor; or ``backdoor_rate``, a fraction of training rows.
+        backdoor_rate: see ``backdoor_count`` (exactly one of them for a backdoor).
+        backdoor_class: the class the trigger should evoke (needed for a backdoor).
+        trigger: a trigger object (default: a ``PatchTrigger`` with ``seed``).
+        seed: draws targets, adversarial classes, captions and backdoored rows.
+        columns: CSV column names and separator (default: filepath, title, label; tab).
+        progress: an optional ``rich.progress.Progress``.
+    """
+    wants_targets = bool(targets or target_rows)
+    wants_backdoor = backdoor_count is not None or backdoor_rate is not None
+    _check_request(targets, wants_targets, wants_backdoor, backdoor_class, captions_per_target)
+    _check_seed(seed)
+    if trigger is not None and not wants_backdoor:
+        raise ValueError(
+            "a trigger was given without a backdoor: add --backdoor-count or --backdoor-rate"
+        )
+    columns = columns or Columns()
+    inputs = resolve_inputs(dataset_dir, csv_path, classes, test_csv)
+    names = load_classes(inputs.classes)
+    train = read_table(inputs.train_csv, columns, names, "--csv")
+    out = Path(out_dir).expanduser().resolve()
+    job = _Job(inputs, train, names, out, [list(r) for r in train.rows])
+    plan = None
+    if wants_backdoor:  # every choice is made and checked before anything is written
+        count = _backdoor_size(backdoor_count, backdoor_rate, len(job.rows))
+        plan = _choose_backdoor(job, count, backdoor_class, np.random.default_rng([seed, 1]))
+    targeted = None
+    if wants_targets:
+        targeted = _targeted(
+            job,
+            targets,
+            target_rows,
+            adversarial_class,
+            captions_per_target,
+            np.random.default_rng([seed, 0]),
+        )
+    _prepare_out(out, [p for p in (inputs.train_csv, inputs.test_csv, inputs.classes) if p])
+    backdoor = None
+    if plan is not None:
+        backdoor = _backdoor(job, plan, trigger or PatchTrigger(seed=seed), progress)
+    return _finish(job, seed, targeted, backdoor)
+
+
+def _check_seed(seed: Any) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"--seed must be a non-negative integer, got {seed!r}")
+
+
+def _check_request(
+    targets: Any, wants_targets: bool, wants_backdoor: bool, backdoor_class: Any, per_target: Any
+) -> None:
+    if isinstance(targets, bool) or not isinstance(targets, int) or targets < 0:
+        raise ValueError(f"--targets must be a non-negative integer, got {targets!r}")
+    if not wants_targets and not wants_backdoor:
+        raise ValueError(
+            "nothing to poison: give --targets N (or --target-rows) and/or --backdoor-count N "
+            "or --backdoor-rate R"
+        )
+    if wants_targets and (not isinstance(per_target, int) or per_target < 1):
+        raise ValueError(f"--captions-per-target must be at least 1, got {per_target!r}")
+    if wants_backdoor and backdoor_class is None:
+        raise ValueError("a backdoor needs --backdoor-class NAME (the class the trigger evokes)")
+
+
+@dataclass(frozen=True)
+class _BackdoorPlan:
+    target: int
+    rows: list[int]
+    captions: list[str]
+
+
+def _choose_backdoor(
+    job: _Job, count: int, target_class: str | int, rng: np.random.Generator
+) -> _BackdoorPlan:
+    """The rows (not of the target class) to trigger and their new target-class captions."""
+    target = class_index(target_class, job.names, "--backdoor-class")
+    pool = job.caption_pool(target, "--backdoor-class")
+    rows = choose_backdoor_rows(job.train.labels, target, count, rng)
+    return _BackdoorPlan(target, rows, sample_captions(pool, count, rng))
+
+
+def _backdoor(job: _Job, plan: _BackdoorPlan, trigger: Any, progress: Any) -> dict[str, Any]:
+    """Stamp the trigger on the planned rows' images and recaption them, in place."""
+    paths = _stamp(job.train, plan.rows, trigger, job.out, progress)
+    for row, caption in zip(plan.rows, plan.captions, strict=True):
+        job.set_row(job.rows[row], paths[row], caption, plan.target)
+        job.manifest_rows.append({"row": row, "attack": "backdoor", "target": None})
+    return {
+        "target_class": job.names[plan.target],
+        "target_label": plan.target,
+        "count": len(plan.rows),
+        "rate": len(plan.rows) / len(job.train.rows),
+        "trigger": trigger.to_dict(),
+    }
+
+
+def _targeted(
+    job: _Job,
+    count: int,
+    target_rows: list[int] | None,
+    adversarial_class: str | int | None,
+    per_target: int,
+    rng: np.random.Generator,
+) -> dict[str, Any]:
+    """Append ``per_target`` rows (target image, adversarial caption) for each target."""
+    if job.inputs.test_csv is None:
+        raise ValueError(
+            "targeted poisoning takes its targets from held-out images: give "
+            "--test-csv FILE (or --dataset DIR with a test.csv)"
+        )
+    test = read_table(job.inputs.test_csv, job.train.columns, job.names, "--test-csv")
+    usable = sorted(set(int(y) for y in job.train.labels))
+    adversarial = None
+    if adversarial_class is not None:
+        adversarial = class_index(adversarial_class, job.names, "--adversarial-class")
+        job.caption_pool(adversarial, "--adversarial-class")  # fails early if it has none
+    targets = []
+    for test_row, adv in choose_targets(test, count, target_rows, adversarial, usable, rng):
+        path = str(resolve_image(test.cell(test_row, job.train.columns.image), test.path))
+        targets.append(Target(test_row, path, int(test.labels[test_row]), adv))
+        for caption in sample_captions(
+            job.caption_pool(adv, "--adversarial-class"), per_target, rng
+        ):
+            job.manifest_rows.append(
+                {"row": len(job.rows), "attack": "targeted", "target": test_row}
+            )
+            row = [""] * len(job.train.header)
+            job.set_row(row, path, caption, adv)
+            job.rows.append(row)
+    return {
+        "captions_per_target": per_target,
+        "targets": [_target_dict(t, job.names) for t in targets],
+    }
+
+
+def _target_dict(target: Target, names: list[str]) -> dict[str, Any]:
+    return {
+        "id": target.id,
+        "filepath": target.filepath,
+        "label": target.label,
+        "adversarial_class": names[target.adversarial_label],
+        "adversarial_label": target.adversarial_label,
+    }
+
+
+def _finish(
+    job: _Job, seed: int, targeted: dict[str, Any] | None, backdoor: dict[str, Any] | None
+) -> PoisonResult:
+    """Write the poisoned CSV, copies of classes.json and test.csv, then the manifest."""
+    poisoned = job.out / TRAIN_CSV
+    _write_csv(poisoned, job.train.header, job.rows, job.train.columns.separator)
+    shutil.copyfile(job.inputs.classes, job.out / CLASSES_FILE)
+    if job.inputs.test_csv is not None:
+        shutil.copyfile(job.inputs.test_csv, job.out / TEST_CSV)
+    rows = sorted(job.manifest_rows, key=lambda r: r["row"])
+    dataset_dir = job.inputs.dataset_dir
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "source_csv": str(job.inputs.train_csv),
+        "poisoned_csv": str(poisoned),
+        "dataset_dir": str(dataset_dir) if dataset_dir else None,
+        "seed": seed,
+        "rows": rows,
+        "targeted": targeted,
+        "backdoor": backdoor,
+    }
+    path = job.out / MANIFEST_FILE
+    path.write_text(json.dumps(manifest, indent=2) + "\n")
+    return PoisonResult(
+        job.out,
+        poisoned,
+        path,
+        manifest,
+        [r["row"] for r in rows if r["attack"] == "targeted"],
+        [r["row"] for r in rows if r["attack"] == "backdoor"],
+    )
+
+
+def load_manifest(path: str | Path) -> dict[str, Any]:
+    """Read a poison manifest, checking its format tag."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"manifest {path} not found")
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+        raise ValueError(f"{path} is not a poison manifest (format {MANIFEST_FORMAT!r})")
+    return data

@@ -1,0 +1,169 @@
+"""``roclip demo``: the README's main job, on real images through the real adapters.
+
+The ``roclip`` command mounts this with :func:`add_demo_command`; ``run_demo_command`` prints
+progress and a rich table of both runs, and writes ``results.json`` and a plot. See
+docs/demo.md for what the figures mean and what they do not show.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from roclip_kit.demo import PLOT_FILE, RESULTS_FILE, SCALES, DemoSettings, run_demo
+from roclip_plugin.config import add_argparse_args, config_from_namespace
+
+DATASETS = ("mnist", "fashion-mnist", "digits")
+TRIGGERS = ("patch", "blend", "wanet")
+
+
+def add_demo_command(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``demo`` sub-command to ``subparsers`` (from ``add_subparsers``)."""
+    cpu = SCALES["cpu"]
+    parser = subparsers.add_parser(
+        "demo",
+        help="Poison captioned MNIST, train CLIP and RoCLIP with OpenCLIP, compare them.",
+        description="Builds a captioned real dataset, injects targeted poisoning and a "
+        "backdoor, trains a tiny CLIP with and without RoCLIP through OpenCLIP's training "
+        "script, and evaluates both (clean zero-shot, linear probe, attack success, poison "
+        "detection). The cpu scale finishes in under 10 minutes on two cores. See "
+        "docs/demo.md.",
+    )
+    parser.add_argument("--out", type=Path, default=Path("roclip-demo"), help="output folder")
+    parser.add_argument("--dataset", choices=DATASETS, default="mnist", help="(default: mnist)")
+    parser.add_argument(
+        "--scale", choices=sorted(SCALES), default="cpu", help="sizes preset (default: cpu)"
+    )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument("--seed", type=int, default=0, help="data, attack and training seed")
+    sizes = parser.add_argument_group("sizes (default: the scale's)")
+    sizes.add_argument(
+        "--train-limit", type=int, help=f"training images (cpu: {cpu['train_limit']})"
+    )
+    sizes.add_argument("--test-limit", type=int, help=f"test images (cpu: {cpu['test_limit']})")
+    sizes.add_argument(
+        "--attribute-rate",
+        type=float,
+        help=f"share of images with rendered colour/size/place (cpu: {cpu['attribute_rate']})",
+    )
+    sizes.add_argument("--epochs", type=int, help=f"epochs (cpu: {cpu['epochs']})")
+    sizes.add_argument("--batch-size", type=int, help=f"batch size (cpu: {cpu['batch_size']})")
+    sizes.add_argument("--lr", type=float, help=f"learning rate (cpu: {cpu['lr']})")
+    sizes.add_argument("--model", help=f"model preset of roclip_kit.train (cpu: {cpu['model']})")
+    sizes.add_argument("--eval-limit", type=int, help="test images per epoch's evaluation")
+    attack = parser.add_argument_group("attacks (default: the scale's)")
+    attack.add_argument("--targets", type=int, help=f"targeted images (cpu: {cpu['targets']})")
+    attack.add_argument(
+        "--captions-per-target",
+        type=int,
+        help=f"poison captions each (cpu: {cpu['captions_per_target']})",
+    )
+    attack.add_argument(
+        "--backdoor-rate",
+        type=float,
+        help=f"share of training images (cpu: {cpu['backdoor_rate']})",
+    )
+    attack.add_argument("--backdoor-class", help="backdoor target class (default: by seed)")
+    attack.add_argument("--trigger", choices=TRIGGERS, default="patch", help="(default: patch)")
+    group = parser.add_argument_group(
+        "RoCLIP options (the RoCLIP run; pool size and schedule default to the scale's)"
+    )
+    add_argparse_args(group)
+    parser.set_defaults(run=run_demo_command)
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> DemoSettings:
+    """The demo's settings; only RoCLIP flags given on the command line override the scale's."""
+    config = config_from_namespace(args)  # validates every --roclip-* value
+    # Flags not given leave no attribute (argparse.SUPPRESS): only given ones override.
+    given = {
+        name: getattr(config, name) for name in config.to_dict() if hasattr(args, f"roclip_{name}")
+    }
+    if getattr(args, "roclip_preset", None) not in (None, "default"):
+        given["preset"] = args.roclip_preset
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: no CUDA device is visible; use --device cpu")
+    return DemoSettings(
+        out=args.out,
+        dataset=args.dataset,
+        scale=args.scale,
+        device=args.device,
+        seed=args.seed,
+        train_limit=args.train_limit,
+        test_limit=args.test_limit,
+        attribute_rate=args.attribute_rate,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        model=args.model,
+        targets=args.targets,
+        captions_per_target=args.captions_per_target,
+        backdoor_rate=args.backdoor_rate,
+        backdoor_class=args.backdoor_class,
+        trigger=args.trigger,
+        eval_limit=args.eval_limit,
+        roclip_flags=given,
+    )
+
+
+def run_demo_command(args: argparse.Namespace, console: Console) -> int:
+    """Run the demo with a progress display; print the comparison table."""
+    settings = settings_from_args(args)
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=True) as progress:
+        results = run_demo(settings, say=console.print, progress=progress)
+    console.print(results_table(results))
+    for note in results.get("verdicts", []):
+        console.print(f"- {note}")
+    out = Path(settings.out)
+    console.print(f"results: {out / RESULTS_FILE}   plot: {out / PLOT_FILE}")
+    return 0
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def results_table(results: dict[str, Any]) -> Table:
+    """One row per run: clean accuracy, attack success, detection, time (fits 80 columns)."""
+    data = results["dataset"]
+    poison = results["poison"]
+    matching = next((r["matching_epochs"] for r in results["runs"] if r["roclip"]), [])
+    table = Table(
+        title=f"{data['name']}: {data['train']} training images, {poison['poisoned_rows']} "
+        f"poisoned ({poison['targets']} targets x {poison['captions_per_target']} captions, "
+        f"backdoor on {100 * poison['backdoor_rate']:.2f}%)",
+        caption=f"RoCLIP matched in epochs {', '.join(map(str, matching)) or 'none'} (1-based). "
+        "ASR: attack success rate. detect: precision / recall of the most suspicious rows.",
+    )
+    for column in ("run", "zero-shot", "probe", "targeted", "backdoor", "detect P / R", "train s"):
+        table.add_column(column, justify="left" if column == "run" else "right", no_wrap=True)
+    for run in results["runs"]:
+        s = run["summary"]
+        detect = "-"
+        if s["detection_precision"] is not None:
+            detect = f"{_pct(s['detection_precision'])} / {_pct(s['detection_recall'])}"
+        table.add_row(
+            run["name"],
+            _pct(s["zero_shot"]),
+            _pct(s["linear_probe"]),
+            _pct(s["targeted_asr"]),
+            _pct(s["backdoor_asr"]),
+            detect,
+            f"{run['train_seconds']:.0f}",
+        )
+    return table

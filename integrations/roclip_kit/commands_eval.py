@@ -1,0 +1,295 @@
+"""``roclip eval``: score an OpenCLIP checkpoint for clean accuracy, attacks and detection.
+
+The ``roclip`` command mounts this with :func:`add_eval_command`; the sub-command's ``run``
+default takes the parsed arguments and a rich console and returns an exit code, raising
+``ValueError`` with the fix for bad input (the caller prints it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from roclip_kit.evaluate import (
+    EvalData,
+    EvalSettings,
+    ProgressFactory,
+    evaluate_checkpoint,
+    find_suspicious,
+)
+from roclip_kit.models import run_params
+
+DEFAULT_PROBE_LIMIT = 5000
+
+
+def add_eval_command(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``eval`` sub-command to ``subparsers`` (from ``add_subparsers``)."""
+    parser = subparsers.add_parser(
+        "eval",
+        help="Score a checkpoint: zero-shot and linear-probe accuracy, attack success, "
+        "poison detection.",
+        description="Evaluate an OpenCLIP checkpoint on a captioned dataset directory; with a "
+        "poison manifest also attack success and how well RoCLIP's suspicious rows find the "
+        "poison. See docs/evaluation.md.",
+    )
+    _model_arguments(parser)
+    _data_arguments(parser)
+    _limit_arguments(parser)
+    parser.add_argument("--json", type=Path, metavar="OUT", help="also write results as JSON")
+    parser.set_defaults(run=run_eval)
+    return parser
+
+
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--checkpoint", type=Path, required=True, help="OpenCLIP checkpoint (epoch_N.pt)"
+    )
+    group.add_argument(
+        "--model",
+        help="OpenCLIP model name or local-dir:<dir> (default: 'model' in the run's "
+        "params.txt, two folders above the checkpoint)",
+    )
+    group.add_argument(
+        "--force-quick-gelu",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="as in training (default: from the run's params.txt, else off)",
+    )
+    group.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    group.add_argument("--batch-size", type=int, default=64, help="images per batch")
+
+
+def _data_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument(
+        "--dataset", type=Path, metavar="DIR", help="dataset dir (train.csv, test.csv, ...)"
+    )
+    group.add_argument("--test-csv", type=Path, help="test CSV (default: DIR/test.csv)")
+    group.add_argument("--train-csv", type=Path, help="linear-probe CSV (default: DIR/train.csv)")
+    group.add_argument("--classes", type=Path, help="classes.json (default: DIR/classes.json)")
+    group.add_argument(
+        "--template",
+        action="append",
+        metavar="TEXT",
+        help="zero-shot prompt with {} for the class name; repeat for more (default: the "
+        "templates of classes.json)",
+    )
+    group.add_argument("--manifest", type=Path, help="poison manifest JSON (attacks, detection)")
+    group.add_argument(
+        "--suspicious",
+        type=Path,
+        action="append",
+        metavar="CSV",
+        help="a suspicious_epoch_N.csv to score against the manifest (repeatable)",
+    )
+    group.add_argument(
+        "--run-dir",
+        type=Path,
+        help="OpenCLIP run folder whose suspicious_epoch_N.csv files to score (default with "
+        "--manifest: the checkpoint's folder)",
+    )
+    group.add_argument(
+        "--suspicious-epoch",
+        default="latest",
+        metavar="N|latest|all",
+        help="which epoch's suspicious file of the run folder (default: latest)",
+    )
+
+
+def _limit_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("what to run and how much")
+    group.add_argument(
+        "--linear-probe",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="fit a logistic regression on frozen image features (default: when a train CSV "
+        "is known)",
+    )
+    group.add_argument("--test-limit", type=int, help="score a random subset of test images")
+    group.add_argument(
+        "--backdoor-limit", type=int, help="triggered test images to score (default: all)"
+    )
+    group.add_argument(
+        "--probe-limit",
+        type=int,
+        default=DEFAULT_PROBE_LIMIT,
+        help=f"linear-probe training images (default: {DEFAULT_PROBE_LIMIT})",
+    )
+    group.add_argument(
+        "--probe-c", type=float, default=1.0, help="probe's inverse L2 strength (default: 1)"
+    )
+    group.add_argument(
+        "--k", type=int, help="rows for precision/recall (default: the number poisoned)"
+    )
+    group.add_argument("--seed", type=int, default=0, help="seed of the random subsets")
+
+
+# ---------------------------------------------------------------- running
+
+
+def run_eval(args: argparse.Namespace, console: Console) -> int:
+    """Evaluate, print a table, optionally write JSON; bad input raises ``ValueError``."""
+    params = run_params(args.checkpoint)
+    model = args.model or params.get("model")
+    if not model:
+        raise ValueError(
+            f"--model is needed: no params.txt was found for checkpoint {args.checkpoint} "
+            "(pass the --model the run was trained with, or local-dir:<dir>)"
+        )
+    quick_gelu = args.force_quick_gelu
+    if quick_gelu is None:
+        quick_gelu = params.get("force_quick_gelu") == "True"
+    data = resolve_data(args)
+    console.print(f"Evaluating [bold]{args.checkpoint}[/bold] (model {model})")
+    try:
+        with _progress(console) as progress:
+            result = evaluate_checkpoint(
+                args.checkpoint,
+                model,
+                data,
+                settings_from_args(args),
+                device=args.device,
+                force_quick_gelu=quick_gelu,
+                progress=progress,
+            )
+    except ImportError as err:
+        raise ValueError(str(err)) from err
+    console.print(results_table(result))
+    for note in result["notes"]:
+        console.print(f"[dim]note: {note}[/dim]")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        console.print(f"wrote {args.json}")
+    return 0
+
+
+def resolve_data(args: argparse.Namespace) -> EvalData:
+    """The files to read, from --dataset and the per-file flags that override it."""
+    overrides = {
+        key: value
+        for key, value in (
+            ("test_csv", args.test_csv),
+            ("train_csv", args.train_csv),
+            ("classes", args.classes),
+            ("manifest", args.manifest),
+        )
+        if value is not None
+    }
+    if args.dataset is not None:
+        data = EvalData.from_dataset_dir(args.dataset, **overrides)
+    elif args.test_csv is not None and args.classes is not None:
+        data = EvalData(**overrides)
+    else:
+        raise ValueError("pass --dataset DIR, or both --test-csv and --classes")
+    return EvalData(
+        data.test_csv,
+        data.classes,
+        data.train_csv,
+        data.manifest,
+        tuple(_suspicious_files(args)),
+    )
+
+
+def _suspicious_files(args: argparse.Namespace) -> list[Path]:
+    """Explicit --suspicious files, else the run folder's (only useful with a manifest)."""
+    files = list(args.suspicious or [])
+    folder = args.run_dir
+    if folder is None and not files and args.manifest is not None:
+        folder = args.checkpoint.parent
+        if not folder.is_dir():
+            return files
+    if folder is not None:
+        epoch = args.suspicious_epoch
+        if epoch not in ("latest", "all") and not str(epoch).isdigit():
+            raise ValueError(f"--suspicious-epoch {epoch!r}: give an epoch number, latest or all")
+        files += find_suspicious(folder, epoch)
+    return files
+
+
+def settings_from_args(args: argparse.Namespace) -> EvalSettings:
+    """Evaluation settings from the parsed flags."""
+    for flag in ("test_limit", "backdoor_limit", "probe_limit", "k", "batch_size"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1 (got {value})")
+    return EvalSettings(
+        templates=tuple(args.template) if args.template else None,
+        linear_probe=args.linear_probe,
+        test_limit=args.test_limit,
+        backdoor_limit=args.backdoor_limit,
+        probe_limit=args.probe_limit,
+        probe_c=args.probe_c,
+        detection_k=args.k,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
+
+
+@contextmanager
+def _progress(console: Console) -> Iterator[ProgressFactory]:
+    """A rich progress display; each encoding step gets its own bar."""
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, transient=True) as bars:
+
+        def start(description: str, total: int) -> Any:
+            task = bars.add_task(description, total=total)
+            return lambda n: bars.advance(task, n)
+
+        yield start
+
+
+# ---------------------------------------------------------------- output
+
+
+def _percent(value: float) -> str:
+    return f"{100 * value:.1f}%"
+
+
+def results_table(result: dict[str, Any]) -> Table:
+    """The headline figures of an evaluation, one row each."""
+    epoch = f", epoch {result['epoch']}" if result.get("epoch") is not None else ""
+    table = Table(title=f"{result['checkpoint']}{epoch}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("on")
+    zs = result["zero_shot"]
+    table.add_row(
+        "zero-shot accuracy", _percent(zs["accuracy"]), f"{zs['correct']}/{zs['images']} images"
+    )
+    if result.get("linear_probe"):
+        lp = result["linear_probe"]
+        on = f"{lp['train_images']} train / {lp['test_images']} test images"
+        table.add_row("linear-probe accuracy", _percent(lp["accuracy"]), on)
+    if result.get("targeted"):
+        t = result["targeted"]
+        on = f"{t['successes']}/{t['targets']} targets in their adversarial class"
+        table.add_row("targeted attack success", _percent(t["success_rate"]), on)
+    if result.get("backdoor"):
+        b = result["backdoor"]
+        on = f"{b['hits']}/{b['images']} triggered images -> {b['target_class']} ({b['trigger']})"
+        if "clean_target_rate" in b:
+            on += f"; {_percent(b['clean_target_rate'])} without trigger"
+        table.add_row("backdoor attack success", _percent(b["success_rate"]), on)
+    for d in result.get("detection") or []:
+        name = f"detection, epoch {d['epoch']}" if d["epoch"] is not None else "detection"
+        on = (
+            f"top {d['k']} of {d['listed']} rows: {d['hits']}/{d['poisoned']} poisoned found, "
+            f"recall {_percent(d['recall'])}, AP {d['average_precision']:.3f}"
+        )
+        table.add_row(f"{name} precision@k", _percent(d["precision"]), on)
+    return table

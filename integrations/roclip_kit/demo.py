@@ -1,0 +1,463 @@
+"""``roclip demo``: poison a captioned real dataset, train CLIP and RoCLIP, compare them.
+
+Every step is the kit's public one, so the demo is also a worked example of using the kit on
+your own data: :func:`~roclip_kit.datasets.build_captioned_dataset`, then
+:func:`~roclip_kit.attacks.poison_dataset` (targeted poisoning and a backdoor in one CSV), then
+two runs of OpenCLIP's real training script through the adapter
+(:func:`~roclip_kit.train.train_openclip`, without and with ``--roclip``), then
+:func:`~roclip_kit.evaluate.evaluate_checkpoint` after every epoch (attack success) and in full
+after the last (zero-shot, linear probe, attack success, poison detection).
+
+Layout of ``out`` (reruns reuse the dataset and replace the rest)::
+
+    data/<dataset>/          the captioned dataset (train.csv, test.csv, classes.json, images/)
+    poisoned/                the poisoned training CSV, manifest.json, backdoor images
+    runs/clip, runs/roclip   OpenCLIP runs (checkpoints, logs, suspicious_epoch_N.csv)
+    results.json             settings, per-epoch and final figures of both runs
+    attack_success.png       attack success per epoch, matching epochs shaded
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from roclip_kit.plot import Chart, Series, draw_chart
+
+RESULTS_FILE = "results.json"
+PLOT_FILE = "attack_success.png"
+
+# Sizes per scale. "cpu" is sized to finish in under 10 minutes on two CPU cores (measured
+# figures in docs/demo.md); "gpu" is the full dataset with a larger ViT.
+SCALES: dict[str, dict[str, Any]] = {
+    "cpu": {
+        "train_limit": 5000,
+        "attribute_rate": 0.25,
+        "test_limit": 1000,
+        "epochs": 10,
+        "batch_size": 128,
+        "lr": 1e-3,
+        "model": "tiny-cpu",
+        "targets": 8,
+        "captions_per_target": 25,
+        "backdoor_rate": 0.01,
+        "pool_size": 2048,
+        "first_rematch_epoch": 6,
+        "rematch_every": 2,
+        # Measured (docs/demo.md): the authors' image augmentation, made for 224 px photos,
+        # halved this tiny model's progress on 32 px digits in 7 epochs and RoCLIP then
+        # collapsed; captions keep EDA. The gpu scale keeps the default augmentation.
+        "image_aug": "none",
+        "eval_limit": 500,
+    },
+    "gpu": {
+        "train_limit": None,
+        "attribute_rate": 0.5,
+        "test_limit": None,
+        "epochs": 30,
+        "batch_size": 256,
+        "lr": 1e-3,
+        "model": "small-gpu",
+        "targets": 16,
+        "captions_per_target": 100,
+        "backdoor_rate": 0.001,
+        "pool_size": 16384,
+        "first_rematch_epoch": 5,
+        "rematch_every": 2,
+        "eval_limit": None,
+    },
+}
+
+
+@dataclass
+class DemoSettings:
+    """Everything the demo does; ``scale`` fills the fields left as None."""
+
+    out: Path = Path("roclip-demo")
+    dataset: str = "mnist"
+    scale: str = "cpu"
+    device: str = "cpu"
+    seed: int = 0
+    train_limit: int | None = None
+    test_limit: int | None = None
+    attribute_rate: float | None = None
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    model: str | None = None
+    targets: int | None = None
+    captions_per_target: int | None = None
+    backdoor_rate: float | None = None
+    backdoor_class: str | None = None
+    trigger: str = "patch"
+    eval_limit: int | None = None
+    roclip_flags: dict[str, Any] = field(default_factory=dict)
+
+    def resolved(self) -> DemoSettings:
+        """A copy with every size taken from the scale where not given."""
+        if self.scale not in SCALES:
+            raise ValueError(f"--scale {self.scale!r}: choose one of {', '.join(SCALES)}")
+        defaults = SCALES[self.scale]
+        values = {
+            key: defaults[key]
+            for key in defaults
+            if key in self.__dataclass_fields__ and getattr(self, key) is None
+        }
+        # The scale's pool size and schedule suit its run length; the reference preset keeps
+        # the authors' schedule (only the pool size is scaled).
+        scaled = ("pool_size", "first_rematch_epoch", "rematch_every", "image_aug")
+        if self.roclip_flags.get("preset") == "reference":
+            scaled = ("pool_size", "image_aug")
+        flags = {
+            key: defaults[key] for key in scaled if key in defaults and key not in self.roclip_flags
+        }
+        return replace(self, **values, roclip_flags={**flags, **self.roclip_flags})
+
+
+@dataclass
+class RunFigures:
+    """One training run's figures: per epoch attack success, and the final evaluation."""
+
+    name: str
+    roclip: bool
+    train_seconds: float
+    eval_seconds: float
+    matching_epochs: list[int]
+    per_epoch: dict[int, dict[str, float | None]]
+    final: dict[str, Any]
+
+    def summary(self) -> dict[str, float | None]:
+        """The table's figures (fractions), from the final evaluation."""
+        final = self.final
+        probe = final.get("linear_probe") or {}
+        targeted = final.get("targeted") or {}
+        backdoor = final.get("backdoor") or {}
+        detection = final.get("detection") or []
+        return {
+            "zero_shot": final["zero_shot"]["accuracy"],
+            "linear_probe": probe.get("accuracy"),
+            "targeted_asr": targeted.get("success_rate"),
+            "backdoor_asr": backdoor.get("success_rate"),
+            "backdoor_clean_target_rate": backdoor.get("clean_target_rate"),
+            "detection_precision": detection[-1]["precision"] if detection else None,
+            "detection_recall": detection[-1]["recall"] if detection else None,
+        }
+
+
+Say = Callable[[str], None]
+
+
+def run_demo(settings: DemoSettings, *, say: Say = print, progress: Any = None) -> dict[str, Any]:
+    """Run the whole demo; returns what ``results.json`` holds."""
+    from roclip_plugin.config import RoClipConfig
+
+    s = settings.resolved()
+    RoClipConfig.from_preset(
+        s.roclip_flags.get("preset", "default"),
+        **{k: v for k, v in s.roclip_flags.items() if k != "preset"},
+    )  # bad RoCLIP flags fail here, before minutes of data building
+    out = Path(s.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    dataset = build_data(s, out / "data" / s.dataset, say=say, progress=progress)
+    poisoned = poison(s, dataset, out / "poisoned", say=say, progress=progress)
+    runs = []
+    for name, roclip in (("CLIP", False), ("RoCLIP", True)):
+        runs.append(train_and_evaluate(s, out, poisoned, name, roclip, say=say, progress=progress))
+    results = {
+        "settings": _jsonable(asdict(s)),
+        "dataset": {
+            "name": dataset.name,
+            "train": dataset.train_count,
+            "test": dataset.test_count,
+            "dir": str(dataset.root),
+        },
+        "poison": _poison_summary(poisoned.manifest, dataset.train_count),
+        "runs": [asdict(r) | {"summary": r.summary()} for r in runs],
+        "verdicts": verdicts(runs),
+        "wall_seconds": time.perf_counter() - start,
+    }
+    _write_json(out / RESULTS_FILE, results)
+    plot_attack_success(runs, out / PLOT_FILE, dataset.name)
+    return results
+
+
+def build_data(s: DemoSettings, folder: Path, *, say: Say = print, progress: Any = None) -> Any:
+    """Build (or reuse) the captioned dataset ``s`` names in ``folder``."""
+    from roclip_kit.datasets import build_captioned_dataset
+
+    info = build_captioned_dataset(
+        s.dataset,
+        folder,
+        seed=s.seed,
+        train_limit=s.train_limit,
+        test_limit=s.test_limit,
+        attribute_rate=1.0 if s.attribute_rate is None else s.attribute_rate,
+        progress=progress,
+    )
+    verb = "reused" if info.reused else f"built in {info.seconds:.0f} s"
+    say(f"dataset {info.name}: {info.train_count} train / {info.test_count} test images, {verb}")
+    return info
+
+
+def poison(
+    s: DemoSettings, dataset: Any, folder: Path, *, say: Say = print, progress: Any = None
+) -> Any:
+    """Write the poisoned copy of ``dataset`` (targeted and backdoor, per ``s``) to ``folder``."""
+    from roclip_kit.attacks import poison_dataset
+    from roclip_kit.triggers import make_trigger
+
+    result = poison_dataset(
+        folder,
+        dataset_dir=dataset.root,
+        targets=s.targets or 0,
+        captions_per_target=s.captions_per_target or 0,
+        backdoor_rate=s.backdoor_rate or None,
+        backdoor_class=_backdoor_class(s, dataset.classes),
+        trigger=make_trigger(s.trigger, seed=s.seed) if s.backdoor_rate else None,
+        seed=s.seed,
+        progress=progress,
+    )
+    summary = _poison_summary(result.manifest, dataset.train_count)
+    say(
+        f"poisoned: {summary['targets']} targets x {summary['captions_per_target']} captions, "
+        f"backdoor on {summary['backdoor_rows']} images ({summary['backdoor_class']}); "
+        f"{summary['poisoned_rows']} poisoned rows"
+    )
+    return result
+
+
+def _backdoor_class(s: DemoSettings, classes: list[str]) -> str | None:
+    """The given class, or one drawn from the seed (never silently the same for every seed)."""
+    if not s.backdoor_rate:
+        return None
+    if s.backdoor_class is not None:
+        return s.backdoor_class
+    import random
+
+    return classes[random.Random(s.seed).randrange(len(classes))]
+
+
+def _poison_summary(manifest: Mapping[str, Any], train_count: int) -> dict[str, Any]:
+    targeted = manifest.get("targeted") or {}
+    backdoor = manifest.get("backdoor") or {}
+    return {
+        "targets": len(targeted.get("targets", [])),
+        "captions_per_target": targeted.get("captions_per_target", 0),
+        "backdoor_rows": backdoor.get("count", 0),
+        "backdoor_rate": backdoor.get("count", 0) / max(train_count, 1),
+        "backdoor_class": backdoor.get("target_class"),
+        "trigger": (backdoor.get("trigger") or {}).get("kind"),
+        "poisoned_rows": len(manifest.get("rows", [])),
+    }
+
+
+def train_and_evaluate(
+    s: DemoSettings,
+    out: Path,
+    poisoned: Any,
+    name: str,
+    roclip: bool,
+    *,
+    say: Say = print,
+    progress: Any = None,
+) -> RunFigures:
+    """Train one run (``out/runs/<name>``) on the poisoned data and evaluate every epoch.
+
+    ``s`` must be resolved (:meth:`DemoSettings.resolved`); ``s.roclip_flags`` configure the
+    RoCLIP run. The label in tables is ``name`` as given ("CLIP", "RoCLIP (reference)", ...).
+    """
+    from roclip_kit.train import TrainSettings, train_openclip
+
+    folder = _folder_name(name)
+    run_dir = out / "runs" / folder
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # a rerun replaces the run (train_openclip refuses to overwrite)
+    settings = TrainSettings(
+        out_dir=out / "runs",
+        name=folder,
+        dataset_dir=poisoned.out_dir,
+        roclip=roclip,
+        roclip_flags=dict(s.roclip_flags) if roclip else {},
+        preset=str(s.model),
+        epochs=int(s.epochs or 1),
+        batch_size=int(s.batch_size or 1),
+        lr=float(s.lr or 1e-3),
+        seed=s.seed,
+        device=s.device,
+    )
+    label = name
+    say(f"training {label} ({settings.epochs} epochs on {s.device})")
+    task = progress.add_task(f"train {label}", total=None) if progress else None
+    result = train_openclip(settings, on_output=_epoch_progress(progress, task, settings.epochs))
+    if progress is not None and task is not None:
+        progress.remove_task(task)
+    eval_start = time.perf_counter()
+    per_epoch, final = _evaluate_run(s, poisoned, result, label, progress)
+    figures = RunFigures(
+        name=label,
+        roclip=roclip,
+        train_seconds=result.wall_seconds,
+        eval_seconds=time.perf_counter() - eval_start,
+        matching_epochs=sorted(result.suspicious),
+        per_epoch=per_epoch,
+        final=final,
+    )
+    say(
+        f"{label}: trained in {result.wall_seconds:.0f} s, "
+        f"evaluated in {figures.eval_seconds:.0f} s"
+    )
+    return figures
+
+
+def _folder_name(name: str) -> str:
+    """A run's folder from its label: "RoCLIP (reference)" -> "roclip-reference"."""
+    cleaned = "".join(c if c.isalnum() else "-" for c in name.lower())
+    return "-".join(part for part in cleaned.split("-") if part) or "run"
+
+
+def _epoch_progress(progress: Any, task: Any, epochs: int) -> Callable[[str], None] | None:
+    """Advance a progress bar from OpenCLIP's "Train Epoch: N" console lines."""
+    if progress is None or task is None:
+        return None
+    progress.update(task, total=epochs)
+
+    def on_output(line: str) -> None:
+        if "Train Epoch:" in line and "100%" in line:
+            progress.advance(task)
+
+    return on_output
+
+
+def _evaluate_run(
+    s: DemoSettings, poisoned: Any, result: Any, label: str, progress: Any
+) -> tuple[dict[int, dict[str, float | None]], dict[str, Any]]:
+    """Attack success after every epoch; the full evaluation after the last.
+
+    The model is built once and each epoch's weights are loaded into it.
+    """
+    from roclip_kit.evaluate import EvalData, EvalSettings, evaluate_model
+    from roclip_kit.models import load_openclip, reload_checkpoint
+
+    last = max(result.checkpoints)
+    quick = EvalSettings(
+        linear_probe=False, test_limit=s.eval_limit, backdoor_limit=s.eval_limit, seed=s.seed
+    )
+    full = EvalSettings(seed=s.seed, backdoor_limit=s.eval_limit)
+    data = EvalData.from_dataset_dir(poisoned.out_dir, manifest=poisoned.manifest_path)
+    suspicious = tuple(result.suspicious[e] for e in sorted(result.suspicious))
+    task = progress.add_task(f"evaluate {label}", total=last) if progress else None
+    loaded = None
+    per_epoch: dict[int, dict[str, float | None]] = {}
+    final: dict[str, Any] = {}
+    for epoch, checkpoint in sorted(result.checkpoints.items()):
+        if loaded is None:
+            loaded = load_openclip(checkpoint, result.model_name, s.device)
+        else:
+            loaded = reload_checkpoint(loaded, checkpoint)
+        if epoch == last:
+            final = evaluate_model(loaded, replace(data, suspicious=suspicious), full)
+            per_epoch[epoch] = _epoch_figures(final)
+        else:
+            per_epoch[epoch] = _epoch_figures(evaluate_model(loaded, data, quick))
+        if progress is not None and task is not None:
+            progress.advance(task)
+    if progress is not None and task is not None:
+        progress.remove_task(task)
+    return per_epoch, final
+
+
+def _epoch_figures(evaluation: Mapping[str, Any]) -> dict[str, float | None]:
+    targeted = evaluation.get("targeted") or {}
+    backdoor = evaluation.get("backdoor") or {}
+    return {
+        "zero_shot": evaluation["zero_shot"]["accuracy"],
+        "targeted_asr": targeted.get("success_rate"),
+        "backdoor_asr": backdoor.get("success_rate"),
+    }
+
+
+COLLAPSE_POINTS = 5.0  # clean zero-shot this far below CLIP's: the defense "won" by breaking
+
+
+def verdicts(runs: list[RunFigures]) -> list[str]:
+    """Plain-language readings of the table that a reader must not miss.
+
+    A defended model with low attack success but much lower clean accuracy than CLIP has not
+    resisted the attack; it has stopped learning the task. Say so instead of letting the ASR
+    column speak alone.
+    """
+    clip = next((r for r in runs if not r.roclip), None)
+    if clip is None:
+        return []
+    base = clip.summary()
+    notes = []
+    for run in (r for r in runs if r.roclip):
+        figures = run.summary()
+        drop = 100 * (base["zero_shot"] - figures["zero_shot"])
+        if drop > COLLAPSE_POINTS:
+            notes.append(
+                f"{run.name}: clean zero-shot {drop:.1f} points below CLIP's: its attack "
+                "success is not robustness (the model lost the task); see docs/demo.md"
+            )
+            continue
+        for key, attack in (("targeted_asr", "targeted"), ("backdoor_asr", "backdoor")):
+            before, after = base[key], figures[key]
+            if before is not None and after is not None:
+                verb = "cut" if after < before else "did not cut"
+                notes.append(
+                    f"{run.name} {verb} {attack} attack success from {100 * before:.1f}% to "
+                    f"{100 * after:.1f}% with clean zero-shot within {COLLAPSE_POINTS:g} points"
+                    if after < before
+                    else f"{run.name} {verb} {attack} attack success ({100 * before:.1f}% "
+                    f"for CLIP, {100 * after:.1f}%)"
+                )
+    return notes
+
+
+def plot_attack_success(runs: list[RunFigures], path: Path, dataset: str) -> Path:
+    """Targeted (solid) and backdoor (dashed) success per epoch; RoCLIP's matching shaded."""
+    colours = {False: (31, 119, 180), True: (214, 39, 40)}
+    series = []
+    for run in runs:
+        for key, kind, dashed in (
+            ("targeted_asr", "targeted", False),
+            ("backdoor_asr", "backdoor", True),
+        ):
+            values = {e: f[key] for e, f in run.per_epoch.items() if f.get(key) is not None}
+            if values:
+                series.append(Series(f"{run.name} {kind}", values, dashed, colours[run.roclip]))
+        values = {
+            e: f["zero_shot"] for e, f in run.per_epoch.items() if f.get("zero_shot") is not None
+        }
+        series.append(Series(f"{run.name} zero-shot", values, True, _light(colours[run.roclip])))
+    shaded = next((r.matching_epochs for r in runs if r.roclip), [])
+    chart = Chart(
+        f"Poisoned {dataset}: attack success and clean accuracy", series, shaded, y_label=""
+    )
+    return draw_chart(chart, path)
+
+
+def _light(colour: tuple[int, int, int]) -> tuple[int, int, int]:
+    r, g, b = colour
+    return (r + (255 - r) // 2, g + (255 - g) // 2, b + (255 - b) // 2)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _write_json(path: Path, data: Any) -> None:
+    import json
+
+    path.write_text(json.dumps(_jsonable(data), indent=2, sort_keys=False))

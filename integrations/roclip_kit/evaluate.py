@@ -1,0 +1,876 @@
+"""Measure a CLIP checkpoint: clean accuracy, attack success and poison detection.
+
+The metrics are pure functions over L2-normalised features, labels and ranked rows, so each
+can be checked on hand-made numbers; thin wrappers encode images and texts with a loaded model
+(:mod:`roclip_kit.models`) and feed them in. :func:`evaluate_checkpoint` runs what the inputs
+allow and returns a JSON-able dict. Exact definitions are in docs/evaluation.md.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from roclip_kit.formats import (
+    CAPTION_KEY,
+    CLASSES_FILE,
+    CSV_SEPARATOR,
+    IMAGE_KEY,
+    LABEL_KEY,
+    MANIFEST_FORMAT,
+    TEST_CSV,
+    TRAIN_CSV,
+    Target,
+    Trigger,
+)
+from roclip_kit.models import LoadedModel, load_openclip
+
+Advance = Callable[[int], None]
+ProgressFactory = Callable[[str, int], Advance]
+"""``progress(description, total)`` returns a callback advanced by the items just done."""
+
+SUSPICIOUS_PATTERN = re.compile(r"suspicious_epoch_(\d+)\.csv$")
+DETECTION_MISMATCH_LIMIT = 0.1  # share of captions that may differ from the poisoned CSV
+
+
+# ---------------------------------------------------------------- input files
+
+
+@dataclass(frozen=True)
+class ClassInfo:
+    """Class names by label and the zero-shot prompt templates (each with one ``{}``)."""
+
+    names: list[str]
+    templates: list[str]
+    path: Path
+
+    def label_of(self, value: str, where: str) -> int:
+        """A label cell (class index or class name) as an index; ``where`` names the cell."""
+        text = value.strip()
+        lowered = [name.lower() for name in self.names]
+        if text.lstrip("-").isdigit():
+            label = int(text)
+            if 0 <= label < len(self.names):
+                return label
+        elif text.lower() in lowered:
+            return lowered.index(text.lower())
+        raise ValueError(
+            f"{where}: unknown class {value!r}: a label is a class index 0..{len(self.names) - 1}"
+            f" or a class name listed in {self.path}"
+        )
+
+
+def read_classes(path: Path | str, templates: Sequence[str] | None = None) -> ClassInfo:
+    """Read ``classes.json``; ``templates`` replaces its templates when given."""
+    path = Path(path)
+    data = _read_json(path, "classes file")
+    names = data.get("classes") if isinstance(data, dict) else None
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise ValueError(
+            f'{path} has no "classes" list of class names (the class name of each label, '
+            "in label order)"
+        )
+    chosen = list(templates) if templates else data.get("templates")
+    if not isinstance(chosen, list) or not chosen:
+        raise ValueError(
+            f'{path} has no "templates" list; add prompts such as "a photo of a {{}}." or '
+            "pass --template"
+        )
+    for template in chosen:
+        if not isinstance(template, str) or template.count("{}") != 1:
+            raise ValueError(
+                f"template {template!r} (from {path} or --template) must contain exactly one "
+                "{} where the class name goes"
+            )
+    return ClassInfo(list(names), list(chosen), path)
+
+
+def _read_json(path: Path, what: str) -> Any:
+    if not path.is_file():
+        raise ValueError(f"{what} {path} does not exist")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{what} {path} is not valid JSON: {err}") from err
+
+
+@dataclass(frozen=True)
+class Split:
+    """Image paths and labels of a CSV; ``rows`` are their 0-based data rows in that CSV."""
+
+    path: Path
+    filepaths: list[str]
+    labels: np.ndarray
+    rows: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.filepaths)
+
+    def take(self, positions: np.ndarray) -> Split:
+        """The items at ``positions`` (indices into this split, not CSV rows)."""
+        return Split(
+            self.path,
+            [self.filepaths[i] for i in positions],
+            self.labels[positions],
+            self.rows[positions],
+        )
+
+
+def read_split(path: Path | str, classes: ClassInfo) -> Split:
+    """Read a tab-separated CSV with ``filepath`` and ``label`` columns (OpenCLIP's format)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"CSV file {path} does not exist")
+    with path.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh, delimiter=CSV_SEPARATOR)
+        columns = reader.fieldnames or []
+        _require_columns(path, columns, (IMAGE_KEY, LABEL_KEY))
+        filepaths, labels = [], []
+        for row, record in enumerate(reader):
+            filepaths.append(resolve_image(record[IMAGE_KEY] or "", path))
+            labels.append(classes.label_of(record[LABEL_KEY] or "", f"{path} row {row}"))
+    if not filepaths:
+        raise ValueError(f"CSV file {path} has a header but no rows")
+    n = len(filepaths)
+    return Split(path, filepaths, np.asarray(labels, np.int64), np.arange(n, dtype=np.int64))
+
+
+def resolve_image(value: str, csv_path: Path) -> str:
+    """An image path of a CSV: absolute, or relative to the working directory or to the CSV.
+
+    OpenCLIP reads relative paths from the working directory; the CSV's folder is tried too so
+    a dataset directory can be moved. A missing file is kept as written, to be reported.
+    """
+    path = Path(value).expanduser()
+    if path.is_absolute() or path.is_file():
+        return str(path)
+    beside = csv_path.parent / path
+    return str(beside) if beside.is_file() else value
+
+
+def _require_columns(path: Path, columns: Sequence[str], wanted: Sequence[str]) -> None:
+    if len(columns) == 1 and "," in columns[0]:
+        raise ValueError(
+            f"{path} is not tab-separated (header {columns[0]!r}); the kit's CSVs use tabs, "
+            "like OpenCLIP's default --csv-separator"
+        )
+    for column in wanted:
+        if column not in columns:
+            hint = " (the class index or class name of each row)" if column == LABEL_KEY else ""
+            raise ValueError(
+                f"{path} has no {column!r} column{hint}; its columns are {', '.join(columns)}"
+            )
+
+
+def read_captions(path: Path) -> list[str]:
+    """The caption column of a training CSV, by data row."""
+    with path.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh, delimiter=CSV_SEPARATOR)
+        _require_columns(path, reader.fieldnames or [], (CAPTION_KEY,))
+        return [record[CAPTION_KEY] for record in reader]
+
+
+@dataclass(frozen=True)
+class Backdoor:
+    """The backdoor section of a manifest: target class and the trigger's parameters."""
+
+    target_label: int
+    trigger: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What was poisoned: poisoned CSV rows (row -> attack), targets and the backdoor."""
+
+    path: Path
+    rows: dict[int, str]
+    targets: list[Target]
+    backdoor: Backdoor | None
+    poisoned_csv: Path | None
+
+
+def read_manifest(path: Path | str, classes: ClassInfo) -> Manifest:
+    """Read a ``roclip-poison/1`` manifest and check its classes against ``classes``."""
+    path = Path(path)
+    data = _read_json(path, "manifest")
+    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+        found = data.get("format") if isinstance(data, dict) else None
+        raise ValueError(
+            f"manifest {path} has format {found!r}, expected {MANIFEST_FORMAT!r}; pass the "
+            "manifest JSON that the kit's poisoning step wrote"
+        )
+    try:
+        rows = {int(r["row"]): str(r["attack"]) for r in data.get("rows") or []}
+        targets = _read_targets(data.get("targeted"), classes, path)
+        backdoor = _read_backdoor(data.get("backdoor"), classes, path)
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"manifest {path} is missing an entry: {err!r}") from err
+    poisoned = data.get("poisoned_csv")
+    return Manifest(path, rows, targets, backdoor, Path(poisoned) if poisoned else None)
+
+
+def _class_label(classes: ClassInfo, label: Any, name: Any, where: str) -> int:
+    """A manifest's class, checked by index and name against ``classes.json``."""
+    index = classes.label_of(str(label), where)
+    if name is not None and classes.names[index] != name:
+        raise ValueError(
+            f"{where}: class {label} is {classes.names[index]!r} in {classes.path} but "
+            f"{name!r} in the manifest; evaluate with the dataset the manifest was made from"
+        )
+    return index
+
+
+def _read_targets(section: Any, classes: ClassInfo, path: Path) -> list[Target]:
+    if not section:
+        return []
+    targets = []
+    for t in section["targets"]:
+        where = f"manifest {path}, target {t['id']}"
+        label = classes.label_of(str(t["label"]), where)
+        adversarial = _class_label(
+            classes, t["adversarial_label"], t.get("adversarial_class"), where
+        )
+        targets.append(Target(int(t["id"]), str(t["filepath"]), label, adversarial))
+    return targets
+
+
+def _read_backdoor(section: Any, classes: ClassInfo, path: Path) -> Backdoor | None:
+    if not section:
+        return None
+    where = f"manifest {path}, backdoor"
+    label = _class_label(classes, section["target_label"], section.get("target_class"), where)
+    trigger = section["trigger"]
+    if not isinstance(trigger, dict):
+        raise ValueError(f"{where}: 'trigger' must be the trigger's parameters (a JSON object)")
+    return Backdoor(label, trigger)
+
+
+# ---------------------------------------------------------------- pure metrics
+
+
+def select_rows(n: int, limit: int | None, seed: int) -> np.ndarray:
+    """Sorted positions of a seeded random subset of ``limit`` of ``n`` items (all if None).
+
+    Random rather than the first ``limit``: CSVs are often sorted by class.
+    """
+    if limit is not None and limit < 1:
+        raise ValueError(f"a limit must be at least 1 (got {limit}); omit it to use every row")
+    if limit is None or limit >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
+
+
+def average_templates(template_features: torch.Tensor) -> torch.Tensor:
+    """Class embeddings from ``[classes, templates, dim]`` text features.
+
+    Each template embedding is normalised, averaged per class and the mean normalised again,
+    so cosine similarity (a dot product) compares images with every class on equal footing.
+    """
+    return F.normalize(F.normalize(template_features, dim=-1).mean(dim=1), dim=-1)
+
+
+def zero_shot_predict(image_features: torch.Tensor, class_features: torch.Tensor) -> np.ndarray:
+    """Top-1 class of each image: the class embedding of highest cosine similarity."""
+    if image_features.shape[-1] != class_features.shape[-1]:
+        raise ValueError(
+            f"image features have {image_features.shape[-1]} dimensions, class embeddings "
+            f"{class_features.shape[-1]}: they come from different models"
+        )
+    sims = F.normalize(image_features, dim=-1) @ F.normalize(class_features, dim=-1).T
+    return sims.argmax(dim=-1).cpu().numpy()
+
+
+def hit_rate(predictions: np.ndarray, wanted: np.ndarray | int) -> float:
+    """Share of predictions equal to ``wanted`` (accuracy, or attack success)."""
+    predictions = np.asarray(predictions)
+    if predictions.size == 0:
+        raise ValueError("no predictions to score (an empty set of images)")
+    return float(np.mean(predictions == np.asarray(wanted)))
+
+
+def linear_probe_accuracy(
+    train_features: np.ndarray,
+    train_labels: np.ndarray,
+    test_features: np.ndarray,
+    test_labels: np.ndarray,
+    *,
+    c: float = 1.0,
+    max_iter: int = 1000,
+) -> float:
+    """Test accuracy of a logistic regression fit on frozen, normalised image features.
+
+    Features are L2-normalised, then standardised with the training rows' mean and spread: an
+    early or collapsed model's unit features differ from each other by tiny amounts that the
+    regulariser would otherwise flatten to chance, and the probe measures what is linearly
+    decodable, not the features' scale. L-BFGS on a convex loss from a zero start is
+    deterministic, so no seed is needed.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    if len(np.unique(train_labels)) < 2:
+        raise ValueError(
+            "the linear probe needs training rows of at least two classes; raise "
+            "--probe-limit or check the label column of the training CSV"
+        )
+    scaler = StandardScaler().fit(_unit_rows(train_features))
+    model = LogisticRegression(C=c, max_iter=max_iter)
+    model.fit(scaler.transform(_unit_rows(train_features)), train_labels)
+    return hit_rate(model.predict(scaler.transform(_unit_rows(test_features))), test_labels)
+
+
+def _unit_rows(features: np.ndarray) -> np.ndarray:
+    features = np.asarray(features, dtype=np.float64)
+    norms = np.linalg.norm(features, axis=1, keepdims=True)
+    return features / np.maximum(norms, 1e-12)
+
+
+@dataclass(frozen=True)
+class DetectionScores:
+    """How well a ranking of rows (most suspicious first) finds the poisoned ones."""
+
+    k: int
+    hits: int
+    poisoned: int
+    listed: int
+    precision: float
+    recall: float
+    average_precision: float
+
+
+def detection_scores(
+    ranked: Sequence[int], poisoned: Collection[int], k: int | None = None
+) -> DetectionScores:
+    """Precision and recall of the top ``k`` ranked rows, and average precision.
+
+    ``ranked`` lists row indices, most suspicious first, each once (``-1``: a row of unknown
+    index, never a hit). ``k`` defaults to the number of poisoned rows and is capped at the
+    rows listed. Average precision is the mean over poisoned rows of the precision at the rank
+    where each is found, a poisoned row missing from the list counting 0: the files keep only
+    the top rows, so this is a lower bound of the AP over the full ranking.
+    """
+    poisoned = set(poisoned)
+    if not poisoned:
+        raise ValueError("the manifest lists no poisoned rows: there is nothing to detect")
+    if not ranked:
+        raise ValueError("the suspicious file lists no rows")
+    if k is not None and k < 1:
+        raise ValueError(f"k must be at least 1 (got {k})")
+    k = min(len(poisoned) if k is None else k, len(ranked))
+    is_hit = np.fromiter((row in poisoned for row in ranked), dtype=bool, count=len(ranked))
+    cumulative = np.cumsum(is_hit)
+    ranks = np.arange(1, len(ranked) + 1)
+    ap = float(np.sum((cumulative / ranks)[is_hit]) / len(poisoned))
+    hits = int(cumulative[k - 1])
+    return DetectionScores(k, hits, len(poisoned), len(ranked), hits / k, hits / len(poisoned), ap)
+
+
+@dataclass(frozen=True)
+class SuspiciousRanking:
+    """Rows of a ``suspicious_epoch_N.csv`` by decreasing margin, with their captions."""
+
+    path: Path
+    epoch: int | None
+    rows: list[int]
+    captions: list[str]
+
+
+def read_suspicious(path: Path | str) -> SuspiciousRanking:
+    """Read a suspicious file (``index,caption,margin``) into a ranking.
+
+    Rows are sorted by margin (highest first), ties by index, so the order of lines in the
+    file does not matter; a repeated index keeps its highest margin (a distributed sampler can
+    pad an epoch with repeats). Index ``-1`` (row unknown) stays, as a row that is never a hit.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"suspicious file {path} does not exist")
+    entries = _suspicious_entries(path)
+    entries.sort(key=lambda e: (-e[0], e[1]))
+    seen: set[int] = set()
+    rows, captions = [], []
+    for _, index, caption in entries:
+        if index >= 0 and index in seen:
+            continue
+        seen.add(index)
+        rows.append(index)
+        captions.append(caption)
+    if rows and all(r < 0 for r in rows):
+        raise ValueError(
+            f"suspicious file {path} has no dataset row indices (all -1): the run's training "
+            "data were not a CSV dataset, so rows cannot be matched to the manifest"
+        )
+    match = SUSPICIOUS_PATTERN.search(path.name)
+    return SuspiciousRanking(path, int(match.group(1)) if match else None, rows, captions)
+
+
+def _suspicious_entries(path: Path) -> list[tuple[float, int, str]]:
+    with path.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        columns = reader.fieldnames or []
+        for column in ("index", "margin"):
+            if column not in columns:
+                raise ValueError(
+                    f"suspicious file {path} has no {column!r} column (columns: "
+                    f"{', '.join(columns)}); pass a suspicious_epoch_N.csv written by "
+                    "roclip-openclip-train"
+                )
+        try:
+            return [(float(r["margin"]), int(r["index"]), r.get("caption") or "") for r in reader]
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"suspicious file {path}: a row is not a number ({err})") from err
+
+
+def find_suspicious(folder: Path | str, epoch: str | int = "latest") -> list[Path]:
+    """``suspicious_epoch_N.csv`` files in ``folder`` or its ``checkpoints/`` sub-folder.
+
+    ``epoch``: ``"latest"`` (highest N), ``"all"`` (every N, ascending) or a number.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"run folder {folder} does not exist (--run-dir)")
+    found: dict[int, Path] = {}
+    for place in (folder, folder / "checkpoints"):
+        for path in sorted(place.glob("suspicious_epoch_*.csv")):
+            match = SUSPICIOUS_PATTERN.search(path.name)
+            if match:
+                found.setdefault(int(match.group(1)), path)
+    if epoch == "all":
+        return [found[n] for n in sorted(found)]
+    if epoch == "latest":
+        return [found[max(found)]] if found else []
+    number = int(epoch)
+    if number not in found:
+        have = ", ".join(map(str, sorted(found))) or "none"
+        raise ValueError(
+            f"no suspicious_epoch_{number}.csv in {folder} (epochs with a file: {have}); "
+            "files are written for matching epochs only"
+        )
+    return [found[number]]
+
+
+# ---------------------------------------------------------------- encoding with a model
+
+
+def encode_images(
+    loaded: LoadedModel,
+    filepaths: Sequence[str],
+    *,
+    batch_size: int = 64,
+    transform: Callable[[Any], Any] | None = None,
+    progress: Advance | None = None,
+) -> torch.Tensor:
+    """Normalised image embeddings ``[N, dim]``, on the CPU.
+
+    ``transform`` (a trigger) is applied to each PIL image as stored (its own mode), as the
+    poisoner stamped training images, then it is made RGB and preprocessed for validation.
+    """
+    from PIL import Image
+
+    chunks = []
+    for start in range(0, len(filepaths), batch_size):
+        images = []
+        for path in filepaths[start : start + batch_size]:
+            with Image.open(path) as image:
+                image.load()
+                picture = transform(image) if transform is not None else image
+                images.append(loaded.preprocess(picture.convert("RGB")))
+        batch = torch.stack(images).to(loaded.device)
+        with torch.no_grad():
+            chunks.append(F.normalize(loaded.model.encode_image(batch).float(), dim=-1).cpu())
+        if progress is not None:
+            progress(len(images))
+    return torch.cat(chunks)
+
+
+def encode_texts(
+    loaded: LoadedModel, texts: Sequence[str], *, batch_size: int = 256
+) -> torch.Tensor:
+    """Normalised text embeddings ``[N, dim]`` (on the CPU)."""
+    chunks = []
+    for start in range(0, len(texts), batch_size):
+        tokens = loaded.tokenizer(list(texts[start : start + batch_size])).to(loaded.device)
+        with torch.no_grad():
+            chunks.append(F.normalize(loaded.model.encode_text(tokens).float(), dim=-1).cpu())
+    return torch.cat(chunks)
+
+
+def class_embeddings(loaded: LoadedModel, classes: ClassInfo) -> torch.Tensor:
+    """One embedding per class: its normalised template prompts, averaged and renormalised."""
+    prompts = [t.format(name) for name in classes.names for t in classes.templates]
+    features = encode_texts(loaded, prompts)
+    return average_templates(features.reshape(len(classes.names), len(classes.templates), -1))
+
+
+def check_images(filepaths: Sequence[str], where: Callable[[int], str]) -> None:
+    """Fail before encoding, naming the first missing image and where it was listed."""
+    for i, path in enumerate(filepaths):
+        if not Path(path).is_file():
+            raise ValueError(
+                f"image {path} ({where(i)}) does not exist; a filepath is absolute or "
+                "relative to the current directory or to the CSV's folder"
+            )
+
+
+# ---------------------------------------------------------------- evaluation steps
+
+
+@dataclass(frozen=True)
+class EvalData:
+    """The files an evaluation reads; only ``test_csv`` and ``classes`` are required."""
+
+    test_csv: Path
+    classes: Path
+    train_csv: Path | None = None
+    manifest: Path | None = None
+    suspicious: tuple[Path, ...] = ()
+
+    def __post_init__(self) -> None:
+        """Accept ``str`` paths too (from Python callers)."""
+        for name in ("test_csv", "classes", "train_csv", "manifest"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, Path(value))
+        object.__setattr__(self, "suspicious", tuple(Path(p) for p in self.suspicious))
+
+    @classmethod
+    def from_dataset_dir(cls, folder: Path | str, **overrides: Any) -> EvalData:
+        """The files of a captioned dataset directory (see :mod:`roclip_kit.formats`)."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise ValueError(f"dataset directory {folder} does not exist (--dataset)")
+        train = folder / TRAIN_CSV
+        data = cls(folder / TEST_CSV, folder / CLASSES_FILE, train if train.is_file() else None)
+        return replace(data, **overrides)
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """What to run and how much of it; the defaults suit a full evaluation."""
+
+    templates: tuple[str, ...] | None = None
+    linear_probe: bool | None = None  # None: run it when a training CSV is known
+    test_limit: int | None = None
+    backdoor_limit: int | None = None
+    probe_limit: int | None = 5000
+    probe_c: float = 1.0
+    detection_k: int | None = None
+    batch_size: int = 64
+    seed: int = 0
+
+
+@dataclass
+class _Context:
+    """What the steps share: the model, the class embeddings, progress reporting."""
+
+    loaded: LoadedModel
+    classes: ClassInfo
+    class_features: torch.Tensor
+    settings: EvalSettings
+    progress: ProgressFactory | None
+    notes: list[str] = field(default_factory=list)
+
+    def encode(
+        self, description: str, split: Split, transform: Callable[[Any], Any] | None = None
+    ) -> torch.Tensor:
+        check_images(split.filepaths, lambda i: f"row {split.rows[i]} of {split.path}")
+        advance = self.progress(description, len(split)) if self.progress else None
+        return encode_images(
+            self.loaded,
+            split.filepaths,
+            batch_size=self.settings.batch_size,
+            transform=transform,
+            progress=advance,
+        )
+
+
+def zero_shot(ctx: _Context, test: Split, predictions: np.ndarray) -> dict[str, Any]:
+    """Zero-shot top-1 accuracy over ``test`` (given its predictions), overall and per class."""
+    per_class = {
+        name: hit_rate(predictions[test.labels == c], c)
+        for c, name in enumerate(ctx.classes.names)
+        if np.any(test.labels == c)
+    }
+    return {
+        "accuracy": hit_rate(predictions, test.labels),
+        "correct": int(np.sum(predictions == test.labels)),
+        "images": len(test),
+        "per_class": per_class,
+    }
+
+
+def targeted_attack(ctx: _Context, manifest: Manifest) -> dict[str, Any]:
+    """Share of targets whose zero-shot top-1 class is their adversarial class."""
+    targets = manifest.targets
+    paths = [t.filepath for t in targets]
+    check_images(paths, lambda i: f"target {targets[i].id} of manifest {manifest.path}")
+    advance = ctx.progress("target images", len(paths)) if ctx.progress else None
+    features = encode_images(
+        ctx.loaded, paths, batch_size=ctx.settings.batch_size, progress=advance
+    )
+    predictions = zero_shot_predict(features, ctx.class_features)
+    wanted = np.asarray([t.adversarial_label for t in targets])
+    names = ctx.classes.names
+    return {
+        "success_rate": hit_rate(predictions, wanted),
+        "successes": int(np.sum(predictions == wanted)),
+        "targets": len(targets),
+        "per_target": [
+            {
+                "id": t.id,
+                "label": names[t.label],
+                "adversarial_class": names[t.adversarial_label],
+                "predicted": names[int(p)],
+                "success": bool(p == t.adversarial_label),
+            }
+            for t, p in zip(targets, predictions, strict=True)
+        ],
+    }
+
+
+def backdoor_attack(
+    ctx: _Context,
+    backdoor: Backdoor,
+    test: Split,
+    trigger: Trigger | None = None,
+    clean: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Share of triggered test images not of the target class read as the target class.
+
+    ``trigger`` defaults to the manifest's (rebuilt by ``trigger_from_dict``). ``clean`` holds
+    the zero-shot predictions of the same test split, for the rate without the trigger.
+    """
+    trigger = trigger if trigger is not None else _rebuild_trigger(backdoor.trigger)
+    others = np.flatnonzero(test.labels != backdoor.target_label)
+    if others.size == 0:
+        raise ValueError(f"{test.path} has no image outside the backdoor's target class")
+    limit, seed = ctx.settings.backdoor_limit, ctx.settings.seed
+    chosen = test.take(others[select_rows(len(others), limit, seed)])
+    features = ctx.encode("triggered test images", chosen, trigger.apply)
+    predictions = zero_shot_predict(features, ctx.class_features)
+    result = {
+        "success_rate": hit_rate(predictions, backdoor.target_label),
+        "hits": int(np.sum(predictions == backdoor.target_label)),
+        "images": len(chosen),
+        "target_class": ctx.classes.names[backdoor.target_label],
+        "trigger": getattr(trigger, "kind", type(trigger).__name__),
+    }
+    mask = clean["labels"] != backdoor.target_label if clean is not None else None
+    if clean is not None and np.any(mask):
+        result["clean_target_rate"] = hit_rate(clean["predictions"][mask], backdoor.target_label)
+    return result
+
+
+def _rebuild_trigger(parameters: dict[str, Any]) -> Trigger:
+    from roclip_kit.triggers import trigger_from_dict
+
+    return trigger_from_dict(parameters)
+
+
+def linear_probe(
+    ctx: _Context,
+    train: Split,
+    test: Split,
+    test_features: torch.Tensor,
+) -> dict[str, Any]:
+    """Logistic regression on frozen features of (a seeded subset of) the clean train rows."""
+    chosen = train.take(select_rows(len(train), ctx.settings.probe_limit, ctx.settings.seed))
+    train_features = ctx.encode("probe training images", chosen)
+    accuracy = linear_probe_accuracy(
+        train_features.numpy(),
+        chosen.labels,
+        test_features.numpy(),
+        test.labels,
+        c=ctx.settings.probe_c,
+    )
+    return {"accuracy": accuracy, "train_images": len(chosen), "test_images": len(test)}
+
+
+def poison_detection(
+    files: Sequence[Path], manifest: Manifest, k: int | None = None
+) -> list[dict[str, Any]]:
+    """Detection scores of each suspicious file against the manifest's poisoned rows."""
+    captions = _poisoned_captions(manifest)
+    results = []
+    for path in files:
+        ranking = read_suspicious(path)
+        if captions is not None:
+            _check_same_rows(ranking, captions, manifest)
+        scores = detection_scores(ranking.rows, manifest.rows, k)
+        top = set(ranking.rows[: scores.k])
+        by_attack = {}
+        for attack in sorted(set(manifest.rows.values())):
+            rows = [r for r, a in manifest.rows.items() if a == attack]
+            by_attack[attack] = sum(r in top for r in rows) / len(rows)
+        results.append(
+            {
+                "file": str(path),
+                "epoch": ranking.epoch,
+                **vars(scores),
+                "recall_by_attack": by_attack,
+            }
+        )
+    return results
+
+
+def _poisoned_captions(manifest: Manifest) -> list[str] | None:
+    """Captions of the poisoned CSV, when it is at hand, to check the files refer to it."""
+    if manifest.poisoned_csv is None or not manifest.poisoned_csv.is_file():
+        return None
+    return read_captions(manifest.poisoned_csv)
+
+
+def _check_same_rows(ranking: SuspiciousRanking, captions: list[str], manifest: Manifest) -> None:
+    """Refuse to score a file whose row numbers are rows of another CSV."""
+    pairs = [(r, c) for r, c in zip(ranking.rows, ranking.captions, strict=True) if r >= 0 and c]
+    if not pairs:
+        return
+    wrong = sum(r >= len(captions) or captions[r] != c for r, c in pairs)
+    if wrong > DETECTION_MISMATCH_LIMIT * len(pairs):
+        raise ValueError(
+            f"{wrong} of {len(pairs)} captions in {ranking.path} differ from those rows of "
+            f"{manifest.poisoned_csv}: the run was not trained on the poisoned CSV of "
+            f"manifest {manifest.path}; pass the manifest of that run's training data"
+        )
+
+
+# ---------------------------------------------------------------- the whole evaluation
+
+
+def evaluate_checkpoint(
+    checkpoint: Path | str,
+    model: str,
+    data: EvalData,
+    settings: EvalSettings = EvalSettings(),
+    *,
+    device: str = "cpu",
+    force_quick_gelu: bool = False,
+    progress: ProgressFactory | None = None,
+    trigger: Trigger | None = None,
+) -> dict[str, Any]:
+    """Load an OpenCLIP checkpoint and run every evaluation ``data`` allows (JSON-able)."""
+    classes = read_classes(data.classes, settings.templates)  # fail on inputs before loading
+    loaded = load_openclip(checkpoint, model, device, force_quick_gelu=force_quick_gelu)
+    return evaluate_model(
+        loaded, data, settings, progress=progress, trigger=trigger, classes=classes
+    )
+
+
+def evaluate_model(
+    loaded: LoadedModel,
+    data: EvalData,
+    settings: EvalSettings = EvalSettings(),
+    *,
+    progress: ProgressFactory | None = None,
+    trigger: Trigger | None = None,
+    classes: ClassInfo | None = None,
+) -> dict[str, Any]:
+    """Run every evaluation ``data`` allows with an already loaded model (JSON-able dict).
+
+    Without a manifest only clean accuracy (zero-shot, linear probe) is measured.
+    """
+    classes = classes or read_classes(data.classes, settings.templates)
+    test_all = read_split(data.test_csv, classes)
+    manifest = read_manifest(data.manifest, classes) if data.manifest else None
+    train = _probe_training_rows(data, settings, classes, manifest)
+    ctx = _Context(loaded, classes, class_embeddings(loaded, classes), settings, progress)
+    test = test_all.take(select_rows(len(test_all), settings.test_limit, settings.seed))
+    features = ctx.encode("test images", test)
+    predictions = zero_shot_predict(features, ctx.class_features)
+    result = _header(loaded, data, classes)
+    result["zero_shot"] = zero_shot(ctx, test, predictions)
+    probe = train is not None and len(train) > 0
+    result["linear_probe"] = linear_probe(ctx, train, test, features) if probe else None
+    result.update(_attacks(ctx, manifest, test_all, test, predictions, trigger))
+    result["detection"] = _detection(ctx, data, manifest)
+    result["notes"] = ctx.notes + _skipped(data, settings, manifest, train)
+    return result
+
+
+def _probe_training_rows(
+    data: EvalData, settings: EvalSettings, classes: ClassInfo, manifest: Manifest | None
+) -> Split | None:
+    """Clean training rows for the linear probe, or None when it is not run."""
+    if settings.linear_probe is False:
+        return None
+    if data.train_csv is None:
+        if settings.linear_probe:
+            raise ValueError(
+                "--linear-probe needs a training CSV: pass --dataset DIR (with train.csv) "
+                "or --train-csv"
+            )
+        return None
+    train = read_split(data.train_csv, classes)
+    if manifest and manifest.poisoned_csv and _same_file(manifest.poisoned_csv, data.train_csv):
+        keep = np.flatnonzero(~np.isin(train.rows, list(manifest.rows)))
+        train = train.take(keep)
+    return train
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    return a.is_file() and b.is_file() and a.resolve() == b.resolve()
+
+
+def _attacks(
+    ctx: _Context,
+    manifest: Manifest | None,
+    test_all: Split,
+    test: Split,
+    predictions: np.ndarray,
+    trigger: Trigger | None,
+) -> dict[str, Any]:
+    if manifest is None:
+        return {"targeted": None, "backdoor": None}
+    targeted = targeted_attack(ctx, manifest) if manifest.targets else None
+    backdoor = None
+    if manifest.backdoor is not None:
+        clean = {"predictions": predictions, "labels": test.labels}
+        backdoor = backdoor_attack(ctx, manifest.backdoor, test_all, trigger, clean)
+    return {"targeted": targeted, "backdoor": backdoor}
+
+
+def _detection(
+    ctx: _Context, data: EvalData, manifest: Manifest | None
+) -> list[dict[str, Any]] | None:
+    if manifest is None or not data.suspicious:
+        return None
+    if not manifest.rows:
+        ctx.notes.append("detection skipped: the manifest lists no poisoned rows")
+        return None
+    return poison_detection(data.suspicious, manifest, ctx.settings.detection_k)
+
+
+def _header(loaded: LoadedModel, data: EvalData, classes: ClassInfo) -> dict[str, Any]:
+    return {
+        "checkpoint": str(loaded.checkpoint),
+        "model": loaded.name,
+        "epoch": loaded.epoch,
+        "device": str(loaded.device),
+        "test_csv": str(data.test_csv),
+        "train_csv": str(data.train_csv) if data.train_csv else None,
+        "manifest": str(data.manifest) if data.manifest else None,
+        "classes": classes.names,
+        "templates": classes.templates,
+    }
+
+
+def _skipped(
+    data: EvalData, settings: EvalSettings, manifest: Manifest | None, train: Split | None
+) -> list[str]:
+    notes = []
+    if manifest is None:
+        notes.append("no manifest: clean accuracy only (no attack success, no detection)")
+    elif not data.suspicious:
+        notes.append("no suspicious_epoch_N.csv given or found: poison detection not scored")
+    if train is None and settings.linear_probe is None:
+        notes.append("no training CSV: linear probe not run")
+    return notes

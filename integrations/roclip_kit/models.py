@@ -1,0 +1,218 @@
+"""Load an OpenCLIP training checkpoint for evaluation, with errors that say what to fix.
+
+OpenCLIP's own loaders either download weights or fail deep inside ``load_state_dict``; the kit
+evaluates local runs only, so it builds the architecture without any weights and then loads the
+checkpoint strictly, naming the checkpoint and the model when they do not fit.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+LOCAL_DIR = "local-dir:"
+PARAMS_FILE = "params.txt"
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP, torch.compile
+_INSTALL_HINT = 'pip install "roclip-plugin[openclip]"'
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for evaluation: eval mode, its validation transform and its tokenizer."""
+
+    model: torch.nn.Module
+    preprocess: Any
+    tokenizer: Any
+    name: str
+    checkpoint: Path
+    device: torch.device
+    epoch: int | None = None
+
+
+def import_open_clip() -> Any:
+    """Import OpenCLIP, or say how to install it (it is an optional dependency)."""
+    try:
+        import open_clip
+    except ImportError as err:
+        raise ModuleNotFoundError(
+            f"evaluating checkpoints needs OpenCLIP, which is not installed: {_INSTALL_HINT}"
+        ) from err
+    return open_clip
+
+
+def load_openclip(
+    checkpoint: Path | str,
+    model: str,
+    device: str | torch.device = "cpu",
+    *,
+    force_quick_gelu: bool = False,
+) -> LoadedModel:
+    """Build ``model`` (an OpenCLIP name or ``local-dir:<dir>``) and load ``checkpoint`` into it.
+
+    ``checkpoint`` is what OpenCLIP's training saves (a dict with ``state_dict``, keys possibly
+    prefixed ``module.``) or a bare state dict (``.pt``/``.pth``/``.bin`` or ``.safetensors``).
+    ``force_quick_gelu`` must match the training run: it changes no weight names, so a mismatch
+    would not fail, only give wrong numbers.
+    """
+    checkpoint = Path(checkpoint)
+    open_clip = import_open_clip()
+    _check_model_name(open_clip, model)
+    state, epoch = read_state_dict(checkpoint)
+    device = torch.device(device)
+    with _quiet_warnings():  # "initialized randomly": true, until the checkpoint is loaded
+        net, _, preprocess = open_clip.create_model_and_transforms(
+            model,
+            pretrained=None,
+            load_weights=False,
+            pretrained_image=False,
+            pretrained_text=False,
+            device="cpu",
+            force_quick_gelu=force_quick_gelu,
+        )
+        tokenizer = open_clip.get_tokenizer(model)
+    _load_into(net, state, checkpoint, model)
+    net.to(device).eval()
+    return LoadedModel(net, preprocess, tokenizer, model, checkpoint, device, epoch)
+
+
+def reload_checkpoint(loaded: LoadedModel, checkpoint: Path | str) -> LoadedModel:
+    """The same model with another checkpoint of the same run loaded into it.
+
+    Building an OpenCLIP model costs seconds (the text tower's 49,408-token embedding alone);
+    evaluating every epoch of a run needs only new weights.
+    """
+    checkpoint = Path(checkpoint)
+    state, epoch = read_state_dict(checkpoint)
+    net = loaded.model.to("cpu")
+    _load_into(net, state, checkpoint, loaded.name)
+    net.to(loaded.device).eval()
+    return replace(loaded, model=net, checkpoint=checkpoint, epoch=epoch)
+
+
+@contextmanager
+def _quiet_warnings() -> Iterator[None]:
+    """Silence log records up to WARNING (OpenCLIP logs to the root logger) for a moment."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
+def _check_model_name(open_clip: Any, model: str) -> None:
+    """Fail early, and briefly, on a name OpenCLIP would reject with a list of 400 models."""
+    if model.startswith(LOCAL_DIR):
+        folder = Path(model[len(LOCAL_DIR) :])
+        if not (folder / "open_clip_config.json").is_file():
+            raise ValueError(
+                f"--model {model}: {folder / 'open_clip_config.json'} does not exist; a "
+                "local-dir model needs a folder holding open_clip_config.json with a "
+                '"model_cfg" entry'
+            )
+        return
+    if model.startswith("hf-hub:"):
+        raise ValueError(
+            f"--model {model}: hf-hub models would be downloaded; evaluation works offline. "
+            "Save the config as <dir>/open_clip_config.json and pass --model local-dir:<dir>"
+        )
+    if model.replace("/", "-") not in open_clip.list_models():
+        raise ValueError(
+            f"--model {model!r} is not an OpenCLIP model name; use the --model the run was "
+            "trained with (see 'model:' in the run's params.txt), e.g. ViT-B-32, or "
+            "local-dir:<dir> for a folder with open_clip_config.json"
+        )
+
+
+def read_state_dict(checkpoint: Path) -> tuple[dict[str, torch.Tensor], int | None]:
+    """The model weights in ``checkpoint`` without wrapper prefixes, and its epoch if saved."""
+    if not checkpoint.is_file():
+        raise ValueError(f"checkpoint {checkpoint} does not exist; pass an epoch_N.pt file")
+    raw = _torch_load(checkpoint)
+    epoch = None
+    if isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict):
+        epoch = raw.get("epoch") if isinstance(raw.get("epoch"), int) else None
+        raw = raw["state_dict"]
+    if (
+        not isinstance(raw, dict)
+        or not raw
+        or not all(isinstance(v, torch.Tensor) for v in raw.values())
+    ):
+        raise ValueError(
+            f"checkpoint {checkpoint} holds neither an OpenCLIP training checkpoint (a dict "
+            "with 'state_dict') nor a state dict of tensors"
+        )
+    return strip_prefixes(raw), epoch
+
+
+def _torch_load(checkpoint: Path) -> Any:
+    if checkpoint.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(checkpoint), device="cpu")
+    try:
+        return torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling errors have no common base class across versions
+        raise ValueError(
+            f"checkpoint {checkpoint} could not be read as a PyTorch file of tensors ({err}); "
+            "pass a checkpoint saved by OpenCLIP training (epoch_N.pt)"
+        ) from err
+
+
+def strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) when every key has them."""
+    for prefix in _WRAPPER_PREFIXES:
+        if all(key.startswith(prefix) for key in state):
+            state = {key[len(prefix) :]: value for key, value in state.items()}
+    return state
+
+
+def _load_into(
+    net: torch.nn.Module, state: dict[str, torch.Tensor], checkpoint: Path, model: str
+) -> None:
+    """Strict load; a mismatch names the checkpoint, the model and a few offending keys."""
+    own = net.state_dict()
+    logit_scale = state.get("logit_scale")
+    if logit_scale is not None and "logit_scale" in own:
+        state = {**state, "logit_scale": logit_scale.reshape(own["logit_scale"].shape)}
+    missing = sorted(own.keys() - state.keys())
+    unexpected = sorted(state.keys() - own.keys())
+    shapes = sorted(k for k in own.keys() & state.keys() if own[k].shape != state[k].shape)
+    if missing or unexpected or shapes:
+        raise ValueError(
+            f"checkpoint {checkpoint} does not fit --model {model}: "
+            + "; ".join(
+                f"{len(keys)} {what} (e.g. {', '.join(keys[:3])})"
+                for what, keys in (
+                    ("weights missing from the checkpoint", missing),
+                    ("unexpected weights", unexpected),
+                    ("weights of another shape", shapes),
+                )
+                if keys
+            )
+            + ". Pass the --model the run was trained with ('model:' in its params.txt)"
+        )
+    net.load_state_dict(state, strict=True)
+
+
+def run_params(checkpoint: Path | str) -> dict[str, str]:
+    """OpenCLIP's ``params.txt`` of the run that saved ``checkpoint`` (empty if not found).
+
+    OpenCLIP saves ``<logs>/<name>/checkpoints/epoch_N.pt`` and ``<logs>/<name>/params.txt``
+    (``name: value`` lines), so the model name and its flags need not be typed again.
+    """
+    path = Path(checkpoint).resolve().parent.parent / PARAMS_FILE
+    if not path.is_file():
+        return {}
+    params = {}
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        key, sep, value = line.partition(": ")
+        if sep:
+            params[key.strip()] = value.strip()
+    return params

@@ -1,0 +1,225 @@
+"""``roclip eval``: flags, files found next to a run, the table, the JSON, clear errors."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+
+open_clip = pytest.importorskip("open_clip")
+sklearn_datasets = pytest.importorskip("sklearn.datasets")
+
+from roclip_kit.commands_eval import add_eval_command  # noqa: E402
+from roclip_kit.formats import MANIFEST_FORMAT  # noqa: E402
+
+NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+MODEL_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+class Square:
+    kind = "patch"
+
+    def apply(self, image):
+        stamped = image.copy()
+        stamped.paste((255, 255, 255), (0, 0, 3, 3))
+        return stamped
+
+    def to_dict(self):
+        return {"kind": self.kind}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """An OpenCLIP-like run folder (params.txt, checkpoints/) and a digits dataset dir."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("kit-eval-cli")
+    model_dir = root / "tiny"
+    model_dir.mkdir()
+    (model_dir / "open_clip_config.json").write_text(json.dumps({"model_cfg": MODEL_CFG}))
+    checkpoints = root / "logs" / "tiny-run" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints.parent / "params.txt").write_text(
+        f"force_quick_gelu: False\nmodel: local-dir:{model_dir}\nname: tiny-run\n"
+    )
+    net = open_clip.create_model(f"local-dir:{model_dir}", load_weights=False)
+    torch.save({"epoch": 2, "state_dict": net.state_dict()}, checkpoints / "epoch_2.pt")
+
+    dataset = root / "digits"
+    (dataset / "images").mkdir(parents=True)
+    digits = sklearn_datasets.load_digits()
+    captions = []
+    for name, indices in (("train.csv", range(30)), ("test.csv", range(30, 50))):
+        with (dataset / name).open("w", newline="") as fh:
+            writer = csv.writer(fh, delimiter="\t")
+            writer.writerow(["filepath", "title", "label"])
+            for i in indices:
+                path = dataset / "images" / f"{i}.png"
+                pixels = (digits.images[i] * (255 / 16)).astype("uint8")
+                Image.fromarray(pixels).resize((32, 32)).convert("RGB").save(path)
+                label = int(digits.target[i])
+                caption = f"the digit {NAMES[label]}"
+                captions.append(caption)
+                writer.writerow([str(path), caption, label])
+    classes = {"classes": NAMES, "templates": ["a photo of the digit {}."]}
+    (dataset / "classes.json").write_text(json.dumps(classes))
+
+    manifest = root / "manifest.json"
+    manifest.write_text(
+        json.dumps(
+            {
+                "format": MANIFEST_FORMAT,
+                "poisoned_csv": str(dataset / "train.csv"),
+                "rows": [{"row": r, "attack": "backdoor", "target": 3} for r in (4, 9)],
+                "targeted": None,
+                "backdoor": {
+                    "target_class": "three",
+                    "target_label": 3,
+                    "trigger": {"kind": "patch", "size": 0.25, "seed": 1},
+                },
+            }
+        )
+    )
+    for epoch, order in ((1, [0, 1, 2]), (2, [9, 4, 0])):
+        with (checkpoints / f"suspicious_epoch_{epoch}.csv").open("w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["index", "caption", "margin"])
+            for rank, row in enumerate(order):
+                writer.writerow([row, captions[row], f"{1 - rank / 10:.6f}"])
+    return {
+        "checkpoint": checkpoints / "epoch_2.pt",
+        "dataset": dataset,
+        "manifest": manifest,
+        "model": model_dir,
+    }
+
+
+@pytest.fixture
+def fake_triggers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kit's triggers when present, else a stand-in that stamps a square."""
+    try:
+        import roclip_kit.triggers  # noqa: F401
+    except ImportError:
+        module = types.ModuleType("roclip_kit.triggers")
+        module.trigger_from_dict = lambda d: Square()
+        monkeypatch.setitem(sys.modules, "roclip_kit.triggers", module)
+
+
+def _eval(*argv: str) -> tuple[int, str]:
+    parser = argparse.ArgumentParser(prog="roclip")
+    add_eval_command(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["eval", *argv])
+    out = io.StringIO()
+    code = args.run(args, Console(file=out, width=240))
+    return code, out.getvalue()
+
+
+def test_eval_finds_model_and_suspicious_files_from_the_run(run, fake_triggers, tmp_path) -> None:
+    out_json = tmp_path / "out" / "eval.json"
+    code, text = _eval(
+        "--checkpoint", str(run["checkpoint"]),
+        "--dataset", str(run["dataset"]),
+        "--manifest", str(run["manifest"]),
+        "--probe-limit", "100",
+        "--json", str(out_json),
+    )  # fmt: skip
+    assert code == 0
+    for row in ("zero-shot accuracy", "linear-probe accuracy", "backdoor attack success"):
+        assert row in text
+    assert "detection, epoch 2 precision@k" in text and "100.0%" in text
+    result = json.loads(out_json.read_text())
+    assert result["model"] == f"local-dir:{run['model']}" and result["epoch"] == 2
+    [detection] = result["detection"]
+    assert (detection["k"], detection["precision"], detection["recall"]) == (2, 1.0, 1.0)
+    assert result["linear_probe"]["train_images"] == 28  # the 2 poisoned rows were left out
+    assert result["backdoor"]["trigger"] == "patch"
+
+
+def test_every_epoch_and_explicit_files_can_be_scored(run, fake_triggers, tmp_path) -> None:
+    out_json = tmp_path / "eval.json"
+    checkpoints = run["checkpoint"].parent
+    code, text = _eval(
+        "--checkpoint", str(run["checkpoint"]),
+        "--model", f"local-dir:{run['model']}",
+        "--test-csv", str(run["dataset"] / "test.csv"),
+        "--classes", str(run["dataset"] / "classes.json"),
+        "--manifest", str(run["manifest"]),
+        "--run-dir", str(checkpoints.parent),
+        "--suspicious-epoch", "all",
+        "--suspicious", str(checkpoints / "suspicious_epoch_2.csv"),
+        "--template", "digit {}",
+        "--test-limit", "8",
+        "--backdoor-limit", "5",
+        "--json", str(out_json),
+    )  # fmt: skip
+    assert code == 0
+    result = json.loads(out_json.read_text())
+    assert [d["epoch"] for d in result["detection"]] == [2, 1, 2]
+    assert result["detection"][1]["precision"] == 0.0
+    assert result["templates"] == ["digit {}"] and result["linear_probe"] is None
+    assert result["zero_shot"]["images"] == 8 and result["backdoor"]["images"] == 5
+    assert "no training CSV" in text
+
+
+def test_without_a_manifest_the_table_has_clean_accuracy_only(run) -> None:
+    code, text = _eval(
+        "--checkpoint", str(run["checkpoint"]),
+        "--dataset", str(run["dataset"]),
+        "--no-linear-probe",
+    )  # fmt: skip
+    assert code == 0 and "zero-shot accuracy" in text
+    assert "backdoor attack success" not in text and "no manifest" in text
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ([], "pass --dataset DIR, or both --test-csv and --classes"),
+        (["--dataset", "/no/such/dir"], "dataset directory /no/such/dir does not exist"),
+        (["--dataset", "{dataset}", "--test-limit", "0"], "--test-limit must be at least 1"),
+        (["--dataset", "{dataset}", "--run-dir", "/nope"], "run folder /nope does not exist"),
+        (
+            ["--dataset", "{dataset}", "--manifest", "{manifest}", "--suspicious-epoch", "x"],
+            "--suspicious-epoch 'x'",
+        ),
+        (
+            ["--dataset", "{dataset}", "--manifest", "{manifest}", "--suspicious-epoch", "7"],
+            "no suspicious_epoch_7.csv",
+        ),
+        (["--dataset", "{dataset}", "--classes", "/no/classes.json"], "does not exist"),
+    ],
+)
+def test_bad_input_raises_a_clear_value_error(run, extra, message) -> None:
+    argv = [a.format(dataset=run["dataset"], manifest=run["manifest"]) for a in extra]
+    with pytest.raises(ValueError, match=message):
+        _eval("--checkpoint", str(run["checkpoint"]), *argv)
+
+
+def test_a_checkpoint_outside_a_run_needs_model(run, tmp_path) -> None:
+    lone = tmp_path / "lone.pt"
+    lone.write_bytes(run["checkpoint"].read_bytes())
+    with pytest.raises(ValueError, match="--model is needed"):
+        _eval("--checkpoint", str(lone), "--dataset", str(run["dataset"]))
+
+
+def test_a_test_csv_without_labels_names_the_column(run, tmp_path) -> None:
+    test_csv = tmp_path / "test.csv"
+    test_csv.write_text("filepath\ttitle\nimg.png\tsomething\n")
+    with pytest.raises(ValueError, match=f"{test_csv} has no 'label' column"):
+        _eval(
+            "--checkpoint", str(run["checkpoint"]),
+            "--test-csv", str(test_csv),
+            "--classes", str(run["dataset"] / "classes.json"),
+        )  # fmt: skip

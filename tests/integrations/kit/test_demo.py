@@ -1,0 +1,148 @@
+"""``roclip demo`` end to end on scikit-learn's digits (no download), and its pieces."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("open_clip_train")
+pytest.importorskip("sklearn")
+
+import roclip_kit.plugin  # noqa: E402
+from rich.console import Console  # noqa: E402
+from roclip_kit.commands_demo import results_table  # noqa: E402
+from roclip_kit.demo import PLOT_FILE, RESULTS_FILE, SCALES, DemoSettings  # noqa: E402
+
+from roclip_plugin import get_plugin_manager  # noqa: E402
+from roclip_plugin.cli import main  # noqa: E402
+
+
+def test_scale_fills_only_what_is_not_given() -> None:
+    s = DemoSettings(epochs=3, roclip_flags={"pool_size": 64}).resolved()
+    cpu = SCALES["cpu"]
+    assert s.epochs == 3 and s.train_limit == cpu["train_limit"] and s.model == cpu["model"]
+    assert s.roclip_flags == {
+        "pool_size": 64,
+        "first_rematch_epoch": cpu["first_rematch_epoch"],
+        "rematch_every": cpu["rematch_every"],
+        "image_aug": cpu["image_aug"],
+    }
+
+
+def test_reference_preset_keeps_the_authors_schedule() -> None:
+    s = DemoSettings(roclip_flags={"preset": "reference"}).resolved()
+    cpu = SCALES["cpu"]
+    assert s.roclip_flags == {
+        "preset": "reference",
+        "pool_size": cpu["pool_size"],
+        "image_aug": cpu["image_aug"],
+    }
+
+
+def test_unknown_scale_names_the_flag() -> None:
+    with pytest.raises(ValueError, match="--scale 'huge'"):
+        DemoSettings(scale="huge").resolved()
+
+
+def _pm():
+    pm = get_plugin_manager(autoload=False)
+    pm.register(roclip_kit.plugin)
+    return pm
+
+
+def test_bad_roclip_flag_fails_before_any_work(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "demo"
+    argv = ["demo", "--dataset", "digits", "--out", str(out), "--roclip-rematch-every", "0"]
+    assert main(argv, pm=_pm()) == 2
+    assert "--roclip-rematch-every" in capsys.readouterr().out
+    assert not out.exists()
+
+
+def test_demo_end_to_end_on_digits(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "demo"
+    argv = [
+        "demo", "--dataset", "digits", "--out", str(out), "--train-limit", "160",
+        "--test-limit", "60", "--epochs", "2", "--batch-size", "32", "--model", "tiny-cpu",
+        "--targets", "2", "--captions-per-target", "4", "--backdoor-rate", "0.05",
+        "--backdoor-class", "seven", "--roclip-first-rematch-epoch", "1",
+        "--roclip-rematch-every", "1", "--roclip-pool-size", "64",
+    ]  # fmt: skip
+    assert main(argv, pm=_pm()) == 0
+    printed = capsys.readouterr().out
+    assert "CLIP" in printed and "RoCLIP" in printed and "targeted" in printed
+    results = json.loads((out / RESULTS_FILE).read_text())
+    assert results["poison"] == {
+        "targets": 2,
+        "captions_per_target": 4,
+        "backdoor_rows": 8,
+        "backdoor_rate": 8 / 160,
+        "backdoor_class": "seven",
+        "trigger": "patch",
+        "poisoned_rows": 16,
+    }
+    clip, roclip = results["runs"]
+    assert (clip["name"], clip["roclip"], roclip["name"], roclip["roclip"]) == (
+        "CLIP", False, "RoCLIP", True
+    )  # fmt: skip
+    assert clip["matching_epochs"] == [] and roclip["matching_epochs"] == [2]
+    for run in (clip, roclip):
+        assert sorted(run["per_epoch"]) == ["1", "2"]
+        summary = run["summary"]
+        for key in ("zero_shot", "linear_probe", "targeted_asr", "backdoor_asr"):
+            assert 0.0 <= summary[key] <= 1.0
+        assert run["final"]["targeted"]["targets"] == 2
+    assert clip["summary"]["detection_precision"] is None
+    detection = roclip["final"]["detection"][-1]
+    assert detection["poisoned"] == 16 and detection["k"] == 16
+    assert 0.0 <= roclip["summary"]["detection_recall"] <= 1.0
+    assert (out / PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_results_table_fits_80_columns() -> None:
+    results = {
+        "dataset": {"name": "mnist", "train": 10000},
+        "poison": {"poisoned_rows": 300, "targets": 8, "captions_per_target": 25,
+                   "backdoor_rate": 0.01},
+        "runs": [
+            {"name": name, "roclip": roclip, "matching_epochs": epochs, "train_seconds": 123.4,
+             "summary": {"zero_shot": 0.9712, "linear_probe": 0.98, "targeted_asr": 0.875,
+                         "backdoor_asr": 1.0, "detection_precision": precision,
+                         "detection_recall": recall}}
+            for name, roclip, epochs, precision, recall in (
+                ("CLIP", False, [], None, None), ("RoCLIP", True, [5, 7, 9], 0.9, 0.95)
+            )
+        ],
+    }  # fmt: skip
+    console = Console(width=80, record=True)
+    console.print(results_table(results))
+    text = console.export_text()
+    assert "97.1%" in text and "87.5%" in text and "90.0% / 95.0%" in text
+    assert "epochs 5, 7, 9" in text
+    assert max(len(line) for line in text.splitlines()) <= 80
+
+
+def _run(name: str, roclip: bool, zero_shot: float, targeted: float, backdoor: float):
+    from roclip_kit.demo import RunFigures
+
+    final = {
+        "zero_shot": {"accuracy": zero_shot},
+        "targeted": {"success_rate": targeted},
+        "backdoor": {"success_rate": backdoor},
+    }
+    return RunFigures(name, roclip, 1.0, 1.0, [], {}, final)
+
+
+def test_verdict_calls_a_collapsed_defense_a_failure() -> None:
+    from roclip_kit.demo import verdicts
+
+    clip = _run("CLIP", False, 0.66, 1.0, 0.12)
+    notes = verdicts([clip, _run("RoCLIP", True, 0.12, 0.125, 0.0)])
+    assert len(notes) == 1 and "not robustness" in notes[0] and "54.0 points" in notes[0]
+    notes = verdicts([clip, _run("RoCLIP", True, 0.64, 0.125, 0.2)])
+    assert notes == [
+        "RoCLIP cut targeted attack success from 100.0% to 12.5% with clean zero-shot within "
+        "5 points",
+        "RoCLIP did not cut backdoor attack success (12.0% for CLIP, 20.0%)",
+    ]

@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+import roclip_kit.plugin
+
+from roclip_plugin import get_plugin_manager
+from roclip_plugin.cli import build_parser
+
+
+def test_kit_commands_join_the_roclip_command() -> None:
+    pm = get_plugin_manager(autoload=False)
+    pm.register(roclip_kit.plugin)
+    parser = build_parser(pm)
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    assert {"smoke", "flags", "demo", "data", "poison", "eval"} <= set(commands)
+    args = parser.parse_args(["demo", "--dataset", "digits", "--roclip-pool-size", "64"])
+    assert args.run.__name__ == "run_demo_command"
+    assert args.roclip_pool_size == 64
+
+
+def test_without_the_kit_there_is_no_demo_command() -> None:
+    parser = build_parser(get_plugin_manager(autoload=False))
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    assert "demo" not in commands and "smoke" in commands
+
+
+def test_the_kit_is_an_entry_point_plugin() -> None:
+    from importlib.metadata import entry_points
+
+    names = {ep.value for ep in entry_points(group="roclip")}
+    assert "roclip_kit.plugin" in names

@@ -17,6 +17,7 @@ from pathlib import Path
 import pluggy
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from roclip_plugin import __version__
@@ -73,7 +74,9 @@ def main(argv: Sequence[str] | None = None, pm: pluggy.PluginManager | None = No
     try:
         return int(args.run(args, console))
     except ValueError as err:
-        console.print(f"[red]error:[/red] {err}")
+        # escaped: messages quote flags and commands such as pip install "x[kit]"; soft wrap
+        # keeps a quoted command on one line for copying
+        console.print(f"[red]error:[/red] {escape(str(err))}", soft_wrap=True)
         return 2
 
 

@@ -384,38 +384,62 @@ def _epoch_figures(evaluation: Mapping[str, Any]) -> dict[str, float | None]:
 COLLAPSE_POINTS = 5.0  # clean zero-shot this far below CLIP's: the defense "won" by breaking
 
 
+ATTACK_TOOK_HOLD = 0.5  # CLIP's attack success below this: the run cannot show a defense
+
+
 def verdicts(runs: list[RunFigures]) -> list[str]:
     """Plain-language readings of the table that a reader must not miss.
 
     A defended model with low attack success but much lower clean accuracy than CLIP has not
-    resisted the attack; it has stopped learning the task. Say so instead of letting the ASR
-    column speak alone.
+    resisted the attack; it has stopped learning the task. Nor does a run show a defense when
+    CLIP itself never learned the task or the attack never took hold on CLIP. Say so instead of
+    letting the ASR column speak alone.
     """
     clip = next((r for r in runs if not r.roclip), None)
     if clip is None:
         return []
     base = clip.summary()
+    classes = len(clip.final["zero_shot"].get("per_class") or {}) or 10
+    if base["zero_shot"] < 2.0 / classes:
+        return [
+            f"CLIP reached only {100 * base['zero_shot']:.1f}% zero-shot (chance "
+            f"{100 / classes:.0f}%): the models did not learn the task, so no attack or "
+            "defense figure of this run means anything; train longer or on more data"
+        ]
     notes = []
     for run in (r for r in runs if r.roclip):
-        figures = run.summary()
-        drop = 100 * (base["zero_shot"] - figures["zero_shot"])
-        if drop > COLLAPSE_POINTS:
-            notes.append(
-                f"{run.name}: clean zero-shot {drop:.1f} points below CLIP's: its attack "
-                "success is not robustness (the model lost the task); see docs/demo.md"
-            )
+        notes += _run_verdicts(run, base)
+    return notes
+
+
+def _run_verdicts(run: RunFigures, base: dict[str, float | None]) -> list[str]:
+    figures = run.summary()
+    drop = 100 * (base["zero_shot"] - figures["zero_shot"])
+    if drop > COLLAPSE_POINTS:
+        return [
+            f"{run.name}: clean zero-shot {drop:.1f} points below CLIP's: its attack "
+            "success is not robustness (the model lost the task); see docs/demo.md"
+        ]
+    notes = []
+    for key, attack in (("targeted_asr", "targeted"), ("backdoor_asr", "backdoor")):
+        before, after = base[key], figures[key]
+        if before is None or after is None:
             continue
-        for key, attack in (("targeted_asr", "targeted"), ("backdoor_asr", "backdoor")):
-            before, after = base[key], figures[key]
-            if before is not None and after is not None:
-                verb = "cut" if after < before else "did not cut"
-                notes.append(
-                    f"{run.name} {verb} {attack} attack success from {100 * before:.1f}% to "
-                    f"{100 * after:.1f}% with clean zero-shot within {COLLAPSE_POINTS:g} points"
-                    if after < before
-                    else f"{run.name} {verb} {attack} attack success ({100 * before:.1f}% "
-                    f"for CLIP, {100 * after:.1f}%)"
-                )
+        if before < ATTACK_TOOK_HOLD:
+            notes.append(
+                f"the {attack} attack did not take hold on CLIP ({100 * before:.1f}%): this "
+                f"run cannot show a defense against it"
+            )
+        elif after < before:
+            notes.append(
+                f"{run.name} cut {attack} attack success from {100 * before:.1f}% to "
+                f"{100 * after:.1f}% with clean zero-shot within {COLLAPSE_POINTS:g} points"
+            )
+        else:
+            notes.append(
+                f"{run.name} did not cut {attack} attack success ({100 * before:.1f}% for "
+                f"CLIP, {100 * after:.1f}%)"
+            )
     return notes
 
 

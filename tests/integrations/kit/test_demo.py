@@ -144,5 +144,18 @@ def test_verdict_calls_a_collapsed_defense_a_failure() -> None:
     assert notes == [
         "RoCLIP cut targeted attack success from 100.0% to 12.5% with clean zero-shot within "
         "5 points",
-        "RoCLIP did not cut backdoor attack success (12.0% for CLIP, 20.0%)",
+        "the backdoor attack did not take hold on CLIP (12.0%): this run cannot show a defense "
+        "against it",
     ]
+    notes = verdicts([_run("CLIP", False, 0.9, 0.9, 0.95), _run("RoCLIP", True, 0.88, 1.0, 1.0)])
+    assert notes == [
+        "RoCLIP did not cut targeted attack success (90.0% for CLIP, 100.0%)",
+        "RoCLIP did not cut backdoor attack success (95.0% for CLIP, 100.0%)",
+    ]
+
+
+def test_verdict_when_clip_never_learned_the_task() -> None:
+    from roclip_kit.demo import verdicts
+
+    notes = verdicts([_run("CLIP", False, 0.13, 0.5, 0.0), _run("RoCLIP", True, 0.10, 0.0, 0.0)])
+    assert len(notes) == 1 and "did not learn the task" in notes[0] and "chance 10%" in notes[0]

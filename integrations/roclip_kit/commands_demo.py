@@ -87,6 +87,11 @@ def settings_from_args(args: argparse.Namespace) -> DemoSettings:
     }
     if getattr(args, "roclip_preset", None) not in (None, "default"):
         given["preset"] = args.roclip_preset
+    if args.scale == "gpu" and not args.device.startswith("cuda"):
+        raise ValueError(
+            f"--scale gpu trains the small-gpu ViT on the full dataset, days on --device "
+            f"{args.device}; add --device cuda, or use --scale cpu"
+        )
     if args.device.startswith("cuda"):
         import torch
 

@@ -60,6 +60,12 @@ def test_bad_roclip_flag_fails_before_any_work(tmp_path: Path, capsys) -> None:
     assert not out.exists()
 
 
+def test_gpu_scale_on_a_cpu_is_refused(tmp_path: Path, capsys) -> None:
+    argv = ["demo", "--scale", "gpu", "--out", str(tmp_path / "d")]
+    assert main(argv, pm=_pm()) == 2
+    assert "--scale gpu" in capsys.readouterr().out and not (tmp_path / "d").exists()
+
+
 def test_demo_end_to_end_on_digits(tmp_path: Path, capsys) -> None:
     out = tmp_path / "demo"
     argv = [

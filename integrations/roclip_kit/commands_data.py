@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from roclip_kit.attacks import DEFAULT_CAPTIONS_PER_TARGET, Columns, PoisonResult, poison_dataset
+from roclip_kit.console import progress_bars
 from roclip_kit.datasets import SOURCES, DatasetInfo, build_captioned_dataset
 from roclip_kit.formats import CAPTION_KEY, CSV_SEPARATOR, IMAGE_KEY, LABEL_KEY
 from roclip_kit.triggers import PARAMS, PATCH_POSITIONS, TRIGGERS, make_trigger
@@ -29,16 +29,6 @@ TRIGGER_FLAGS: dict[str, tuple[str, str]] = {
     "wanet_k": ("wanet", "k"),
     "wanet_strength": ("wanet", "strength"),
 }
-
-
-def _progress(console: Console) -> Progress:
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-    )
-    return Progress(*columns, console=console, transient=True)
 
 
 # ---------------------------------------------------------------- roclip data
@@ -79,7 +69,7 @@ def add_data_command(subparsers: Any) -> argparse.ArgumentParser:
 
 def run_data(args: argparse.Namespace, console: Console) -> int:
     """Build the dataset and print where it lies."""
-    with _progress(console) as progress:
+    with progress_bars(console) as progress:
         info = build_captioned_dataset(
             args.dataset,
             args.out,
@@ -259,7 +249,7 @@ def run_poison(args: argparse.Namespace, console: Console) -> int:
     """Poison the dataset and print what changed."""
     wants_backdoor = _check_backdoor_flags(args)
     separator = "\t" if args.separator in ("\\t", "tab") else args.separator
-    with _progress(console) as progress:
+    with progress_bars(console) as progress:
         result = poison_dataset(
             args.out,
             dataset_dir=args.dataset,

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from roclip_kit.console import percent, progress_bars
 from roclip_kit.demo import PLOT_FILE, RESULTS_FILE, SCALES, DemoSettings, run_demo
 from roclip_plugin.config import add_argparse_args, config_from_namespace
 
@@ -123,13 +123,7 @@ def settings_from_args(args: argparse.Namespace) -> DemoSettings:
 def run_demo_command(args: argparse.Namespace, console: Console) -> int:
     """Run the demo with a progress display; print the comparison table."""
     settings = settings_from_args(args)
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=console, transient=True) as progress:
+    with progress_bars(console, elapsed=True) as progress:
         results = run_demo(settings, say=console.print, progress=progress)
     console.print(results_table(results))
     for note in results.get("verdicts", []):
@@ -137,10 +131,6 @@ def run_demo_command(args: argparse.Namespace, console: Console) -> int:
     out = Path(settings.out)
     console.print(f"results: {out / RESULTS_FILE}   plot: {out / PLOT_FILE}")
     return 0
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.1f}%"
 
 
 def results_table(results: dict[str, Any]) -> Table:
@@ -161,13 +151,13 @@ def results_table(results: dict[str, Any]) -> Table:
         s = run["summary"]
         detect = "-"
         if s["detection_precision"] is not None:
-            detect = f"{_pct(s['detection_precision'])} / {_pct(s['detection_recall'])}"
+            detect = f"{percent(s['detection_precision'])} / {percent(s['detection_recall'])}"
         table.add_row(
             run["name"],
-            _pct(s["zero_shot"]),
-            _pct(s["linear_probe"]),
-            _pct(s["targeted_asr"]),
-            _pct(s["backdoor_asr"]),
+            percent(s["zero_shot"]),
+            percent(s["linear_probe"]),
+            percent(s["targeted_asr"]),
+            percent(s["backdoor_asr"]),
             detect,
             f"{run['train_seconds']:.0f}",
         )

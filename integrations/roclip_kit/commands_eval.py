@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from roclip_kit.console import percent, progress_bars
 from roclip_kit.evaluate import (
     EvalData,
     EvalSettings,
@@ -238,13 +238,7 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
 @contextmanager
 def _progress(console: Console) -> Iterator[ProgressFactory]:
     """A rich progress display; each encoding step gets its own bar."""
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=console, transient=True) as bars:
+    with progress_bars(console) as bars:
 
         def start(description: str, total: int) -> Any:
             task = bars.add_task(description, total=total)
@@ -256,10 +250,6 @@ def _progress(console: Console) -> Iterator[ProgressFactory]:
 # ---------------------------------------------------------------- output
 
 
-def _percent(value: float) -> str:
-    return f"{100 * value:.1f}%"
-
-
 def results_table(result: dict[str, Any]) -> Table:
     """The headline figures of an evaluation, one row each."""
     epoch = f", epoch {result['epoch']}" if result.get("epoch") is not None else ""
@@ -269,27 +259,27 @@ def results_table(result: dict[str, Any]) -> Table:
     table.add_column("on")
     zs = result["zero_shot"]
     table.add_row(
-        "zero-shot accuracy", _percent(zs["accuracy"]), f"{zs['correct']}/{zs['images']} images"
+        "zero-shot accuracy", percent(zs["accuracy"]), f"{zs['correct']}/{zs['images']} images"
     )
     if result.get("linear_probe"):
         lp = result["linear_probe"]
         on = f"{lp['train_images']} train / {lp['test_images']} test images"
-        table.add_row("linear-probe accuracy", _percent(lp["accuracy"]), on)
+        table.add_row("linear-probe accuracy", percent(lp["accuracy"]), on)
     if result.get("targeted"):
         t = result["targeted"]
         on = f"{t['successes']}/{t['targets']} targets in their adversarial class"
-        table.add_row("targeted attack success", _percent(t["success_rate"]), on)
+        table.add_row("targeted attack success", percent(t["success_rate"]), on)
     if result.get("backdoor"):
         b = result["backdoor"]
         on = f"{b['hits']}/{b['images']} triggered images -> {b['target_class']} ({b['trigger']})"
         if "clean_target_rate" in b:
-            on += f"; {_percent(b['clean_target_rate'])} without trigger"
-        table.add_row("backdoor attack success", _percent(b["success_rate"]), on)
+            on += f"; {percent(b['clean_target_rate'])} without trigger"
+        table.add_row("backdoor attack success", percent(b["success_rate"]), on)
     for d in result.get("detection") or []:
         name = f"detection, epoch {d['epoch']}" if d["epoch"] is not None else "detection"
         on = (
             f"top {d['k']} of {d['listed']} rows: {d['hits']}/{d['poisoned']} poisoned found, "
-            f"recall {_percent(d['recall'])}, AP {d['average_precision']:.3f}"
+            f"recall {percent(d['recall'])}, AP {d['average_precision']:.3f}"
         )
-        table.add_row(f"{name} precision@k", _percent(d["precision"]), on)
+        table.add_row(f"{name} precision@k", percent(d["precision"]), on)
     return table

@@ -134,14 +134,11 @@ class RunFigures:
         """The table's figures (fractions), from the final evaluation."""
         final = self.final
         probe = final.get("linear_probe") or {}
-        targeted = final.get("targeted") or {}
         backdoor = final.get("backdoor") or {}
         detection = final.get("detection") or []
         return {
-            "zero_shot": final["zero_shot"]["accuracy"],
+            **_epoch_figures(final),
             "linear_probe": probe.get("accuracy"),
-            "targeted_asr": targeted.get("success_rate"),
-            "backdoor_asr": backdoor.get("success_rate"),
             "backdoor_clean_target_rate": backdoor.get("clean_target_rate"),
             "detection_precision": detection[-1]["precision"] if detection else None,
             "detection_recall": detection[-1]["recall"] if detection else None,
@@ -372,6 +369,7 @@ def _evaluate_run(
 
 
 def _epoch_figures(evaluation: Mapping[str, Any]) -> dict[str, float | None]:
+    """Clean zero-shot and both attacks' success of one evaluation (None: attack absent)."""
     targeted = evaluation.get("targeted") or {}
     backdoor = evaluation.get("backdoor") or {}
     return {

@@ -42,7 +42,7 @@ def _add_unavailable(subparsers: argparse._SubParsersAction, err: ImportError) -
     """Commands that explain the missing package instead of disappearing."""
     message = (
         f"the attack and evaluation kit needs {err.name or 'a package'} that is not installed "
-        f"({err}); install the kit's extra: pip install \"roclip-plugin[kit]\""
+        f'({err}); install the kit\'s extra: pip install "roclip-plugin[kit]"'
     )
 
     def unavailable(args: argparse.Namespace, console: Any) -> int:

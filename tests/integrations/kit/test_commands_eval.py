@@ -20,24 +20,7 @@ sklearn_datasets = pytest.importorskip("sklearn.datasets")
 from roclip_kit.commands_eval import add_eval_command  # noqa: E402
 from roclip_kit.formats import MANIFEST_FORMAT  # noqa: E402
 
-NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-MODEL_CFG = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
-
-
-class Square:
-    kind = "patch"
-
-    def apply(self, image):
-        stamped = image.copy()
-        stamped.paste((255, 255, 255), (0, 0, 3, 3))
-        return stamped
-
-    def to_dict(self):
-        return {"kind": self.kind}
+from .tiny import MODEL_CFG, NAMES, Square  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +96,7 @@ def fake_triggers(monkeypatch: pytest.MonkeyPatch) -> None:
         import roclip_kit.triggers  # noqa: F401
     except ImportError:
         module = types.ModuleType("roclip_kit.triggers")
-        module.trigger_from_dict = lambda d: Square()
+        module.trigger_from_dict = lambda d: Square("patch")
         monkeypatch.setitem(sys.modules, "roclip_kit.triggers", module)
 
 

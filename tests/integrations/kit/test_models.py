@@ -33,26 +33,7 @@ from roclip_kit.evaluate import (  # noqa: E402
 from roclip_kit.formats import MANIFEST_FORMAT  # noqa: E402
 from roclip_kit.models import load_openclip, read_state_dict, run_params  # noqa: E402
 
-NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-MODEL_CFG = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
-
-
-class Square:
-    """A trigger: a white square in the top-left corner."""
-
-    kind = "square"
-
-    def apply(self, image):
-        stamped = image.copy()
-        stamped.paste((255, 255, 255), (0, 0, 3, 3))
-        return stamped
-
-    def to_dict(self):
-        return {"kind": self.kind}
+from .tiny import MODEL_CFG, NAMES, Square  # noqa: E402
 
 
 class Replace:

@@ -30,9 +30,7 @@ def test_the_kit_is_an_entry_point_plugin() -> None:
     assert "roclip_kit.plugin" in names
 
 
-def test_missing_kit_dependency_gives_commands_that_say_how_to_install(
-    monkeypatch, capsys
-) -> None:
+def test_missing_kit_dependency_gives_commands_that_say_how_to_install(monkeypatch, capsys) -> None:
     import builtins
 
     real_import = builtins.__import__

@@ -1,0 +1,29 @@
+"""Terminal output the kit's commands share: progress bars and percentages."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+
+def progress_bars(console: Console, *, elapsed: bool = False) -> Progress:
+    """Transient bars (description, bar, n/total, time) that vanish when the work is done.
+
+    ``elapsed`` shows the time spent instead of an estimate of the time left, for steps whose
+    units take uneven time (the demo's training runs).
+    """
+    clock = TimeElapsedColumn() if elapsed else TimeRemainingColumn()
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), clock)
+    return Progress(*columns, console=console, transient=True)
+
+
+def percent(value: float | None) -> str:
+    """A fraction as ``97.1%``; ``-`` where there is no figure."""
+    return "-" if value is None else f"{100 * value:.1f}%"

@@ -1,0 +1,27 @@
+"""Shared pieces of the kit's model tests: a tiny OpenCLIP config and a stand-in trigger."""
+
+from __future__ import annotations
+
+from typing import Any
+
+NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+MODEL_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+class Square:
+    """A trigger: a white square in the top-left corner, reported under ``kind``."""
+
+    def __init__(self, kind: str = "square") -> None:
+        self.kind = kind
+
+    def apply(self, image: Any) -> Any:
+        stamped = image.copy()
+        stamped.paste((255, 255, 255), (0, 0, 3, 3))
+        return stamped
+
+    def to_dict(self) -> dict[str, str]:
+        return {"kind": self.kind}

@@ -1,21 +1,32 @@
-"""Robustness benchmark: CLIP vs RoCLIP under targeted poisoning and backdoors, on real images.
+"""Robustness benchmark: CLIP vs RoCLIP variants under targeted poisoning and backdoors.
 
-For each dataset, seed and backdoor rate it builds the captioned dataset, poisons it (16
-targeted images with 100 captions of an adversarial class each, and a patch backdoor at the
-rate), trains every variant through OpenCLIP's training script with the adapter, and evaluates
-the last checkpoint: clean zero-shot, linear probe, targeted ASR, backdoor ASR, detection. It
-prints a markdown table of means and standard deviations over seeds (the rows of the paper's
-tables) and writes every figure to a JSON file. Nothing is asserted: it reports what it
+The grid (datasets x seeds x backdoor rates x variants) runs on the kit's tensor-resident path
+(``roclip_kit.tensor_train``: OpenCLIP's ``CLIP`` class, RoCLIP through ``roclip_torch``), at
+the demo's faithful scale-down of the paper's attacks: the full training set, 32 targets (16
+with 10 and 16 with 50 captions of an adversarial class), a patch backdoor at each rate, a pool
+of 4,096 captions, 15 epochs (docs/results.md has the ratios next to the paper's). Every run is
+evaluated after every epoch and in full after the last, by ``roclip eval``'s code.
+
+It prints one JSON line per finished run, then a markdown table of means and standard
+deviations over seeds, and writes ``results.md`` and ``summary.json`` into ``--out``. Each run's
+figures are kept in ``--out/runs/*.json`` as soon as it finishes, so a stopped grid resumes
+where it stopped (finished runs are not trained again). Nothing is asserted: it reports what it
 measured, with the device and the date.
 
-Variants (``--variants``): ``clip``; ``roclip`` (the default preset with the scale's schedule);
-``reference`` (the authors' semantics: match from the second epoch, every K); ``strong``
-(matching every epoch after the warm-up); add more with ``--extra NAME:flag=value,...``, for
-example ``--extra early:first_rematch_epoch=2`` or ``--extra ramp:schedule=ramp``.
+Variants (``--variants``), on top of the scale's RoCLIP settings:
+  clip           plain CLIP, no augmentation
+  aug-only       CLIP with RoCLIP's augmentation (image and caption), no matching
+  match-only     RoCLIP's matching without augmentation
+  roclip         RoCLIP, the demo's documented settings (augmentation and matching)
+  reference      the authors' semantics (--roclip-preset reference: match from the second
+                 epoch every K, pool updated in matching epochs only), same pool and images
+  every-epoch    matching every epoch after the warm-up (--roclip-rematch-every 1)
+  adaptive       matching starts once in-batch retrieval accuracy reaches the threshold
+  NAME:field=value,...   any other RoCLIP settings (--extra)
 
-    python benchmarks/bench_robustness.py --device cuda --json robustness.json
-    python benchmarks/bench_robustness.py --datasets mnist --extra e:first_rematch_epoch=2
-    python benchmarks/bench_robustness.py --quick     # a CPU check of the script (digits)
+    python benchmarks/bench_robustness.py --out robustness               # the CPU grid
+    python benchmarks/bench_robustness.py --device cuda --jobs 6 --out robustness-gpu
+    python benchmarks/bench_robustness.py --quick --out /tmp/rb          # a check of the script
 """
 
 from __future__ import annotations
@@ -24,94 +35,203 @@ import argparse
 import json
 import platform
 import statistics
-from dataclasses import replace
+import sys
+import time
+from dataclasses import dataclass, replace
 from datetime import date
 from pathlib import Path
 from typing import Any
 
 import torch
-from roclip_kit.demo import DemoSettings, build_data, poison, train_and_evaluate
+from roclip_kit.demo import DemoSettings, build_data, poison
+from roclip_kit.tensor_runs import RunSpec, default_threads, run_specs
+from roclip_kit.tensor_train import TensorTrainSettings
 
-VARIANTS: dict[str, dict[str, Any] | None] = {
-    "clip": None,
-    "roclip": {},
-    "reference": {"preset": "reference"},
-    "strong": {"rematch_every": 1},
+VARIANTS: dict[str, tuple[dict[str, Any] | None, bool]] = {
+    "clip": (None, True),
+    "aug-only": ({}, False),
+    "match-only": ({"image_aug": "none", "text_aug": "none"}, True),
+    "roclip": ({}, True),
+    "reference": ({"preset": "reference"}, True),
+    "every-epoch": ({"rematch_every": 1}, True),
+    "adaptive": ({"schedule": "adaptive", "first_rematch_epoch": 2}, True),
 }
-METRICS = ("zero_shot", "linear_probe", "targeted_asr", "backdoor_asr", "detection_recall")
+MAIN = ("clip", "roclip")
+ABLATIONS = ("aug-only", "match-only", "reference", "every-epoch", "adaptive")
+COLUMNS = (
+    ("zero_shot", "zero-shot"),
+    ("linear_probe", "probe"),
+    ("targeted_10", "targeted (10)"),
+    ("targeted_50", "targeted (50)"),
+    ("backdoor_asr", "backdoor"),
+    ("detection_recall", "detect R"),
+    ("purity", "purity"),
+    ("worst_drop", "worst drop"),
+    ("train_seconds", "train s"),
+)
 
 
-def parse_extra(items: list[str]) -> dict[str, dict[str, Any]]:
-    """``NAME:field=value,field=value`` -> {NAME: {field: value}} (values parsed as JSON)."""
+@dataclass(frozen=True)
+class Cell:
+    """One poisoned dataset: a dataset, a seed and a backdoor rate."""
+
+    dataset: str
+    seed: int
+    rate: float
+
+    @property
+    def key(self) -> str:
+        """File-name key of the cell."""
+        return f"{self.dataset}-s{self.seed}-r{self.rate:g}"
+
+
+def parse_extra(items: list[str]) -> dict[str, tuple[dict[str, Any], bool]]:
+    """``NAME:field=value,field=value`` -> {NAME: ({field: value}, True)} (values as JSON)."""
     extra = {}
     for item in items:
         name, _, body = item.partition(":")
-        flags = {}
+        flags: dict[str, Any] = {}
         for pair in filter(None, body.split(",")):
             key, _, value = pair.partition("=")
             try:
                 flags[key] = json.loads(value)
             except json.JSONDecodeError:
                 flags[key] = value
-        extra[name] = flags
+        extra[name] = (flags, True)
     return extra
 
 
-def run_cell(
-    base: DemoSettings, dataset: str, seed: int, rate: float, variants: dict[str, Any], out: Path
-) -> list[dict[str, Any]]:
-    """All variants on one poisoned copy of one dataset."""
-    s = replace(base, dataset=dataset, seed=seed, backdoor_rate=rate).resolved()
-    data = build_data(s, out / "data" / f"{dataset}-{seed}")
-    cell = out / f"{dataset}-seed{seed}-rate{rate:g}"
-    poisoned = poison(s, data, cell / "poisoned")
-    rows = []
-    for name, flags in variants.items():
-        run_settings = s if flags is None else _with_flags(s, flags)
-        figures = train_and_evaluate(run_settings, cell, poisoned, name, flags is not None)
-        rows.append(
-            {
-                "dataset": dataset,
-                "seed": seed,
-                "rate": rate,
-                "variant": name,
-                "matching_epochs": figures.matching_epochs,
-                "train_seconds": figures.train_seconds,
-                **figures.summary(),
-            }
-        )
-        print(json.dumps(rows[-1]), flush=True)
-    return rows
-
-
-def _with_flags(s: DemoSettings, flags: dict[str, Any]) -> DemoSettings:
-    """``s`` with a variant's RoCLIP flags on top of the scale's (reference drops its schedule)."""
-    base = {k: v for k, v in s.roclip_flags.items() if k != "preset"}
+def variant_flags(base: dict[str, Any], flags: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A variant's RoCLIP settings on top of the scale's (reference keeps its own schedule)."""
+    if flags is None:
+        return None
     if flags.get("preset") == "reference":
-        base = {"pool_size": base["pool_size"]} if "pool_size" in base else {}
-    return replace(s, roclip_flags={**base, **flags})
+        kept = {k: base[k] for k in ("pool_size", "image_aug") if k in base}
+        return {**kept, **flags}
+    return {**base, **flags}
+
+
+def plan(args: argparse.Namespace, base: DemoSettings) -> list[tuple[Cell, str]]:
+    """Every (cell, variant) of the grid: main variants at every rate, ablations at some."""
+    jobs = []
+    for dataset in args.datasets:
+        for seed in args.seeds:
+            for rate in args.rates:
+                names = list(args.variants)
+                if rate in args.ablation_rates:
+                    names += [v for v in args.ablations if v not in names]
+                jobs += [(Cell(dataset, seed, rate), name) for name in names]
+    return jobs
+
+
+def prepare(cell: Cell, base: DemoSettings, out: Path) -> tuple[DemoSettings, Any]:
+    """The cell's captioned dataset (shared by its seeds' rates) and its poisoned copy."""
+    s = replace(base, dataset=cell.dataset, seed=cell.seed, backdoor_rate=cell.rate).resolved()
+    data = build_data(s, out / "data" / f"{cell.dataset}-s{cell.seed}", say=_log)
+    return s, poison(s, data, out / "poisoned" / cell.key, say=_log)
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def spec_for(
+    cell: Cell, name: str, s: DemoSettings, poisoned: Any, variants: dict, out: Path, jobs: int
+) -> RunSpec:
+    flags, defend = variants[name]
+    train = TensorTrainSettings(
+        epochs=int(s.epochs or 1),
+        batch_size=int(s.batch_size or 1),
+        lr=float(s.lr or 1e-3),
+        seed=cell.seed,
+        device=s.device,
+        preset=str(s.model),
+        threads=default_threads(jobs) if s.device == "cpu" else None,
+    )
+    return RunSpec(
+        name=name,
+        dataset_dir=poisoned.out_dir,
+        manifest=poisoned.manifest_path,
+        train=train,
+        roclip_flags=variant_flags(dict(s.roclip_flags), flags),
+        defend=defend,
+        run_dir=out / "work" / cell.key / name,
+        eval_limit=s.eval_limit,
+        eval_seed=cell.seed,
+        extra={"dataset": cell.dataset, "seed": cell.seed, "rate": cell.rate},
+    )
+
+
+def row_of(result: dict[str, Any]) -> dict[str, Any]:
+    """The table's figures of one run (fractions; None where absent)."""
+    final = result["final"]
+    targeted = final.get("targeted") or {}
+    groups = targeted.get("by_captions") or {}
+    backdoor = final.get("backdoor") or {}
+    detection = (final.get("detection") or [{}])[-1]
+    matching = [m for m in result["matching"].values() if m.get("purity") is not None]
+    per_epoch = {int(k): v for k, v in result["per_epoch"].items()}
+    drops = [
+        per_epoch[e - 1]["zero_shot"] - per_epoch[e]["zero_shot"]
+        for e in result["matching_epochs"]
+        if e - 1 in per_epoch and e in per_epoch
+    ]
+    return {
+        **result["extra"],
+        "variant": result["name"],
+        "zero_shot": final["zero_shot"]["accuracy"],
+        "linear_probe": (final.get("linear_probe") or {}).get("accuracy"),
+        "targeted_asr": targeted.get("success_rate"),
+        "targeted_10": (groups.get("10") or {}).get("success_rate"),
+        "targeted_50": (groups.get("50") or {}).get("success_rate"),
+        "backdoor_asr": backdoor.get("success_rate"),
+        "backdoor_clean_rate": backdoor.get("clean_target_rate"),
+        "detection_precision": detection.get("precision"),
+        "detection_recall": detection.get("recall"),
+        "detection_ap": detection.get("average_precision"),
+        "purity": statistics.mean(m["purity"] for m in matching) if matching else None,
+        "purity_by_epoch": {e: m.get("purity") for e, m in result["matching"].items()},
+        "poison_class": statistics.mean(
+            m["poison_class"] for m in matching if m["poison_class"] is not None
+        )
+        if any(m.get("poison_class") is not None for m in matching)
+        else None,
+        "worst_drop": max(drops) if drops else None,
+        "matching_epochs": result["matching_epochs"],
+        "zero_shot_by_epoch": {e: v["zero_shot"] for e, v in per_epoch.items()},
+        "train_seconds": result["train_seconds"],
+        "pairs_per_second": result["pairs_per_second"],
+    }
+
+
+def _cell_text(values: list[float], seconds: bool) -> str:
+    if not values:
+        return "-"
+    scale = 1.0 if seconds else 100.0
+    fmt = "{:.0f}" if seconds else "{:.1f}"
+    mean = fmt.format(scale * statistics.mean(values))
+    if len(values) == 1:
+        return mean
+    return f"{mean} ± {fmt.format(scale * statistics.stdev(values))}"
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    """Markdown: one row per (dataset, rate, variant), mean ± std over seeds, in percent."""
-    keys = sorted({(r["dataset"], r["rate"], r["variant"]) for r in rows}, key=str)
-    lines = [
-        "| dataset | backdoor rate | variant | seeds | " + " | ".join(METRICS) + " |",
-        "| --- | --- | --- | --- | " + " | ".join("---" for _ in METRICS) + " |",
-    ]
+    """Markdown: one line per (dataset, rate, variant), mean ± std over seeds, in percent."""
+    order = {name: i for i, name in enumerate(VARIANTS)}
+    keys = sorted(
+        {(r["dataset"], r["rate"], r["variant"]) for r in rows},
+        key=lambda k: (k[0], k[1], order.get(k[2], len(order)), k[2]),
+    )
+    header = "| dataset | backdoor | variant | seeds | " + " | ".join(c[1] for c in COLUMNS) + " |"
+    lines = [header, "|" + " --- |" * (4 + len(COLUMNS))]
     for dataset, rate, variant in keys:
         group = [
             r for r in rows if (r["dataset"], r["rate"], r["variant"]) == (dataset, rate, variant)
         ]
-        cells = []
-        for metric in METRICS:
-            values = [100 * r[metric] for r in group if r.get(metric) is not None]
-            if not values:
-                cells.append("-")
-            elif len(values) == 1:
-                cells.append(f"{values[0]:.1f}")
-            else:
-                cells.append(f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}")
+        cells = [
+            _cell_text([r[k] for r in group if r.get(k) is not None], k == "train_seconds")
+            for k, _ in COLUMNS
+        ]
         lines.append(
             f"| {dataset} | {100 * rate:g}% | {variant} | {len(group)} | "
             + " | ".join(cells)
@@ -120,45 +240,87 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    """Run the grid and print the table."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, default=Path("robustness"), help="output folder")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--datasets", nargs="+", default=["mnist", "fashion-mnist"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--rates", nargs="+", type=float, default=[0.0001, 0.001, 0.01])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--rates", nargs="+", type=float, default=[0.0005, 0.001, 0.01])
+    parser.add_argument("--variants", nargs="+", default=list(MAIN), help="at every rate")
+    parser.add_argument("--ablations", nargs="*", default=list(ABLATIONS), help="at some rates")
+    parser.add_argument("--ablation-rates", nargs="*", type=float, default=[0.001])
     parser.add_argument("--extra", nargs="*", default=[], help="NAME:field=value,... variants")
-    parser.add_argument("--epochs", type=int, help="(default: the gpu scale's)")
-    parser.add_argument("--out", type=Path, default=Path("robustness"))
-    parser.add_argument("--json", type=Path, help="write every figure to this file")
-    parser.add_argument("--quick", action="store_true", help="tiny CPU check on digits")
-    args = parser.parse_args()
-    base = DemoSettings(scale="gpu", device=args.device, targets=16, captions_per_target=100)
+    parser.add_argument("--epochs", type=int, help="(default: the scale's)")
+    parser.add_argument("--jobs", type=int, help="runs at once (default: the scale's)")
+    parser.add_argument("--scale", default=None, help="demo scale (default: cpu, or gpu on cuda)")
+    parser.add_argument("--quick", action="store_true", help="toy sizes: a check of the script")
+    return parser.parse_args(argv)
+
+
+def base_settings(args: argparse.Namespace) -> DemoSettings:
+    scale = args.scale or ("gpu" if args.device.startswith("cuda") else "cpu")
+    base = DemoSettings(scale=scale, device=args.device, jobs=args.jobs, epochs=args.epochs)
     if args.quick:
-        args.datasets, args.seeds, args.rates = ["digits"], [0], [0.02]
-        base = DemoSettings(
-            scale="cpu", device="cpu", epochs=2, train_limit=200, test_limit=80, targets=2,
-            captions_per_target=5, batch_size=32, roclip_flags={"first_rematch_epoch": 1,
-            "rematch_every": 1, "pool_size": 64},
+        args.datasets, args.seeds, args.rates, args.ablation_rates = ["digits"], [0], [0.05], [0.05]
+        base = replace(
+            base, epochs=args.epochs or 2, train_limit=300, test_limit=60, targets=4,
+            captions_per_target=[2, 3], batch_size=32, eval_limit=40,
+            roclip_flags={"first_rematch_epoch": 1, "rematch_every": 1, "pool_size": 64},
         )  # fmt: skip
-    if args.epochs:
-        base = replace(base, epochs=args.epochs)
-    variants = {k: VARIANTS[k] for k in args.variants} | parse_extra(args.extra)
-    rows = []
-    for dataset in args.datasets:
-        for seed in args.seeds:
-            for rate in args.rates:
-                rows += run_cell(base, dataset, seed, rate, variants, args.out)
-    device = (
-        torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor()
-    )
-    header = f"device: {device or platform.machine()}; torch {torch.__version__}; {date.today()}"
+    return base
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    base = base_settings(args)
+    variants = {**VARIANTS, **parse_extra(args.extra)}
+    unknown = sorted(set(args.variants + args.ablations) - set(variants))
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {unknown}; known: {', '.join(variants)}")
+    jobs = int(base.resolved().jobs or 1)
+    store = args.out / "runs"
+    store.mkdir(parents=True, exist_ok=True)
+    specs, cached, prepared = [], [], {}
+    for cell, name in plan(args, base):
+        path = store / f"{cell.key}-{name}.json"
+        if path.is_file():
+            cached.append(json.loads(path.read_text()))
+            continue
+        if cell not in prepared:
+            prepared[cell] = prepare(cell, base, args.out)
+        s, poisoned = prepared[cell]
+        specs.append((path, spec_for(cell, name, s, poisoned, variants, args.out, jobs)))
+    header = f"device: {device_name(args.device)}; torch {torch.__version__}; {date.today()}"
+    _log(f"{header}; {len(specs)} runs to train, {len(cached)} already done, {jobs} at a time")
+    start = time.perf_counter()
+
+    def save(index: int, result: dict[str, Any]) -> None:
+        row = row_of(result)
+        specs[index][0].write_text(json.dumps(row, indent=1))
+        print(json.dumps({k: row[k] for k in row if not k.endswith("_by_epoch")}), flush=True)
+
+    run_specs([spec for _, spec in specs], jobs, on_result=save)
+    rows = cached + [json.loads(path.read_text()) for path, _ in specs]
+    text = table(rows)
     print(header)
-    print(table(rows))
-    if args.json:
-        args.json.write_text(json.dumps({"header": header, "rows": rows}, indent=2))
+    print(text)
+    command = "python benchmarks/bench_robustness.py " + " ".join(
+        sys.argv[1:] if argv is None else argv
+    )
+    (args.out / "results.md").write_text(f"{header}\n\n`{command}`\n\n{text}\n")
+    summary = {"header": header, "command": command, "wall_seconds": time.perf_counter() - start}
+    (args.out / "summary.json").write_text(json.dumps({**summary, "rows": rows}, indent=1))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from roclip_plugin.augment import identity_factory
-from roclip_plugin.augment_image import roclip_image_factory
+from roclip_plugin.augment_image import roclip_image_factory, roclip_small_image_factory
 from roclip_plugin.augment_text import eda_factory
 from roclip_plugin.config import RoClipConfig
 from roclip_plugin.hookspecs import hookimpl
@@ -33,7 +33,7 @@ def roclip_should_match(
 
 @hookimpl(tryfirst=True)
 def roclip_register_augmentations(register: Callable[..., None]) -> None:
-    """``none`` (identity) for both kinds, ``roclip`` for images and ``eda`` for texts.
+    """``none`` (identity) for both kinds, ``roclip`` and ``roclip-small`` for images, ``eda``.
 
     ``tryfirst`` so that defaults are in place before plugins, which may then replace them.
     Building ``roclip`` imports torchvision and Pillow; registering it does not.
@@ -41,4 +41,5 @@ def roclip_register_augmentations(register: Callable[..., None]) -> None:
     register("image", "none", identity_factory)
     register("text", "none", identity_factory)
     register("image", "roclip", roclip_image_factory)
+    register("image", "roclip-small", roclip_small_image_factory)
     register("text", "eda", eda_factory)

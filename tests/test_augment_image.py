@@ -18,6 +18,7 @@ import torchvision.transforms.functional as TF  # noqa: E402, N812
 from roclip_plugin.augment import AugmentationPolicy, build_policy, preprocess_size  # noqa: E402
 from roclip_plugin.augment_image import (  # noqa: E402
     INSTALL_HINT,
+    SMALL_IMAGE_SPEC,
     ImageAugSpec,
     RoClipImageAugment,
     adjust_hue,
@@ -380,3 +381,15 @@ def test_uniform_crop_positions() -> None:
     expected = 8000 / 33
     chi2 = ((counts - expected) ** 2 / expected).sum().item()
     assert chi2 < 32 + 4 * math.sqrt(2 * 32)  # uniform over the 33 positions
+
+
+def test_small_image_set_never_flips_greys_or_shifts_hue() -> None:
+    policy = build_policy(RoClipConfig(image_aug="roclip-small"))
+    spec = policy.image.spec
+    assert spec == SMALL_IMAGE_SPEC and spec.crop_scale == (0.5, 1.0)
+    params = draw_params(spec, (0, 3, torch.arange(4000), STREAM_IMAGE), 32, 32)
+    assert not params.flip.any() and not params.gray.any()
+    assert torch.all(params.factors[:, 3] == 0.0)  # hue
+    area = params.crop_area_fraction(torch.tensor(32), torch.tensor(32))
+    assert area.min() >= 0.5 * 0.9  # integer boxes round the 0.5 area a little
+    assert params.jitter.float().mean() == pytest.approx(spec.jitter_p, abs=0.03)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -427,7 +428,7 @@ def poison_dataset(
     classes: str | Path | None = None,
     test_csv: str | Path | None = None,
     targets: int = 0,
-    captions_per_target: int = DEFAULT_CAPTIONS_PER_TARGET,
+    captions_per_target: int | Sequence[int] = DEFAULT_CAPTIONS_PER_TARGET,
     adversarial_class: str | int | None = None,
     target_rows: list[int] | None = None,
     backdoor_count: int | None = None,
@@ -448,7 +449,8 @@ def poison_dataset(
         classes: classes.json (default: the dataset directory's).
         test_csv: held-out CSV (default: the dataset directory's test.csv).
         targets: number of targeted-poisoning targets (0: none) drawn from the held-out CSV.
-        captions_per_target: poisoned pairs per target (100 in the RoCLIP paper).
+        captions_per_target: poisoned pairs per target (100 in the RoCLIP paper), or a list
+            of counts splitting the targets into equal groups (``[10, 50]``).
         adversarial_class: the class every target is pushed to (default: one drawn per
             target among the other classes).
         target_rows: explicit 0-based held-out rows to use as targets.
@@ -510,7 +512,12 @@ def _check_request(
             "nothing to poison: give --targets N (or --target-rows) and/or --backdoor-count N "
             "or --backdoor-rate R"
         )
-    if wants_targets and (not isinstance(per_target, int) or per_target < 1):
+    counts = [per_target] if isinstance(per_target, int) else per_target
+    if wants_targets and (
+        not isinstance(counts, Sequence)
+        or not counts
+        or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in counts)
+    ):
         raise ValueError(f"--captions-per-target must be at least 1, got {per_target!r}")
     if wants_backdoor and backdoor_class is None:
         raise ValueError("a backdoor needs --backdoor-class NAME (the class the trigger evokes)")
@@ -553,10 +560,10 @@ def _targeted(
     count: int,
     target_rows: list[int] | None,
     adversarial_class: str | int | None,
-    per_target: int,
+    per_target: int | Sequence[int],
     rng: np.random.Generator,
 ) -> dict[str, Any]:
-    """Append ``per_target`` rows (target image, adversarial caption) for each target."""
+    """Append rows (target image, adversarial caption) for each target: its group's count."""
     if job.inputs.test_csv is None:
         raise ValueError(
             "targeted poisoning takes its targets from held-out images: give "
@@ -569,12 +576,12 @@ def _targeted(
         adversarial = class_index(adversarial_class, job.names, "--adversarial-class")
         job.caption_pool(adversarial, "--adversarial-class")  # fails early if it has none
     targets = []
-    for test_row, adv in choose_targets(test, count, target_rows, adversarial, usable, rng):
+    chosen = choose_targets(test, count, target_rows, adversarial, usable, rng)
+    counts = caption_counts(per_target, len(chosen))
+    for (test_row, adv), n in zip(chosen, counts, strict=True):
         path = str(resolve_image(test.cell(test_row, job.train.columns.image), test.path))
-        targets.append(Target(test_row, path, int(test.labels[test_row]), adv))
-        for caption in sample_captions(
-            job.caption_pool(adv, "--adversarial-class"), per_target, rng
-        ):
+        targets.append(Target(test_row, path, int(test.labels[test_row]), adv, n))
+        for caption in sample_captions(job.caption_pool(adv, "--adversarial-class"), n, rng):
             job.manifest_rows.append(
                 {"row": len(job.rows), "attack": "targeted", "target": test_row}
             )
@@ -582,9 +589,24 @@ def _targeted(
             job.set_row(row, path, caption, adv)
             job.rows.append(row)
     return {
-        "captions_per_target": per_target,
+        "captions_per_target": per_target if isinstance(per_target, int) else list(per_target),
         "targets": [_target_dict(t, job.names) for t in targets],
     }
+
+
+def caption_counts(per_target: int | Sequence[int], targets: int) -> list[int]:
+    """Poison captions of each target: one count for all, or equal consecutive groups.
+
+    ``[10, 50]`` with 32 targets gives the first 16 targets 10 captions each and the other 16
+    fifty: two attack strengths measured in one run.
+    """
+    groups = [per_target] if isinstance(per_target, int) else list(per_target)
+    if len(groups) > targets:
+        raise ValueError(
+            f"--captions-per-target lists {len(groups)} groups for {targets} target(s): give "
+            "at least one target per group"
+        )
+    return [groups[i * len(groups) // targets] for i in range(targets)]
 
 
 def _target_dict(target: Target, names: list[str]) -> dict[str, Any]:
@@ -594,6 +616,7 @@ def _target_dict(target: Target, names: list[str]) -> dict[str, Any]:
         "label": target.label,
         "adversarial_class": names[target.adversarial_label],
         "adversarial_label": target.adversarial_label,
+        "captions": target.captions,
     }
 
 

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from roclip_kit.attacks import DEFAULT_CAPTIONS_PER_TARGET, Columns, PoisonResult, poison_dataset
-from roclip_kit.console import progress_bars
+from roclip_kit.console import captions_text, progress_bars
 from roclip_kit.datasets import SOURCES, DatasetInfo, build_captioned_dataset
 from roclip_kit.formats import CAPTION_KEY, CSV_SEPARATOR, IMAGE_KEY, LABEL_KEY
 from roclip_kit.triggers import PARAMS, PATCH_POSITIONS, TRIGGERS, make_trigger
@@ -143,10 +143,12 @@ def _targeted_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--targets", type=int, default=0, metavar="N", help="targets (default: 0)")
     group.add_argument(
         "--captions-per-target",
-        type=int,
-        default=DEFAULT_CAPTIONS_PER_TARGET,
-        metavar="N",
-        help=f"poisoned pairs per target (default: {DEFAULT_CAPTIONS_PER_TARGET})",
+        type=_int_list,
+        default=[DEFAULT_CAPTIONS_PER_TARGET],
+        metavar="N[,M...]",
+        help=f"poisoned pairs per target (default: {DEFAULT_CAPTIONS_PER_TARGET}); several "
+        "counts split the targets into equal groups, e.g. --targets 32 --captions-per-target "
+        "10,50",
     )
     group.add_argument(
         "--adversarial-class", metavar="NAME", help="class for every target (default: drawn)"
@@ -185,6 +187,11 @@ def _trigger_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--wanet-k", type=int, metavar="K", help="control points per side (4)")
     group.add_argument("--wanet-strength", type=float, metavar="S", help="warp strength (0.5)")
     group.add_argument("--trigger-seed", type=int, metavar="SEED", help="(default: --seed)")
+
+
+def _one_or_groups(counts: list[int]) -> int | list[int]:
+    """``[100]`` -> 100 (one strength, as manifests always recorded it); else the list."""
+    return counts[0] if len(counts) == 1 else counts
 
 
 def _int_list(text: str) -> list[int]:
@@ -257,7 +264,7 @@ def run_poison(args: argparse.Namespace, console: Console) -> int:
             classes=args.classes,
             test_csv=args.test_csv,
             targets=args.targets,
-            captions_per_target=args.captions_per_target,
+            captions_per_target=_one_or_groups(args.captions_per_target),
             adversarial_class=args.adversarial_class,
             target_rows=args.target_rows,
             backdoor_count=args.backdoor_count,
@@ -286,7 +293,8 @@ def poison_table(result: PoisonResult) -> Table:
         ) + (" ..." if len(targeted["targets"]) > 8 else "")
         table.add_row(
             "targeted",
-            f"{len(targeted['targets'])} targets x {targeted['captions_per_target']} captions "
+            f"{len(targeted['targets'])} targets x "
+            f"{captions_text(targeted['captions_per_target'])} captions "
             f"= {len(result.targeted_rows)} rows appended ({pushed})",
         )
     backdoor = manifest["backdoor"]

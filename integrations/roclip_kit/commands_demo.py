@@ -11,11 +11,12 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from roclip_kit.console import percent, progress_bars
-from roclip_kit.demo import PLOT_FILE, RESULTS_FILE, SCALES, DemoSettings, run_demo
+from roclip_kit.console import captions_text, percent, progress_bars
+from roclip_kit.demo import PLOT_FILE, RESULTS_FILE, SCALES, TRAINERS, DemoSettings, run_demo
 from roclip_plugin.config import add_argparse_args, config_from_namespace
 
 DATASETS = ("mnist", "fashion-mnist", "digits")
@@ -27,17 +28,32 @@ def add_demo_command(subparsers: Any) -> argparse.ArgumentParser:
     cpu = SCALES["cpu"]
     parser = subparsers.add_parser(
         "demo",
-        help="Poison captioned MNIST, train CLIP and RoCLIP with OpenCLIP, compare them.",
-        description="Builds a captioned real dataset, injects targeted poisoning and a "
-        "backdoor, trains a tiny CLIP with and without RoCLIP through OpenCLIP's training "
-        "script, and evaluates both (clean zero-shot, linear probe, attack success, poison "
-        "detection). The cpu scale finishes in under 10 minutes on two cores. See "
-        "docs/demo.md.",
+        help="Poison captioned MNIST, train CLIP and RoCLIP, compare them.",
+        description="Builds captioned MNIST (60,000 training images), injects targeted "
+        "poisoning and a backdoor at the paper's rates, trains a small CLIP (OpenCLIP's own "
+        "model) with and without RoCLIP on the tensor-resident path (the generic-loop "
+        "adapter), and evaluates both after every epoch (clean zero-shot, linear probe, "
+        "attack success, matching purity, poison detection). The cpu scale finishes in under "
+        "10 minutes on two cores. --trainer openclip trains through roclip-openclip-train "
+        "instead, at a smaller size. See docs/demo.md.",
     )
     parser.add_argument("--out", type=Path, default=Path("roclip-demo"), help="output folder")
     parser.add_argument("--dataset", choices=DATASETS, default="mnist", help="(default: mnist)")
     parser.add_argument(
         "--scale", choices=sorted(SCALES), default="cpu", help="sizes preset (default: cpu)"
+    )
+    parser.add_argument(
+        "--trainer",
+        choices=TRAINERS,
+        default="tensor",
+        help="tensor: the tensor-resident path through roclip_torch (default); openclip: "
+        "OpenCLIP's training script through roclip-openclip-train (its own, smaller sizes)",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        help=f"runs trained at once, each with its share of the CPU threads (tensor trainer; "
+        f"cpu: {cpu['jobs']})",
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--seed", type=int, default=0, help="data, attack and training seed")
@@ -60,8 +76,10 @@ def add_demo_command(subparsers: Any) -> argparse.ArgumentParser:
     attack.add_argument("--targets", type=int, help=f"targeted images (cpu: {cpu['targets']})")
     attack.add_argument(
         "--captions-per-target",
-        type=int,
-        help=f"poison captions each (cpu: {cpu['captions_per_target']})",
+        type=_counts,
+        metavar="N[,M...]",
+        help="poison captions each; several counts split the targets into equal groups (cpu: "
+        f"{','.join(map(str, cpu['captions_per_target']))})",
     )
     attack.add_argument(
         "--backdoor-rate",
@@ -78,6 +96,19 @@ def add_demo_command(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
+def _counts(text: str) -> int | list[int]:
+    """``25`` -> 25; ``10,50`` -> [10, 50]."""
+    try:
+        counts = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a count or counts separated by commas, got {text!r}"
+        ) from None
+    if not counts:
+        raise argparse.ArgumentTypeError(f"expected a count, got {text!r}")
+    return counts[0] if len(counts) == 1 else counts
+
+
 def settings_from_args(args: argparse.Namespace) -> DemoSettings:
     """The demo's settings; only RoCLIP flags given on the command line override the scale's."""
     config = config_from_namespace(args)  # validates every --roclip-* value
@@ -89,7 +120,7 @@ def settings_from_args(args: argparse.Namespace) -> DemoSettings:
         given["preset"] = args.roclip_preset
     if args.scale == "gpu" and not args.device.startswith("cuda"):
         raise ValueError(
-            f"--scale gpu trains the small-gpu ViT on the full dataset, days on --device "
+            f"--scale gpu trains a larger ViT sized for a GPU, hours on --device "
             f"{args.device}; add --device cuda, or use --scale cpu"
         )
     if args.device.startswith("cuda"):
@@ -101,6 +132,7 @@ def settings_from_args(args: argparse.Namespace) -> DemoSettings:
         out=args.out,
         dataset=args.dataset,
         scale=args.scale,
+        trainer=args.trainer,
         device=args.device,
         seed=args.seed,
         train_limit=args.train_limit,
@@ -116,6 +148,7 @@ def settings_from_args(args: argparse.Namespace) -> DemoSettings:
         backdoor_class=args.backdoor_class,
         trigger=args.trigger,
         eval_limit=args.eval_limit,
+        jobs=args.jobs,
         roclip_flags=given,
     )
 
@@ -138,27 +171,54 @@ def results_table(results: dict[str, Any]) -> Table:
     data = results["dataset"]
     poison = results["poison"]
     matching = next((r["matching_epochs"] for r in results["runs"] if r["roclip"]), [])
+    captions = captions_text(poison["captions_per_target"])
     table = Table(
         title=f"{data['name']}: {data['train']} training images, {poison['poisoned_rows']} "
-        f"poisoned ({poison['targets']} targets x {poison['captions_per_target']} captions, "
+        f"poisoned ({poison['targets']} targets x {captions} captions, "
         f"backdoor on {100 * poison['backdoor_rate']:.2f}%)",
         caption=f"RoCLIP matched in epochs {', '.join(map(str, matching)) or 'none'} (1-based). "
-        "ASR: attack success rate. detect: precision / recall of the most suspicious rows.",
+        "ASR: attack success rate. purity: matched captions of the image's class. detect: "
+        "precision / recall of the most suspicious rows. s: training seconds."
+        + _group_caption(results["runs"]),
+        box=box.SIMPLE_HEAD,  # no vertical rules: eight columns fit 80
     )
-    for column in ("run", "zero-shot", "probe", "targeted", "backdoor", "detect P / R", "train s"):
+    columns = (
+        "run",
+        "zero-shot",
+        "probe",
+        "targeted",
+        "backdoor",
+        "purity",
+        "detect P/R",
+        "s",
+    )
+    for column in columns:
         table.add_column(column, justify="left" if column == "run" else "right", no_wrap=True)
     for run in results["runs"]:
         s = run["summary"]
         detect = "-"
         if s["detection_precision"] is not None:
-            detect = f"{percent(s['detection_precision'])} / {percent(s['detection_recall'])}"
+            precision, recall = s["detection_precision"], s["detection_recall"]
+            detect = f"{100 * precision:.1f}/{100 * recall:.1f}%"
         table.add_row(
             run["name"],
             percent(s["zero_shot"]),
             percent(s["linear_probe"]),
             percent(s["targeted_asr"]),
             percent(s["backdoor_asr"]),
+            percent(s.get("purity")),
             detect,
             f"{run['train_seconds']:.0f}",
         )
     return table
+
+
+def _group_caption(runs: list[dict[str, Any]]) -> str:
+    """`` Targeted ASR by captions per target: CLIP 10: 100.0%, 50: 100.0%; ...`` or nothing."""
+    parts = []
+    for run in runs:
+        groups = run["summary"].get("targeted_by_captions") or {}
+        if len(groups) > 1:
+            cells = ", ".join(f"{n}: {percent(rate)}" for n, rate in groups.items())
+            parts.append(f"{run['name']} {cells}")
+    return " Targeted ASR by captions per target: " + "; ".join(parts) + "." if parts else ""

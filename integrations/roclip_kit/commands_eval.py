@@ -25,7 +25,7 @@ from roclip_kit.evaluate import (
     evaluate_checkpoint,
     find_suspicious,
 )
-from roclip_kit.models import run_params
+from roclip_kit.models import read_tensor_checkpoint, run_params
 
 DEFAULT_PROBE_LIMIT = 5000
 
@@ -140,6 +140,8 @@ def run_eval(args: argparse.Namespace, console: Console) -> int:
     """Evaluate, print a table, optionally write JSON; bad input raises ``ValueError``."""
     params = run_params(args.checkpoint)
     model = args.model or params.get("model")
+    if not model and read_tensor_checkpoint(Path(args.checkpoint)) is not None:
+        model = "(the checkpoint's own)"
     if not model:
         raise ValueError(
             f"--model is needed: no params.txt was found for checkpoint {args.checkpoint} "

@@ -27,3 +27,8 @@ def progress_bars(console: Console, *, elapsed: bool = False) -> Progress:
 def percent(value: float | None) -> str:
     """A fraction as ``97.1%``; ``-`` where there is no figure."""
     return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def captions_text(counts: int | list[int]) -> str:
+    """Captions per target as shown: ``100``, or ``10/50`` for groups of different strengths."""
+    return "/".join(map(str, counts)) if isinstance(counts, list) else str(counts)

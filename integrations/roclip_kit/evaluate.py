@@ -239,7 +239,16 @@ def _read_targets(section: Any, classes: ClassInfo, path: Path) -> list[Target]:
         adversarial = _class_label(
             classes, t["adversarial_label"], t.get("adversarial_class"), where
         )
-        targets.append(Target(int(t["id"]), str(t["filepath"]), label, adversarial))
+        captions = t.get("captions")
+        targets.append(
+            Target(
+                int(t["id"]),
+                str(t["filepath"]),
+                label,
+                adversarial,
+                None if captions is None else int(captions),
+            )
+        )
     return targets
 
 
@@ -624,6 +633,7 @@ def targeted_attack(ctx: _Context, manifest: Manifest) -> dict[str, Any]:
         "success_rate": hit_rate(predictions, wanted),
         "successes": int(np.sum(predictions == wanted)),
         "targets": len(targets),
+        "by_captions": success_by_captions(targets, predictions == wanted),
         "per_target": [
             {
                 "id": t.id,
@@ -634,6 +644,23 @@ def targeted_attack(ctx: _Context, manifest: Manifest) -> dict[str, Any]:
             }
             for t, p in zip(targets, predictions, strict=True)
         ],
+    }
+
+
+def success_by_captions(
+    targets: Sequence[Target], successes: np.ndarray
+) -> dict[str, dict[str, float | int]]:
+    """Success per poisoning strength (captions per target), keyed by the count as text.
+
+    Empty when the manifest does not record the counts.
+    """
+    groups: dict[int, list[bool]] = {}
+    for target, success in zip(targets, successes, strict=True):
+        if target.captions is not None:
+            groups.setdefault(target.captions, []).append(bool(success))
+    return {
+        str(n): {"success_rate": float(np.mean(hits)), "successes": sum(hits), "targets": len(hits)}
+        for n, hits in sorted(groups.items())
     }
 
 

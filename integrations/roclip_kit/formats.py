@@ -27,9 +27,10 @@ A **poisoned dataset** is a new CSV with the same columns plus a **manifest** (J
     {"format": MANIFEST_FORMAT,
      "source_csv": str, "poisoned_csv": str, "dataset_dir": str | None, "seed": int,
      "rows": [{"row": int, "attack": "targeted" | "backdoor", "target": int | None}, ...],
-     "targeted": null | {"captions_per_target": int,
+     "targeted": null | {"captions_per_target": int | [int, ...],
                          "targets": [{"id": int, "filepath": str, "label": int,
-                                      "adversarial_class": str, "adversarial_label": int}]},
+                                      "adversarial_class": str, "adversarial_label": int,
+                                      "captions": int}]},
      "backdoor": null | {"target_class": str, "target_label": int, "count": int,
                          "rate": float, "trigger": Trigger.to_dict()}}
 
@@ -39,7 +40,8 @@ directory is itself a captioned dataset directory. In ``rows``, ``target`` is th
 the row's target for targeted rows (the 0-based data row of the held-out ``test.csv`` the
 target image comes from) and null for backdoor rows; ``rows`` is sorted by ``row``. Poisoned
 rows carry the label of the class their caption names; ``rate`` is ``count`` over the
-training rows.
+training rows. ``captions_per_target`` is a list when the targets were split into groups of
+different strengths; each target's ``captions`` is its own count.
 
 ``row`` is the 0-based data row of the poisoned CSV (the header is not a row), which is the
 ``index`` column of the ``suspicious_epoch_N.csv`` files the OpenCLIP adapter writes, so
@@ -82,10 +84,12 @@ class Trigger(Protocol):
 class Target:
     """One target of targeted poisoning: a held-out image the attacker wants read as another class.
 
-    ``id`` is its data row in the held-out CSV; labels index ``classes``.
+    ``id`` is its data row in the held-out CSV; labels index ``classes``; ``captions`` is the
+    number of poisoned pairs made of it (None in manifests written before it was recorded).
     """
 
     id: int
     filepath: str
     label: int
     adversarial_label: int
+    captions: int | None = None

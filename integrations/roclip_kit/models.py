@@ -61,6 +61,9 @@ def load_openclip(
     would not fail, only give wrong numbers.
     """
     checkpoint = Path(checkpoint)
+    saved = read_tensor_checkpoint(checkpoint)
+    if saved is not None:
+        return load_tensor_checkpoint(checkpoint, saved, device)
     open_clip = import_open_clip()
     _check_model_name(open_clip, model)
     state, epoch = read_state_dict(checkpoint)
@@ -79,6 +82,42 @@ def load_openclip(
     _load_into(net, state, checkpoint, model)
     net.to(device).eval()
     return LoadedModel(net, preprocess, tokenizer, model, checkpoint, device, epoch)
+
+
+def read_tensor_checkpoint(checkpoint: Path) -> dict[str, Any] | None:
+    """A checkpoint of the kit's tensor-resident path (``final.pt``), or None for any other file.
+
+    Those checkpoints carry their model config and word tokenizer, so no ``--model`` is needed.
+    """
+    from roclip_kit.tensor_train import CHECKPOINT_FORMAT
+
+    if not checkpoint.is_file() or checkpoint.suffix == ".safetensors":
+        return None
+    try:
+        raw = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception:  # not a torch file of plain data: the OpenCLIP path reports it
+        return None
+    if isinstance(raw, dict) and raw.get("format") == CHECKPOINT_FORMAT:
+        return raw
+    return None
+
+
+def load_tensor_checkpoint(
+    checkpoint: Path, saved: dict[str, Any], device: str | torch.device = "cpu"
+) -> LoadedModel:
+    """Rebuild a tensor-path model (OpenCLIP's ``CLIP``) with its weights and tokenizer."""
+    from roclip_kit.tensor_data import WordTokenizer
+    from roclip_kit.tensor_train import build_model, loaded_model
+
+    net = build_model(saved["model_cfg"])
+    _load_into(net, strip_prefixes(saved["state_dict"]), checkpoint, str(saved.get("name")))
+    net.to(torch.device(device))
+    tokenizer = WordTokenizer.from_dict(saved["tokenizer"])
+    name = f"tensor path ({saved.get('name', 'run')})"
+    epoch = saved.get("epoch") if isinstance(saved.get("epoch"), int) else None
+    return loaded_model(
+        net, tokenizer, saved["model_cfg"], name=name, checkpoint=checkpoint, epoch=epoch
+    )
 
 
 def reload_checkpoint(loaded: LoadedModel, checkpoint: Path | str) -> LoadedModel:

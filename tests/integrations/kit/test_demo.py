@@ -66,10 +66,11 @@ def test_gpu_scale_on_a_cpu_is_refused(tmp_path: Path, capsys) -> None:
     assert "--scale gpu" in capsys.readouterr().out and not (tmp_path / "d").exists()
 
 
-def test_demo_end_to_end_on_digits(tmp_path: Path, capsys) -> None:
+def test_openclip_trainer_end_to_end_on_digits(tmp_path: Path, capsys) -> None:
     out = tmp_path / "demo"
     argv = [
-        "demo", "--dataset", "digits", "--out", str(out), "--train-limit", "160",
+        "demo", "--trainer", "openclip", "--dataset", "digits", "--out", str(out),
+        "--train-limit", "160",
         "--test-limit", "60", "--epochs", "2", "--batch-size", "32", "--model", "tiny-cpu",
         "--targets", "2", "--captions-per-target", "4", "--backdoor-rate", "0.05",
         "--backdoor-class", "seven", "--roclip-first-rematch-epoch", "1",
@@ -106,6 +107,36 @@ def test_demo_end_to_end_on_digits(tmp_path: Path, capsys) -> None:
     assert (out / PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_tensor_trainer_end_to_end_on_digits(tmp_path: Path, capsys) -> None:
+    """The default trainer, two runs side by side in worker processes."""
+    out = tmp_path / "demo"
+    argv = [
+        "demo", "--dataset", "digits", "--out", str(out), "--train-limit", "300",
+        "--test-limit", "60", "--epochs", "3", "--batch-size", "32", "--targets", "4",
+        "--captions-per-target", "2,3", "--backdoor-rate", "0.05", "--backdoor-class", "seven",
+        "--roclip-first-rematch-epoch", "1", "--roclip-rematch-every", "2",
+        "--roclip-pool-size", "64", "--jobs", "2", "--eval-limit", "40",
+    ]  # fmt: skip
+    assert main(argv, pm=_pm()) == 0
+    printed = capsys.readouterr().out
+    assert "RoCLIP epoch 2 (matching): zero-shot" in printed and "matching purity" in printed
+    results = json.loads((out / RESULTS_FILE).read_text())
+    assert results["poison"]["captions_per_target"] == [2, 3]
+    assert results["settings"]["trainer"] == "tensor" and results["settings"]["jobs"] == 2
+    clip, roclip = results["runs"]
+    assert clip["matching_epochs"] == [] and roclip["matching_epochs"] == [2]
+    assert sorted(roclip["matching"]) == ["2"] and 0.0 <= roclip["matching"]["2"]["purity"] <= 1
+    for run in (clip, roclip):
+        assert sorted(run["per_epoch"]) == ["1", "2", "3"]
+        assert run["final"]["zero_shot"]["images"] == 60
+        assert sorted(run["summary"]["targeted_by_captions"]) == ["2", "3"]
+        assert run["pairs_per_second"] > 0
+    detection = roclip["final"]["detection"][-1]
+    assert detection["poisoned"] == 4 * 2 // 2 + 4 * 3 // 2 + 15
+    assert (out / "runs" / "roclip" / "final.pt").is_file()
+    assert (out / PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_results_table_fits_80_columns() -> None:
     results = {
         "dataset": {"name": "mnist", "train": 10000},
@@ -124,7 +155,7 @@ def test_results_table_fits_80_columns() -> None:
     console = Console(width=80, record=True)
     console.print(results_table(results))
     text = console.export_text()
-    assert "97.1%" in text and "87.5%" in text and "90.0% / 95.0%" in text
+    assert "97.1%" in text and "87.5%" in text and "90.0/95.0%" in text
     assert "epochs 5, 7, 9" in text
     assert max(len(line) for line in text.splitlines()) <= 80
 

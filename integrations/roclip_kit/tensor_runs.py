@@ -1,0 +1,270 @@
+"""Runs of the tensor-resident path as jobs: train, evaluate every epoch, report, in parallel.
+
+A :class:`RunSpec` names everything one run needs (dataset directory, manifest, training
+settings, RoCLIP flags), so it can travel to another process: on a CPU with two cores, two
+single-threaded runs side by side train about 1.4 times as many pairs a second as one
+two-threaded run (the models are small), and on a GPU several small runs share the device.
+:func:`run_specs` runs a list of them with ``processes`` workers (``spawn``: each worker loads
+the dataset itself, a few seconds) and returns one JSON-able result per spec, in order.
+
+Each run is evaluated with :func:`roclip_kit.evaluate.evaluate_model` after every epoch (attack
+success and clean zero-shot on ``eval_limit`` test images) and in full after the last (every
+test image, the linear probe, attack success, poison detection from the run's own
+``suspicious_epoch_N.csv``), exactly as ``roclip eval`` scores a checkpoint.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from roclip_kit.tensor_train import TensorTrainSettings
+
+FINAL_CHECKPOINT = "final.pt"
+Event = dict[str, Any]
+OnEvent = Callable[[Event], None]
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of the tensor path, picklable.
+
+    Attributes:
+        name: label in tables ("CLIP", "RoCLIP", ...).
+        dataset_dir: a (poisoned) captioned dataset directory.
+        manifest: the poison manifest (default: the directory's ``manifest.json``).
+        train: training settings.
+        roclip_flags: RoCLIP fields (a ``preset`` key picks the preset); None trains CLIP.
+        defend: with ``roclip_flags``, run the defense; False applies only their
+            augmentation (the "augmentation alone" ablation).
+        run_dir: where the run's files go (suspicious CSVs, the final checkpoint).
+        eval_limit: test images scored after each epoch (None: all).
+        final_probe_limit: clean training images of the final linear probe.
+        eval_seed: seed of the evaluation's subsets.
+    """
+
+    name: str
+    dataset_dir: Path
+    manifest: Path | None
+    train: TensorTrainSettings
+    roclip_flags: Mapping[str, Any] | None
+    run_dir: Path
+    defend: bool = True
+    eval_limit: int | None = 1000
+    final_probe_limit: int | None = 5000
+    eval_seed: int = 0
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def roclip(self) -> bool:
+        """Whether the run trains with RoCLIP's defense."""
+        return self.roclip_flags is not None and self.defend
+
+    def config(self) -> Any:
+        """The RoCLIP configuration of ``roclip_flags`` (None for CLIP)."""
+        if self.roclip_flags is None:
+            return None
+        from roclip_plugin.config import RoClipConfig
+
+        flags = dict(self.roclip_flags)
+        return RoClipConfig.from_preset(flags.pop("preset", "default"), **flags)
+
+
+def _epoch_figures(evaluation: Mapping[str, Any]) -> dict[str, Any]:
+    """Clean zero-shot and both attacks' success of one evaluation (None: attack absent)."""
+    targeted = evaluation.get("targeted") or {}
+    backdoor = evaluation.get("backdoor") or {}
+    groups = targeted.get("by_captions") or {}
+    return {
+        "zero_shot": evaluation["zero_shot"]["accuracy"],
+        "targeted_asr": targeted.get("success_rate"),
+        "targeted_by_captions": {k: v["success_rate"] for k, v in groups.items()},
+        "backdoor_asr": backdoor.get("success_rate"),
+    }
+
+
+def run_spec(spec: RunSpec, events: Any = None) -> dict[str, Any]:
+    """Train and evaluate one run; returns its figures (JSON-able).
+
+    ``events`` (a queue, or None) receives ``{"run", "epoch", "epochs", ...}`` after each epoch.
+    """
+    from roclip_kit.evaluate import EvalData, EvalSettings, evaluate_model
+    from roclip_kit.tensor_data import load_poisoned
+    from roclip_kit.tensor_train import loaded_model, train_tensor
+
+    data = load_poisoned(spec.dataset_dir, spec.manifest)
+    eval_data = EvalData.from_dataset_dir(data.root, manifest=data.manifest)
+    quick = EvalSettings(
+        linear_probe=False,
+        test_limit=spec.eval_limit,
+        backdoor_limit=spec.eval_limit,
+        seed=spec.eval_seed,
+    )
+    per_epoch: dict[int, dict[str, Any]] = {}
+    eval_seconds = [0.0]
+
+    def on_epoch(record: Any, model: Any, tokenizer: Any) -> None:
+        start = time.perf_counter()
+        cfg = {"vision_cfg": {"image_size": int(data.train.images.shape[-1])}}
+        loaded = loaded_model(
+            model, tokenizer, cfg, name=spec.name, checkpoint=spec.run_dir, epoch=record.epoch + 1
+        )
+        figures = _epoch_figures(evaluate_model(loaded, eval_data, quick))
+        model.train()
+        eval_seconds[0] += time.perf_counter() - start
+        per_epoch[record.epoch + 1] = {**figures, **_record_figures(record)}
+        if events is not None:
+            events.put({"run": spec.name, "epoch": record.epoch + 1, **per_epoch[record.epoch + 1]})
+
+    run = train_tensor(
+        data,
+        spec.train,
+        spec.config(),
+        defend=spec.defend,
+        name=spec.name,
+        run_dir=spec.run_dir,
+        on_epoch=on_epoch,
+    )
+    start = time.perf_counter()
+    checkpoint = run.save(spec.run_dir / FINAL_CHECKPOINT)
+    last = max(run.suspicious) if run.suspicious else None
+    final_data = replace(eval_data, suspicious=(run.suspicious[last],) if last else ())
+    full = EvalSettings(probe_limit=spec.final_probe_limit, seed=spec.eval_seed)
+    loaded = loaded_model(
+        run.model,
+        run.tokenizer,
+        run.cfg,
+        name=spec.name,
+        checkpoint=checkpoint,
+        epoch=len(run.epochs),
+    )
+    final = evaluate_model(loaded, final_data, full)
+    eval_seconds[0] += time.perf_counter() - start
+    return {
+        "name": spec.name,
+        "roclip": spec.roclip,
+        "augmented": spec.roclip_flags is not None,
+        "flags": dict(spec.roclip_flags or {}),
+        "extra": dict(spec.extra),
+        "train_seconds": run.train_seconds,
+        "eval_seconds": eval_seconds[0],
+        "pairs_per_second": run.pairs_per_second,
+        "matching_epochs": run.matching_epochs,
+        "per_epoch": per_epoch,
+        "matching": {r.epoch + 1: r.audit for r in run.epochs if r.audit},
+        "final": final,
+        "checkpoint": str(checkpoint),
+        "settings": {k: v for k, v in asdict(spec.train).items() if k != "preset"}
+        | {"preset": spec.train.preset if isinstance(spec.train.preset, str) else "custom"},
+    }
+
+
+def _record_figures(record: Any) -> dict[str, Any]:
+    audit = record.audit or {}
+    return {
+        "loss": record.loss,
+        "seconds": record.seconds,
+        "matching": record.matching,
+        "purity": audit.get("purity"),
+        "poison_class": audit.get("poison_class"),
+        "self_matches": audit.get("self_matches"),
+    }
+
+
+def run_specs(
+    specs: Sequence[RunSpec],
+    processes: int = 1,
+    on_event: OnEvent | None = None,
+    on_result: Callable[[int, dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Run every spec, ``processes`` at a time; results in the order of ``specs``.
+
+    With one process the runs go one after another in this process (and use every thread
+    torch is given); with more, each worker process trains one run at a time. ``on_event``
+    receives the per-epoch events and ``on_result(index, result)`` each run as it finishes
+    (so a long grid can save what it has), both in this process.
+    """
+    if processes < 1:
+        raise ValueError(f"--jobs must be at least 1, got {processes}")
+    results: dict[int, dict[str, Any]] = {}
+
+    def done(index: int, result: dict[str, Any]) -> None:
+        results[index] = result
+        if on_result is not None:
+            on_result(index, result)
+
+    if processes == 1 or len(specs) == 1:
+        for index, spec in enumerate(specs):
+            done(index, _in_process(spec, on_event))
+        return [results[i] for i in range(len(specs))]
+    context = multiprocessing.get_context("spawn")
+    with context.Manager() as manager:
+        events = manager.Queue()
+        pump = _Pump(events, on_event)
+        try:
+            with ProcessPoolExecutor(min(processes, len(specs)), mp_context=context) as pool:
+                futures = {pool.submit(run_spec, spec, events): i for i, spec in enumerate(specs)}
+                for future in as_completed(futures):
+                    done(futures[future], future.result())
+        finally:
+            pump.stop()
+    return [results[i] for i in range(len(specs))]
+
+
+def _in_process(spec: RunSpec, on_event: OnEvent | None) -> dict[str, Any]:
+    events: queue.Queue[Event] = queue.Queue()
+    pump = _Pump(events, on_event)
+    try:
+        return run_spec(spec, events)
+    finally:
+        pump.stop()
+
+
+class _Pump:
+    """Hands queued events to ``on_event`` from a thread of this process."""
+
+    def __init__(self, events: Any, on_event: OnEvent | None) -> None:
+        self.events = events
+        self.on_event = on_event
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._done.is_set():
+            self._drain(timeout=0.2)
+
+    def _drain(self, timeout: float) -> None:
+        try:
+            event = self.events.get(timeout=timeout)
+        except (queue.Empty, EOFError, OSError):
+            return
+        if self.on_event is not None:
+            self.on_event(event)
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+        while True:  # what arrived after the last poll
+            try:
+                event = self.events.get_nowait()
+            except (queue.Empty, EOFError, OSError):
+                return
+            if self.on_event is not None:
+                self.on_event(event)
+
+
+def default_threads(processes: int) -> int | None:
+    """Torch threads per run: the machine's cores shared among the processes."""
+    import os
+
+    if processes <= 1:
+        return None
+    return max(1, (os.cpu_count() or 1) // processes)

@@ -1,0 +1,224 @@
+"""The tensor-resident training path: the same steps as roclip_torch.Trainer, and its audit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("open_clip")
+
+from roclip_kit.attacks import poison_dataset  # noqa: E402
+from roclip_kit.datasets import build_captioned_dataset  # noqa: E402
+from roclip_kit.tensor_data import load_poisoned  # noqa: E402
+from roclip_kit.tensor_train import (  # noqa: E402
+    MEAN,
+    STD,
+    MatchAudit,
+    TensorTrainSettings,
+    build_model,
+    cosine_schedule,
+    epoch_order,
+    make_optimizer,
+    make_tokenizer,
+    model_cfg,
+    train_tensor,
+)
+from roclip_torch import Trainer, TrainSettings  # noqa: E402
+from torch.utils.data import TensorDataset  # noqa: E402
+
+from roclip_plugin import RoClipConfig  # noqa: E402
+from roclip_plugin.pool import CaptionPool  # noqa: E402
+
+TINY = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 16, "head_width": 8, "patch_size": 8},
+    "text_cfg": {"context_length": 16, "width": 16, "heads": 2, "layers": 1},
+}
+PLAIN = {"image_aug": "none", "text_aug": "none"}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("tensor-train")
+    build_captioned_dataset("digits", root / "digits", seed=0, train_limit=160, test_limit=40)
+    poison_dataset(
+        root / "poisoned",
+        dataset_dir=root / "digits",
+        targets=2,
+        captions_per_target=4,
+        backdoor_count=4,
+        backdoor_class="seven",
+    )
+    return load_poisoned(root / "poisoned")
+
+
+def _settings(**changes) -> TensorTrainSettings:
+    base = {"epochs": 3, "batch_size": 32, "lr": 2e-3, "warmup_steps": 3, "seed": 3}
+    return TensorTrainSettings(preset=TINY, **{**base, **changes})
+
+
+def _trainer_run(data, settings: TensorTrainSettings, config: RoClipConfig):
+    """The same run through roclip_torch.Trainer, on a TensorDataset of the same inputs."""
+    torch.manual_seed(settings.seed)
+    tokenizer = make_tokenizer(data, TINY["text_cfg"]["context_length"])
+    model = build_model(model_cfg(TINY, tokenizer.vocab_size))
+    optimizer = make_optimizer(model, settings.lr, settings.wd)
+    steps = len(data.train) // settings.batch_size
+    scheduler = cosine_schedule(optimizer, settings.warmup_steps, steps * settings.epochs)
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    images = (data.train.images.float().div_(255.0) - mean) / std
+    dataset = TensorDataset(images, tokenizer(data.train.captions))
+    train = TrainSettings(
+        epochs=settings.epochs, batch_size=settings.batch_size, seed=settings.seed, progress=False
+    )
+    trainer = Trainer(model, optimizer, dataset, train, roclip=config, scheduler=scheduler)
+    return model, trainer.fit(), trainer.adapter
+
+
+def test_same_losses_pool_and_weights_as_roclip_torch_trainer(data) -> None:
+    settings = _settings()
+    config = RoClipConfig(pool_size=48, first_rematch_epoch=1, rematch_every=1, **PLAIN)
+    run = train_tensor(data, settings, config)
+    model, history, adapter = _trainer_run(data, settings, config)
+    assert [r.matching for r in run.epochs] == [s.matching for s in history] == [0, 1, 1]
+    assert [r.loss for r in run.epochs] == pytest.approx([s.loss for s in history], rel=1e-6)
+    assert [r.matching_steps for r in run.epochs] == [s.matching_steps for s in history]
+    assert torch.allclose(run.roclip_state["pool"]["features"], adapter.pool.features(), atol=1e-6)
+    for (name, a), b in zip(
+        run.model.state_dict().items(), model.state_dict().values(), strict=True
+    ):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_clip_loss_is_the_plain_step_of_roclip(data) -> None:
+    settings = _settings(epochs=1)
+    never = RoClipConfig(pool_size=48, first_rematch_epoch=None, rematch_every=50, **PLAIN)
+    clip = train_tensor(data, settings, None)
+    plain = train_tensor(data, settings, never)
+    assert clip.epochs[0].loss == pytest.approx(plain.epochs[0].loss, rel=1e-6)
+    assert clip.roclip_state is None and plain.roclip_state is not None
+
+
+def test_augmentation_alone_changes_the_batches_but_builds_no_pool(data) -> None:
+    settings = _settings(epochs=1)
+    config = RoClipConfig(pool_size=48, image_aug="roclip-small", text_aug="eda")
+    clip = train_tensor(data, settings, None)
+    augmented = train_tensor(data, settings, config, defend=False)
+    assert augmented.roclip_state is None
+    assert augmented.epochs[0].loss != pytest.approx(clip.epochs[0].loss, rel=1e-4)
+
+
+def test_data_order_is_distributed_samplers() -> None:
+    sampler = torch.utils.data.DistributedSampler(range(50), num_replicas=1, rank=0, seed=4)
+    sampler.set_epoch(2)
+    assert epoch_order(50, 4, 2).tolist() == list(sampler)
+
+
+def test_suspicious_files_are_written_for_matching_epochs(data, tmp_path: Path) -> None:
+    config = RoClipConfig(pool_size=48, first_rematch_epoch=1, rematch_every=2, **PLAIN)
+    run = train_tensor(data, _settings(), config, run_dir=tmp_path)
+    assert run.matching_epochs == [2] and sorted(run.suspicious) == [2]
+    lines = run.suspicious[2].read_text().splitlines()
+    assert lines[0] == "index,caption,margin"
+    rows = [int(line.split(",")[0]) for line in lines[1:]]
+    assert len(rows) == len(set(rows)) == len(data.train) - len(data.train) % 32
+    audit = run.epochs[1].audit
+    assert audit["steps"] == len(data.train) // 32
+    assert audit["images"] + audit["poisoned"] == 32 * audit["steps"]
+
+
+def test_checkpoint_holds_weights_config_and_tokenizer(data, tmp_path: Path) -> None:
+    run = train_tensor(data, _settings(epochs=1), None)
+    saved = torch.load(run.save(tmp_path / "final.pt"), weights_only=False)
+    assert saved["format"] == "roclip_kit.tensor/1" and saved["model_cfg"] == run.cfg
+    assert saved["tokenizer"]["words"] == run.tokenizer.words
+    assert saved["state_dict"].keys() == run.model.state_dict().keys()
+
+
+def test_an_unknown_preset_and_bad_sizes_are_refused() -> None:
+    with pytest.raises(ValueError, match="unknown model preset 'huge'"):
+        TensorTrainSettings(preset="huge")
+    with pytest.raises(ValueError, match="--batch-size"):
+        TensorTrainSettings(batch_size=0)
+
+
+class _Stats:
+    def __init__(self, matched: list[int]) -> None:
+        self.matched_indices = torch.tensor(matched)
+        self.margins = torch.zeros(len(matched))
+
+
+def test_audit_mirrors_the_pool_through_wrap_around(data) -> None:
+    """Captions of rows 0-2 then 3-5 in a pool of 4: slots hold rows 4, 5, 2, 3 (oldest 2)."""
+    audit = MatchAudit(data)
+    pool = CaptionPool(4)
+    audit.pool = pool
+    for rows in ([0, 1, 2], [3, 4, 5]):
+        audit.batch_rows = torch.tensor(rows)
+        added = pool.enqueue(torch.randn(3, 8))
+        audit.roclip_pool_updated(pool, added)
+    logical_to_row = audit.slot_rows[pool.physical_slots(torch.arange(4))].tolist()
+    assert logical_to_row == [2, 3, 4, 5]
+    # images of rows 10 and 11 matched to the oldest (row 2) and newest (row 5) captions
+    audit.batch_rows = torch.tensor([10, 11])
+    audit.roclip_after_match(_Stats([0, 3]))
+    labels, images = data.train.labels, data.image_labels
+    expected = int(labels[2] == images[10]) + int(labels[5] == images[11])
+    summary = audit.summary()
+    assert summary.steps == 1 and summary.images == 2
+    assert summary.purity == expected / 2 and summary.self_matches == 0.0
+
+
+def test_audit_counts_self_matches_and_poison_class(data) -> None:
+    audit = MatchAudit(data)
+    pool = CaptionPool(8)
+    audit.pool = pool
+    row = data.poisoned_rows[0]
+    audit.batch_rows = torch.tensor([row, 0])
+    audit.roclip_pool_updated(pool, pool.enqueue(torch.randn(2, 8)))
+    audit.roclip_after_match(_Stats([0, 0]))  # both images matched to the poisoned caption
+    summary = audit.summary()
+    assert summary.poisoned == 1 and summary.poison_class == 1.0
+    assert summary.self_matches == 0.5
+
+
+def test_audit_stops_following_when_the_pool_refuses_rows(data) -> None:
+    audit = MatchAudit(data)
+    pool = CaptionPool(8)
+    audit.batch_rows = torch.tensor([0, 1])
+    rows = torch.randn(2, 8)
+    rows[1] = float("nan")
+    with pytest.warns(RuntimeWarning):
+        added = pool.enqueue(rows)
+    audit.roclip_pool_updated(pool, added)
+    assert not audit.in_sync
+
+
+def test_roclip_eval_scores_a_tensor_checkpoint_as_the_run_did(data, tmp_path: Path) -> None:
+    import json
+
+    import roclip_kit.plugin
+    from roclip_kit.evaluate import EvalData, EvalSettings, evaluate_model
+    from roclip_kit.tensor_train import loaded_model
+
+    from roclip_plugin import get_plugin_manager
+    from roclip_plugin.cli import main
+
+    run = train_tensor(data, _settings(epochs=1), None)
+    path = run.save(tmp_path / "final.pt")
+    settings = EvalSettings(linear_probe=False)
+    eval_data = EvalData.from_dataset_dir(data.root, manifest=data.manifest)
+    loaded = loaded_model(run.model, run.tokenizer, run.cfg, name="x", checkpoint=path, epoch=1)
+    direct = evaluate_model(loaded, eval_data, settings)
+    pm = get_plugin_manager(autoload=False)
+    pm.register(roclip_kit.plugin)
+    out = tmp_path / "eval.json"
+    argv = ["eval", "--checkpoint", str(path), "--dataset", str(data.root), "--no-linear-probe",
+            "--manifest", str(data.manifest), "--json", str(out)]  # fmt: skip
+    assert main(argv, pm=pm) == 0
+    scored = json.loads(out.read_text())
+    assert scored["zero_shot"] == direct["zero_shot"]
+    assert scored["targeted"]["success_rate"] == direct["targeted"]["success_rate"]
+    assert scored["backdoor"]["success_rate"] == direct["backdoor"]["success_rate"]

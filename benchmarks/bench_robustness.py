@@ -61,8 +61,7 @@ ABLATIONS = ("aug-only", "match-only", "reference", "every-epoch", "adaptive")
 COLUMNS = (
     ("zero_shot", "zero-shot"),
     ("linear_probe", "probe"),
-    ("targeted_10", "targeted (10)"),
-    ("targeted_50", "targeted (50)"),
+    ("targeted_asr", "targeted"),
     ("backdoor_asr", "backdoor"),
     ("detection_recall", "detect R"),
     ("purity", "purity"),
@@ -182,8 +181,7 @@ def row_of(result: dict[str, Any]) -> dict[str, Any]:
         "zero_shot": final["zero_shot"]["accuracy"],
         "linear_probe": (final.get("linear_probe") or {}).get("accuracy"),
         "targeted_asr": targeted.get("success_rate"),
-        "targeted_10": (groups.get("10") or {}).get("success_rate"),
-        "targeted_50": (groups.get("50") or {}).get("success_rate"),
+        **{f"targeted_{n}": g["success_rate"] for n, g in groups.items()},
         "backdoor_asr": backdoor.get("success_rate"),
         "backdoor_clean_rate": backdoor.get("clean_target_rate"),
         "detection_precision": detection.get("precision"),
@@ -215,22 +213,42 @@ def _cell_text(values: list[float], seconds: bool) -> str:
     return f"{mean} ± {fmt.format(scale * statistics.stdev(values))}"
 
 
+def columns_for(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """The table's columns: targeted success per poisoning strength next to the overall rate."""
+    groups = sorted(
+        {
+            k.removeprefix("targeted_")
+            for r in rows
+            for k in r
+            if k[9:].isdigit() and k.startswith("targeted_")
+        },
+        key=int,
+    )
+    out: list[tuple[str, str]] = []
+    for key, label in COLUMNS:
+        out.append((key, label))
+        if key == "targeted_asr":
+            out += [(f"targeted_{n}", f"targeted ({n})") for n in groups]
+    return out
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     """Markdown: one line per (dataset, rate, variant), mean ± std over seeds, in percent."""
+    columns = columns_for(rows)
     order = {name: i for i, name in enumerate(VARIANTS)}
     keys = sorted(
         {(r["dataset"], r["rate"], r["variant"]) for r in rows},
         key=lambda k: (k[0], k[1], order.get(k[2], len(order)), k[2]),
     )
-    header = "| dataset | backdoor | variant | seeds | " + " | ".join(c[1] for c in COLUMNS) + " |"
-    lines = [header, "|" + " --- |" * (4 + len(COLUMNS))]
+    header = "| dataset | backdoor | variant | seeds | " + " | ".join(c[1] for c in columns) + " |"
+    lines = [header, "|" + " --- |" * (4 + len(columns))]
     for dataset, rate, variant in keys:
         group = [
             r for r in rows if (r["dataset"], r["rate"], r["variant"]) == (dataset, rate, variant)
         ]
         cells = [
             _cell_text([r[k] for r in group if r.get(k) is not None], k == "train_seconds")
-            for k, _ in COLUMNS
+            for k, _ in columns
         ]
         lines.append(
             f"| {dataset} | {100 * rate:g}% | {variant} | {len(group)} | "

@@ -91,6 +91,14 @@ class RoClipConfig:
             POOL_UPDATES,
         ),
     )
+    match_fraction: float = field(
+        default=1.0,
+        metadata=_meta(
+            "Share of a matching step's images re-paired with their nearest pool caption: 1 "
+            "(the paper) re-pairs all; below 1, only those whose own caption fits them worst "
+            "next to that pool caption (the largest margins), the rest keep their own caption."
+        ),
+    )
     precision: str = field(
         default="fp32",
         metadata=_meta(
@@ -184,6 +192,7 @@ class RoClipConfig:
         _check_float(self, "adaptive_threshold", low=0.0, high=1.0, low_open=True)
         _check_int(self, "period_steps", low=0, high=_INT32_MAX)
         _check_choice(self, "pool_update", POOL_UPDATES)
+        _check_float(self, "match_fraction", low=0.0, high=1.0, low_open=True)
         _check_choice(self, "precision", PRECISIONS)
         _check_choice(self, "matcher", MATCHERS)
         _check_int(self, "match_chunk_size", low=0, high=_INT32_MAX)

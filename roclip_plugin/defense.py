@@ -71,6 +71,7 @@ class RoClipDefense:
             matcher,
             self.info,
             update_pool_when_plain=self.config.pool_update == "every_step",
+            match_fraction=self.config.match_fraction,
             on_step=self._on_step,
             on_match=self._on_match,
             on_enqueue=self._on_enqueue,

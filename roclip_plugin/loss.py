@@ -12,6 +12,7 @@ sums every value of the loss dict (OpenCLIP does) must never see diagnostics the
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -133,6 +134,30 @@ def retrieval_accuracy(logits_per_image: torch.Tensor, info: DistInfo) -> torch.
     return (logits_per_image.argmax(dim=1) == labels).float().mean()
 
 
+@torch.no_grad()
+def largest_margins(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    matched: torch.Tensor,
+    fraction: float,
+) -> torch.Tensor:
+    """Boolean mask of the ``ceil(fraction * batch)`` images with the largest margins.
+
+    The margin is ``cos(image, matched caption) - cos(image, own caption)`` in float32: large
+    when the image's own caption fits it much worse than a caption other images brought, as a
+    poisoned caption does. Ties go to the lower batch position.
+    """
+    img = F.normalize(image_features.float(), dim=-1)
+    margins = (img * F.normalize(matched.float(), dim=-1)).sum(-1) - (
+        img * F.normalize(text_features.float(), dim=-1)
+    ).sum(-1)
+    count = min(margins.numel(), math.ceil(fraction * margins.numel()))
+    order = torch.sort(margins, descending=True, stable=True).indices
+    chosen = torch.zeros_like(margins, dtype=torch.bool)
+    chosen[order[:count]] = True
+    return chosen
+
+
 class RoClipLoss(nn.Module):
     """Drop-in for OpenCLIP's ``ClipLoss`` that runs RoCLIP's matching steps.
 
@@ -144,6 +169,11 @@ class RoClipLoss(nn.Module):
         matcher: maps (local image features, pool) to logical pool indices.
         info: distributed set-up.
         update_pool_when_plain: enqueue captions on plain steps too (the default policy).
+        match_fraction: share of each matching step's images trained against their matched
+            pool caption: 1.0 (the paper) re-pairs every image; below 1, only the images whose
+            own caption is least similar to them compared with their best pool caption (the
+            largest margins, the likeliest poison) are re-paired and the rest keep their own
+            caption, so clean pairs go on teaching both towers in matching steps.
         on_step: called at the start of every forward with no arguments (the defense uses it to
             count steps and take per-step schedule decisions).
         on_match: receives a :class:`MatchStats` after each matching step.
@@ -160,6 +190,7 @@ class RoClipLoss(nn.Module):
         info: DistInfo | None = None,
         *,
         update_pool_when_plain: bool = True,
+        match_fraction: float = 1.0,
         on_step: Callable[[], None] | None = None,
         on_match: Callable[[MatchStats], None] | None = None,
         on_enqueue: Callable[[int], None] | None = None,
@@ -171,6 +202,7 @@ class RoClipLoss(nn.Module):
         self.matcher = matcher
         self.info = info or DistInfo.from_env()
         self.update_pool_when_plain = update_pool_when_plain
+        self.match_fraction = match_fraction
         self.matching = False
         self.epoch = 0
         self.step = 0
@@ -214,10 +246,15 @@ class RoClipLoss(nn.Module):
         with torch.no_grad():
             indices = self.matcher(image_features.detach(), self.pool)
             matched = self.pool.gather(indices).to(image_features.device, image_features.dtype)
-        all_matched = gather_features(matched, self.info, keep_local_grad=False)
-        loss, _ = contrastive_loss(
-            image_features, matched, logit_scale, self.info, all_text=all_matched
-        )
+        if self.match_fraction < 1.0:
+            chosen = largest_margins(image_features, text_features, matched, self.match_fraction)
+            targets = torch.where(chosen.unsqueeze(1), matched, text_features)
+            loss, _ = contrastive_loss(image_features, targets, logit_scale, self.info)
+        else:
+            all_matched = gather_features(matched, self.info, keep_local_grad=False)
+            loss, _ = contrastive_loss(
+                image_features, matched, logit_scale, self.info, all_text=all_matched
+            )
         if self.on_match is not None and self.wants_stats():
             self.on_match(self._stats(image_features, text_features, matched, indices))
         # Keep the text tower in the graph with a zero gradient, so DistributedDataParallel

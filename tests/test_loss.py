@@ -6,7 +6,13 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from roclip_plugin.loss import DistInfo, RoClipLoss, contrastive_loss, retrieval_accuracy
+from roclip_plugin.loss import (
+    DistInfo,
+    RoClipLoss,
+    contrastive_loss,
+    largest_margins,
+    retrieval_accuracy,
+)
 from roclip_plugin.matching import TorchMatcher
 from roclip_plugin.pool import CaptionPool
 
@@ -192,3 +198,35 @@ def test_contrastive_loss_local_matches_openclip_single_process():
     scale = torch.tensor(7.0)
     got, _ = contrastive_loss(img, txt, scale, DistInfo(local_loss=True))
     torch.testing.assert_close(got, open_clip_loss.ClipLoss(local_loss=True)(img, txt, scale))
+
+
+def test_largest_margins_picks_the_worst_fitting_own_captions():
+    img = torch.eye(4)
+    matched = torch.eye(4)  # every image's match fits it perfectly
+    own = torch.tensor([[1.0, 0, 0, 0], [0, 0, 1.0, 0], [0, 0.6, 0.8, 0], [0, 0, 0, 1.0]])
+    # margins 0, 1, 0.4, 0: the largest is image 1, then image 2
+    assert largest_margins(img, own, matched, 0.25).tolist() == [False, True, False, False]
+    assert largest_margins(img, own, matched, 0.5).tolist() == [False, True, True, False]
+    assert largest_margins(img, own, matched, 1.0).all()
+
+
+def test_partial_matching_repairs_the_chosen_images_and_keeps_the_rest_own_captions():
+    img, txt = _features(5, 10, 16)
+    g = torch.Generator().manual_seed(6)
+    pool = CaptionPool(64)
+    pool.enqueue(F.normalize(torch.randn(30, 16, generator=g), dim=-1))
+    matcher = TorchMatcher()
+    loss = RoClipLoss(pool, matcher, DistInfo(), update_pool_when_plain=False, match_fraction=0.3)
+    loss.matching = True
+    scale = torch.tensor(10.0)
+    txt = txt.clone().requires_grad_(True)
+    matched = pool.gather(matcher(img, pool))
+    chosen = largest_margins(img, txt.detach(), matched, 0.3)
+    assert int(chosen.sum()) == 3
+    got = loss(img, txt, scale)
+    targets = torch.where(chosen.unsqueeze(1), matched, txt.detach())
+    torch.testing.assert_close(got, open_clip_loss.ClipLoss()(img, targets, scale))
+    got.backward()
+    # the own captions that stayed get a gradient, those replaced by pool captions none
+    assert torch.all(txt.grad[chosen] == 0)
+    assert torch.all(txt.grad[~chosen].abs().sum(1) > 0)

@@ -159,11 +159,19 @@ def run_spec(spec: RunSpec, events: Any = None) -> dict[str, Any]:
         "matching_epochs": run.matching_epochs,
         "per_epoch": per_epoch,
         "matching": {r.epoch + 1: r.audit for r in run.epochs if r.audit},
+        "alignment": _alignment(run.roclip_state),
         "final": final,
         "checkpoint": str(checkpoint),
         "settings": {k: v for k, v in asdict(spec.train).items() if k != "preset"}
         | {"preset": spec.train.preset if isinstance(spec.train.preset, str) else "custom"},
     }
+
+
+def _alignment(state: Mapping[str, Any] | None) -> dict[int, float]:
+    """In-batch image-to-text retrieval accuracy per 1-based plain epoch (``adaptive`` reads it)."""
+    if state is None:
+        return {}
+    return {int(unit) + 1: float(acc) for unit, acc in state["schedule"]["alignment"].items()}
 
 
 def _record_figures(record: Any) -> dict[str, Any]:

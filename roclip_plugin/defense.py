@@ -72,6 +72,7 @@ class RoClipDefense:
             self.info,
             update_pool_when_plain=self.config.pool_update == "every_step",
             match_fraction=self.config.match_fraction,
+            match_action=self.config.match_action,
             on_step=self._on_step,
             on_match=self._on_match,
             on_enqueue=self._on_enqueue,

@@ -174,6 +174,9 @@ class RoClipLoss(nn.Module):
             own caption is least similar to them compared with their best pool caption (the
             largest margins, the likeliest poison) are re-paired and the rest keep their own
             caption, so clean pairs go on teaching both towers in matching steps.
+        match_action: what happens to those images: ``match`` pairs them with their nearest
+            pool caption (RoCLIP); ``drop`` leaves them out of the step's loss, so a
+            suspected pair teaches nothing (needs ``match_fraction`` below 1).
         on_step: called at the start of every forward with no arguments (the defense uses it to
             count steps and take per-step schedule decisions).
         on_match: receives a :class:`MatchStats` after each matching step.
@@ -191,6 +194,7 @@ class RoClipLoss(nn.Module):
         *,
         update_pool_when_plain: bool = True,
         match_fraction: float = 1.0,
+        match_action: str = "match",
         on_step: Callable[[], None] | None = None,
         on_match: Callable[[MatchStats], None] | None = None,
         on_enqueue: Callable[[int], None] | None = None,
@@ -203,6 +207,7 @@ class RoClipLoss(nn.Module):
         self.info = info or DistInfo.from_env()
         self.update_pool_when_plain = update_pool_when_plain
         self.match_fraction = match_fraction
+        self.match_action = match_action
         self.matching = False
         self.epoch = 0
         self.step = 0
@@ -248,8 +253,14 @@ class RoClipLoss(nn.Module):
             matched = self.pool.gather(indices).to(image_features.device, image_features.dtype)
         if self.match_fraction < 1.0:
             chosen = largest_margins(image_features, text_features, matched, self.match_fraction)
-            targets = torch.where(chosen.unsqueeze(1), matched, text_features)
-            loss, _ = contrastive_loss(image_features, targets, logit_scale, self.info)
+            if self.match_action == "drop":
+                keep = ~chosen
+                loss, _ = contrastive_loss(
+                    image_features[keep], text_features[keep], logit_scale, self.info
+                )
+            else:
+                targets = torch.where(chosen.unsqueeze(1), matched, text_features)
+                loss, _ = contrastive_loss(image_features, targets, logit_scale, self.info)
         else:
             all_matched = gather_features(matched, self.info, keep_local_grad=False)
             loss, _ = contrastive_loss(

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from roclip_plugin.config import (
     AUG_REFRESH,
     FLAG_PREFIX,
+    MATCH_ACTIONS,
     MATCHERS,
     POOL_UPDATES,
     PRECISIONS,
@@ -63,6 +64,7 @@ BAD_VALUES: list[tuple[str, Any, str]] = [
     ("pool_update", "never", "every_step, matching_epochs"),
     ("match_fraction", 0.0, "(0.0, 1.0]"),
     ("match_fraction", 1.5, "(0.0, 1.0]"),
+    ("match_action", "skip", "match, drop"),
     ("precision", "fp16", "fp32, bf16"),
     ("precision", "FP32", "fp32, bf16"),
     ("matcher", "annoy", "torch, faiss, faiss-ivf"),
@@ -127,6 +129,7 @@ FIELD_STRATEGIES: dict[str, st.SearchStrategy[Any]] = {
     "period_steps": st.integers(0, INT32_MAX),
     "pool_update": st.sampled_from(POOL_UPDATES),
     "match_fraction": st.floats(0.0, 1.0, exclude_min=True),
+    "match_action": st.sampled_from(MATCH_ACTIONS),
     "precision": st.sampled_from(PRECISIONS),
     "matcher": st.sampled_from(MATCHERS),
     "match_chunk_size": st.integers(0, INT32_MAX),
@@ -148,6 +151,8 @@ FIELD_STRATEGIES: dict[str, st.SearchStrategy[Any]] = {
 def configs(draw: st.DrawFn) -> RoClipConfig:
     values = {name: draw(strategy) for name, strategy in FIELD_STRATEGIES.items()}
     values["ramp_final_every"] = min(values["ramp_final_every"], values["rematch_every"])
+    if values["match_fraction"] == 1.0:  # drop needs a fraction below 1
+        values["match_action"] = "match"
     return RoClipConfig(**values)
 
 
@@ -507,3 +512,9 @@ def test_from_dict_rejects_unknown_keys() -> None:
 
 def test_from_dict_partial_uses_defaults() -> None:
     assert RoClipConfig.from_dict({"seed": 3}) == RoClipConfig(seed=3)
+
+
+def test_drop_needs_a_match_fraction_below_one() -> None:
+    with pytest.raises(ValueError, match="--roclip-match-fraction below 1"):
+        RoClipConfig(match_action="drop")
+    assert RoClipConfig(match_action="drop", match_fraction=0.2).match_action == "drop"

@@ -230,3 +230,22 @@ def test_partial_matching_repairs_the_chosen_images_and_keeps_the_rest_own_capti
     # the own captions that stayed get a gradient, those replaced by pool captions none
     assert torch.all(txt.grad[chosen] == 0)
     assert torch.all(txt.grad[~chosen].abs().sum(1) > 0)
+
+
+def test_drop_leaves_the_chosen_pairs_out_of_the_loss():
+    img, txt = _features(7, 12, 16)
+    g = torch.Generator().manual_seed(8)
+    pool = CaptionPool(64)
+    pool.enqueue(F.normalize(torch.randn(40, 16, generator=g), dim=-1))
+    matcher = TorchMatcher()
+    loss = RoClipLoss(
+        pool, matcher, DistInfo(), update_pool_when_plain=False, match_fraction=0.25,
+        match_action="drop",
+    )  # fmt: skip
+    loss.matching = True
+    scale = torch.tensor(12.0)
+    chosen = largest_margins(img, txt, pool.gather(matcher(img, pool)), 0.25)
+    assert int(chosen.sum()) == 3
+    keep = ~chosen
+    want = open_clip_loss.ClipLoss()(img[keep], txt[keep], scale)
+    torch.testing.assert_close(loss(img, txt, scale), want)

@@ -87,7 +87,9 @@ def add_demo_command(subparsers: Any) -> argparse.ArgumentParser:
         help=f"share of training images (cpu: {cpu['backdoor_rate']})",
     )
     attack.add_argument("--backdoor-class", help="backdoor target class (default: by seed)")
-    attack.add_argument("--trigger", choices=TRIGGERS, default="patch", help="(default: patch)")
+    attack.add_argument(
+        "--trigger", choices=TRIGGERS, help=f"backdoor trigger (cpu: {cpu['trigger']})"
+    )
     group = parser.add_argument_group(
         "RoCLIP options (the RoCLIP run; pool size and schedule default to the scale's)"
     )

@@ -48,6 +48,7 @@ SCALES: dict[str, dict[str, Any]] = {
         "targets": 32,
         "captions_per_target": [10, 50],
         "backdoor_rate": 0.001,
+        "trigger": "blend",
         "pool_size": 4096,
         "first_rematch_epoch": 5,
         "rematch_every": 2,
@@ -66,6 +67,7 @@ SCALES: dict[str, dict[str, Any]] = {
         "targets": 32,
         "captions_per_target": [10, 50],
         "backdoor_rate": 0.001,
+        "trigger": "blend",
         "pool_size": 4096,
         "first_rematch_epoch": 5,
         "rematch_every": 2,
@@ -90,6 +92,7 @@ OPENCLIP_SCALES: dict[str, dict[str, Any]] = {
         "targets": 8,
         "captions_per_target": 25,
         "backdoor_rate": 0.01,
+        "trigger": "patch",
         "pool_size": 2048,
         "first_rematch_epoch": 6,
         "rematch_every": 2,
@@ -110,6 +113,7 @@ OPENCLIP_SCALES: dict[str, dict[str, Any]] = {
         "targets": 16,
         "captions_per_target": 100,
         "backdoor_rate": 0.001,
+        "trigger": "patch",
         "pool_size": 16384,
         "first_rematch_epoch": 5,
         "rematch_every": 2,
@@ -140,7 +144,7 @@ class DemoSettings:
     captions_per_target: int | list[int] | None = None
     backdoor_rate: float | None = None
     backdoor_class: str | None = None
-    trigger: str = "patch"
+    trigger: str | None = None
     eval_limit: int | None = None
     jobs: int | None = None
     roclip_flags: dict[str, Any] = field(default_factory=dict)
@@ -291,7 +295,7 @@ def poison(
         captions_per_target=s.captions_per_target or 0,
         backdoor_rate=s.backdoor_rate or None,
         backdoor_class=_backdoor_class(s, dataset.classes),
-        trigger=make_trigger(s.trigger, seed=s.seed) if s.backdoor_rate else None,
+        trigger=make_trigger(s.trigger or "patch", seed=s.seed) if s.backdoor_rate else None,
         seed=s.seed,
         progress=progress,
     )

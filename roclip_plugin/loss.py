@@ -21,7 +21,12 @@ import torch.distributed.nn
 import torch.nn.functional as F
 from torch import nn
 
-from roclip_plugin.matching import Matcher, highest_matmul_precision
+from roclip_plugin.matching import (
+    Matcher,
+    autocast_disabled,
+    check_finite_queries,
+    highest_matmul_precision,
+)
 from roclip_plugin.pool import CaptionPool
 
 
@@ -211,18 +216,28 @@ class RoClipLoss(nn.Module):
     def _matching_loss(
         self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor
     ) -> torch.Tensor:
-        with torch.no_grad():
+        check_finite_queries(image_features)
+        # The search (any matcher, a plugin's too) and the statistics run in the configured
+        # precision: the trainer's autocast would otherwise turn their products into bf16.
+        with torch.no_grad(), autocast_disabled(image_features.device, self._pool_device()):
             indices = self.matcher(image_features.detach(), self.pool)
-            matched = self.pool.gather(indices).to(image_features.device, image_features.dtype)
+            matched = self.pool.gather(indices)
+            stats = None
+            if self.on_match is not None and self.wants_stats():
+                stats = self._stats(image_features, text_features, matched, indices)
+        matched = matched.to(image_features.device, image_features.dtype)
         all_matched = gather_features(matched, self.info, keep_local_grad=False)
         loss, _ = contrastive_loss(
             image_features, matched, logit_scale, self.info, all_text=all_matched
         )
-        if self.on_match is not None and self.wants_stats():
-            self.on_match(self._stats(image_features, text_features, matched, indices))
+        if self.on_match is not None and stats is not None:
+            self.on_match(stats)
         # Keep the text tower in the graph with a zero gradient, so DistributedDataParallel
         # without find_unused_parameters still finds every parameter used.
         return loss + 0.0 * text_features.sum()
+
+    def _pool_device(self) -> torch.device:
+        return self.pool.device if self.pool.device is not None else torch.device("cpu")
 
     @torch.no_grad()
     def _enqueue(self, text_features: torch.Tensor) -> None:

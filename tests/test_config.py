@@ -503,3 +503,17 @@ def test_from_dict_rejects_unknown_keys() -> None:
 
 def test_from_dict_partial_uses_defaults() -> None:
     assert RoClipConfig.from_dict({"seed": 3}) == RoClipConfig(seed=3)
+
+
+def test_precision_claims_state_the_float32_tolerance() -> None:
+    """bf16 is not "the same answer as fp32" for near-ties: the help and docs say what holds."""
+    from pathlib import Path
+
+    from roclip_plugin.config import RoClipConfig
+
+    help_text = {f.name: f.metadata["help"] for f in dataclasses.fields(RoClipConfig)}["precision"]
+    assert "same answer as fp32" not in help_text
+    assert "float32 rounding" in help_text
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    for name in ("config.md", "openclip.md"):
+        assert "same answer as fp32" not in (docs / name).read_text(), name

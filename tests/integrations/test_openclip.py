@@ -349,3 +349,47 @@ def test_webdataset_training_data(setup) -> None:
     with suspicious.open() as fh:
         rows = list(csv.DictReader(fh))
     assert rows and {r["index"] for r in rows} == {"-1"}
+
+
+class RecordingMatcher:
+    """Wraps the configured matcher and keeps what it was asked and what it answered."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    @hookimpl
+    def roclip_make_matcher(self, config):
+        from roclip_plugin.matching import make_matcher
+
+        inner = make_matcher(config)
+
+        def match(images, pool):
+            answer = inner(images, pool)
+            self.calls.append((images.detach().clone(), pool.features(), answer.clone()))
+            return answer
+
+        return match
+
+
+def _with_plugins(monkeypatch, *plugins) -> None:
+    def manager():
+        pm = get_plugin_manager()
+        for plugin in plugins:
+            pm.register(plugin)
+        return pm
+
+    monkeypatch.setattr(roclip_openclip.cli, "get_plugin_manager", manager)
+
+
+def test_amp_bf16_run_matches_as_the_fp32_search(setup, monkeypatch) -> None:
+    """--precision amp_bf16 computes the loss under autocast; the search stays float32."""
+    from roclip_plugin.matching import nearest_captions
+
+    recorder = RecordingMatcher()
+    _with_plugins(monkeypatch, recorder)
+    argv = _argv(setup, "amp-bf16", 2, *ROCLIP)
+    argv[argv.index("fp32")] = "amp_bf16"
+    assert main(argv) == 0
+    assert len(recorder.calls) == 6  # every step of matching epoch 1
+    for images, pool, answer in recorder.calls:
+        assert torch.equal(answer, nearest_captions(images, pool, precision="fp32"))

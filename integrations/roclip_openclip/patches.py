@@ -207,9 +207,11 @@ class OpenClipPatches:
         self.captions = list(getattr(dataset, "captions", [])) or None
 
     def _create_loss(self, args: Any) -> torch.nn.Module:
-        steps = None
+        steps = samples = None
         if self.data is not None and "train" in self.data:
-            steps = self.data["train"].dataloader.num_batches // args.accum_freq
+            loader = self.data["train"].dataloader
+            steps = loader.num_batches // args.accum_freq
+            samples = getattr(loader, "num_samples", None)
         info = DistInfo(
             rank=args.rank,
             world_size=args.world_size,
@@ -224,7 +226,11 @@ class OpenClipPatches:
             dist_info=info,
             total_epochs=args.epochs,
             steps_per_epoch=steps,
+            samples_per_epoch=samples,
         )
+        for message in self.defense.check_run():  # also a RuntimeWarning
+            if args.rank == 0:
+                log.warning(message)
         self._resume(args)
         return self.defense.loss
 
@@ -298,7 +304,7 @@ class OpenClipPatches:
         if not args.save_logs:
             return
         self._write_scalars(summary, epoch, args, tb_writer)
-        if self.report.matching:
+        if self.report.matching or self.report.steps:  # blocks may switch inside an epoch
             self._write_suspicious(rows, epoch, args)
         self._save_state(epoch + 1, args, rng)
 

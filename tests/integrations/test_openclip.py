@@ -393,3 +393,25 @@ def test_amp_bf16_run_matches_as_the_fp32_search(setup, monkeypatch) -> None:
     assert len(recorder.calls) == 6  # every step of matching epoch 1
     for images, pool, answer in recorder.calls:
         assert torch.equal(answer, nearest_captions(images, pool, precision="fp32"))
+
+
+def test_step_blocks_on_epoch_boundaries_log_and_report_the_right_epochs(setup) -> None:
+    """--roclip-period-steps 6 with 6 steps an epoch: epoch 1 is the one matching block."""
+    blocks = ["--roclip-period-steps", "6"]
+    with pytest.warns(RuntimeWarning, match=r"pool-size 64\) holds 67% of an epoch's 96"):
+        assert main(_argv(setup, "blocks", 3, *ROCLIP, *blocks)) == 0
+    log = _log(setup, "blocks")
+    matching = re.findall(r"RoCLIP epoch (\d+) rank 0: matching=(\w+)", log)
+    assert matching == [("0", "False"), ("1", "True"), ("2", "False")]
+    folder = _ckpt(setup, "blocks", 1).parent
+    assert sorted(p.name for p in folder.glob("suspicious_*.csv")) == ["suspicious_epoch_2.csv"]
+    assert "holds 67% of an epoch's 96 training pairs" in log  # also in OpenCLIP's log
+
+
+def test_a_run_that_never_matches_says_so(setup) -> None:
+    """The default preset's first matching epoch is 5: a 2-epoch run would only augment."""
+    with pytest.warns(RuntimeWarning, match="never matches") as record:
+        assert main(_argv(setup, "never", 2, "--roclip", "--roclip-pool-size", "8")) == 0
+    assert "--roclip-first-rematch-epoch" in str(record[0].message)
+    log = _log(setup, "never")
+    assert "RoCLIP never matches in this run" in log and "at most 1" in log

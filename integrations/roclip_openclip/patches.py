@@ -85,6 +85,21 @@ class EpochReport:
         self.suspicious = 0
         self.top: list[tuple[float, int]] = []  # (margin, dataset index or -1)
         self.indices.clear()
+        self.step_rows: list[int] = []
+
+    def begin_step(self, batch: int) -> None:
+        """Take the next ``batch`` sample indices: the rows of the step that starts now.
+
+        Called before every loss call, plain or matching, so that each step's margins are tied
+        to that step's own samples (taking them only on matching steps pinned every margin
+        after a plain step to an earlier batch).
+        """
+        self.step_rows = [self.indices.popleft() if self.indices else -1 for _ in range(batch)]
+
+    def before_loss(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Forward pre-hook of the loss (OpenCLIP calls it once per step, with keywords)."""
+        features = kwargs["image_features"] if "image_features" in kwargs else args[0]
+        self.begin_step(int(features.shape[0]))
 
     @hookimpl
     def roclip_after_match(self, stats: MatchStats) -> None:
@@ -94,7 +109,7 @@ class EpochReport:
         self.own_sum += stats.own_similarity
         margins = stats.margins.detach().float().cpu()
         self.suspicious += int((margins > self.margin_threshold).sum())
-        rows = [self.indices.popleft() if self.indices else -1 for _ in range(len(margins))]
+        rows = self.step_rows[: len(margins)] + [-1] * (len(margins) - len(self.step_rows))
         merged = self.top + list(zip(margins.tolist(), rows, strict=True))
         self.top = sorted(merged, reverse=True)[:SUSPICIOUS_TOP]
 
@@ -228,6 +243,7 @@ class OpenClipPatches:
             steps_per_epoch=steps,
             samples_per_epoch=samples,
         )
+        self.defense.loss.register_forward_pre_hook(self.report.before_loss, with_kwargs=True)
         for message in self.defense.check_run():  # also a RuntimeWarning
             if args.rank == 0:
                 log.warning(message)

@@ -415,3 +415,54 @@ def test_a_run_that_never_matches_says_so(setup) -> None:
     assert "--roclip-first-rematch-epoch" in str(record[0].message)
     log = _log(setup, "never")
     assert "RoCLIP never matches in this run" in log and "at most 1" in log
+
+
+class RecordMargins:
+    """Keeps every matching step's (global step, margins) as roclip_after_match reports them."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[int, list[float]]] = []
+
+    @hookimpl
+    def roclip_after_match(self, stats):
+        self.steps.append((stats.step, stats.margins.float().cpu().tolist()))
+
+
+@pytest.mark.parametrize(
+    ("name", "flags", "epochs"),
+    [
+        # reference preset: epoch 1 matches, but its first step finds an empty pool (plain)
+        ("ref", ["--roclip", "--roclip-preset", "reference", "--roclip-pool-size", "64"], 2),
+        # blocks of 2 steps, 3 blocks an epoch: blocks 1, 3, 5 match; plain blocks in between
+        ("blocks", [*ROCLIP, "--roclip-period-steps", "2"], 2),
+    ],
+)
+def test_suspicious_rows_are_the_rows_of_the_step_that_matched(
+    setup, monkeypatch, name, flags, epochs
+) -> None:
+    """Each margin of the CSV belongs to the sample whose image was matched, step by step."""
+    recorder, margins = RecordAugmentations(), RecordMargins()
+    _with_plugins(monkeypatch, recorder, margins)
+    augment = ["--roclip-text-aug", "record", "--roclip-image-aug", "record"]
+    assert main(_argv(setup, f"rows-{name}", epochs, *flags, *augment)) == 0
+    steps_per_epoch = 96 // 16
+    rows_of_step = {}  # global step -> dataset rows, in the order the loader gave them
+    for epoch in range(epochs):
+        rows = [k[2] for k in recorder.images if k[1] == epoch]
+        for i in range(steps_per_epoch):
+            rows_of_step[epoch * steps_per_epoch + i] = rows[16 * i : 16 * (i + 1)]
+    folder = _ckpt(setup, f"rows-{name}", 1).parent
+    written = sorted(folder.glob("suspicious_epoch_*.csv"))
+    assert written
+    for path in written:
+        epoch = int(path.stem.rsplit("_", 1)[1]) - 1
+        want = {
+            row: margin
+            for step, values in margins.steps
+            if step // steps_per_epoch == epoch
+            for row, margin in zip(rows_of_step[step], values, strict=True)
+        }
+        with path.open() as fh:
+            got = {int(r["index"]): float(r["margin"]) for r in csv.DictReader(fh)}
+        assert got.keys() == want.keys(), path.name
+        assert all(abs(got[row] - want[row]) <= 1e-6 for row in want), path.name

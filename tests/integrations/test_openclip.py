@@ -169,28 +169,142 @@ class StopAtEpochTwo:
             raise Interrupt
 
 
-def test_resume_after_epoch_two_is_exact(setup, monkeypatch) -> None:
-    assert main(_argv(setup, "straight", 3, *ROCLIP)) == 0
+def _stop_after_epoch_two(argv: list[str]) -> None:
+    """Run ``argv`` and kill it as epoch 2 starts, after epoch 2's checkpoint (and evaluation)."""
 
     def with_interrupt():
         pm = get_plugin_manager()
         pm.register(StopAtEpochTwo())
         return pm
 
-    with monkeypatch.context() as m:
+    with pytest.MonkeyPatch.context() as m:
         m.setattr(roclip_openclip.cli, "get_plugin_manager", with_interrupt)
         with pytest.raises(Interrupt):
-            main(_argv(setup, "stopped", 3, *ROCLIP))
+            main(argv)
+
+
+def _assert_same_run(setup, name_a: str, name_b: str, epoch: int = 3) -> None:
+    """Identical weights and caption pool after ``epoch`` epochs."""
+    a = torch.load(_ckpt(setup, name_a, epoch), weights_only=False)
+    b = torch.load(_ckpt(setup, name_b, epoch), weights_only=False)
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    pa = torch.load(state_path_for(_ckpt(setup, name_a, epoch)), weights_only=False)
+    pb = torch.load(state_path_for(_ckpt(setup, name_b, epoch)), weights_only=False)
+    assert torch.equal(pa["roclip"]["pool"]["features"], pb["roclip"]["pool"]["features"])
+    assert pa["roclip"]["step"] == pb["roclip"]["step"] == 6 * epoch
+
+
+def test_resume_after_epoch_two_is_exact(setup) -> None:
+    assert main(_argv(setup, "straight", 3, *ROCLIP)) == 0
+    _stop_after_epoch_two(_argv(setup, "stopped", 3, *ROCLIP))
     assert not _ckpt(setup, "stopped", 3).exists()
     resume = ["--resume", str(_ckpt(setup, "stopped", 2))]
     assert main(_argv(setup, "stopped-resumed", 3, *ROCLIP, *resume)) == 0
-    a = torch.load(_ckpt(setup, "straight", 3), weights_only=False)
-    b = torch.load(_ckpt(setup, "stopped-resumed", 3), weights_only=False)
-    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
-    pa = torch.load(state_path_for(_ckpt(setup, "straight", 3)), weights_only=False)
-    pb = torch.load(state_path_for(_ckpt(setup, "stopped-resumed", 3)), weights_only=False)
-    assert torch.equal(pa["roclip"]["pool"]["features"], pb["roclip"]["pool"]["features"])
-    assert pa["roclip"]["step"] == pb["roclip"]["step"] == 18
+    _assert_same_run(setup, "straight", "stopped-resumed")
+
+
+def _validated(setup) -> list[str]:
+    """RoCLIP with evaluation after every epoch (it draws from the global RNG) and latest."""
+    validation = ["--val-data", str(setup["data"]), "--val-frequency", "1"]
+    return [*ROCLIP, *validation, "--save-most-recent"]
+
+
+@pytest.fixture(scope="module")
+def evaluated(setup) -> str:
+    """An uninterrupted 3-epoch run with evaluation, and the same run stopped after epoch 2."""
+    assert main(_argv(setup, "val-straight", 3, *_validated(setup))) == 0
+    _stop_after_epoch_two(_argv(setup, "val-stopped", 3, *_validated(setup)))
+    return "val-straight"
+
+
+def test_resume_is_exact_when_openclip_evaluates_between_epochs(setup, evaluated) -> None:
+    resume = ["--resume", str(_ckpt(setup, "val-stopped", 2))]
+    assert main(_argv(setup, "val-resumed", 3, *_validated(setup), *resume)) == 0
+    _assert_same_run(setup, evaluated, "val-resumed")
+    state = torch.load(state_path_for(_ckpt(setup, "val-stopped", 2)), weights_only=False)
+    assert (state["completed_epochs"], state["step"]) == (2, 12)
+
+
+class Crash(Exception):
+    pass
+
+
+def _crash_in_evaluation(monkeypatch) -> None:
+    import open_clip_train.main as oc_main
+
+    evaluate = oc_main.evaluate
+
+    def crashing(model, data, epoch, args, **kw):
+        if epoch == 2:
+            raise Crash
+        return evaluate(model, data, epoch, args, **kw)
+
+    monkeypatch.setattr(oc_main, "evaluate", crashing)
+
+
+def _crash_replacing_the_second_latest(monkeypatch) -> None:
+    import os
+
+    replace, seen = os.replace, []
+
+    def crashing(src, dst):
+        if str(dst).endswith("epoch_latest.pt"):
+            seen.append(dst)
+            if len(seen) == 2:  # epoch_2.pt is written, epoch_latest.pt still holds epoch 1
+                raise Crash
+        return replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crashing)
+
+
+@pytest.mark.parametrize(
+    "crash", [_crash_in_evaluation, _crash_replacing_the_second_latest], ids=["eval", "latest"]
+)
+def test_a_crash_at_any_point_leaves_a_consistent_pair(setup, evaluated, crash) -> None:
+    """--resume latest after a crash restores the pool of the epoch OpenCLIP's file holds."""
+    name = f"crash-{crash.__name__}"
+    with pytest.MonkeyPatch.context() as m:
+        crash(m)
+        with pytest.raises(Crash):
+            main(_argv(setup, name, 3, *_validated(setup)))
+    latest = torch.load(_ckpt(setup, name, 1).with_name("epoch_latest.pt"), weights_only=False)
+    assert latest["epoch"] == 1
+    assert main(_argv(setup, name, 3, *_validated(setup), "--resume", "latest")) == 0
+    _assert_same_run(setup, evaluated, name)
+    folder = _ckpt(setup, name, 1).parent
+    states = {p.stem for p in folder.glob("*.roclip")}
+    assert states == {f"epoch_{n}" for n in (1, 2, 3)}  # one per epoch_N.pt, no orphan
+
+
+def test_a_state_from_another_epoch_is_refused(setup, evaluated, capsys) -> None:
+    import shutil
+
+    folder = setup["root"] / "mismatch"
+    folder.mkdir()
+    shutil.copy(_ckpt(setup, "val-stopped", 2), folder / "epoch_2.pt")
+    shutil.copy(state_path_for(_ckpt(setup, "val-stopped", 1)), folder / "epoch_2.roclip")
+    resume = ["--resume", str(folder / "epoch_2.pt")]
+    assert main(_argv(setup, "mismatch", 3, *_validated(setup), *resume)) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"{folder / 'epoch_2.roclip'} holds the state after epoch 1 (step 6)" in err
+    assert f"the checkpoint {folder / 'epoch_2.pt'} is at epoch 2" in err
+    assert not _ckpt(setup, "mismatch", 3).exists()
+
+
+def test_resume_from_a_remote_checkpoint_reads_the_state_from_the_same_file_system(
+    setup, evaluated
+) -> None:
+    """OpenCLIP loads --resume through fsspec (s3://...): the RoCLIP state comes the same way."""
+    fsspec = pytest.importorskip("fsspec")
+    fs = fsspec.filesystem("memory")
+    for name in ("epoch_2.pt", "epoch_2.roclip"):
+        fs.pipe(f"/remote/{name}", _ckpt(setup, "val-stopped", 2).with_name(name).read_bytes())
+    resume = ["--resume", "memory://remote/epoch_2.pt"]
+    try:
+        assert main(_argv(setup, "remote-resumed", 3, *_validated(setup), *resume)) == 0
+    finally:
+        fs.rm("/remote", recursive=True)
+    _assert_same_run(setup, evaluated, "remote-resumed")
 
 
 class RecordAugmentations:

@@ -176,10 +176,26 @@ def test_bf16_features_work_and_pool_stays_fp32():
     assert pool.features().dtype == torch.float32
 
 
-def test_siglip_bias_is_refused():
-    img, txt = _features(10, 4, 8)
-    with pytest.raises(ValueError, match="SigLIP"):
-        RoClipLoss(CaptionPool(4), TorchMatcher())(img, txt, torch.tensor(1.0), torch.tensor(0.0))
+@pytest.mark.parametrize("matching", [False, True])
+def test_a_logit_bias_is_added_as_clip_loss_adds_it(matching):
+    """A SigLIP-architecture model without --siglip: the bias shifts every logit, no more."""
+    img, txt = _features(10, 6, 8)
+    bias = torch.tensor(-10.0, requires_grad=True)
+    scale = torch.tensor(5.0)
+
+    def loss_fn():
+        pool = CaptionPool(16)
+        pool.enqueue(_features(11, 6, 8)[1])
+        loss = RoClipLoss(pool, TorchMatcher(), DistInfo())
+        loss.matching = matching
+        return loss
+
+    got = loss_fn()(img, txt, scale, bias)
+    torch.testing.assert_close(got, loss_fn()(img, txt, scale))
+    if not matching:
+        torch.testing.assert_close(got, open_clip_loss.ClipLoss()(img, txt, scale, bias))
+    got.backward()
+    assert bias.grad is not None and abs(float(bias.grad)) < 1e-6  # in the graph, no gradient
 
 
 def test_retrieval_accuracy():

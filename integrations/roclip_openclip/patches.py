@@ -23,7 +23,7 @@ from typing import Any
 import pluggy
 import torch
 
-from roclip_openclip.cli import UsageError
+from roclip_openclip.cli import UsageError, check_model
 from roclip_openclip.state import (
     STATE_SUFFIX,
     StateKeeper,
@@ -280,7 +280,7 @@ class OpenClipPatches:
         ) -> Any:
             args = a[-1] if a else kw["args"]
             assert self.defense is not None, "create_loss was not called before training"
-            self._start(epoch, args)
+            self._start(model, epoch, args)
             if self.policy is not None:
                 self.policy.set_epoch(epoch)  # before the loader's workers start
             matching = self.defense.start_epoch(epoch)
@@ -293,10 +293,14 @@ class OpenClipPatches:
 
         return train_one_epoch
 
-    def _start(self, epoch: int, args: Any) -> None:
-        """Before an epoch: resume on the first one; afterwards, the previous checkpoint exists."""
+    def _start(self, model: Any, epoch: int, args: Any) -> None:
+        """Before an epoch: on the first, check the model and resume.
+
+        Before any later epoch, the previous epoch's checkpoint exists.
+        """
         assert self.defense is not None
         if self._args is None:
+            check_model(model, args)
             self._args = args
             if args.resume:
                 self._resume(epoch, args)

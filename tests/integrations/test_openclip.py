@@ -580,3 +580,78 @@ def test_suspicious_rows_are_the_rows_of_the_step_that_matched(
             got = {int(r["index"]): float(r["margin"]) for r in csv.DictReader(fh)}
         assert got.keys() == want.keys(), path.name
         assert all(abs(got[row] - want[row]) <= 1e-6 for row in want), path.name
+
+
+@pytest.mark.parametrize(
+    ("dataset_type", "augment"),
+    [
+        ("synthetic", []),  # the default augmentation: roclip images, eda captions
+        ("synthetic", ["--roclip-image-aug", "none", "--roclip-text-aug", "none"]),
+        ("auto", []),
+    ],
+    ids=["synthetic", "synthetic-no-aug", "auto"],
+)
+def test_every_dataset_type_trains_with_roclip(setup, dataset_type, augment) -> None:
+    name = f"type-{dataset_type}-{len(augment)}"
+    argv = _argv(setup, name, 1, *ROCLIP, "--roclip-first-rematch-epoch", "0", *augment)
+    argv[argv.index("csv")] = dataset_type
+    if dataset_type == "synthetic":
+        del argv[argv.index("--train-data") : argv.index("--train-data") + 2]
+        argv += ["--train-num-samples", "48"]
+    with pytest.warns(RuntimeWarning, match="holds"):  # pool 64 of 48 or 96 pairs
+        assert main(argv) == 0
+    assert re.findall(r"RoCLIP epoch 0 rank 0: matching=True pool=\d+/64", _log(setup, name))
+
+
+def _local_model(setup, name: str, cfg: dict) -> str:
+    folder = setup["root"] / name
+    folder.mkdir(exist_ok=True)
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
+    return f"local-dir:{folder}"
+
+
+def test_a_coca_model_is_refused_whatever_its_name(setup, capsys) -> None:
+    """Detected from the model (open_clip.CoCa), not from "coca" in --model."""
+    text = {**MODEL_CFG["text_cfg"], "layers": 1, "embed_cls": True, "output_tokens": True}
+    vision = {
+        **MODEL_CFG["vision_cfg"],
+        "layers": 1,
+        "attentional_pool": True,
+        "attn_pooler_heads": 2,
+        "output_tokens": True,
+    }
+    multimodal = {
+        "context_length": 32,
+        "vocab_size": 49408,
+        "width": 64,
+        "heads": 2,
+        "layers": 1,
+        "attn_pooler_heads": 2,
+    }
+    cfg = {
+        "embed_dim": 64,
+        "vision_cfg": vision,
+        "text_cfg": text,
+        "multimodal_cfg": multimodal,
+        "custom_text": True,
+    }
+    argv = _argv(setup, "captioner", 2, *ROCLIP)
+    argv[argv.index(f"local-dir:{setup['model']}")] = _local_model(setup, "captioner", cfg)
+    assert main(argv) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "is a CoCa model (open_clip.CoCa)" in err
+    assert not _ckpt(setup, "captioner", 1).exists()
+
+
+def test_a_siglip_architecture_without_siglip_trains_like_clip_loss(setup) -> None:
+    """A logit_bias in the model, no --siglip: OpenCLIP's ClipLoss adds it to every logit."""
+    cfg = {**MODEL_CFG, "init_logit_bias": -10.0}
+    argv = _argv(setup, "bias", 2, *ROCLIP)
+    argv[argv.index(f"local-dir:{setup['model']}")] = _local_model(setup, "bias", cfg)
+    with pytest.warns(RuntimeWarning, match="holds"):
+        assert main(argv) == 0
+    log = _log(setup, "bias")
+    assert "has a logit_bias (a SigLIP architecture) and --siglip is not given" in log
+    assert re.findall(r"RoCLIP epoch 1 rank 0: matching=True pool=64/64", log)
+    losses = [float(x) for x in re.findall(r"Contrastive_loss: ([0-9.]+)", log)]
+    assert losses and all(torch.isfinite(torch.tensor(losses)))

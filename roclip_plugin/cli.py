@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -21,6 +22,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from roclip_plugin import __version__
+from roclip_plugin.checks import POOL_SHARE_LIMIT
 from roclip_plugin.config import (
     RoClipConfig,
     add_argparse_args,
@@ -30,7 +32,7 @@ from roclip_plugin.config import (
 )
 from roclip_plugin.plugins import get_plugin_manager
 
-DEMO_POOL_SIZE = 4096
+DEMO_POOL_SHARE = POOL_SHARE_LIMIT  # the smoke's pool: 10% of its pairs, the warning's limit
 
 
 def build_parser(pm: pluggy.PluginManager | None = None) -> argparse.ArgumentParser:
@@ -44,7 +46,8 @@ def build_parser(pm: pluggy.PluginManager | None = None) -> argparse.ArgumentPar
         help="Seconds-long synthetic smoke run: CLIP vs RoCLIP on a poisoned synthetic world.",
         description="A short CPU run (seconds) that shows the defense's mechanism on synthetic "
         "feature vectors (no images, no OpenCLIP). RoCLIP options below apply to the RoCLIP run "
-        f"(pool size defaults to {DEMO_POOL_SIZE} here). For real images, see `roclip demo`.",
+        f"(pool size defaults to {DEMO_POOL_SHARE:.0%} of the training pairs here, 2,024 for the "
+        "default 20,000 + 240). For real images, see `roclip demo`.",
     )
     smoke.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     smoke.add_argument("--seed", type=int, default=0, help="data and training seed (default: 0)")
@@ -99,18 +102,27 @@ def _smoke(args: argparse.Namespace, console: Console) -> int:
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: no CUDA device is visible; use --device cpu")
-    if not hasattr(args, "roclip_pool_size"):
-        args.roclip_pool_size = DEMO_POOL_SIZE
-    config = config_from_namespace(args)
     settings = DemoSettings(
         train=args.train, epochs=args.epochs, seed=args.seed, device=args.device
     )
+    if not hasattr(args, "roclip_pool_size"):
+        args.roclip_pool_size = max(1, int(DEMO_POOL_SHARE * settings.pairs))
+    config = config_from_namespace(args)
     console.print(
         f"[bold]roclip smoke[/bold]: {settings.train} synthetic pairs, {settings.targets} targets "
         f"x {settings.poison_captions} poison captions, {settings.epochs} epochs on "
         f"{settings.device}"
     )
-    results = run_demo(settings, config)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        results = run_demo(settings, config)
+    shown: set[str] = set()
+    for w in caught:  # RoCLIP's warnings in the console; anything else as Python shows it
+        if w.category is not RuntimeWarning:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+        elif str(w.message) not in shown:
+            shown.add(str(w.message))
+            console.print(f"[yellow]warning:[/yellow] {escape(str(w.message))}", soft_wrap=True)
     table = Table(title="Synthetic targeted poisoning (a smoke demonstration, not real images)")
     for col in ("run", "zero-shot", "target ASR", "poison P@k", "matching", "train s"):
         table.add_column(col, justify="right" if col != "run" else "left", no_wrap=True)

@@ -112,8 +112,10 @@ class RoClipConfig:
     precision: str = field(
         default="fp32",
         metadata=_meta(
-            "Similarity search precision: fp32, or bf16 search with certified fp32 "
-            "re-scoring (same answer as fp32).",
+            "Similarity search precision, whatever the trainer's autocast: fp32, or a bf16 "
+            "scan with fp32 re-scoring of every candidate an error bound keeps. Either returns "
+            "a row within float32 rounding of the best score; rows closer than that may "
+            "come back in either order.",
             PRECISIONS,
         ),
     )

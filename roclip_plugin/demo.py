@@ -60,6 +60,11 @@ class DemoSettings:
     image_noise: float = 1.0  # augmentation: Gaussian noise added to each image draw
     word_dropout: float = 0.2  # augmentation: chance that a caption word is replaced by "a"
 
+    @property
+    def pairs(self) -> int:
+        """Training pairs an epoch: the clean ones and the poisoned ones."""
+        return self.train + self.targets * self.poison_captions
+
 
 @dataclass
 class World:
@@ -216,7 +221,9 @@ def train(
     if config is not None:
         pm = get_plugin_manager()
         pm.register(recorder)
-        defense = RoClipDefense(config, plugin_manager=pm, total_epochs=s.epochs)
+        defense = RoClipDefense(
+            config, plugin_manager=pm, total_epochs=s.epochs, samples_per_epoch=s.pairs
+        )
     images, captions = world.images.to(device), world.captions.to(device)
     order_g = torch.Generator().manual_seed(s.seed + 1)
     aug_g = torch.Generator().manual_seed(s.seed + 2)

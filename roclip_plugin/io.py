@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
@@ -28,19 +28,27 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> Path:
     return target
 
 
-def load_versioned(path: str | os.PathLike[str], expected: object, what: str) -> dict[str, Any]:
+def load_versioned(
+    source: str | os.PathLike[str] | IO[bytes],
+    expected: object,
+    what: str,
+    *,
+    name: str | None = None,
+) -> dict[str, Any]:
     """Load a state file written by roclip-plugin and check its ``"format"`` entry.
 
     ``weights_only=False`` because these files hold RNG states (NumPy, Python) that the safe
     loader refuses; load only files this project wrote.
 
     Args:
-        path: the file.
+        source: the file, or a binary file object (a remote file opened through fsspec).
         expected: the format value the caller understands.
         what: how to name the file in the error (e.g. "roclip_torch checkpoint").
+        name: how to name ``source`` in the error (default: the path).
     """
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = torch.load(source, map_location="cpu", weights_only=False)
     found = state.get("format") if isinstance(state, dict) else None
     if found != expected:
-        raise ValueError(f"{path}: not a {what} (format {found!r}, expected {expected!r})")
+        label = name or source
+        raise ValueError(f"{label}: not a {what} (format {found!r}, expected {expected!r})")
     return state

@@ -22,7 +22,13 @@ import torch.distributed.nn
 import torch.nn.functional as F
 from torch import nn
 
-from roclip_plugin.matching import Matcher, highest_matmul_precision
+from roclip_plugin.distributed import all_gather_ints
+from roclip_plugin.matching import (
+    Matcher,
+    autocast_disabled,
+    check_finite_queries,
+    highest_matmul_precision,
+)
 from roclip_plugin.pool import CaptionPool
 
 
@@ -89,6 +95,32 @@ def gather_features(
     return torch.cat(parts, dim=0)
 
 
+def check_batch_sizes(
+    image_features: torch.Tensor, text_features: torch.Tensor, info: DistInfo
+) -> None:
+    """Refuse batches the gathers cannot take: image and text rows differ, or ranks differ.
+
+    ``all_gather`` needs the same number of rows on every rank (gloo aborts the process,
+    NCCL may read past the buffers); one all-gather of the row counts per step catches it and
+    every rank raises the same error.
+    """
+    if image_features.shape[0] != text_features.shape[0]:
+        raise ValueError(
+            f"image_features has {image_features.shape[0]} rows but text_features has "
+            f"{text_features.shape[0]}: give the loss one caption per image"
+        )
+    if info.world_size == 1:
+        return
+    sizes = all_gather_ints(image_features.shape[0])
+    if len(set(sizes)) > 1:
+        raise ValueError(
+            f"local batch sizes differ across ranks: {sizes} (rank order). RoCLIP, like "
+            "OpenCLIP's ClipLoss, all-gathers equally sized batches from every rank: drop the "
+            "last incomplete batch (DataLoader(..., drop_last=True)) or give every rank the "
+            "same batch size"
+        )
+
+
 def contrastive_loss(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
@@ -97,10 +129,14 @@ def contrastive_loss(
     *,
     all_image: torch.Tensor | None = None,
     all_text: torch.Tensor | None = None,
+    logit_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric InfoNCE, as OpenCLIP's ``ClipLoss``; returns ``(loss, logits_per_image)``.
 
     ``all_image`` / ``all_text`` may be passed when the caller already gathered them.
+    ``logit_bias`` (a SigLIP-architecture model trained with the softmax loss) is added to
+    every logit, as ``ClipLoss`` does: the loss is unchanged and the bias gets no gradient,
+    but it stays in the graph (DistributedDataParallel expects every parameter used).
     """
     if info.world_size > 1:
         all_image = gather_features(image_features, info) if all_image is None else all_image
@@ -114,6 +150,9 @@ def contrastive_loss(
     else:
         logits_per_image = logit_scale * image_features @ text_features.T
         logits_per_text = logit_scale * text_features @ image_features.T
+    if logit_bias is not None:
+        logits_per_image = logits_per_image + logit_bias
+        logits_per_text = logits_per_text + logit_bias
     labels = torch.arange(logits_per_image.shape[0], device=logits_per_image.device)
     if info.world_size > 1 and info.local_loss:
         labels = labels + logits_per_image.shape[0] * info.rank
@@ -225,20 +264,22 @@ class RoClipLoss(nn.Module):
         logit_bias: torch.Tensor | None = None,
         output_dict: bool = False,
     ) -> torch.Tensor | dict[str, torch.Tensor]:
-        """One step's loss; also updates the pool as the policy says."""
-        if logit_bias is not None:
-            raise ValueError(
-                "RoClipLoss: logit_bias was given (a SigLIP model); RoCLIP implements the "
-                "softmax CLIP loss only: train without --siglip"
-            )
+        """One step's loss; also updates the pool as the policy says.
+
+        ``logit_bias`` is added to every logit as ``ClipLoss`` does (softmax loss; RoCLIP has
+        no sigmoid loss: OpenCLIP's ``--siglip`` is refused by the integration).
+        """
+        check_batch_sizes(image_features, text_features, self.info)
         if self.on_step is not None:
             self.on_step()
         self.pool.follow(image_features.device)
         if self.matching and len(self.pool) > 0:
-            loss = self._matching_loss(image_features, text_features, logit_scale)
+            loss = self._matching_loss(image_features, text_features, logit_scale, logit_bias)
             self._enqueue(text_features)
         else:
-            loss, logits = contrastive_loss(image_features, text_features, logit_scale, self.info)
+            loss, logits = contrastive_loss(
+                image_features, text_features, logit_scale, self.info, logit_bias=logit_bias
+            )
             if self.on_alignment is not None:
                 self.on_alignment(retrieval_accuracy(logits.detach(), self.info))
             if self.matching or self.update_pool_when_plain:
@@ -246,31 +287,58 @@ class RoClipLoss(nn.Module):
         return {"contrastive_loss": loss} if output_dict else loss
 
     def _matching_loss(
-        self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor,
+        logit_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        with torch.no_grad():
+        check_finite_queries(image_features)
+        # The search (any matcher, a plugin's too) and the statistics run in the configured
+        # precision: the trainer's autocast would otherwise turn their products into bf16.
+        with torch.no_grad(), autocast_disabled(image_features.device, self._pool_device()):
             indices = self.matcher(image_features.detach(), self.pool)
-            matched = self.pool.gather(indices).to(image_features.device, image_features.dtype)
-        if self.match_fraction < 1.0:
-            chosen = largest_margins(image_features, text_features, matched, self.match_fraction)
-            if self.match_action == "drop":
-                keep = ~chosen
-                loss, _ = contrastive_loss(
-                    image_features[keep], text_features[keep], logit_scale, self.info
-                )
-            else:
-                targets = torch.where(chosen.unsqueeze(1), matched, text_features)
-                loss, _ = contrastive_loss(image_features, targets, logit_scale, self.info)
+            matched = self.pool.gather(indices)
+            stats = None
+            if self.on_match is not None and self.wants_stats():
+                stats = self._stats(image_features, text_features, matched, indices)
+            chosen = None
+            if self.match_fraction < 1.0:
+                fraction = self.match_fraction
+                chosen = largest_margins(image_features, text_features, matched, fraction)
+        matched = matched.to(image_features.device, image_features.dtype)
+        if chosen is not None and self.match_action == "drop":
+            keep = ~chosen
+            loss, _ = contrastive_loss(
+                image_features[keep],
+                text_features[keep],
+                logit_scale,
+                self.info,
+                logit_bias=logit_bias,
+            )
+        elif chosen is not None:
+            targets = torch.where(chosen.unsqueeze(1), matched, text_features)
+            loss, _ = contrastive_loss(
+                image_features, targets, logit_scale, self.info, logit_bias=logit_bias
+            )
         else:
             all_matched = gather_features(matched, self.info, keep_local_grad=False)
             loss, _ = contrastive_loss(
-                image_features, matched, logit_scale, self.info, all_text=all_matched
+                image_features,
+                matched,
+                logit_scale,
+                self.info,
+                all_text=all_matched,
+                logit_bias=logit_bias,
             )
-        if self.on_match is not None and self.wants_stats():
-            self.on_match(self._stats(image_features, text_features, matched, indices))
+        if self.on_match is not None and stats is not None:
+            self.on_match(stats)
         # Keep the text tower in the graph with a zero gradient, so DistributedDataParallel
         # without find_unused_parameters still finds every parameter used.
         return loss + 0.0 * text_features.sum()
+
+    def _pool_device(self) -> torch.device:
+        return self.pool.device if self.pool.device is not None else torch.device("cpu")
 
     @torch.no_grad()
     def _enqueue(self, text_features: torch.Tensor) -> None:

@@ -28,7 +28,7 @@ def test_demo_runs_and_writes_results(tmp_path: Path, capsys) -> None:
     data = json.loads(out.read_text())
     assert [r["name"] for r in data["results"]] == ["CLIP", "CLIP + aug", "RoCLIP + aug"]
     assert data["results"][2]["matching_epochs"] == [1]  # first matching epoch 1, then every 2
-    assert data["config"]["pool_size"] == 4096  # the demo's own pool-size default
+    assert data["config"]["pool_size"] == 174  # the demo's default: 10% of 1500 + 240 pairs
     for r in data["results"]:
         assert 0.0 <= r["zero_shot"] <= 1.0 and 0.0 <= r["targeted_asr"] <= 1.0
 
@@ -51,3 +51,12 @@ def test_cuda_without_a_gpu_is_a_clear_error(capsys) -> None:
     assert main(["smoke", "--device", "cuda"]) == 2
     assert "no CUDA device is visible; use --device cpu" in capsys.readouterr().out
 
+
+
+def test_smoke_warns_when_the_defense_would_be_off_or_ineffective(capsys) -> None:
+    argv = ["smoke", "--epochs", "2", "--train", "600", "--roclip-pool-size", "4096"]
+    assert main(argv) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "warning: RoCLIP never matches in this run" in out
+    assert "--roclip-first-rematch-epoch to at most 1" in out
+    assert "(--roclip-pool-size 4096) holds 488% of an epoch's 840 training pairs" in out

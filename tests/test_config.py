@@ -518,3 +518,17 @@ def test_drop_needs_a_match_fraction_below_one() -> None:
     with pytest.raises(ValueError, match="--roclip-match-fraction below 1"):
         RoClipConfig(match_action="drop")
     assert RoClipConfig(match_action="drop", match_fraction=0.2).match_action == "drop"
+
+
+def test_precision_claims_state_the_float32_tolerance() -> None:
+    """bf16 is not "the same answer as fp32" for near-ties: the help and docs say what holds."""
+    from pathlib import Path
+
+    from roclip_plugin.config import RoClipConfig
+
+    help_text = {f.name: f.metadata["help"] for f in dataclasses.fields(RoClipConfig)}["precision"]
+    assert "same answer as fp32" not in help_text
+    assert "float32 rounding" in help_text
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    for name in ("config.md", "openclip.md"):
+        assert "same answer as fp32" not in (docs / name).read_text(), name

@@ -18,6 +18,7 @@ from roclip_plugin.matching import (
     Matcher,
     TorchMatcher,
     brute_force_nearest,
+    float32_tolerance,
     highest_matmul_precision,
     make_matcher,
     nearest_captions,
@@ -78,7 +79,7 @@ def _assert_fp32_answer(
 ) -> None:
     """``got`` is the float32 answer ``want``, except between rows tied up to float32 rounding."""
     scores = _scores64(images, pool)
-    tol = images.double().norm(dim=1) * images.shape[1] * 2.0**-23
+    tol = float32_tolerance(images).double()
     best = scores.max(dim=1).values
     got_s = scores.gather(1, got.cpu().unsqueeze(1)).squeeze(1)
     want_s = scores.gather(1, want.cpu().unsqueeze(1)).squeeze(1)
@@ -684,3 +685,59 @@ def test_cuda_bf16_clustered_equals_fp32() -> None:
     got = nearest_captions(images.cuda(), pool.cuda(), precision="bf16", chunk_size=300)
     _assert_fp32_answer(got, want, images, pool)
     _assert_fp32_answer(want, brute_force_nearest(images, pool), images, pool)
+
+
+# -- ambient autocast, non-finite queries, the documented tolerance -----------------------------
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_search_ignores_ambient_autocast(precision: str) -> None:
+    images, pool = _clustered(3, 4, 2000, 64, 64)
+    want = nearest_captions(images, pool, precision=precision)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = nearest_captions(images, pool, precision=precision)
+        reference = brute_force_nearest(images, pool)
+    assert torch.equal(got, want)
+    assert torch.equal(reference, brute_force_nearest(images, pool))
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_non_finite_image_rows_raise(precision: str) -> None:
+    images = torch.randn(5, 4)
+    images[1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"1 of 5 image feature rows are non-finite"):
+        nearest_captions(images, torch.randn(6, 4), precision=precision)
+
+
+def _two_rows_per_image(gap: float, batch: int = 64, dim: int = 32):
+    """Unit images and, per image, two pool rows of cosine 0.5 and 0.5 - gap (worse first)."""
+    g = torch.Generator().manual_seed(5)
+    a = F.normalize(torch.randn(batch, dim, generator=g, dtype=torch.float64), dim=-1)
+
+    def orthogonal(*basis: torch.Tensor) -> torch.Tensor:
+        x = torch.randn(batch, dim, generator=g, dtype=torch.float64)
+        for b in basis:
+            x = x - (x * b).sum(1, keepdim=True) * b
+        return F.normalize(x, dim=-1)
+
+    u = orthogonal(a)
+    v = orthogonal(a, u)
+    better = 0.5 * a + 0.75**0.5 * u
+    worse = (0.5 - gap) * a + (1 - (0.5 - gap) ** 2) ** 0.5 * v
+    return a.float(), torch.stack([worse, better], dim=1).reshape(2 * batch, dim).float()
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_answers_are_within_the_float32_tolerance_of_the_best(precision: str) -> None:
+    """The documented guarantee, for near-ties (gap 1e-7) and for separated rows alike."""
+    for gap in (1e-8, 1e-7, 1e-5):
+        images, pool = _two_rows_per_image(gap)
+        tol = float32_tolerance(images).double()
+        assert bool((gap < tol).all()) == (gap < 1e-6)
+        got = nearest_captions(images, pool, precision=precision)
+        scores = images.double() @ pool.double().T
+        best = scores.max(dim=1)
+        deficit = best.values - scores.gather(1, got.unsqueeze(1)).squeeze(1)
+        assert bool((deficit <= tol).all()), gap
+        if gap >= 1e-5:  # a lead beyond the tolerance: the exact answer, in both precisions
+            assert torch.equal(got, best.indices)

@@ -73,8 +73,6 @@ def check_openclip_args(args: Any) -> None:
     problems = []
     if getattr(args, "distill_model", None):
         problems.append("--distill-model: distillation adds a second loss RoCLIP does not handle")
-    if "coca" in str(args.model).lower():
-        problems.append(f"--model {args.model}: CoCa's captioning loss is not supported")
     if getattr(args, "siglip", False):
         problems.append("--siglip: RoCLIP implements the softmax CLIP loss only")
     if args.accum_freq > 1:
@@ -88,6 +86,40 @@ def check_openclip_args(args: Any) -> None:
         problems.append("--roclip needs training data (--train-data)")
     if problems:
         raise UsageError("RoCLIP cannot run with: " + "; ".join(problems))
+
+
+def check_model(model: Any, args: Any) -> None:
+    """Stop on a model kind RoCLIP cannot train, judged from the model itself, not its name.
+
+    OpenCLIP picks its CoCa loss by the word "coca" in ``--model``: a CoCa model under another
+    name (``local-dir:...``, a renamed config) would reach the loss with captioning outputs.
+    A SigLIP architecture (a ``logit_bias``) without ``--siglip`` trains as OpenCLIP's
+    ``ClipLoss`` trains it: the bias is added to every logit and changes nothing; say so.
+    """
+    import open_clip
+
+    inner = _unwrap(model)
+    if isinstance(inner, open_clip.CoCa) or hasattr(inner, "text_decoder"):
+        raise UsageError(
+            f"RoCLIP cannot run with: --model {args.model} is a CoCa model (open_clip.CoCa): "
+            "its captioning loss is not supported; choose a CLIP model"
+        )
+    if getattr(inner, "logit_bias", None) is not None:
+        log.warning(
+            f"RoCLIP: --model {args.model} has a logit_bias (a SigLIP architecture) and "
+            "--siglip is not given: like OpenCLIP's ClipLoss, RoCLIP trains the softmax CLIP "
+            "loss and adds the bias to every logit, which changes neither the loss nor the "
+            "other gradients (the bias does not train). RoCLIP has no sigmoid loss."
+        )
+
+
+def _unwrap(model: Any) -> Any:
+    """The model inside DistributedDataParallel (``module``) and torch.compile (``_orig_mod``)."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if inner is None:
+            return model
+        model = inner
 
 
 def warn_cpu_precision(args: Any) -> None:

@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 from roclip_kit.demo import DemoSettings, build_data, poison
-from roclip_kit.tensor_runs import RunSpec, default_threads, run_specs
+from roclip_kit.tensor_runs import RunsFailed, RunSpec, default_threads, run_specs
 from roclip_kit.tensor_train import TensorTrainSettings
 
 _DROP = {"match_action": "drop", "first_rematch_epoch": 0, "rematch_every": 1}
@@ -345,8 +345,13 @@ def main(argv: list[str] | None = None) -> int:
         specs[index][0].write_text(json.dumps(row, indent=1))
         print(json.dumps({k: row[k] for k in row if not k.endswith("_by_epoch")}), flush=True)
 
-    run_specs([spec for _, spec in specs], jobs, on_result=save)
-    rows = cached + [json.loads(path.read_text()) for path, _ in specs]
+    failed = None
+    try:
+        run_specs([spec for _, spec in specs], jobs, on_result=save)
+    except RunsFailed as err:  # the table still shows every run that finished
+        failed = err
+        _log(f"error: {err}")
+    rows = cached + [json.loads(path.read_text()) for path, _ in specs if path.is_file()]
     text = table(rows)
     print(header)
     print(text)
@@ -356,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "results.md").write_text(f"{header}\n\n`{command}`\n\n{text}\n")
     summary = {"header": header, "command": command, "wall_seconds": time.perf_counter() - start}
     (args.out / "summary.json").write_text(json.dumps({**summary, "rows": rows}, indent=1))
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

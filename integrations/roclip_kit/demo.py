@@ -93,7 +93,9 @@ OPENCLIP_SCALES: dict[str, dict[str, Any]] = {
         "captions_per_target": 25,
         "backdoor_rate": 0.01,
         "trigger": "patch",
-        "pool_size": 2048,
+        # A tenth of the 5,200 pairs: a pool holding more of them hands images back their own
+        # captions of an earlier epoch (docs/config.md).
+        "pool_size": 512,
         "first_rematch_epoch": 6,
         "rematch_every": 2,
         # Measured (docs/demo.md): the authors' image augmentation, made for 224 px photos,

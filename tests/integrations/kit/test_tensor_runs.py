@@ -32,3 +32,8 @@ def test_a_failing_run_does_not_stop_or_hide_the_others(tmp_path: Path) -> None:
     with pytest.raises(RunsFailed, match=r"1 of 2 runs failed: broken .*--dataset"):
         run_specs([bad, good], 1, on_result=lambda i, r: finished.append((i, r["name"])))
     assert finished == [(1, "CLIP")]
+
+
+def test_no_spec_left_starts_no_pool() -> None:
+    # A resumed grid whose runs are all cached hands run_specs nothing: that is no error.
+    assert run_specs([], processes=4) == []

@@ -269,6 +269,39 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def purity_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown: matching purity and clean zero-shot in each matching epoch, mean over seeds.
+
+    The main table's purity is a mean over the run; here is when the matched captions began to
+    name the image's class, and what each matching epoch did to clean accuracy.
+    """
+    order = {name: i for i, name in enumerate(VARIANTS)}
+    groups: dict[tuple[str, float, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        if r.get("purity_by_epoch"):
+            groups.setdefault((r["dataset"], r["rate"], r["variant"]), []).append(r)
+    lines = [
+        "| dataset | backdoor | variant | seeds | matching epoch (1-based): purity / zero-shot |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for key in sorted(groups, key=lambda k: (k[0], k[1], order.get(k[2], len(order)), k[2])):
+        group = groups[key]
+        epochs = sorted({int(e) for r in group for e in r["purity_by_epoch"]})
+        cells = []
+        for e in epochs:
+            purity = [r["purity_by_epoch"].get(str(e)) for r in group]
+            zs = [r["zero_shot_by_epoch"].get(str(e)) for r in group]
+            purity = [v for v in purity if v is not None]
+            zs = [v for v in zs if v is not None]
+            p_text = f"{100 * statistics.mean(purity):.0f}" if purity else "-"
+            z_text = f"{100 * statistics.mean(zs):.0f}" if zs else "-"
+            cells.append(f"{e}: {p_text} / {z_text}")
+        lines.append(
+            f"| {key[0]} | {100 * key[1]:g}% | {key[2]} | {len(group)} | " + ", ".join(cells) + " |"
+        )
+    return "\n".join(lines)
+
+
 def device_name(device: str, jobs: int) -> str:
     """The device, and how the runs shared it."""
     runs = f"{jobs} run(s) at a time"
@@ -334,7 +367,7 @@ def report(out: Path) -> int:
         raise SystemExit(f"--report: no saved runs in {out / 'runs'}; run the grid first")
     rows = [json.loads(path.read_text()) for path in paths]
     header = f"{len(rows)} saved runs in {out / 'runs'} (each run's device is in {out}/log.txt)"
-    text = table(rows)
+    text = table(rows) + "\n\n" + purity_table(rows)
     print(header)
     print(text)
     (out / "report.md").write_text(f"{header}\n\n{text}\n")
@@ -380,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         failed = err
         _log(f"error: {err}")
     rows = cached + [json.loads(path.read_text()) for path, _ in specs if path.is_file()]
-    text = table(rows)
+    text = table(rows) + "\n\n" + purity_table(rows)
     print(header)
     print(text)
     command = "python benchmarks/bench_robustness.py " + " ".join(

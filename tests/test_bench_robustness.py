@@ -45,7 +45,8 @@ def test_report_tables_every_saved_run_with_mean_and_spread(
         [
             _row(0, "clip", 0.90),
             _row(1, "clip", 0.92),
-            _row(0, "roclip", 0.85, targeted=0.0, backdoor=0.02),
+            _row(0, "roclip", 0.85, targeted=0.0, backdoor=0.02)
+            | {"purity_by_epoch": {"5": 0.6, "7": 0.7}, "zero_shot_by_epoch": {"5": 0.5, "7": 0.8}},
         ],
     )
     assert br.main(["--out", str(tmp_path), "--report"]) == 0
@@ -55,7 +56,9 @@ def test_report_tables_every_saved_run_with_mean_and_spread(
     assert lines["clip"].startswith("| mnist | 0.1% | clip | 2 | 91.0 ± 1.4 |")
     assert lines["roclip"].startswith("| mnist | 0.1% | roclip | 1 | 85.0 |")
     assert "| 0.0 |" in lines["roclip"] and "| 2.0 |" in lines["roclip"]
-    assert (tmp_path / "report.md").read_text().count("| mnist |") == 2
+    # and the per-matching-epoch table, for the run that matched
+    assert "| mnist | 0.1% | roclip | 1 | 5: 60 / 50, 7: 70 / 80 |" in printed
+    assert (tmp_path / "report.md").read_text().count("| mnist |") == 3
     assert len(json.loads((tmp_path / "report.json").read_text())["rows"]) == 3
 
 

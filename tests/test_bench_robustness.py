@@ -52,7 +52,10 @@ def test_report_tables_every_saved_run_with_mean_and_spread(
     assert br.main(["--out", str(tmp_path), "--report"]) == 0
     printed = capsys.readouterr().out
     assert printed.startswith("3 saved runs in ")
-    lines = {line.split(" | ")[2]: line for line in printed.splitlines() if "| mnist |" in line}
+    lines: dict[str, str] = {}  # the main table's line of each variant (it comes first)
+    for line in printed.splitlines():
+        if "| mnist |" in line:
+            lines.setdefault(line.split(" | ")[2], line)
     assert lines["clip"].startswith("| mnist | 0.1% | clip | 2 | 91.0 ± 1.4 |")
     assert lines["roclip"].startswith("| mnist | 0.1% | roclip | 1 | 85.0 |")
     assert "| 0.0 |" in lines["roclip"] and "| 2.0 |" in lines["roclip"]

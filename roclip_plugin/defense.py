@@ -20,11 +20,12 @@ import torch
 
 from roclip_plugin.config import RoClipConfig
 from roclip_plugin.distributed import all_reduce_sum
-from roclip_plugin.io import atomic_torch_save
+from roclip_plugin.io import atomic_torch_save, read_state_file
 from roclip_plugin.loss import DistInfo, MatchStats, RoClipLoss
 from roclip_plugin.plugins import get_plugin_manager
 from roclip_plugin.pool import CaptionPool
 from roclip_plugin.schedule import ScheduleState, schedule_unit
+from roclip_plugin.validation import check_defense_state, check_epoch, check_run_length
 
 STATE_VERSION = 1
 
@@ -56,8 +57,7 @@ class RoClipDefense:
         self.config = config or RoClipConfig()
         self.pm = plugin_manager or get_plugin_manager()
         self.info = dist_info or DistInfo.from_env()
-        self.total_epochs = total_epochs
-        self.steps_per_epoch = steps_per_epoch
+        self.total_epochs, self.steps_per_epoch = check_run_length(total_epochs, steps_per_epoch)
         self.pool = CaptionPool(self.config.pool_size, device=device)
         self.schedule = ScheduleState()
         self.epoch = 0
@@ -110,6 +110,7 @@ class RoClipDefense:
 
     def start_epoch(self, epoch: int) -> bool:
         """Begin epoch ``epoch`` (0-based); returns whether it starts as a matching epoch."""
+        epoch = check_epoch(epoch)
         self.epoch = epoch
         self.loss.epoch = epoch
         if self.config.period_steps == 0:
@@ -149,11 +150,7 @@ class RoClipDefense:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` (on this defense's device)."""
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(
-                f"RoCLIP state version {state.get('version')!r} is not supported (expected "
-                f"{STATE_VERSION}); was the checkpoint written by roclip-plugin?"
-            )
+        state = check_defense_state(state, STATE_VERSION)
         self.pool.load_state_dict(state["pool"])  # refuses a different pool size first
         self._warn_config_drift(state["config"])
         self.schedule.load_state_dict(state["schedule"])
@@ -173,7 +170,7 @@ class RoClipDefense:
         """Restore from a file written by :meth:`save`."""
         if not Path(path).is_file():
             raise FileNotFoundError(f"RoCLIP state file {str(path)!r} does not exist")
-        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+        self.load_state_dict(read_state_file(path, "RoCLIP state file"))
 
     def _warn_config_drift(self, saved: Mapping[str, Any]) -> None:
         current = self.config.to_dict()

@@ -23,6 +23,7 @@ from torch import nn
 
 from roclip_plugin.matching import Matcher, highest_matmul_precision
 from roclip_plugin.pool import CaptionPool
+from roclip_plugin.validation import LossInputCheck
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,7 @@ class RoClipLoss(nn.Module):
         self.on_enqueue = on_enqueue
         self.on_alignment = on_alignment
         self.wants_stats = wants_stats or (lambda: True)
+        self.check_inputs = LossInputCheck()
 
     def forward(
         self,
@@ -194,6 +196,7 @@ class RoClipLoss(nn.Module):
                 "RoClipLoss: logit_bias was given (a SigLIP model); RoCLIP implements the "
                 "softmax CLIP loss only: train without --siglip"
             )
+        self.check_inputs(image_features, text_features, logit_scale, matching=self.matching)
         if self.on_step is not None:
             self.on_step()
         self.pool.follow(image_features.device)

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from roclip_kit.formats import (
     CAPTION_KEY,
@@ -43,6 +42,7 @@ from roclip_kit.formats import (
     TEST_CSV,
     TRAIN_CSV,
     Target,
+    read_image,
 )
 from roclip_kit.outputs import check_replaceable, replacing
 from roclip_kit.triggers import BlendTrigger, PatchTrigger, WaNetTrigger
@@ -348,18 +348,6 @@ def _check_out(out: Path, sources: list[Path]) -> Path:
     return out
 
 
-def _open_image(path: Path, where: str) -> Image.Image:
-    """A loaded PIL image; an unreadable file raises ``ValueError`` naming it and its row."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image.copy()
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise ValueError(
-            f"{where}: image {path} cannot be read ({err}); fix the file or drop its row"
-        ) from None
-
-
 def check_trigger_fits(trigger: Any, width: int, height: int, where: str) -> None:
     """Refuse a trigger that would replace most of a ``width`` x ``height`` image.
 
@@ -401,7 +389,7 @@ def _stamp(
     for row in rows:
         where = f"{table.path}, data row {row}"
         source = resolve_image(table.cell(row, table.columns.image), table.path)
-        image = _open_image(source, where)
+        image = read_image(source, where)
         check_trigger_fits(trigger, image.width, image.height, where)
         name = f"row-{row:07d}.png"
         trigger.apply(image).save(folder / name)
@@ -660,7 +648,7 @@ def _targeted(
         )
     for (test_row, adv), n in zip(chosen, counts, strict=True):
         image = resolve_image(test.cell(test_row, job.train.columns.image), test.path)
-        _open_image(image, f"{test.path}, data row {test_row} (a target)")
+        read_image(image, f"{test.path}, data row {test_row}, a target")
         path = str(image)
         targets.append(Target(test_row, path, int(test.labels[test_row]), adv, n))
         pool = job.caption_pool(adv, "--adversarial-class")

@@ -31,8 +31,10 @@ from roclip_kit.formats import (
     TRAIN_CSV,
     Target,
     Trigger,
+    read_image,
 )
 from roclip_kit.models import LoadedModel, load_openclip
+from roclip_plugin.io import require_file
 
 Advance = Callable[[int], None]
 ProgressFactory = Callable[[str, int], Advance]
@@ -95,10 +97,9 @@ def read_classes(path: Path | str, templates: Sequence[str] | None = None) -> Cl
 
 
 def _read_json(path: Path, what: str) -> Any:
-    if not path.is_file():
-        raise ValueError(f"{what} {path} does not exist")
+    require_file(path, what)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as err:
         raise ValueError(f"{what} {path} is not valid JSON: {err}") from err
 
@@ -127,10 +128,9 @@ class Split:
 
 def read_split(path: Path | str, classes: ClassInfo) -> Split:
     """Read a tab-separated CSV with ``filepath`` and ``label`` columns (OpenCLIP's format)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"CSV file {path} does not exist")
-    with path.open(newline="", encoding="utf-8") as fh:
+    path = require_file(path, "CSV file")
+    # utf-8-sig: a byte-order mark is not part of the first column's name
+    with path.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh, delimiter=CSV_SEPARATOR)
         columns = reader.fieldnames or []
         _require_columns(path, columns, (IMAGE_KEY, LABEL_KEY))
@@ -173,7 +173,7 @@ def _require_columns(path: Path, columns: Sequence[str], wanted: Sequence[str]) 
 
 def read_captions(path: Path) -> list[str]:
     """The caption column of a training CSV, by data row."""
-    with path.open(newline="", encoding="utf-8") as fh:
+    with path.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh, delimiter=CSV_SEPARATOR)
         _require_columns(path, reader.fieldnames or [], (CAPTION_KEY,))
         return [record[CAPTION_KEY] for record in reader]
@@ -400,9 +400,7 @@ def read_suspicious(path: Path | str) -> SuspiciousRanking:
     file does not matter; a repeated index keeps its highest margin (a distributed sampler can
     pad an epoch with repeats). Index ``-1`` (row unknown) stays, as a row that is never a hit.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"suspicious file {path} does not exist")
+    path = require_file(path, "suspicious file")
     entries = _suspicious_entries(path)
     entries.sort(key=lambda e: (-e[0], e[1]))
     seen: set[int] = set()
@@ -423,7 +421,7 @@ def read_suspicious(path: Path | str) -> SuspiciousRanking:
 
 
 def _suspicious_entries(path: Path) -> list[tuple[float, int, str]]:
-    with path.open(newline="", encoding="utf-8") as fh:
+    with path.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         columns = reader.fieldnames or []
         for column in ("index", "margin"):
@@ -477,28 +475,40 @@ def encode_images(
     batch_size: int = 64,
     transform: Callable[[Any], Any] | None = None,
     progress: Advance | None = None,
+    where: Callable[[int], str] | None = None,
 ) -> torch.Tensor:
     """Normalised image embeddings ``[N, dim]``, on the CPU.
 
     ``transform`` (a trigger) is applied to each PIL image as stored (its own mode), as the
     poisoner stamped training images, then it is made RGB and preprocessed for validation.
+    ``where(i)`` names the ``i``-th file's place (its CSV row) when a file cannot be read.
+    Features that are not finite raise ``ValueError``: a broken model must not score as chance.
     """
-    from PIL import Image
-
     chunks = []
     for start in range(0, len(filepaths), batch_size):
         images = []
-        for path in filepaths[start : start + batch_size]:
-            with Image.open(path) as image:
-                image.load()
-                picture = transform(image) if transform is not None else image
-                images.append(loaded.preprocess(picture.convert("RGB")))
+        for i, path in enumerate(filepaths[start : start + batch_size], start):
+            picture = read_image(path, where(i) if where else None)
+            if transform is not None:
+                picture = transform(picture)
+            images.append(loaded.preprocess(picture.convert("RGB")))
         batch = torch.stack(images).to(loaded.device)
         with torch.no_grad():
-            chunks.append(F.normalize(loaded.model.encode_image(batch).float(), dim=-1).cpu())
+            features = loaded.model.encode_image(batch).float()
+        chunks.append(_finite(F.normalize(features, dim=-1).cpu(), "image", loaded))
         if progress is not None:
             progress(len(images))
     return torch.cat(chunks)
+
+
+def _finite(features: torch.Tensor, kind: str, loaded: LoadedModel) -> torch.Tensor:
+    if not bool(torch.isfinite(features).all()):
+        raise ValueError(
+            f"the model of {loaded.checkpoint} produced NaN or inf {kind} features: its weights "
+            "are finite but it overflows on these inputs; evaluate another epoch (and --device "
+            "cpu in float32 if a GPU run is in half precision)"
+        )
+    return features
 
 
 def encode_texts(
@@ -509,7 +519,8 @@ def encode_texts(
     for start in range(0, len(texts), batch_size):
         tokens = loaded.tokenizer(list(texts[start : start + batch_size])).to(loaded.device)
         with torch.no_grad():
-            chunks.append(F.normalize(loaded.model.encode_text(tokens).float(), dim=-1).cpu())
+            features = loaded.model.encode_text(tokens).float()
+        chunks.append(_finite(F.normalize(features, dim=-1).cpu(), "text", loaded))
     return torch.cat(chunks)
 
 
@@ -599,6 +610,7 @@ class _Context:
             batch_size=self.settings.batch_size,
             transform=transform,
             progress=advance,
+            where=lambda i: f"row {split.rows[i]} of {split.path}",
         )
 
 
@@ -624,7 +636,11 @@ def targeted_attack(ctx: _Context, manifest: Manifest) -> dict[str, Any]:
     check_images(paths, lambda i: f"target {targets[i].id} of manifest {manifest.path}")
     advance = ctx.progress("target images", len(paths)) if ctx.progress else None
     features = encode_images(
-        ctx.loaded, paths, batch_size=ctx.settings.batch_size, progress=advance
+        ctx.loaded,
+        paths,
+        batch_size=ctx.settings.batch_size,
+        progress=advance,
+        where=lambda i: f"target {targets[i].id} of manifest {manifest.path}",
     )
     predictions = zero_shot_predict(features, ctx.class_features)
     wanted = np.asarray([t.adversarial_label for t in targets])

@@ -162,7 +162,7 @@ def test_non_image_target_is_refused(dataset, tmp_path, capsys) -> None:
         ],
         capsys,
     )
-    assert code == 2 and "(a target): image" in out and "note.txt cannot be read" in out
+    assert code == 2 and "a target)" in out and "note.txt" in out and "cannot be read" in out
     assert not (tmp_path / "o").exists()
 
 

@@ -50,11 +50,10 @@ def build_parser(pm: pluggy.PluginManager | None = None) -> argparse.ArgumentPar
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     smoke = sub.add_parser(
         "smoke",
-        help="Synthetic smoke run (about a minute on a CPU): CLIP vs RoCLIP on a poisoned "
-        "synthetic world.",
-        description="A short CPU run (under a minute on two idle cores at the default size; "
-        "--train 5000 takes seconds) that shows the defense's mechanism on synthetic feature "
-        "vectors (no images, no OpenCLIP). RoCLIP options below apply to the RoCLIP run. Its "
+        help="Seconds-long synthetic smoke run: CLIP vs RoCLIP on a poisoned synthetic world.",
+        description="A short CPU run (about 10 CPU-seconds at the default size, on one "
+        "thread) that shows the defense's mechanism on synthetic feature vectors (no images, "
+        "no OpenCLIP). RoCLIP options below apply to the RoCLIP run. Its "
         "'images' are vectors and its captions token bags, so --roclip-image-aug and "
         "--roclip-text-aug select feature noise and word dropout as stand-ins (none turns one "
         "off); the other augmentation flags are checked but change nothing here. For real "

@@ -247,6 +247,15 @@ class CaptionPool:
 STATE_NORM_TOLERANCE = 1e-3  # stored rows were normalised in float32
 
 
+def check_pool_state(state: Any, size: int) -> None:
+    """Raise :class:`~roclip_plugin.io.StateError` if ``state`` cannot restore a pool of ``size``.
+
+    What :meth:`CaptionPool.load_state_dict` checks, without a pool: a trainer can refuse a
+    bad ``--resume`` before it builds its model and data.
+    """
+    _checked_pool_state(state, size)
+
+
 def _checked_pool_state(state: Any, size: int) -> tuple[torch.Tensor, int | None]:
     """The rows and dim of a pool state, after checking it against a pool of ``size``."""
     from roclip_plugin.io import StateError

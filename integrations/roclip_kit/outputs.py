@@ -41,7 +41,7 @@ def check_replaceable(
     out = check_output_dir(out, flag).resolve()
     if not out.is_dir():
         return out
-    entries = sorted(p.name for p in out.iterdir())
+    entries = sorted(p.name for p in out.iterdir() if not _leftover(p.name, names))
     if not entries:
         return out
     foreign = [name for name in entries if name not in names]
@@ -95,6 +95,13 @@ def swap_in(staging: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _leftover(entry: str, names: Collection[str]) -> bool:
+    """Whether ``entry`` is a hidden folder this module leaves after a killed run."""
+    if entry == PREVIOUS:
+        return True
+    return any(entry.startswith((f".{n}.partial-", f".{n}.old-")) for n in names)
+
+
 def _directory_mode(out: Path) -> int:
     """The old output's permissions, else the umask's (``mkdtemp`` makes 0700 folders)."""
     if out.is_dir():
@@ -102,3 +109,45 @@ def _directory_mode(out: Path) -> int:
     umask = os.umask(0)
     os.umask(umask)
     return 0o777 & ~umask
+
+
+PREVIOUS = ".previous"  # where :func:`keeping` holds the last output while a new one is made
+
+
+@contextmanager
+def keeping(out: Path, names: Collection[str]) -> Iterator[None]:
+    """Move the entries ``names`` of ``out`` aside; put them back if the block fails.
+
+    For outputs made of parts that record each other's paths (the demo's poisoned data, runs
+    and results), so they cannot be written beside and renamed: the new parts are written in
+    place, and the old ones wait in ``out/.previous``. A failure (an interrupt included)
+    removes the new parts and restores the old ones; success deletes them. A run killed
+    outright leaves ``.previous``; the next run restores it first, so the last complete
+    output is never lost.
+    """
+    backup = out / PREVIOUS
+    if backup.is_dir():  # an earlier run was killed: its previous output is the last complete one
+        _restore(out, backup, names)
+    backup.mkdir()
+    for name in names:
+        if (out / name).exists():
+            os.rename(out / name, backup / name)
+    try:
+        yield
+    except BaseException:
+        _restore(out, backup, names)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def _restore(out: Path, backup: Path, names: Collection[str]) -> None:
+    """Replace the entries ``names`` of ``out`` (a failed run's parts) by those in ``backup``."""
+    for name in names:
+        new, old = out / name, backup / name
+        if new.is_dir() and not new.is_symlink():
+            shutil.rmtree(new)
+        elif new.exists() or new.is_symlink():
+            new.unlink()
+        if old.exists():
+            os.rename(old, new)
+    shutil.rmtree(backup, ignore_errors=True)

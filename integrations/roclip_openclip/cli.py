@@ -16,9 +16,10 @@ from typing import Any
 
 import pluggy
 
-from roclip_plugin import get_plugin_manager
+from roclip_plugin import RoClipConfig, get_plugin_manager
 from roclip_plugin.augment import build_policy
 from roclip_plugin.config import FLAG_PREFIX, add_argparse_args, config_from_namespace
+from roclip_plugin.io import StateError, detach_stdout, load_versioned
 
 SUPPORTED = ((2, 26), (4, 0))  # open_clip_torch versions: [2.26, 4.0)
 log = logging.getLogger("roclip")
@@ -122,14 +123,49 @@ def _print_help(parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+def check_resume_state(args: Any, config: RoClipConfig) -> None:
+    """Refuse, before training, a ``--resume`` whose RoCLIP state file cannot be restored.
+
+    The state file sits beside the checkpoint (``epoch_3.pt`` -> ``epoch_3.roclip``); an
+    empty, truncated or foreign file, a state with entries missing, or a pool of another
+    ``--roclip-pool-size`` would otherwise end in a traceback after the model and data were
+    built. ``--resume latest`` is resolved by OpenCLIP itself, so its file is checked when it
+    is loaded (a :class:`~roclip_plugin.io.StateError` that :func:`main` reports the same way).
+    """
+    from roclip_openclip.patches import STATE_FORMAT, state_path_for
+    from roclip_plugin.defense import STATE_VERSION
+    from roclip_plugin.pool import check_pool_state
+    from roclip_plugin.validation import check_defense_state, check_state_keys
+
+    resume = getattr(args, "resume", None)
+    if not resume or resume == "latest":
+        return
+    state_path = state_path_for(resume)
+    if not state_path.is_file():
+        return  # a checkpoint trained without --roclip: the patches say so and start empty
+    try:
+        saved = load_versioned(state_path, STATE_FORMAT, "roclip-openclip state file")
+        check_state_keys(saved, ("roclip", "rng"), f"roclip-openclip state file {state_path}")
+        state = check_defense_state(saved["roclip"], STATE_VERSION)
+        check_pool_state(state["pool"], config.pool_size)
+    except StateError as err:
+        raise UsageError(f"--resume {resume}: {err}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run OpenCLIP's training (with RoCLIP when ``--roclip`` is given); returns an exit code."""
+    """Run OpenCLIP's training (with RoCLIP when ``--roclip`` is given); returns an exit code.
+
+    Refusals exit 2 with one line on stderr; a closed pipe (``--help | head``) ends quietly.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return _main(argv)
     except UsageError as err:
         print(f"roclip-openclip-train: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        detach_stdout()
+        return 141
 
 
 def _main(argv: list[str]) -> int:
@@ -160,10 +196,14 @@ def _main(argv: list[str]) -> int:
         policy = build_policy(config, pm)
     except (ValueError, ImportError) as err:
         raise UsageError(str(err)) from err
+    check_resume_state(openclip_args, config)
     with OpenClipPatches(
         config, pm, roclip_args, suspicious_margin=config.suspicious_margin, policy=policy
     ):
-        return _exit_code(oc_main.main(rest))
+        try:
+            return _exit_code(oc_main.main(rest))
+        except StateError as err:  # --resume latest: the file OpenCLIP found
+            raise UsageError(f"--resume {openclip_args.resume}: {err}") from None
 
 
 def _exit_code(result: Any) -> int:

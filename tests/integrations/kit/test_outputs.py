@@ -383,3 +383,40 @@ def test_image_loader_still_reads_pngs(dataset) -> None:
     path = next((dataset / "images" / "train").iterdir())
     with Image.open(path) as image:
         assert image.size == (24, 24)
+
+
+def test_keeping_restores_on_failure_and_after_a_killed_run(tmp_path) -> None:
+    from roclip_kit.outputs import PREVIOUS, keeping
+
+    out = tmp_path / "out"
+    (out / "runs").mkdir(parents=True)
+    (out / "runs" / "a.txt").write_text("complete")
+    (out / "results.json").write_text("complete")
+    with pytest.raises(RuntimeError):
+        with keeping(out, ("runs", "results.json")):
+            assert not (out / "runs").exists()
+            (out / "runs").mkdir()
+            (out / "runs" / "partial.txt").write_text("half")
+            raise RuntimeError("training crashed")
+    assert snapshot(out) == {"results.json": snapshot(out)["results.json"], "runs/a.txt": ANY}
+    assert (out / "runs" / "a.txt").read_text() == "complete" and not (out / PREVIOUS).exists()
+    # a run killed outright: its partial parts beside the previous output in .previous
+    (out / PREVIOUS).mkdir()
+    os.rename(out / "runs", out / PREVIOUS / "runs")
+    os.rename(out / "results.json", out / PREVIOUS / "results.json")
+    (out / "runs").mkdir()
+    (out / "runs" / "partial.txt").write_text("half")
+    with keeping(out, ("runs", "results.json")):
+        assert (out / PREVIOUS / "runs" / "a.txt").read_text() == "complete"
+        assert (out / PREVIOUS / "results.json").read_text() == "complete"
+        (out / "runs").mkdir()
+        (out / "runs" / "b.txt").write_text("new")
+    assert sorted(snapshot(out)) == ["runs/b.txt"] and not (out / PREVIOUS).exists()
+
+
+class _Any:
+    def __eq__(self, other) -> bool:
+        return True
+
+
+ANY = _Any()

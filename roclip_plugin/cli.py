@@ -29,7 +29,7 @@ from roclip_plugin.config import (
 )
 from roclip_plugin.io import atomic_write_text, check_output_file, detach_stdout
 from roclip_plugin.plugins import get_plugin_manager
-from roclip_plugin.validation import path_arg
+from roclip_plugin.validation import check_parsed, path_arg
 
 DEMO_POOL_SIZE = 4096
 # roclip smoke's own RoCLIP defaults: shown in its help and applied to its run (one source).
@@ -99,7 +99,9 @@ def main(argv: Sequence[str] | None = None, pm: pluggy.PluginManager | None = No
         pm: the plugin manager (default: a new one, with entry-point plugins).
     """
     try:
-        args = build_parser(pm).parse_args(argv)
+        parser = build_parser(pm)
+        args = parser.parse_args(argv)
+        check_parsed(parser, args)
         console = Console()
         try:
             return int(args.run(args, console))

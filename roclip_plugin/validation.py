@@ -296,3 +296,28 @@ def path_arg(text: str) -> Path:
     if not text.strip():
         raise argparse.ArgumentTypeError("an empty path; give a file or directory name")
     return Path(text)
+
+
+def check_parsed(parser: argparse.ArgumentParser, namespace: argparse.Namespace) -> None:
+    """Refuse ``--flag=--``, which argparse (3.11) stores as ``[]`` without calling its type.
+
+    ``--seed=--`` would otherwise reach the command as an empty list and end in a traceback
+    (``'<' not supported between 'list' and 'int'``). Walks the parser and the sub-command's.
+    """
+    parsers = [parser]
+    while parsers:
+        current = parsers.pop()
+        for action in current._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                chosen = getattr(namespace, action.dest, None)
+                if chosen in action.choices:
+                    parsers.append(action.choices[chosen])
+                continue
+            if not action.option_strings or action.nargs not in (None, "?"):
+                continue
+            value = getattr(namespace, action.dest, None)
+            values = value if isinstance(action, argparse._AppendAction) else [value]
+            if any(isinstance(v, list) and not v for v in values or ()):
+                current.error(
+                    f"argument {'/'.join(action.option_strings)}: expected a value, got '--'"
+                )

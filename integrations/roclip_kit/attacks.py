@@ -118,7 +118,7 @@ def load_classes(path: Path) -> list[str]:
     try:
         data = json.loads(path.read_text(encoding="utf-8-sig"))
     except ValueError as err:
-        raise ValueError(f"classes file {path} is not valid JSON: {err}") from None
+        raise ValueError(f"classes file {path} (--classes) is not valid JSON: {err}") from None
     classes = data.get("classes") if isinstance(data, dict) else None
     if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
         raise ValueError(

@@ -153,7 +153,7 @@ def _input_arguments(parser: argparse.ArgumentParser) -> None:
         "--separator",
         default=CSV_SEPARATOR,
         type=_separator,
-        help="CSV separator, one character (default: tab; '\\t' and tab work)",
+        help="CSV separator, one character; '\\t' and tab spell a tab (default: tab)",
     )
 
 
@@ -218,13 +218,13 @@ def _one_or_groups(counts: list[int]) -> int | list[int]:
 
 
 def _int_list(text: str) -> list[int]:
+    """``3`` or ``1,5,9``; an empty part (``1,,3``: a typo of ``1,2,3``?) is an error."""
     try:
-        values = [int(part) for part in text.split(",") if part.strip()]
+        return [int(part) for part in text.split(",")]
     except ValueError:
-        values = []
-    if not values:
-        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}")
-    return values
+        raise argparse.ArgumentTypeError(
+            f"expected integers separated by commas, got {text!r}"
+        ) from None
 
 
 def _separator(text: str) -> str:

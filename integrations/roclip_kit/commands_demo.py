@@ -134,7 +134,7 @@ def add_demo_command(subparsers: Any) -> argparse.ArgumentParser:
 def _counts(text: str) -> int | list[int]:
     """``25`` -> 25; ``10,50`` -> [10, 50]."""
     try:
-        counts = [int(part) for part in text.split(",") if part.strip()]
+        counts = [int(part) for part in text.split(",")]  # "10,,50" is an error, not 10,50
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected a count or counts separated by commas, got {text!r}"

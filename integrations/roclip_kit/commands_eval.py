@@ -26,7 +26,12 @@ from roclip_kit.evaluate import (
     evaluate_checkpoint,
     find_suspicious,
 )
-from roclip_kit.models import check_checkpoint_path, read_tensor_checkpoint, run_params
+from roclip_kit.models import (
+    check_checkpoint_path,
+    check_model_name,
+    read_tensor_checkpoint,
+    run_params,
+)
 from roclip_plugin.io import atomic_write_text, check_output_file
 from roclip_plugin.validation import check_device, path_arg
 
@@ -170,6 +175,8 @@ def run_eval(args: argparse.Namespace, console: Console) -> int:
             f"--model is needed: no params.txt was found for checkpoint {args.checkpoint} "
             "(pass the --model the run was trained with, or local-dir:<dir>)"
         )
+    if args.model:
+        check_model_name(args.model)
     quick_gelu = args.force_quick_gelu
     if quick_gelu is None:
         quick_gelu = params.get("force_quick_gelu") == "True"

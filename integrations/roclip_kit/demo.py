@@ -299,13 +299,15 @@ Say = Callable[[str], None]
 def run_demo(settings: DemoSettings, *, say: Say = print, progress: Any = None) -> dict[str, Any]:
     """Run the whole demo; returns what ``results.json`` holds."""
     from roclip_kit.outputs import check_replaceable, keeping
+    from roclip_plugin.augment import check_policy_names
     from roclip_plugin.config import RoClipConfig
 
     s = settings.check().resolved().check()
-    RoClipConfig.from_preset(
+    config = RoClipConfig.from_preset(
         s.roclip_flags.get("preset", "default"),
         **{k: v for k, v in s.roclip_flags.items() if k != "preset"},
     )  # bad RoCLIP flags fail here, before minutes of data building
+    check_policy_names(config)  # and unknown augmentation names (they are built in training)
     out = check_replaceable(Path(s.out), "--out", "roclip demo", OUT_ENTRIES, lambda _: True)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

@@ -74,7 +74,7 @@ class ClassInfo:
 def read_classes(path: Path | str, templates: Sequence[str] | None = None) -> ClassInfo:
     """Read ``classes.json``; ``templates`` replaces its templates when given."""
     path = Path(path)
-    data = _read_json(path, "classes file")
+    data = _read_json(path, "classes file (--classes or --dataset DIR/classes.json)")
     names = data.get("classes") if isinstance(data, dict) else None
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
         raise ValueError(
@@ -126,9 +126,12 @@ class Split:
         )
 
 
-def read_split(path: Path | str, classes: ClassInfo) -> Split:
-    """Read a tab-separated CSV with ``filepath`` and ``label`` columns (OpenCLIP's format)."""
-    path = require_file(path, "CSV file")
+def read_split(path: Path | str, classes: ClassInfo, what: str = "CSV file") -> Split:
+    """Read a tab-separated CSV with ``filepath`` and ``label`` columns (OpenCLIP's format).
+
+    ``what`` names the file and its flag in messages (``test CSV (--test-csv ...)``).
+    """
+    path = require_file(path, what)
     # utf-8-sig: a byte-order mark is not part of the first column's name
     with path.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh, delimiter=CSV_SEPARATOR)
@@ -201,12 +204,12 @@ class Manifest:
 def read_manifest(path: Path | str, classes: ClassInfo) -> Manifest:
     """Read a ``roclip-poison/1`` manifest and check its classes against ``classes``."""
     path = Path(path)
-    data = _read_json(path, "manifest")
+    data = _read_json(path, "manifest (--manifest)")
     if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
         found = data.get("format") if isinstance(data, dict) else None
         raise ValueError(
-            f"manifest {path} has format {found!r}, expected {MANIFEST_FORMAT!r}; pass the "
-            "manifest JSON that the kit's poisoning step wrote"
+            f"manifest {path} (--manifest) has format {found!r}, expected {MANIFEST_FORMAT!r}; "
+            "pass the manifest JSON that the kit's poisoning step wrote"
         )
     try:
         rows = {int(r["row"]): str(r["attack"]) for r in data.get("rows") or []}
@@ -459,8 +462,8 @@ def find_suspicious(folder: Path | str, epoch: str | int = "latest") -> list[Pat
     if number not in found:
         have = ", ".join(map(str, sorted(found))) or "none"
         raise ValueError(
-            f"no suspicious_epoch_{number}.csv in {folder} (epochs with a file: {have}); "
-            "files are written for matching epochs only"
+            f"--suspicious-epoch {number}: no suspicious_epoch_{number}.csv in {folder} (epochs "
+            f"with a file: {have}); files are written for matching epochs only"
         )
     return [found[number]]
 
@@ -800,12 +803,37 @@ def evaluate_checkpoint(
     progress: ProgressFactory | None = None,
     trigger: Trigger | None = None,
 ) -> dict[str, Any]:
-    """Load an OpenCLIP checkpoint and run every evaluation ``data`` allows (JSON-able)."""
-    classes = read_classes(data.classes, settings.templates)  # fail on inputs before loading
+    """Load an OpenCLIP checkpoint and run every evaluation ``data`` allows (JSON-able).
+
+    Every input file is read and checked before the model is loaded, so a bad file fails in a
+    second, not after seconds to minutes of building the model.
+    """
+    inputs = read_inputs(data, settings)
     loaded = load_openclip(checkpoint, model, device, force_quick_gelu=force_quick_gelu)
-    return evaluate_model(
-        loaded, data, settings, progress=progress, trigger=trigger, classes=classes
-    )
+    return evaluate_model(loaded, data, settings, progress=progress, trigger=trigger, inputs=inputs)
+
+
+@dataclass(frozen=True)
+class EvalInputs:
+    """The evaluation's input files, read and checked: classes, test rows, manifest, probe rows."""
+
+    classes: ClassInfo
+    test: Split
+    manifest: Manifest | None
+    train: Split | None
+
+
+def read_inputs(
+    data: EvalData, settings: EvalSettings, classes: ClassInfo | None = None
+) -> EvalInputs:
+    """Read every input file of an evaluation (no model needed)."""
+    classes = classes or read_classes(data.classes, settings.templates)
+    test = read_split(data.test_csv, classes, "test CSV (--test-csv or --dataset DIR/test.csv)")
+    manifest = read_manifest(data.manifest, classes) if data.manifest else None
+    train = _probe_training_rows(data, settings, classes, manifest)
+    for path in data.suspicious:
+        require_file(path, "suspicious file (--suspicious)")
+    return EvalInputs(classes, test, manifest, train)
 
 
 def evaluate_model(
@@ -816,15 +844,15 @@ def evaluate_model(
     progress: ProgressFactory | None = None,
     trigger: Trigger | None = None,
     classes: ClassInfo | None = None,
+    inputs: EvalInputs | None = None,
 ) -> dict[str, Any]:
     """Run every evaluation ``data`` allows with an already loaded model (JSON-able dict).
 
-    Without a manifest only clean accuracy (zero-shot, linear probe) is measured.
+    Without a manifest only clean accuracy (zero-shot, linear probe) is measured. ``inputs``
+    (from :func:`read_inputs`) skips reading the files again.
     """
-    classes = classes or read_classes(data.classes, settings.templates)
-    test_all = read_split(data.test_csv, classes)
-    manifest = read_manifest(data.manifest, classes) if data.manifest else None
-    train = _probe_training_rows(data, settings, classes, manifest)
+    inputs = inputs or read_inputs(data, settings, classes)
+    classes, test_all, manifest, train = inputs.classes, inputs.test, inputs.manifest, inputs.train
     ctx = _Context(loaded, classes, class_embeddings(loaded, classes), settings, progress)
     test = test_all.take(select_rows(len(test_all), settings.test_limit, settings.seed))
     features = ctx.encode("test images", test)
@@ -852,7 +880,7 @@ def _probe_training_rows(
                 "or --train-csv"
             )
         return None
-    train = read_split(data.train_csv, classes)
+    train = read_split(data.train_csv, classes, "training CSV (--train-csv)")
     if manifest and manifest.poisoned_csv and _same_file(manifest.poisoned_csv, data.train_csv):
         keep = np.flatnonzero(~np.isin(train.rows, list(manifest.rows)))
         train = train.take(keep)

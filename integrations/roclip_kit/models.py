@@ -137,6 +137,11 @@ def reload_checkpoint(loaded: LoadedModel, checkpoint: Path | str) -> LoadedMode
     return replace(loaded, model=net, checkpoint=checkpoint, epoch=epoch)
 
 
+def check_model_name(model: str) -> None:
+    """Refuse, before any loading, a ``--model`` OpenCLIP would not build offline."""
+    _check_model_name(import_open_clip(), model)
+
+
 @contextmanager
 def _quiet_warnings() -> Iterator[None]:
     """Silence log records up to WARNING (OpenCLIP logs to the root logger) for a moment."""

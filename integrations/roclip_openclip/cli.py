@@ -20,6 +20,7 @@ from roclip_plugin import RoClipConfig, get_plugin_manager
 from roclip_plugin.augment import build_policy
 from roclip_plugin.config import FLAG_PREFIX, add_argparse_args, config_from_namespace
 from roclip_plugin.io import StateError, detach_stdout, load_versioned
+from roclip_plugin.validation import check_parsed
 
 SUPPORTED = ((2, 26), (4, 0))  # open_clip_torch versions: [2.26, 4.0)
 log = logging.getLogger("roclip")
@@ -175,6 +176,7 @@ def _main(argv: list[str]) -> int:
     if "-h" in argv or "--help" in argv:
         return _print_help(parser)
     roclip_args, rest = parser.parse_known_args(argv)
+    check_parsed(parser, roclip_args)
     import open_clip_train.main as oc_main
     from open_clip_train.params import parse_args
 

@@ -1,0 +1,34 @@
+"""The help of ``roclip``'s own commands shows the defaults that run (one source for both)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from roclip_plugin import RoClipConfig, get_plugin_manager
+from roclip_plugin.cli import SMOKE_DEFAULTS, build_parser
+from roclip_plugin.config import config_from_namespace, field_from_flag
+from roclip_plugin.testing import as_shown, assert_help_shows_defaults, shown_defaults, subcommand
+
+
+def test_smoke_help_shows_what_runs() -> None:
+    parser = subcommand(build_parser(get_plugin_manager()), "smoke")
+    assert_help_shows_defaults(parser)
+    runs = config_from_namespace(parser.parse_args([]), SMOKE_DEFAULTS)
+    shown = shown_defaults(parser)
+    roclip = {flag: text for flag, text in shown.items() if flag.startswith("--roclip-")}
+    assert len(roclip) == len(RoClipConfig.__dataclass_fields__) + 1  # and --roclip-preset
+    for flag, text in roclip.items():
+        if flag == "--roclip-preset":
+            continue
+        assert text == as_shown(getattr(runs, field_from_flag(flag))), flag
+
+
+def test_flags_and_top_level_help() -> None:
+    parser = build_parser(get_plugin_manager())
+    assert_help_shows_defaults(subcommand(parser, "flags"))
+    assert "``" not in parser.format_help() and ":class:" not in parser.format_help()
+
+
+def test_as_shown() -> None:
+    assert as_shown(Path("roclip-demo")) == "roclip-demo" and as_shown([10, 50]) == "10,50"
+    assert as_shown("\t") == "tab" and as_shown(None) == "none"

@@ -107,6 +107,8 @@ def main(argv: Sequence[str] | None = None, pm: pluggy.PluginManager | None = No
             return int(args.run(args, console))
         except ValueError as err:
             return _refuse(console, str(err))
+        except BrokenPipeError:
+            raise
         except OSError as err:  # a file the checks could not foresee (disk full, permissions)
             return _refuse(console, _os_error_text(err))
     except BrokenPipeError:  # roclip ... | head: the reader left; stop quietly

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from roclip_plugin.validation import as_integer, as_real
+from roclip_plugin.validation import as_integer, as_real, in_interval, interval_text
 
 FLAG_PREFIX = "--roclip-"
 PRESETS = ("default", "reference")
@@ -284,14 +284,9 @@ def _check_float(
 ) -> None:
     value = getattr(cfg, name)
     number = as_real(value)
-    ok = number is not None and math.isfinite(number)
-    if ok:
-        ok = (number > low if low_open else number >= low) and (
-            number < high if high_open else number <= high
-        )
-    if not ok:
-        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-        _fail(name, value, f"a number in {interval}")
+    bounds = {"low_open": low_open, "high_open": high_open}
+    if number is None or not math.isfinite(number) or not in_interval(number, low, high, **bounds):
+        _fail(name, value, f"a number in {interval_text(low, high, **bounds)}")
     object.__setattr__(cfg, name, number)
 
 
@@ -336,24 +331,26 @@ def all_flags() -> list[str]:
     return [flag_name(n) for n in field_names()]
 
 
-def _optional_int(text: str) -> int | None:
-    """The argparse type of ``int | None`` fields (its message ends argparse's error line)."""
-    if text.strip().lower() == "none":
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or 'none', got {text!r}") from None
+def _optional(convert: Any, what: str) -> Any:
+    """The argparse type of ``int | None`` or ``float | None`` fields: ``none`` or a number.
+
+    Its message is the end of argparse's error line, so it says what was expected instead of
+    argparse's "invalid <function name> value".
+    """
+
+    def parse(text: str) -> Any:
+        if text.strip().lower() == "none":
+            return None
+        try:
+            return convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what} or 'none', got {text!r}") from None
+
+    return parse
 
 
-def _optional_float(text: str) -> float | None:
-    """The argparse type of ``float | None`` fields."""
-    if text.strip().lower() == "none":
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
+_optional_int = _optional(int, "an integer")
+_optional_float = _optional(float, "a number")
 
 
 def _argparse_type(f: dataclasses.Field[Any]) -> Any:

@@ -27,7 +27,7 @@ from roclip_plugin.defense import RoClipDefense
 from roclip_plugin.hookspecs import hookimpl
 from roclip_plugin.loss import MatchStats
 from roclip_plugin.plugins import get_plugin_manager
-from roclip_plugin.validation import as_integer, as_real, check_device
+from roclip_plugin.validation import as_integer, check_device, check_real
 
 MAX_TRAIN = 1_000_000  # beyond this the synthetic world only costs memory
 # Settings the ``roclip smoke`` command sets by flag: field -> flag, for messages.
@@ -90,11 +90,8 @@ class DemoSettings:
                 )
             object.__setattr__(self, name, number)
         for name, low, high in (("lr", 0.0, 10.0), ("image_noise", 0.0, 100.0)):
-            value = as_real(getattr(self, name))
-            if value is None or not math.isfinite(value) or not low <= value <= high:
-                raise ValueError(f"{name}: invalid value {getattr(self, name)!r}")
-        if as_real(self.word_dropout) is None or not 0.0 <= self.word_dropout <= 1.0:
-            raise ValueError(f"word_dropout: invalid value {self.word_dropout!r}; in [0, 1]")
+            check_real(name, getattr(self, name), low, high, low_open=name == "lr")
+        check_real("word_dropout", self.word_dropout, 0.0, 1.0)
         check_device(self.device)
 
 

@@ -42,12 +42,16 @@ class CaptionPool:
     def __init__(
         self, size: int, dim: int | None = None, device: torch.device | str | None = None
     ) -> None:
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        from roclip_plugin.validation import as_integer
+
+        number = as_integer(size)  # NumPy and 0-d tensor integers too, as in RoClipConfig
+        if number is None or number < 1:
             raise ValueError(f"CaptionPool size: invalid value {size!r}; allowed: an integer >= 1")
-        if dim is not None and (not isinstance(dim, int) or dim < 1):
+        width = None if dim is None else as_integer(dim)
+        if dim is not None and (width is None or width < 1):
             raise ValueError(f"CaptionPool dim: invalid value {dim!r}; allowed: an integer >= 1")
-        self.size = size
-        self.dim = dim
+        self.size = number
+        self.dim = width
         self.device = torch.device(device) if device is not None else None
         self._device_given = device is not None
         self._buffer: torch.Tensor | None = None

@@ -277,11 +277,10 @@ def bad_reals(
     low: float, high: float, *, low_open: bool = False, high_open: bool = False
 ) -> st.SearchStrategy[str]:
     """Command-line text of values that are not finite numbers in the interval."""
+    from roclip_plugin.validation import in_interval
 
     def inside(value: float) -> bool:
-        return (value > low if low_open else value >= low) and (
-            value < high if high_open else value <= high
-        )
+        return in_interval(value, low, high, low_open=low_open, high_open=high_open)
 
     below = st.floats(max_value=low, allow_nan=False)
     above = st.floats(min_value=high, allow_nan=False)
@@ -386,3 +385,17 @@ def assert_help_shows_defaults(parser: argparse.ArgumentParser) -> None:
         if flag not in shown or action.default in (None, argparse.SUPPRESS):
             continue
         assert shown[flag] == as_shown(action.default), f"{flag}: help says {shown[flag]!r}"
+
+
+def bad_input_settings(max_examples: int = 5) -> Any:
+    """Hypothesis settings for bad-input tests: few examples, no deadline, the same each run.
+
+    Derandomized so CI sees the same examples every time; module fixtures (a built dataset)
+    are shared across examples, which is safe since a refused command changes nothing.
+    """
+    return settings(
+        max_examples=max_examples,
+        deadline=None,
+        derandomize=True,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    )

@@ -62,6 +62,43 @@ def as_real(value: Any) -> float | None:
     return float(value)
 
 
+def in_interval(
+    value: float, low: float, high: float, *, low_open: bool = False, high_open: bool = False
+) -> bool:
+    """Whether ``value`` lies in the interval (``low_open``: ``low`` itself excluded)."""
+    return (value > low if low_open else value >= low) and (
+        value < high if high_open else value <= high
+    )
+
+
+def interval_text(
+    low: float, high: float, *, low_open: bool = False, high_open: bool = False
+) -> str:
+    """``[0, 1)`` and the like, for messages."""
+    return f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+
+
+def check_real(
+    name: str,
+    value: Any,
+    low: float,
+    high: float,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+    optional: bool = False,
+) -> float | None:
+    """A finite real number in the interval (or None when ``optional``), as a Python float."""
+    if value is None and optional:
+        return None
+    number = as_real(value)
+    bounds = {"low_open": low_open, "high_open": high_open}
+    if number is None or not math.isfinite(number) or not in_interval(number, low, high, **bounds):
+        allowed = f"a number in {interval_text(low, high, **bounds)}"
+        raise ValueError(f"{name}: invalid value {value!r}; allowed: {allowed}")
+    return number
+
+
 def check_count(name: str, value: Any, *, low: int = 1, optional: bool = True) -> int | None:
     """An integer ``>= low`` (or None when ``optional``), returned as a Python ``int``."""
     if value is None and optional:

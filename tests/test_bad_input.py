@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import roclip_plugin.demo
@@ -24,6 +24,7 @@ from roclip_plugin.config import field_names
 from roclip_plugin.loss import DistInfo
 from roclip_plugin.testing import (
     assert_refused,
+    bad_input_settings,
     bad_ints,
     bad_roclip_values,
     not_in,
@@ -31,12 +32,7 @@ from roclip_plugin.testing import (
     snapshot,
 )
 
-SETTINGS = settings(
-    max_examples=8,
-    deadline=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+SETTINGS = bad_input_settings(8)
 
 
 @pytest.fixture(scope="module")

@@ -631,3 +631,10 @@ def test_bad_pool_state_is_refused_and_leaves_the_pool_as_it_was(change, match) 
     with pytest.raises(StateError, match=match):
         pool.load_state_dict(state)
     assert torch.equal(pool.features(), before)
+
+
+def test_numpy_and_tensor_sizes_are_integers() -> None:
+    import numpy as np
+
+    pool = CaptionPool(np.int64(4), dim=torch.tensor(3))
+    assert (pool.size, pool.dim) == (4, 3) and type(pool.size) is int

@@ -19,7 +19,6 @@ Layout of ``out`` (reruns reuse the dataset and replace the rest)::
 
 from __future__ import annotations
 
-import math
 import shutil
 import time
 from collections.abc import Callable, Mapping
@@ -191,14 +190,14 @@ class DemoSettings:
         ``--batch-size 0`` trained at batch size 1 before.
         """
         from roclip_plugin.io import check_output_dir
-        from roclip_plugin.validation import check_device
+        from roclip_plugin.validation import check_count, check_device, check_real
 
         self.scale_table()
         check_output_dir(self.out, "--out")
         _check_choice("--dataset", self.dataset, DATASETS)
         _check_choice("--trigger", self.trigger, TRIGGER_KINDS)
         check_device(self.device)
-        _check_int("--seed", self.seed, 0)
+        check_count("--seed", self.seed, low=0, optional=False)
         for flag, low in (
             ("--train-limit", 1),
             ("--test-limit", 1),
@@ -208,10 +207,10 @@ class DemoSettings:
             ("--eval-limit", 1),
             ("--jobs", 1),
         ):
-            _check_int(flag, getattr(self, flag[2:].replace("-", "_")), low, optional=True)
-        _check_real("--lr", self.lr, 0.0, 10.0, low_open=True)
-        _check_real("--attribute-rate", self.attribute_rate, 0.0, 1.0)
-        _check_real("--backdoor-rate", self.backdoor_rate, 0.0, 1.0, high_open=True)
+            check_count(flag, getattr(self, flag[2:].replace("-", "_")), low=low)
+        check_real("--lr", self.lr, 0.0, 10.0, low_open=True, optional=True)
+        check_real("--attribute-rate", self.attribute_rate, 0.0, 1.0, optional=True)
+        check_real("--backdoor-rate", self.backdoor_rate, 0.0, 1.0, high_open=True, optional=True)
         counts = self.captions_per_target
         if counts is not None:
             listed = counts if isinstance(counts, list) else [counts]
@@ -347,35 +346,6 @@ def _poison_train_evaluate(
     _write_json(out / RESULTS_FILE, results)
     plot_attack_success(runs, out / PLOT_FILE, dataset.name)
     return results
-
-
-def _check_int(flag: str, value: Any, low: int, *, optional: bool = False) -> None:
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{flag} {value!r}: must be an integer >= {low}")
-
-
-def _check_real(
-    flag: str,
-    value: Any,
-    low: float,
-    high: float,
-    *,
-    low_open: bool = False,
-    high_open: bool = False,
-) -> None:
-    """An optional number in a range (None: the scale's value)."""
-    if value is None:
-        return
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = (value > low if low_open else value >= low) and (
-            value < high if high_open else value <= high
-        )
-    if not ok:
-        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-        raise ValueError(f"{flag} {value!r}: must be a number in {interval}")
 
 
 def _check_choice(flag: str, value: Any, choices: Any) -> None:

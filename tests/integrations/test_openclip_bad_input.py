@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 pytest.importorskip("open_clip_train")
@@ -20,14 +20,14 @@ from roclip_openclip import main  # noqa: E402
 from roclip_openclip.patches import STATE_FORMAT  # noqa: E402
 
 from roclip_plugin import RoClipConfig, RoClipDefense, get_plugin_manager  # noqa: E402
-from roclip_plugin.testing import assert_refused, bad_roclip_values, run_command  # noqa: E402
-
-SETTINGS = settings(
-    max_examples=6,
-    deadline=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+from roclip_plugin.testing import (  # noqa: E402
+    assert_refused,
+    bad_input_settings,
+    bad_roclip_values,
+    run_command,
 )
+
+SETTINGS = bad_input_settings(6)
 
 
 @pytest.fixture(scope="module")

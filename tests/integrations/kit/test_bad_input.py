@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 pytest.importorskip("open_clip")
@@ -21,37 +21,23 @@ pytest.importorskip("sklearn")
 import roclip_kit.datasets  # noqa: E402
 import roclip_kit.demo  # noqa: E402
 import roclip_kit.evaluate  # noqa: E402
-import roclip_kit.plugin  # noqa: E402
 from roclip_kit.attacks import poison_dataset  # noqa: E402
 from roclip_kit.datasets import build_captioned_dataset  # noqa: E402
 
-from roclip_plugin import get_plugin_manager  # noqa: E402
-from roclip_plugin.cli import main  # noqa: E402
 from roclip_plugin.testing import (  # noqa: E402
     assert_refused,
+    bad_input_settings,
     bad_ints,
     bad_reals,
     bad_roclip_values,
     not_in,
-    run_command,
     snapshot,
 )
 
-from .tiny import MODEL_CFG  # noqa: E402
+from .tiny import MODEL_CFG, run_roclip  # noqa: E402
 
-SETTINGS = settings(
-    max_examples=5,
-    deadline=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+SETTINGS = bad_input_settings(5)
 DEVICES = st.sampled_from(["bogus", "", "cuda:x", "gpu", "cuda:99", "meta"])
-
-
-def _roclip(argv: list[str]):
-    pm = get_plugin_manager(autoload=False)
-    pm.register(roclip_kit.plugin)
-    return run_command(lambda a: main(a, pm=pm), argv)
 
 
 def _never(*args, **kwargs):
@@ -103,7 +89,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def _check(world: dict[str, Path], argv: list[str], flag: str) -> None:
     before = snapshot(world["root"])
-    assert_refused(_roclip(argv), flag)
+    assert_refused(run_roclip(argv), flag)
     assert snapshot(world["root"]) == before, f"{flag}: a file changed"
 
 

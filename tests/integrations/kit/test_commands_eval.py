@@ -20,7 +20,7 @@ sklearn_datasets = pytest.importorskip("sklearn.datasets")
 from roclip_kit.commands_eval import add_eval_command  # noqa: E402
 from roclip_kit.formats import MANIFEST_FORMAT  # noqa: E402
 
-from .tiny import MODEL_CFG, NAMES, Square  # noqa: E402
+from .tiny import MODEL_CFG, NAMES, Square, run_roclip  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -213,19 +213,8 @@ def test_a_test_csv_without_labels_names_the_column(run, tmp_path) -> None:
 
 def _roclip_eval(argv: list[str], capsys) -> tuple[int, str]:
     """``roclip eval ARGV`` through the real command: exit code and everything printed."""
-    import roclip_kit.plugin
-
-    from roclip_plugin import get_plugin_manager
-    from roclip_plugin.cli import main
-
-    pm = get_plugin_manager(autoload=False)
-    pm.register(roclip_kit.plugin)
-    try:
-        code = main(["eval", *argv], pm=pm)
-    except SystemExit as exit_:
-        code = int(exit_.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
+    result = run_roclip(["eval", *argv])
+    return result.code, result.output
 
 
 def _must_not_load(*args, **kwargs):

@@ -10,13 +10,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-import roclip_kit.plugin
 from PIL import Image
 from roclip_kit.attacks import Columns, poison_dataset
 from roclip_kit.datasets import build_captioned_dataset
 
-from roclip_plugin import get_plugin_manager
-from roclip_plugin.cli import main
+from .tiny import run_roclip
 
 
 def snapshot(folder: Path) -> dict[str, str]:
@@ -30,14 +28,8 @@ def snapshot(folder: Path) -> dict[str, str]:
 
 def roclip(argv: list[str], capsys) -> tuple[int, str]:
     """``roclip ARGV`` in-process with the kit; exit code and everything printed."""
-    pm = get_plugin_manager(autoload=False)
-    pm.register(roclip_kit.plugin)
-    try:
-        code = main(argv, pm=pm)
-    except SystemExit as exit_:  # argparse's own errors
-        code = int(exit_.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
+    result = run_roclip(argv)
+    return result.code, result.output
 
 
 @pytest.fixture(scope="module")

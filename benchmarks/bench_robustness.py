@@ -3,9 +3,10 @@
 The grid (datasets x seeds x backdoor rates x variants) runs on the kit's tensor-resident path
 (``roclip_kit.tensor_train``: OpenCLIP's ``CLIP`` class, RoCLIP through ``roclip_torch``), at
 the demo's faithful scale-down of the paper's attacks: the full training set, 32 targets (16
-with 10 and 16 with 50 captions of an adversarial class), a patch backdoor at each rate, a pool
-of 4,096 captions, 15 epochs (docs/results.md has the ratios next to the paper's). Every run is
-evaluated after every epoch and in full after the last, by ``roclip eval``'s code.
+with 10 and 16 with 50 captions of an adversarial class), a blended-noise backdoor at each
+rate, a pool of 4,096 captions, 12 epochs (docs/results.md has the ratios next to the
+paper's). Every run is evaluated after every epoch and in full after the last, by
+``roclip eval``'s code.
 
 It prints one JSON line per finished run, then a markdown table of means and standard
 deviations over seeds, and writes ``results.md`` and ``summary.json`` into ``--out``. Each run's
@@ -27,12 +28,14 @@ Variants (``--variants``), on top of the scale's RoCLIP settings:
     python benchmarks/bench_robustness.py --out robustness               # the CPU grid
     python benchmarks/bench_robustness.py --device cuda --jobs 6 --out robustness-gpu
     python benchmarks/bench_robustness.py --quick --out /tmp/rb          # a check of the script
+    python benchmarks/bench_robustness.py --out robustness --report      # the table so far
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -44,9 +47,10 @@ from typing import Any
 
 import torch
 from roclip_kit.demo import DemoSettings, build_data, poison
-from roclip_kit.tensor_runs import RunSpec, default_threads, run_specs
+from roclip_kit.tensor_runs import RunsFailed, RunSpec, default_threads, run_specs
 from roclip_kit.tensor_train import TensorTrainSettings
 
+_DROP = {"match_action": "drop", "first_rematch_epoch": 0, "rematch_every": 1}
 VARIANTS: dict[str, tuple[dict[str, Any] | None, bool]] = {
     "clip": (None, True),
     "aug-only": ({}, False),
@@ -55,14 +59,18 @@ VARIANTS: dict[str, tuple[dict[str, Any] | None, bool]] = {
     "reference": ({"preset": "reference"}, True),
     "every-epoch": ({"rematch_every": 1}, True),
     "adaptive": ({"schedule": "adaptive", "first_rematch_epoch": 2}, True),
+    # Beyond the paper (docs/config.md): every epoch from the first, leave out of the loss the
+    # share of each batch whose own caption fits worst next to their nearest pool caption.
+    "drop10": (_DROP | {"match_fraction": 0.1}, True),
+    "drop25": (_DROP | {"match_fraction": 0.25}, True),
 }
 MAIN = ("clip", "roclip")
 ABLATIONS = ("aug-only", "match-only", "reference", "every-epoch", "adaptive")
+BEYOND = ("drop10", "drop25")
 COLUMNS = (
     ("zero_shot", "zero-shot"),
     ("linear_probe", "probe"),
-    ("targeted_10", "targeted (10)"),
-    ("targeted_50", "targeted (50)"),
+    ("targeted_asr", "targeted"),
     ("backdoor_asr", "backdoor"),
     ("detection_recall", "detect R"),
     ("purity", "purity"),
@@ -120,6 +128,8 @@ def plan(args: argparse.Namespace, base: DemoSettings) -> list[tuple[Cell, str]]
                 names = list(args.variants)
                 if rate in args.ablation_rates:
                     names += [v for v in args.ablations if v not in names]
+                if rate in args.beyond_rates:
+                    names += [v for v in args.beyond if v not in names]
                 jobs += [(Cell(dataset, seed, rate), name) for name in names]
     return jobs
 
@@ -182,8 +192,7 @@ def row_of(result: dict[str, Any]) -> dict[str, Any]:
         "zero_shot": final["zero_shot"]["accuracy"],
         "linear_probe": (final.get("linear_probe") or {}).get("accuracy"),
         "targeted_asr": targeted.get("success_rate"),
-        "targeted_10": (groups.get("10") or {}).get("success_rate"),
-        "targeted_50": (groups.get("50") or {}).get("success_rate"),
+        **{f"targeted_{n}": g["success_rate"] for n, g in groups.items()},
         "backdoor_asr": backdoor.get("success_rate"),
         "backdoor_clean_rate": backdoor.get("clean_target_rate"),
         "detection_precision": detection.get("precision"),
@@ -215,22 +224,42 @@ def _cell_text(values: list[float], seconds: bool) -> str:
     return f"{mean} ± {fmt.format(scale * statistics.stdev(values))}"
 
 
+def columns_for(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """The table's columns: targeted success per poisoning strength next to the overall rate."""
+    groups = sorted(
+        {
+            k.removeprefix("targeted_")
+            for r in rows
+            for k in r
+            if k[9:].isdigit() and k.startswith("targeted_")
+        },
+        key=int,
+    )
+    out: list[tuple[str, str]] = []
+    for key, label in COLUMNS:
+        out.append((key, label))
+        if key == "targeted_asr":
+            out += [(f"targeted_{n}", f"targeted ({n})") for n in groups]
+    return out
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     """Markdown: one line per (dataset, rate, variant), mean ± std over seeds, in percent."""
+    columns = columns_for(rows)
     order = {name: i for i, name in enumerate(VARIANTS)}
     keys = sorted(
         {(r["dataset"], r["rate"], r["variant"]) for r in rows},
         key=lambda k: (k[0], k[1], order.get(k[2], len(order)), k[2]),
     )
-    header = "| dataset | backdoor | variant | seeds | " + " | ".join(c[1] for c in COLUMNS) + " |"
-    lines = [header, "|" + " --- |" * (4 + len(COLUMNS))]
+    header = "| dataset | backdoor | variant | seeds | " + " | ".join(c[1] for c in columns) + " |"
+    lines = [header, "|" + " --- |" * (4 + len(columns))]
     for dataset, rate, variant in keys:
         group = [
             r for r in rows if (r["dataset"], r["rate"], r["variant"]) == (dataset, rate, variant)
         ]
         cells = [
             _cell_text([r[k] for r in group if r.get(k) is not None], k == "train_seconds")
-            for k, _ in COLUMNS
+            for k, _ in columns
         ]
         lines.append(
             f"| {dataset} | {100 * rate:g}% | {variant} | {len(group)} | "
@@ -240,10 +269,15 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def device_name(device: str) -> str:
+def device_name(device: str, jobs: int) -> str:
+    """The device, and how the runs shared it."""
+    runs = f"{jobs} run(s) at a time"
     if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+        return f"{torch.cuda.get_device_name(torch.device(device))}, {runs}"
+    cores = os.cpu_count() or 1
+    threads = default_threads(jobs) or torch.get_num_threads()
+    cpu = platform.processor() or platform.machine()
+    return f"{cpu} CPU, {cores} cores, {runs}, {threads} thread(s) each"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -258,11 +292,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--variants", nargs="+", default=list(MAIN), help="at every rate")
     parser.add_argument("--ablations", nargs="*", default=list(ABLATIONS), help="at some rates")
     parser.add_argument("--ablation-rates", nargs="*", type=float, default=[0.001])
+    parser.add_argument(
+        "--beyond", nargs="*", default=list(BEYOND), help="variants beyond the paper"
+    )
+    parser.add_argument("--beyond-rates", nargs="*", type=float, default=[0.001, 0.01])
     parser.add_argument("--extra", nargs="*", default=[], help="NAME:field=value,... variants")
     parser.add_argument("--epochs", type=int, help="(default: the scale's)")
     parser.add_argument("--jobs", type=int, help="runs at once (default: the scale's)")
     parser.add_argument("--scale", default=None, help="demo scale (default: cpu, or gpu on cuda)")
     parser.add_argument("--quick", action="store_true", help="toy sizes: a check of the script")
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help="train nothing: the table of every run saved in --out/runs so far",
+    )
     return parser.parse_args(argv)
 
 
@@ -270,7 +313,8 @@ def base_settings(args: argparse.Namespace) -> DemoSettings:
     scale = args.scale or ("gpu" if args.device.startswith("cuda") else "cpu")
     base = DemoSettings(scale=scale, device=args.device, jobs=args.jobs, epochs=args.epochs)
     if args.quick:
-        args.datasets, args.seeds, args.rates, args.ablation_rates = ["digits"], [0], [0.05], [0.05]
+        args.datasets, args.seeds, args.rates = ["digits"], [0], [0.05]
+        args.ablation_rates = args.beyond_rates = [0.05]
         base = replace(
             base, epochs=args.epochs or 2, train_limit=300, test_limit=60, targets=4,
             captions_per_target=[2, 3], batch_size=32, eval_limit=40,
@@ -279,11 +323,32 @@ def base_settings(args: argparse.Namespace) -> DemoSettings:
     return base
 
 
+def report(out: Path) -> int:
+    """The table of the runs a (possibly unfinished) grid has saved, whatever plan made them.
+
+    A CPU grid takes hours; its runs are saved one by one, so the table can be read at any time,
+    and a grid run in several invocations (a phase per priority) still gives one table.
+    """
+    paths = sorted((out / "runs").glob("*.json"))
+    if not paths:
+        raise SystemExit(f"--report: no saved runs in {out / 'runs'}; run the grid first")
+    rows = [json.loads(path.read_text()) for path in paths]
+    header = f"{len(rows)} saved runs in {out / 'runs'} (each run's device is in {out}/log.txt)"
+    text = table(rows)
+    print(header)
+    print(text)
+    (out / "report.md").write_text(f"{header}\n\n{text}\n")
+    (out / "report.json").write_text(json.dumps({"header": header, "rows": rows}, indent=1))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.report:
+        return report(args.out)
     base = base_settings(args)
     variants = {**VARIANTS, **parse_extra(args.extra)}
-    unknown = sorted(set(args.variants + args.ablations) - set(variants))
+    unknown = sorted(set(args.variants + args.ablations + args.beyond) - set(variants))
     if unknown:
         raise SystemExit(f"unknown variant(s) {unknown}; known: {', '.join(variants)}")
     jobs = int(base.resolved().jobs or 1)
@@ -299,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
             prepared[cell] = prepare(cell, base, args.out)
         s, poisoned = prepared[cell]
         specs.append((path, spec_for(cell, name, s, poisoned, variants, args.out, jobs)))
-    header = f"device: {device_name(args.device)}; torch {torch.__version__}; {date.today()}"
+    header = f"device: {device_name(args.device, jobs)}; torch {torch.__version__}; {date.today()}"
     _log(f"{header}; {len(specs)} runs to train, {len(cached)} already done, {jobs} at a time")
     start = time.perf_counter()
 
@@ -308,8 +373,13 @@ def main(argv: list[str] | None = None) -> int:
         specs[index][0].write_text(json.dumps(row, indent=1))
         print(json.dumps({k: row[k] for k in row if not k.endswith("_by_epoch")}), flush=True)
 
-    run_specs([spec for _, spec in specs], jobs, on_result=save)
-    rows = cached + [json.loads(path.read_text()) for path, _ in specs]
+    failed = None
+    try:
+        run_specs([spec for _, spec in specs], jobs, on_result=save)
+    except RunsFailed as err:  # the table still shows every run that finished
+        failed = err
+        _log(f"error: {err}")
+    rows = cached + [json.loads(path.read_text()) for path, _ in specs if path.is_file()]
     text = table(rows)
     print(header)
     print(text)
@@ -319,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "results.md").write_text(f"{header}\n\n`{command}`\n\n{text}\n")
     summary = {"header": header, "command": command, "wall_seconds": time.perf_counter() - start}
     (args.out / "summary.json").write_text(json.dumps({**summary, "rows": rows}, indent=1))
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -148,6 +148,9 @@ class AugmentedImageTransform:
     A drop-in for a dataset's transform (``transform(image)``); a dataset that knows the sample
     index may pass it (``transform(image, index=i)``), or wrap itself in
     :class:`~roclip_plugin.augment_keys.IndexedDataset`. Picklable when ``preprocess`` is.
+    Other attributes (``transforms`` of a ``Compose`` ...) are the preprocessing's, as the
+    tokenizer wrapper's are the tokenizer's: code that inspects its transform (OpenCLIP's
+    synthetic dataset reads ``transforms[0].size``) keeps working.
 
     Args:
         policy: the policy whose augmentation, seed and epoch are used.
@@ -171,6 +174,15 @@ class AugmentedImageTransform:
             f"AugmentedImageTransform(augment={self.policy.image_name!r}, size={self.size}, "
             f"preprocess={self.preprocess!r})"
         )
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("policy", "preprocess", "size"):  # during unpickling, before __dict__ is set
+            raise AttributeError(name)
+        if self.preprocess is None:
+            raise AttributeError(
+                f"{type(self).__name__} has no attribute {name!r} (and no preprocessing)"
+            )
+        return getattr(self.preprocess, name)
 
     def __call__(self, image: Any, index: int | None = None) -> Any:
         """Augment ``image`` (sample ``index`` if known), then apply the preprocessing."""

@@ -268,7 +268,7 @@ def color_jitter(x: torch.Tensor, params: ImageParams) -> torch.Tensor:
                 mean = luma.mean((2, 3), keepdim=True)
                 ref = torch.where((op == 2).view(view), luma, (op == 1).view(view) * mean)
             x = (factor * x + (1.0 - factor) * ref).clamp(0.0, 1.0)
-        rotate = params.jitter & (op == 3)
+        rotate = params.jitter & (op == 3) & (params.factors[:, 3] != 0)  # a 0 shift: identity
         if bool(rotate.any()):
             rows = rotate.nonzero().squeeze(1)
             hue = adjust_hue(x.index_select(0, rows), params.factors[rows, 3])

@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, fields
+from typing import Any
 
 import pluggy
 from rich.console import Console
@@ -19,6 +21,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from roclip_plugin import __version__
+from roclip_plugin.checks import POOL_SHARE_LIMIT
 from roclip_plugin.config import (
     PRESETS,
     RoClipConfig,
@@ -31,14 +34,32 @@ from roclip_plugin.io import atomic_write_text, check_output_file, detach_stdout
 from roclip_plugin.plugins import get_plugin_manager
 from roclip_plugin.validation import check_parsed, path_arg
 
-DEMO_POOL_SIZE = 4096
-# roclip smoke's own RoCLIP defaults: shown in its help and applied to its run (one source).
-SMOKE_DEFAULTS = {"pool_size": DEMO_POOL_SIZE}
+SMOKE_TRAIN = 20000  # roclip smoke's default --train
+DEMO_POOL_SHARE = POOL_SHARE_LIMIT  # the smoke's pool: 10% of its pairs, the warning's limit
 DESCRIPTION = (
     "RoCLIP for CLIP training: `roclip smoke` (a synthetic check of the mechanism, core only), "
     "`roclip flags` (every --roclip-* flag), and the commands plugins add (the attack and "
     "evaluation kit: demo, data, poison, eval)."
 )
+
+
+def smoke_defaults(pairs: int) -> dict[str, Any]:
+    """The RoCLIP defaults of `roclip smoke` for a run of ``pairs`` training pairs an epoch.
+
+    The pool holds :data:`DEMO_POOL_SHARE` of them (the size warning's limit; a larger pool
+    hands images their own captions back). One source for the help and the run.
+    """
+    return {"pool_size": max(1, int(DEMO_POOL_SHARE * pairs))}
+
+
+def _smoke_default_text() -> dict[str, str]:
+    """What the smoke's help says of the defaults that depend on ``--train``."""
+    from roclip_plugin.demo import DemoSettings
+
+    base = DemoSettings(train=SMOKE_TRAIN)
+    pool = smoke_defaults(base.pairs)["pool_size"]
+    share = f"{DEMO_POOL_SHARE:.0%} of the training pairs"
+    return {"pool_size": f"{share}, {pool} for the default --train {SMOKE_TRAIN}"}
 
 
 def build_parser(pm: pluggy.PluginManager | None = None) -> argparse.ArgumentParser:
@@ -67,11 +88,11 @@ def build_parser(pm: pluggy.PluginManager | None = None) -> argparse.ArgumentPar
         "--epochs", type=int, default=10, help="training epochs (default: %(default)s)"
     )
     smoke.add_argument(
-        "--train", type=int, default=20000, help="clean pairs (default: %(default)s)"
+        "--train", type=int, default=SMOKE_TRAIN, help="clean pairs (default: %(default)s)"
     )
     smoke.add_argument("--json", type=path_arg, help="also write the results to this JSON file")
     group = smoke.add_argument_group("RoCLIP options")
-    add_argparse_args(group, SMOKE_DEFAULTS)
+    add_argparse_args(group, default_text=_smoke_default_text())
     pm.hook.roclip_add_options(parser=group)
     smoke.set_defaults(run=_smoke)
     flags = sub.add_parser("flags", help="List every --roclip-* flag with its default.")
@@ -147,17 +168,26 @@ def _smoke(args: argparse.Namespace, console: Console) -> int:
     from roclip_plugin.demo import DemoSettings, run_demo
 
     json_path = check_output_file(args.json, "--json")
-    config = config_from_namespace(args, SMOKE_DEFAULTS)
-    check_policy_names(config, _plugin_manager(args))
     settings = DemoSettings(
         train=args.train, epochs=args.epochs, seed=args.seed, device=args.device
-    )
+    )  # checks every size, the seed and the device
+    config = config_from_namespace(args, smoke_defaults(settings.pairs))
+    check_policy_names(config, _plugin_manager(args))
     console.print(
         f"[bold]roclip smoke[/bold]: {settings.train} synthetic pairs, {settings.targets} targets "
         f"x {settings.poison_captions} poison captions, {settings.epochs} epochs on "
         f"{settings.device}"
     )
-    results = run_demo(settings, config)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        results = run_demo(settings, config)
+    shown: set[str] = set()
+    for w in caught:  # RoCLIP's warnings in the console; anything else as Python shows it
+        if w.category is not RuntimeWarning:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+        elif str(w.message) not in shown:
+            shown.add(str(w.message))
+            console.print(f"[yellow]warning:[/yellow] {escape(str(w.message))}", soft_wrap=True)
     table = Table(title="Synthetic targeted poisoning (a smoke demonstration, not real images)")
     for col in ("run", "zero-shot", "target ASR", "poison P@k", "matching", "train s"):
         table.add_column(col, justify="right" if col != "run" else "left", no_wrap=True)

@@ -23,6 +23,7 @@ SCHEDULES = ("periodic", "ramp", "adaptive")
 POOL_UPDATES = ("every_step", "matching_epochs")
 PRECISIONS = ("fp32", "bf16")
 MATCHERS = ("torch", "faiss", "faiss-ivf")
+MATCH_ACTIONS = ("match", "drop")
 AUG_REFRESH = ("epoch", "run")
 SYNONYM_SOURCES = ("auto", "nltk", "wordnet", "table", "off")
 _INT32_MAX = 2**31 - 1
@@ -93,11 +94,30 @@ class RoClipConfig:
             POOL_UPDATES,
         ),
     )
+    match_fraction: float = field(
+        default=1.0,
+        metadata=_meta(
+            "Share of a matching step's images re-paired with their nearest pool caption: 1 "
+            "(the paper) re-pairs all; below 1, only those whose own caption fits them worst "
+            "next to that pool caption (the largest margins), the rest keep their own caption."
+        ),
+    )
+    match_action: str = field(
+        default="match",
+        metadata=_meta(
+            "What a matching step does with the images match_fraction picks: match pairs them "
+            "with their nearest pool caption (RoCLIP); drop leaves them out of the step's loss "
+            "(needs match_fraction below 1).",
+            MATCH_ACTIONS,
+        ),
+    )
     precision: str = field(
         default="fp32",
         metadata=_meta(
-            "Similarity search precision: fp32, or bf16 search with certified fp32 "
-            "re-scoring (same answer as fp32).",
+            "Similarity search precision, whatever the trainer's autocast: fp32, or a bf16 "
+            "scan with fp32 re-scoring of every candidate an error bound keeps. Either returns "
+            "a row within float32 rounding of the best score; rows closer than that may "
+            "come back in either order.",
             PRECISIONS,
         ),
     )
@@ -186,6 +206,14 @@ class RoClipConfig:
         _check_float(self, "adaptive_threshold", low=0.0, high=1.0, low_open=True)
         _check_int(self, "period_steps", low=0, high=_INT32_MAX)
         _check_choice(self, "pool_update", POOL_UPDATES)
+        _check_float(self, "match_fraction", low=0.0, high=1.0, low_open=True)
+        _check_choice(self, "match_action", MATCH_ACTIONS)
+        if self.match_action == "drop" and self.match_fraction >= 1.0:
+            raise ValueError(
+                "match_action (--roclip-match-action) drop leaves the picked images out of the "
+                "loss: with match_fraction 1 nothing would be left; set --roclip-match-fraction "
+                "below 1"
+            )
         _check_choice(self, "precision", PRECISIONS)
         _check_choice(self, "matcher", MATCHERS)
         _check_int(self, "match_chunk_size", low=0, high=_INT32_MAX)

@@ -18,14 +18,20 @@ from typing import Any
 import pluggy
 import torch
 
+from roclip_plugin.checks import no_matching_message, pool_share_message
 from roclip_plugin.config import RoClipConfig
 from roclip_plugin.distributed import all_reduce_sum
 from roclip_plugin.io import atomic_torch_save, read_state_file
 from roclip_plugin.loss import DistInfo, MatchStats, RoClipLoss
-from roclip_plugin.plugins import get_plugin_manager
+from roclip_plugin.plugins import BUILTINS_NAME, get_plugin_manager
 from roclip_plugin.pool import CaptionPool
 from roclip_plugin.schedule import ScheduleState, schedule_unit
-from roclip_plugin.validation import check_defense_state, check_epoch, check_run_length
+from roclip_plugin.validation import (
+    check_count,
+    check_defense_state,
+    check_epoch,
+    check_run_length,
+)
 
 STATE_VERSION = 1
 
@@ -41,6 +47,8 @@ class RoClipDefense:
         dist_info: distributed set-up; read from ``torch.distributed`` when omitted.
         total_epochs: run length, needed by ``ramp`` schedules and ``warmup_fraction``.
         steps_per_epoch: needed with ``period_steps`` to know the run length in step blocks.
+        samples_per_epoch: training pairs an epoch (all ranks), to warn about a pool that holds
+            too large a share of them (see :meth:`check_run`).
     """
 
     def __init__(
@@ -53,11 +61,14 @@ class RoClipDefense:
         dist_info: DistInfo | None = None,
         total_epochs: int | None = None,
         steps_per_epoch: int | None = None,
+        samples_per_epoch: int | None = None,
     ) -> None:
         self.config = config or RoClipConfig()
         self.pm = plugin_manager or get_plugin_manager()
         self.info = dist_info or DistInfo.from_env()
         self.total_epochs, self.steps_per_epoch = check_run_length(total_epochs, steps_per_epoch)
+        self.samples_per_epoch = check_count("samples_per_epoch", samples_per_epoch)
+        self._run_checked = False
         self.pool = CaptionPool(self.config.pool_size, device=device)
         self.schedule = ScheduleState()
         self.epoch = 0
@@ -71,6 +82,8 @@ class RoClipDefense:
             matcher,
             self.info,
             update_pool_when_plain=self.config.pool_update == "every_step",
+            match_fraction=self.config.match_fraction,
+            match_action=self.config.match_action,
             on_step=self._on_step,
             on_match=self._on_match,
             on_enqueue=self._on_enqueue,
@@ -108,15 +121,40 @@ class RoClipDefense:
             return None
         return self.total_epochs * self.steps_per_epoch // self.config.period_steps
 
+    def check_run(self) -> list[str]:
+        """Warn about settings that leave the defense off or ineffective in this run.
+
+        Where the run length is known: no matching epoch (or step block) inside the run; and,
+        where ``samples_per_epoch`` is known, a pool holding more than
+        :data:`~roclip_plugin.checks.POOL_SHARE_LIMIT` of an epoch's pairs. Each problem is a
+        ``RuntimeWarning`` naming the flag to change; the messages are returned (integrations
+        also log them). Called by the first :meth:`start_epoch`; a schedule a plugin supplies
+        (``roclip_should_match``) is not second-guessed.
+        """
+        self._run_checked = True
+        problems = [pool_share_message(self.config, self.samples_per_epoch)]
+        if not self._custom_schedule():
+            total = self.total_units
+            problems.insert(0, no_matching_message(self.config, total, self.steps_per_epoch))
+        messages = [p for p in problems if p is not None]
+        for message in messages:
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+        return messages
+
     def start_epoch(self, epoch: int) -> bool:
-        """Begin epoch ``epoch`` (0-based); returns whether it starts as a matching epoch."""
+        """Begin epoch ``epoch`` (0-based); returns whether it starts as a matching epoch.
+
+        With ``period_steps`` the answer is the decision of the block the epoch's first step
+        falls in (which may begin exactly here), not the last block of the previous epoch.
+        """
         epoch = check_epoch(epoch)
+        if not self._run_checked:
+            self.check_run()
         self.epoch = epoch
         self.loss.epoch = epoch
-        if self.config.period_steps == 0:
-            self._enter_unit(epoch)
-        elif self.unit is None:
-            self._enter_unit(schedule_unit(epoch, self.step, self.config.period_steps))
+        unit = schedule_unit(epoch, self.step, self.config.period_steps)
+        if self.config.period_steps == 0 or unit != self.unit:
+            self._enter_unit(unit)
         self.pm.hook.roclip_epoch_start(epoch=epoch, matching=self.matching, defense=self)
         return self.matching
 
@@ -185,6 +223,10 @@ class RoClipDefense:
             )
 
     # -- internals ------------------------------------------------------------------------
+
+    def _custom_schedule(self) -> bool:
+        impls = self.pm.hook.roclip_should_match.get_hookimpls()
+        return any(impl.plugin_name != BUILTINS_NAME for impl in impls)
 
     def _enter_unit(self, unit: int) -> None:
         if self.unit is not None and unit != self.unit:

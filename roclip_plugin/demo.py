@@ -94,6 +94,11 @@ class DemoSettings:
         check_real("word_dropout", self.word_dropout, 0.0, 1.0)
         check_device(self.device)
 
+    @property
+    def pairs(self) -> int:
+        """Training pairs an epoch: the clean ones and the poisoned ones."""
+        return self.train + self.targets * self.poison_captions
+
 
 @dataclass
 class World:
@@ -253,7 +258,9 @@ def train(
     if config is not None:
         pm = get_plugin_manager()
         pm.register(recorder)
-        defense = RoClipDefense(config, plugin_manager=pm, total_epochs=s.epochs)
+        defense = RoClipDefense(
+            config, plugin_manager=pm, total_epochs=s.epochs, samples_per_epoch=s.pairs
+        )
     images, captions = world.images.to(device), world.captions.to(device)
     order_g = torch.Generator().manual_seed(s.seed + 1)
     aug_g = torch.Generator().manual_seed(s.seed + 2)

@@ -17,16 +17,33 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def _collective_device() -> torch.device:
+    """Where small tensors of a collective live: CUDA for NCCL, the CPU otherwise (gloo)."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     """Sum a small tensor over ranks; returned on the CPU (NCCL needs it on a CUDA device)."""
     if not is_distributed() or dist.get_world_size() == 1:
         return values.cpu()
-    device = torch.device("cpu")
-    if dist.get_backend() == "nccl":
-        device = torch.device("cuda", torch.cuda.current_device())
-    buf = values.to(device)
+    buf = values.to(_collective_device())
     dist.all_reduce(buf)
     return buf.cpu()
+
+
+def all_gather_ints(value: int) -> list[int]:
+    """Every rank's ``value`` in rank order (``[value]`` on a single process).
+
+    One tiny collective (a host synchronisation under NCCL): cheap enough once per step.
+    """
+    if not is_distributed() or dist.get_world_size() == 1:
+        return [int(value)]
+    mine = torch.tensor([int(value)], dtype=torch.long, device=_collective_device())
+    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, mine)
+    return [int(t) for t in torch.cat(parts).cpu()]
 
 
 def all_gather_objects(obj: Any) -> list[Any]:

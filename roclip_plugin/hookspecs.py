@@ -96,8 +96,9 @@ def roclip_should_match(
 ) -> bool | None:
     """Decide whether a unit (epoch, or block of steps) is a matching one.
 
-    Called at each epoch start, and at each step when ``config.period_steps > 0``. The answer
-    must be identical on every rank. Stops at first non-None result.
+    Called at each epoch start; with ``config.period_steps > 0`` once per block instead, when
+    the next step enters a new block (at a step, or at an epoch start). The answer must be
+    identical on every rank. Stops at first non-None result.
 
     Args:
         epoch: 0-based epoch.

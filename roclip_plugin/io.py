@@ -10,7 +10,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
@@ -113,38 +113,56 @@ def _check_ancestors(target: Path, flag: str) -> None:
             return
 
 
-def read_state_file(path: str | os.PathLike[str], what: str) -> Any:
+def read_state_file(
+    source: str | os.PathLike[str] | IO[bytes], what: str, *, name: str | None = None
+) -> Any:
     """``torch.load`` a state file of this project, with errors that name the file.
 
     ``weights_only=False`` because these files hold RNG states (NumPy, Python) that the safe
     loader refuses; load only files this project wrote. An empty, truncated or foreign file
     raises :class:`StateError` (unpickling errors have no common base class).
+
+    Args:
+        source: the file, or a binary file object (a remote file opened through fsspec).
+        what: how to name the file in errors.
+        name: how to name ``source`` in errors (default: the path).
     """
-    target = require_file(path, what)
-    if target.stat().st_size == 0:
-        raise StateError(f"{what} {target} is empty (an interrupted save?); use another one")
+    if isinstance(source, str | os.PathLike):
+        source = require_file(source, what)
+        if source.stat().st_size == 0:
+            raise StateError(f"{what} {source} is empty (an interrupted save?); use another one")
+    label = name or source
     try:
-        return torch.load(target, map_location="cpu", weights_only=False)
+        return torch.load(source, map_location="cpu", weights_only=False)
     except Exception as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise StateError(
-            f"{what} {target} cannot be read ({reason}): it is truncated, corrupt or not a "
+            f"{what} {label} cannot be read ({reason}): it is truncated, corrupt or not a "
             "file written by roclip-plugin"
         ) from None
 
 
-def load_versioned(path: str | os.PathLike[str], expected: object, what: str) -> dict[str, Any]:
+def load_versioned(
+    source: str | os.PathLike[str] | IO[bytes],
+    expected: object,
+    what: str,
+    *,
+    name: str | None = None,
+) -> dict[str, Any]:
     """Load a state file written by roclip-plugin and check its ``"format"`` entry.
 
     Args:
-        path: the file.
+        source: the file, or a binary file object (a remote file opened through fsspec).
         expected: the format value the caller understands.
         what: how to name the file in the error (e.g. "roclip_torch checkpoint").
+        name: how to name ``source`` in the error (default: the path).
     """
-    state = read_state_file(path, what)
+    state = read_state_file(source, what, name=name)
     found = state.get("format") if isinstance(state, dict) else None
     if found != expected:
-        raise StateError(f"{path}: not a {what} (format {found!r}, expected {expected!r})")
+        raise StateError(
+            f"{name or source}: not a {what} (format {found!r}, expected {expected!r})"
+        )
     return state
 
 

@@ -12,6 +12,7 @@ sums every value of the loss dict (OpenCLIP does) must never see diagnostics the
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,7 +22,13 @@ import torch.distributed.nn
 import torch.nn.functional as F
 from torch import nn
 
-from roclip_plugin.matching import Matcher, highest_matmul_precision
+from roclip_plugin.distributed import all_gather_ints
+from roclip_plugin.matching import (
+    Matcher,
+    autocast_disabled,
+    check_finite_queries,
+    highest_matmul_precision,
+)
 from roclip_plugin.pool import CaptionPool
 from roclip_plugin.validation import LossInputCheck
 
@@ -89,6 +96,32 @@ def gather_features(
     return torch.cat(parts, dim=0)
 
 
+def check_batch_sizes(
+    image_features: torch.Tensor, text_features: torch.Tensor, info: DistInfo
+) -> None:
+    """Refuse batches the gathers cannot take: image and text rows differ, or ranks differ.
+
+    ``all_gather`` needs the same number of rows on every rank (gloo aborts the process,
+    NCCL may read past the buffers); one all-gather of the row counts per step catches it and
+    every rank raises the same error.
+    """
+    if image_features.shape[0] != text_features.shape[0]:
+        raise ValueError(
+            f"image_features has {image_features.shape[0]} rows but text_features has "
+            f"{text_features.shape[0]}: give the loss one caption per image"
+        )
+    if info.world_size == 1:
+        return
+    sizes = all_gather_ints(image_features.shape[0])
+    if len(set(sizes)) > 1:
+        raise ValueError(
+            f"local batch sizes differ across ranks: {sizes} (rank order). RoCLIP, like "
+            "OpenCLIP's ClipLoss, all-gathers equally sized batches from every rank: drop the "
+            "last incomplete batch (DataLoader(..., drop_last=True)) or give every rank the "
+            "same batch size"
+        )
+
+
 def contrastive_loss(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
@@ -97,10 +130,14 @@ def contrastive_loss(
     *,
     all_image: torch.Tensor | None = None,
     all_text: torch.Tensor | None = None,
+    logit_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric InfoNCE, as OpenCLIP's ``ClipLoss``; returns ``(loss, logits_per_image)``.
 
     ``all_image`` / ``all_text`` may be passed when the caller already gathered them.
+    ``logit_bias`` (a SigLIP-architecture model trained with the softmax loss) is added to
+    every logit, as ``ClipLoss`` does: the loss is unchanged and the bias gets no gradient,
+    but it stays in the graph (DistributedDataParallel expects every parameter used).
     """
     if info.world_size > 1:
         all_image = gather_features(image_features, info) if all_image is None else all_image
@@ -114,6 +151,9 @@ def contrastive_loss(
     else:
         logits_per_image = logit_scale * image_features @ text_features.T
         logits_per_text = logit_scale * text_features @ image_features.T
+    if logit_bias is not None:
+        logits_per_image = logits_per_image + logit_bias
+        logits_per_text = logits_per_text + logit_bias
     labels = torch.arange(logits_per_image.shape[0], device=logits_per_image.device)
     if info.world_size > 1 and info.local_loss:
         labels = labels + logits_per_image.shape[0] * info.rank
@@ -134,6 +174,30 @@ def retrieval_accuracy(logits_per_image: torch.Tensor, info: DistInfo) -> torch.
     return (logits_per_image.argmax(dim=1) == labels).float().mean()
 
 
+@torch.no_grad()
+def largest_margins(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    matched: torch.Tensor,
+    fraction: float,
+) -> torch.Tensor:
+    """Boolean mask of the ``ceil(fraction * batch)`` images with the largest margins.
+
+    The margin is ``cos(image, matched caption) - cos(image, own caption)`` in float32: large
+    when the image's own caption fits it much worse than a caption other images brought, as a
+    poisoned caption does. Ties go to the lower batch position.
+    """
+    img = F.normalize(image_features.float(), dim=-1)
+    margins = (img * F.normalize(matched.float(), dim=-1)).sum(-1) - (
+        img * F.normalize(text_features.float(), dim=-1)
+    ).sum(-1)
+    count = min(margins.numel(), math.ceil(fraction * margins.numel()))
+    order = torch.sort(margins, descending=True, stable=True).indices
+    chosen = torch.zeros_like(margins, dtype=torch.bool)
+    chosen[order[:count]] = True
+    return chosen
+
+
 class RoClipLoss(nn.Module):
     """Drop-in for OpenCLIP's ``ClipLoss`` that runs RoCLIP's matching steps.
 
@@ -145,6 +209,14 @@ class RoClipLoss(nn.Module):
         matcher: maps (local image features, pool) to logical pool indices.
         info: distributed set-up.
         update_pool_when_plain: enqueue captions on plain steps too (the default policy).
+        match_fraction: share of each matching step's images trained against their matched
+            pool caption: 1.0 (the paper) re-pairs every image; below 1, only the images whose
+            own caption is least similar to them compared with their best pool caption (the
+            largest margins, the likeliest poison) are re-paired and the rest keep their own
+            caption, so clean pairs go on teaching both towers in matching steps.
+        match_action: what happens to those images: ``match`` pairs them with their nearest
+            pool caption (RoCLIP); ``drop`` leaves them out of the step's loss, so a
+            suspected pair teaches nothing (needs ``match_fraction`` below 1).
         on_step: called at the start of every forward with no arguments (the defense uses it to
             count steps and take per-step schedule decisions).
         on_match: receives a :class:`MatchStats` after each matching step.
@@ -161,6 +233,8 @@ class RoClipLoss(nn.Module):
         info: DistInfo | None = None,
         *,
         update_pool_when_plain: bool = True,
+        match_fraction: float = 1.0,
+        match_action: str = "match",
         on_step: Callable[[], None] | None = None,
         on_match: Callable[[MatchStats], None] | None = None,
         on_enqueue: Callable[[int], None] | None = None,
@@ -172,6 +246,8 @@ class RoClipLoss(nn.Module):
         self.matcher = matcher
         self.info = info or DistInfo.from_env()
         self.update_pool_when_plain = update_pool_when_plain
+        self.match_fraction = match_fraction
+        self.match_action = match_action
         self.matching = False
         self.epoch = 0
         self.step = 0
@@ -190,21 +266,23 @@ class RoClipLoss(nn.Module):
         logit_bias: torch.Tensor | None = None,
         output_dict: bool = False,
     ) -> torch.Tensor | dict[str, torch.Tensor]:
-        """One step's loss; also updates the pool as the policy says."""
-        if logit_bias is not None:
-            raise ValueError(
-                "RoClipLoss: logit_bias was given (a SigLIP model); RoCLIP implements the "
-                "softmax CLIP loss only: train without --siglip"
-            )
+        """One step's loss; also updates the pool as the policy says.
+
+        ``logit_bias`` is added to every logit as ``ClipLoss`` does (softmax loss; RoCLIP has
+        no sigmoid loss: OpenCLIP's ``--siglip`` is refused by the integration).
+        """
         self.check_inputs(image_features, text_features, logit_scale, matching=self.matching)
+        check_batch_sizes(image_features, text_features, self.info)
         if self.on_step is not None:
             self.on_step()
         self.pool.follow(image_features.device)
         if self.matching and len(self.pool) > 0:
-            loss = self._matching_loss(image_features, text_features, logit_scale)
+            loss = self._matching_loss(image_features, text_features, logit_scale, logit_bias)
             self._enqueue(text_features)
         else:
-            loss, logits = contrastive_loss(image_features, text_features, logit_scale, self.info)
+            loss, logits = contrastive_loss(
+                image_features, text_features, logit_scale, self.info, logit_bias=logit_bias
+            )
             if self.on_alignment is not None:
                 self.on_alignment(retrieval_accuracy(logits.detach(), self.info))
             if self.matching or self.update_pool_when_plain:
@@ -212,20 +290,58 @@ class RoClipLoss(nn.Module):
         return {"contrastive_loss": loss} if output_dict else loss
 
     def _matching_loss(
-        self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor,
+        logit_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        with torch.no_grad():
+        check_finite_queries(image_features)
+        # The search (any matcher, a plugin's too) and the statistics run in the configured
+        # precision: the trainer's autocast would otherwise turn their products into bf16.
+        with torch.no_grad(), autocast_disabled(image_features.device, self._pool_device()):
             indices = self.matcher(image_features.detach(), self.pool)
-            matched = self.pool.gather(indices).to(image_features.device, image_features.dtype)
-        all_matched = gather_features(matched, self.info, keep_local_grad=False)
-        loss, _ = contrastive_loss(
-            image_features, matched, logit_scale, self.info, all_text=all_matched
-        )
-        if self.on_match is not None and self.wants_stats():
-            self.on_match(self._stats(image_features, text_features, matched, indices))
+            matched = self.pool.gather(indices)
+            stats = None
+            if self.on_match is not None and self.wants_stats():
+                stats = self._stats(image_features, text_features, matched, indices)
+            chosen = None
+            if self.match_fraction < 1.0:
+                fraction = self.match_fraction
+                chosen = largest_margins(image_features, text_features, matched, fraction)
+        matched = matched.to(image_features.device, image_features.dtype)
+        if chosen is not None and self.match_action == "drop":
+            keep = ~chosen
+            loss, _ = contrastive_loss(
+                image_features[keep],
+                text_features[keep],
+                logit_scale,
+                self.info,
+                logit_bias=logit_bias,
+            )
+        elif chosen is not None:
+            targets = torch.where(chosen.unsqueeze(1), matched, text_features)
+            loss, _ = contrastive_loss(
+                image_features, targets, logit_scale, self.info, logit_bias=logit_bias
+            )
+        else:
+            all_matched = gather_features(matched, self.info, keep_local_grad=False)
+            loss, _ = contrastive_loss(
+                image_features,
+                matched,
+                logit_scale,
+                self.info,
+                all_text=all_matched,
+                logit_bias=logit_bias,
+            )
+        if self.on_match is not None and stats is not None:
+            self.on_match(stats)
         # Keep the text tower in the graph with a zero gradient, so DistributedDataParallel
         # without find_unused_parameters still finds every parameter used.
         return loss + 0.0 * text_features.sum()
+
+    def _pool_device(self) -> torch.device:
+        return self.pool.device if self.pool.device is not None else torch.device("cpu")
 
     @torch.no_grad()
     def _enqueue(self, text_features: torch.Tensor) -> None:

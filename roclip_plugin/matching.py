@@ -1,13 +1,17 @@
 """Nearest-caption search: each image's most similar pool caption, by cosine similarity.
 
 The search is exhaustive and exact in float32, ties broken by the lowest (oldest) pool index,
-and runs over the pool in chunks so memory stays bounded for pools of millions of rows.
+and runs over the pool in chunks so memory stays bounded for pools of millions of rows. It runs
+in the precision asked for whatever the caller's autocast (OpenCLIP computes its loss under
+autocast, which would otherwise turn the float32 products into bf16 or fp16 ones).
 ``precision="bf16"`` searches with bfloat16 matrix products and then re-scores in float32
 every candidate that a per-row error bound cannot rule out, so the float32 winner is always
-among them and the answer is the float32 one (up to float32 rounding of near-ties, where the
-element-wise re-scoring and a float32 matrix product may round differently). The faiss
-backends run on the CPU: exact (``faiss``) or approximate (``faiss-ivf``) for pools larger
-than device memory.
+among them. What either precision guarantees (:func:`float32_tolerance`): the returned row's
+exact score is within float32 rounding of the best exact score; two rows whose scores differ
+by less than that (about 1e-7 for unit vectors of a few hundred dimensions) may come back in
+either order, and then fp32 and bf16 may disagree. Rows further apart always give the same
+answer in both. The faiss backends run on the CPU: exact (``faiss``) or approximate
+(``faiss-ivf``) for pools larger than device memory.
 
 Cosine similarity is ``a.b / (|a| |b|)``. Pool rows are L2-normalised (the pool stores them so),
 and dividing a row of scores by ``|a|`` does not change its argmax, so image rows are used as
@@ -72,25 +76,57 @@ def nearest_captions(
     segments = _as_segments(pool_features)
     total = sum(s.shape[0] for s in segments)
     _check_shapes(image_features, segments, total)
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(
+            f"precision (--roclip-precision): invalid value {precision!r}; allowed: fp32, bf16"
+        )
+    check_finite_queries(image_features)
     images = image_features.detach().float()
     chunk = chunk_size or _auto_chunk(images.shape[0], total)
-    if not pool_normalized:
-        segments = [normalize_rows(s) for s in segments]
-    if precision == "fp32":
-        return _search_fp32(images, segments, chunk)
-    if precision == "bf16":
+    with autocast_disabled(images.device, *(s.device for s in segments)):
+        if not pool_normalized:
+            segments = [normalize_rows(s) for s in segments]
+        if precision == "fp32":
+            return _search_fp32(images, segments, chunk)
         return _search_bf16(images, segments, chunk)
-    raise ValueError(
-        f"precision (--roclip-precision): invalid value {precision!r}; allowed: fp32, bf16"
-    )
 
 
 def brute_force_nearest(image_features: torch.Tensor, pool_features: torch.Tensor) -> torch.Tensor:
     """Reference: one float32 product, first index of the row maximum. For tests and contracts."""
-    pool = normalize_rows(pool_features)
-    with highest_matmul_precision():
-        scores = image_features.float() @ pool.T
+    with autocast_disabled(image_features.device, pool_features.device):
+        pool = normalize_rows(pool_features)
+        with highest_matmul_precision():
+            scores = image_features.float() @ pool.T
     return _first_argmax(scores)
+
+
+def float32_tolerance(image_features: torch.Tensor) -> torch.Tensor:
+    """Per image row, how far below the best exact score a returned row's score may lie.
+
+    Every exact matcher (fp32, bf16 with re-scoring, faiss) computes float32 dot products, each
+    within ``dim * 2^-24 * |a|`` of the exact one for unit-norm pool rows: a returned row may
+    therefore trail the true best by twice that, ``|a| * dim * 2^-23``. When the best row leads
+    every other by more, every exact matcher returns it.
+    """
+    images = image_features.detach().float()
+    return images.norm(dim=1) * images.shape[1] * 2.0**-23
+
+
+def check_finite_queries(image_features: torch.Tensor) -> None:
+    """Refuse NaN or infinite image rows, as the pool refuses such captions.
+
+    Their scores are NaN, so a search would silently return row 0 (torch) or an arbitrary row
+    (faiss). One device synchronisation, paid only by matching steps.
+    """
+    finite = torch.isfinite(image_features).all(dim=1)
+    bad = int((~finite).sum())
+    if bad:
+        raise ValueError(
+            f"{bad} of {image_features.shape[0]} image feature rows are non-finite (NaN or "
+            "inf); they cannot be matched to a pool caption. The image tower diverged: lower "
+            "the learning rate, clip gradients (OpenCLIP: --grad-clip-norm) or train in a "
+            "wider precision (--precision amp_bf16 or fp32)"
+        )
 
 
 # -- building blocks ---------------------------------------------------------------------------
@@ -115,6 +151,27 @@ def _check_shapes(images: torch.Tensor, segments: list[torch.Tensor], total: int
 
 def _auto_chunk(batch: int, total: int) -> int:
     return max(MIN_CHUNK, min(total, SCORE_BUDGET_BYTES // (4 * max(batch, 1))))
+
+
+@contextlib.contextmanager
+def autocast_disabled(*devices: torch.device | str) -> Iterator[None]:
+    """Turn autocast off for the types of ``devices`` (the caller's autocast is restored after).
+
+    Trainers compute the loss under ``torch.autocast`` (OpenCLIP does for every ``--precision
+    amp*``), which would run the search's float32 products in bf16 or fp16: the search must run
+    in the precision it was asked for, whatever the ambient autocast.
+    """
+    types = dict.fromkeys(torch.device(d).type for d in devices)
+    with contextlib.ExitStack() as stack:
+        for device_type in types:
+            if _autocast_available(device_type):
+                stack.enter_context(torch.autocast(device_type=device_type, enabled=False))
+        yield
+
+
+def _autocast_available(device_type: str) -> bool:
+    check = getattr(torch.amp, "is_autocast_available", None)
+    return device_type in ("cpu", "cuda") if check is None else bool(check(device_type))
 
 
 @contextlib.contextmanager
@@ -278,6 +335,7 @@ class FaissMatcher:
     def __call__(self, image_features: torch.Tensor, pool: CaptionPool) -> torch.Tensor:
         """Search each pool segment with faiss, merge, then apply the tie rule."""
         faiss = self._faiss
+        check_finite_queries(image_features)
         queries = image_features.detach().float().cpu().contiguous().numpy()
         vals, idxs, offset = [], [], 0
         for seg in pool.segments():
@@ -328,6 +386,7 @@ class FaissIVFMatcher:
         """Sync the index with the pool, then search it (exact scan while untrained)."""
         if len(pool) < self.nlist:
             return TorchMatcher()(image_features, pool)
+        check_finite_queries(image_features)
         self._sync(pool)
         queries = image_features.detach().float().cpu().contiguous().numpy()
         _, slots = self._index.search(queries, 1)

@@ -316,6 +316,9 @@ def bad_roclip_values() -> dict[str, st.SearchStrategy[str]]:
         "adaptive_threshold": bad_reals(0.0, 1.0, low_open=True),
         "period_steps": bad_ints(0, int32),
         "pool_update": not_in(c.POOL_UPDATES),
+        "match_fraction": bad_reals(0.0, 1.0, low_open=True),
+        # drop with the default match_fraction 1 would leave nothing to train on
+        "match_action": not_in(c.MATCH_ACTIONS) | st.just("drop"),
         "precision": not_in(c.PRECISIONS),
         "matcher": not_in(c.MATCHERS),
         "match_chunk_size": bad_ints(0, int32),

@@ -228,22 +228,25 @@ class LossInputCheck:
             parts.append(scale.detach().double().reshape(()).to(img.device))
         values = torch.stack(parts).tolist()  # the one sync
         scale_value = values[4] if isinstance(scale, torch.Tensor) else as_real(scale)
-        for name, low, high in (
-            ("image_features", values[0], values[1]),
-            ("text_features", values[2], values[3]),
+        for name, low, high, norms in (
+            ("image_features", values[0], values[1], img),
+            ("text_features", values[2], values[3], txt),
         ):
-            self._check_norms(name, low, high)
+            self._check_norms(name, low, high, norms)
         if scale_value is None or not math.isfinite(scale_value) or scale_value <= 0:
             raise ValueError(
                 f"logit_scale: invalid value {scale_value!r}; allowed: a finite number > 0, "
                 "the exponentiated temperature (CLIP starts at 1/0.07 = 14.3 and clamps at 100)"
             )
 
-    def _check_norms(self, name: str, low: float, high: float) -> None:
+    def _check_norms(self, name: str, low: float, high: float, norms: torch.Tensor) -> None:
         if not (math.isfinite(low) and math.isfinite(high)):
+            bad = int((~torch.isfinite(norms)).sum())  # a second sync, only on the way out
+            kind = name.split("_")[0]
             raise ValueError(
-                f"{name}: the batch holds NaN or inf values; the model diverged or its input "
-                "is broken (check the learning rate, the precision and the data)"
+                f"{name}: {bad} of {norms.shape[0]} {kind} feature rows are non-finite (NaN or "
+                "inf); the model diverged or its input is broken (check the learning rate, the "
+                "precision and the data)"
             )
         if low < 1 - self.tolerance or high > 1 + self.tolerance:
             raise ValueError(

@@ -393,3 +393,14 @@ def test_small_image_set_never_flips_greys_or_shifts_hue() -> None:
     area = params.crop_area_fraction(torch.tensor(32), torch.tensor(32))
     assert area.min() >= 0.5 * 0.9  # integer boxes round the 0.5 area a little
     assert params.jitter.float().mean() == pytest.approx(spec.jitter_p, abs=0.03)
+
+
+def test_a_zero_hue_shift_is_skipped_as_torchvision_skips_hue_zero(monkeypatch) -> None:
+    import roclip_plugin.augment_image as augment_image
+
+    params = draw_params(SMALL_IMAGE_SPEC, (0, 0, torch.arange(64), STREAM_IMAGE), 8, 8)
+    calls = []
+    monkeypatch.setattr(augment_image, "adjust_hue", lambda x, s: calls.append(1) or x)
+    color_jitter(torch.rand(64, 3, 8, 8), params)
+    assert calls == []
+

@@ -383,3 +383,18 @@ def test_core_imports_neither_openclip_nor_image_libraries() -> None:
         "assert 'torchvision' in sys.modules and 'open_clip' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_image_transform_exposes_the_preprocessing_attributes() -> None:
+    """Code that inspects its transform (OpenCLIP's synthetic data reads
+    ``transforms[0].size``) sees the wrapped preprocessing, like the tokenizer wrapper does."""
+    T = pytest.importorskip("torchvision.transforms")  # noqa: N806
+    preprocess = T.Compose([T.RandomResizedCrop(32), T.ToTensor()])
+    transform = build_policy(RoClipConfig(image_aug="none")).image_transform(preprocess)
+    assert transform.transforms is preprocess.transforms
+    assert transform.transforms[0].size == (32, 32)
+    assert transform.size == (32, 32)  # its own attributes stay its own
+    clone = pickle.loads(pickle.dumps(transform))
+    assert clone.transforms[0].size == (32, 32)
+    with pytest.raises(AttributeError):
+        _ = build_policy(RoClipConfig(image_aug="none")).image_transform(None).transforms

@@ -383,3 +383,4 @@ def test_counter_fallback_differs_per_call() -> None:
 def test_caption_words_split_on_any_whitespace() -> None:
     out = POLICY.text("a\tred\ndog  sits", epoch=0, index=0)
     assert re.fullmatch(r"\S+( \S+)*", out)
+

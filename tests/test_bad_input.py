@@ -98,6 +98,7 @@ INT_RANGES = {  # low, high of the integer fields (high None: 2**31 - 1 or 2**63
 REAL_RANGES = {  # (low, high) of the number fields, both ends included here for simplicity
     "warmup_fraction": (0.0, 1.0),
     "adaptive_threshold": (0.0, 1.0),
+    "match_fraction": (0.0, 1.0),
     "suspicious_margin": (0.0, 2.0),
     "eda_alpha": (0.0, 1.0),
     "eda_p": (0.0, 1.0),

@@ -28,7 +28,7 @@ def test_demo_runs_and_writes_results(tmp_path: Path, capsys) -> None:
     data = json.loads(out.read_text())
     assert [r["name"] for r in data["results"]] == ["CLIP", "CLIP + aug", "RoCLIP + aug"]
     assert data["results"][2]["matching_epochs"] == [1]  # first matching epoch 1, then every 2
-    assert data["config"]["pool_size"] == 4096  # the demo's own pool-size default
+    assert data["config"]["pool_size"] == 174  # the demo's default: 10% of 1500 + 240 pairs
     for r in data["results"]:
         assert 0.0 <= r["zero_shot"] <= 1.0 and 0.0 <= r["targeted_asr"] <= 1.0
 
@@ -128,14 +128,17 @@ def test_help_is_plain_text_and_documents_every_option(capsys) -> None:
 
 
 def test_smoke_help_shows_the_pool_size_that_runs(capsys) -> None:
-    from roclip_plugin.cli import SMOKE_DEFAULTS
+    from roclip_plugin.cli import smoke_defaults
+    from roclip_plugin.demo import DemoSettings
 
     with pytest.raises(SystemExit):
         main(["smoke", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     pool_help = text.split("--roclip-pool-size ROCLIP_POOL_SIZE ")[-1].split("--roclip-")[0]
-    assert pool_help.endswith(f"(default: {SMOKE_DEFAULTS['pool_size']}) ")
-    assert "(default: 21845)" not in text
+    runs = smoke_defaults(DemoSettings().pairs)["pool_size"]
+    assert pool_help.endswith(f"(default: 10% of the training pairs, {runs} for the default "
+                              "--train 20000) ")
+    assert runs == 2024 and "(default: 21845)" not in text
 
 
 def test_broken_pipe_is_quiet(monkeypatch) -> None:
@@ -159,3 +162,12 @@ def test_os_errors_of_a_command_are_one_line(capsys, monkeypatch) -> None:
     assert cli.main(["flags"]) == 2
     out = capsys.readouterr().out
     assert "error: /x/results.json: Permission denied" in out and "Traceback" not in out
+
+
+def test_smoke_warns_when_the_defense_would_be_off_or_ineffective(capsys) -> None:
+    argv = ["smoke", "--epochs", "2", "--train", "600", "--roclip-pool-size", "4096"]
+    assert main(argv) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "warning: RoCLIP never matches in this run" in out
+    assert "--roclip-first-rematch-epoch to at most 1" in out
+    assert "(--roclip-pool-size 4096) holds 488% of an epoch's 840 training pairs" in out

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from roclip_plugin.config import (
     AUG_REFRESH,
     FLAG_PREFIX,
+    MATCH_ACTIONS,
     MATCHERS,
     POOL_UPDATES,
     PRECISIONS,
@@ -61,6 +62,9 @@ BAD_VALUES: list[tuple[str, Any, str]] = [
     ("adaptive_threshold", float("nan"), "(0.0, 1.0]"),
     ("period_steps", -1, f"[0, {INT32_MAX}]"),
     ("pool_update", "never", "every_step, matching_epochs"),
+    ("match_fraction", 0.0, "(0.0, 1.0]"),
+    ("match_fraction", 1.5, "(0.0, 1.0]"),
+    ("match_action", "skip", "match, drop"),
     ("precision", "fp16", "fp32, bf16"),
     ("precision", "FP32", "fp32, bf16"),
     ("matcher", "annoy", "torch, faiss, faiss-ivf"),
@@ -97,6 +101,7 @@ INT_FIELDS = [
 FLOAT_FIELDS = [
     "warmup_fraction",
     "adaptive_threshold",
+    "match_fraction",
     "suspicious_margin",
     "eda_alpha",
     "eda_p",
@@ -123,6 +128,8 @@ FIELD_STRATEGIES: dict[str, st.SearchStrategy[Any]] = {
     "adaptive_threshold": st.floats(0.0, 1.0, exclude_min=True),
     "period_steps": st.integers(0, INT32_MAX),
     "pool_update": st.sampled_from(POOL_UPDATES),
+    "match_fraction": st.floats(0.0, 1.0, exclude_min=True),
+    "match_action": st.sampled_from(MATCH_ACTIONS),
     "precision": st.sampled_from(PRECISIONS),
     "matcher": st.sampled_from(MATCHERS),
     "match_chunk_size": st.integers(0, INT32_MAX),
@@ -144,6 +151,8 @@ FIELD_STRATEGIES: dict[str, st.SearchStrategy[Any]] = {
 def configs(draw: st.DrawFn) -> RoClipConfig:
     values = {name: draw(strategy) for name, strategy in FIELD_STRATEGIES.items()}
     values["ramp_final_every"] = min(values["ramp_final_every"], values["rematch_every"])
+    if values["match_fraction"] == 1.0:  # drop needs a fraction below 1
+        values["match_action"] = "match"
     return RoClipConfig(**values)
 
 
@@ -540,3 +549,23 @@ def test_help_texts_hold_no_argparse_escapes() -> None:
 
     for f in fields(RoClipConfig):
         assert "%%" not in f.metadata["help"], f.name
+
+
+def test_drop_needs_a_match_fraction_below_one() -> None:
+    with pytest.raises(ValueError, match="--roclip-match-fraction below 1"):
+        RoClipConfig(match_action="drop")
+    assert RoClipConfig(match_action="drop", match_fraction=0.2).match_action == "drop"
+
+
+def test_precision_claims_state_the_float32_tolerance() -> None:
+    """bf16 is not "the same answer as fp32" for near-ties: the help and docs say what holds."""
+    from pathlib import Path
+
+    from roclip_plugin.config import RoClipConfig
+
+    help_text = {f.name: f.metadata["help"] for f in dataclasses.fields(RoClipConfig)}["precision"]
+    assert "same answer as fp32" not in help_text
+    assert "float32 rounding" in help_text
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    for name in ("config.md", "openclip.md"):
+        assert "same answer as fp32" not in (docs / name).read_text(), name

@@ -1,12 +1,13 @@
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from roclip_plugin import RoClipConfig, RoClipDefense, get_plugin_manager
+from roclip_plugin import RoClipConfig, RoClipDefense, get_plugin_manager, hookimpl
 from roclip_plugin.loss import DistInfo
 
 
@@ -229,3 +230,100 @@ def test_truncated_state_file_names_the_path(tmp_path: Path) -> None:
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(StateError, match=r"s\.roclip cannot be read .*truncated, corrupt"):
         d.load(path)
+
+
+class EpochStarts:
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, bool]] = []
+
+    @hookimpl
+    def roclip_epoch_start(self, epoch, matching):
+        self.seen.append((epoch, matching))
+
+
+def test_step_blocks_on_epoch_boundaries_start_each_epoch_with_its_own_block() -> None:
+    """period_steps=5 and 5 steps an epoch: each epoch is one block; epochs 1 and 3 match."""
+    pm = get_plugin_manager()
+    starts = EpochStarts()
+    pm.register(starts)
+    config = RoClipConfig(pool_size=64, period_steps=5, first_rematch_epoch=1, rematch_every=2)
+    defense = RoClipDefense(
+        config, plugin_manager=pm, dist_info=DistInfo(), total_epochs=4, steps_per_epoch=5
+    )
+    announced, per_step = [], []
+    for epoch in range(4):
+        announced.append(defense.start_epoch(epoch))
+        for step in range(5):
+            defense.compute_loss(*_batch(epoch, step), torch.tensor(5.0))
+            per_step.append(defense.matching)
+    assert announced == [False, True, False, True]
+    assert starts.seen == [(e, m) for e, m in enumerate(announced)]
+    assert per_step == [m for m in announced for _ in range(5)]
+
+
+@pytest.mark.parametrize(
+    ("config", "epochs", "steps", "flag"),
+    [
+        (RoClipConfig(), 5, None, "--roclip-first-rematch-epoch"),
+        (RoClipConfig(first_rematch_epoch=50), 10, None, "--roclip-first-rematch-epoch"),
+        (RoClipConfig(first_rematch_epoch=3, period_steps=10), 2, 10, "--roclip-period-steps"),
+        (RoClipConfig.from_preset("reference", rematch_every=4), 3, None, "--roclip-rematch-every"),
+        (RoClipConfig(schedule="adaptive", first_rematch_epoch=0), 1, None, "adaptive"),
+        (RoClipConfig(schedule="ramp", first_rematch_epoch=4), 4, None, "ramp"),
+    ],
+    ids=["default-5-epochs", "first-50", "step-blocks", "reference", "adaptive", "ramp"],
+)
+def test_a_run_without_a_matching_unit_warns_with_the_flag_to_change(
+    config: RoClipConfig, epochs: int, steps: int | None, flag: str
+) -> None:
+    defense = _make(config, total_epochs=epochs, steps_per_epoch=steps)
+    with pytest.warns(RuntimeWarning, match="never matches") as record:
+        defense.start_epoch(0)
+    assert flag in str(record[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        defense.start_epoch(1)  # said once per run, not every epoch
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        RoClipConfig(),
+        RoClipConfig(schedule="ramp"),
+        RoClipConfig(schedule="adaptive", first_rematch_epoch=0),
+        RoClipConfig.from_preset("reference"),
+        RoClipConfig(period_steps=10, first_rematch_epoch=11),
+    ],
+)
+def test_a_run_with_a_matching_unit_is_quiet(config: RoClipConfig) -> None:
+    defense = _make(config, total_epochs=6, steps_per_epoch=20, samples_per_epoch=300_000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        defense.start_epoch(0)
+
+
+class AlwaysMatch:
+    @hookimpl
+    def roclip_should_match(self):
+        return True
+
+
+def test_a_plugin_schedule_is_not_second_guessed() -> None:
+    pm = get_plugin_manager()
+    pm.register(AlwaysMatch())
+    defense = RoClipDefense(RoClipConfig(), plugin_manager=pm, dist_info=DistInfo(), total_epochs=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert defense.start_epoch(0)
+
+
+def test_a_pool_larger_than_a_share_of_the_epoch_warns() -> None:
+    defense = _make(RoClipConfig(pool_size=128), total_epochs=10, samples_per_epoch=256)
+    with pytest.warns(RuntimeWarning, match=r"pool \(--roclip-pool-size 128\) holds 50%") as rec:
+        defense.start_epoch(0)
+    message = str(rec[0].message)
+    assert "own caption" in message and "about 2%" in message and "at most 25" in message
+    quiet = _make(RoClipConfig(pool_size=25), total_epochs=10, samples_per_epoch=256)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quiet.start_epoch(0)

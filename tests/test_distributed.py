@@ -104,3 +104,29 @@ def test_two_ranks_match_one_process(tmp_path: Path, local_loss: bool, with_grad
         for step, full in enumerate(single["grads"]):
             got = torch.cat([ranks[0]["grads"][step], ranks[1]["grads"][step]])
             torch.testing.assert_close(got, factor * full)
+
+
+def _unequal_worker(rank: int, store: str, out_dir: str) -> None:
+    """Rank 0 brings 4 rows, rank 1 brings 3: every rank must get the same clear error."""
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    try:
+        defense = RoClipDefense(CONFIG, dist_info=DistInfo.from_env())
+        defense.start_epoch(0)
+        img, txt = _global_batch(0, 0)
+        rows = slice(0, 4) if rank == 0 else slice(4, 7)
+        try:
+            defense.compute_loss(img[rows], txt[rows], torch.tensor(10.0))
+            message = "no error"
+        except ValueError as err:
+            message = str(err)
+        Path(out_dir, f"rank{rank}.txt").write_text(message)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_unequal_batch_sizes_across_ranks_are_a_clear_error(tmp_path: Path) -> None:
+    mp.spawn(_unequal_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD)
+    for rank in range(WORLD):
+        message = (tmp_path / f"rank{rank}.txt").read_text()
+        assert "local batch sizes differ across ranks: [4, 3]" in message, message
+        assert "drop_last=True" in message

@@ -6,7 +6,13 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from roclip_plugin.loss import DistInfo, RoClipLoss, contrastive_loss, retrieval_accuracy
+from roclip_plugin.loss import (
+    DistInfo,
+    RoClipLoss,
+    contrastive_loss,
+    largest_margins,
+    retrieval_accuracy,
+)
 from roclip_plugin.matching import TorchMatcher
 from roclip_plugin.pool import CaptionPool
 
@@ -176,10 +182,26 @@ def test_bf16_features_work_and_pool_stays_fp32():
     assert pool.features().dtype == torch.float32
 
 
-def test_siglip_bias_is_refused():
-    img, txt = _features(10, 4, 8)
-    with pytest.raises(ValueError, match="SigLIP"):
-        RoClipLoss(CaptionPool(4), TorchMatcher())(img, txt, torch.tensor(1.0), torch.tensor(0.0))
+@pytest.mark.parametrize("matching", [False, True])
+def test_a_logit_bias_is_added_as_clip_loss_adds_it(matching):
+    """A SigLIP-architecture model without --siglip: the bias shifts every logit, no more."""
+    img, txt = _features(10, 6, 8)
+    bias = torch.tensor(-10.0, requires_grad=True)
+    scale = torch.tensor(5.0)
+
+    def loss_fn():
+        pool = CaptionPool(16)
+        pool.enqueue(_features(11, 6, 8)[1])
+        loss = RoClipLoss(pool, TorchMatcher(), DistInfo())
+        loss.matching = matching
+        return loss
+
+    got = loss_fn()(img, txt, scale, bias)
+    torch.testing.assert_close(got, loss_fn()(img, txt, scale))
+    if not matching:
+        torch.testing.assert_close(got, open_clip_loss.ClipLoss()(img, txt, scale, bias))
+    got.backward()
+    assert bias.grad is not None and abs(float(bias.grad)) < 1e-6  # in the graph, no gradient
 
 
 def test_retrieval_accuracy():
@@ -192,3 +214,116 @@ def test_contrastive_loss_local_matches_openclip_single_process():
     scale = torch.tensor(7.0)
     got, _ = contrastive_loss(img, txt, scale, DistInfo(local_loss=True))
     torch.testing.assert_close(got, open_clip_loss.ClipLoss(local_loss=True)(img, txt, scale))
+
+
+def test_largest_margins_picks_the_worst_fitting_own_captions():
+    img = torch.eye(4)
+    matched = torch.eye(4)  # every image's match fits it perfectly
+    own = torch.tensor([[1.0, 0, 0, 0], [0, 0, 1.0, 0], [0, 0.6, 0.8, 0], [0, 0, 0, 1.0]])
+    # margins 0, 1, 0.4, 0: the largest is image 1, then image 2
+    assert largest_margins(img, own, matched, 0.25).tolist() == [False, True, False, False]
+    assert largest_margins(img, own, matched, 0.5).tolist() == [False, True, True, False]
+    assert largest_margins(img, own, matched, 1.0).all()
+
+
+def test_partial_matching_repairs_the_chosen_images_and_keeps_the_rest_own_captions():
+    img, txt = _features(5, 10, 16)
+    g = torch.Generator().manual_seed(6)
+    pool = CaptionPool(64)
+    pool.enqueue(F.normalize(torch.randn(30, 16, generator=g), dim=-1))
+    matcher = TorchMatcher()
+    loss = RoClipLoss(pool, matcher, DistInfo(), update_pool_when_plain=False, match_fraction=0.3)
+    loss.matching = True
+    scale = torch.tensor(10.0)
+    txt = txt.clone().requires_grad_(True)
+    matched = pool.gather(matcher(img, pool))
+    chosen = largest_margins(img, txt.detach(), matched, 0.3)
+    assert int(chosen.sum()) == 3
+    got = loss(img, txt, scale)
+    targets = torch.where(chosen.unsqueeze(1), matched, txt.detach())
+    torch.testing.assert_close(got, open_clip_loss.ClipLoss()(img, targets, scale))
+    got.backward()
+    # the own captions that stayed get a gradient, those replaced by pool captions none
+    assert torch.all(txt.grad[chosen] == 0)
+    assert torch.all(txt.grad[~chosen].abs().sum(1) > 0)
+
+
+def test_drop_leaves_the_chosen_pairs_out_of_the_loss():
+    img, txt = _features(7, 12, 16)
+    g = torch.Generator().manual_seed(8)
+    pool = CaptionPool(64)
+    pool.enqueue(F.normalize(torch.randn(40, 16, generator=g), dim=-1))
+    matcher = TorchMatcher()
+    loss = RoClipLoss(
+        pool, matcher, DistInfo(), update_pool_when_plain=False, match_fraction=0.25,
+        match_action="drop",
+    )  # fmt: skip
+    loss.matching = True
+    scale = torch.tensor(12.0)
+    chosen = largest_margins(img, txt, pool.gather(matcher(img, pool)), 0.25)
+    assert int(chosen.sum()) == 3
+    keep = ~chosen
+    want = open_clip_loss.ClipLoss()(img[keep], txt[keep], scale)
+    torch.testing.assert_close(loss(img, txt, scale), want)
+
+
+# -- matching precision under autocast, non-finite images --------------------------------------
+
+
+def _clustered_problem(seed: int = 0, rows: int = 2048, batch: int = 64, dim: int = 64):
+    """Images and a pool of near-duplicate rows: bfloat16 products cannot tell them apart."""
+    g = torch.Generator().manual_seed(seed)
+    centres = F.normalize(torch.randn(4, dim, generator=g), dim=-1)
+    pool = centres[torch.randint(0, 4, (rows,), generator=g)]
+    pool = F.normalize(pool + 0.003 * torch.randn(rows, dim, generator=g), dim=-1)
+    img = centres[torch.randint(0, 4, (batch,), generator=g)]
+    img = F.normalize(img + 0.003 * torch.randn(batch, dim, generator=g), dim=-1)
+    txt = F.normalize(torch.randn(batch, dim, generator=g), dim=-1)
+    return img, txt, pool
+
+
+def _plain_argmax_matcher(image_features, pool):
+    """A plugin-style matcher that knows nothing about precision: one product, argmax."""
+    return (image_features.float() @ pool.features().T).argmax(dim=1)
+
+
+@pytest.mark.parametrize(
+    "matcher",
+    [TorchMatcher("fp32"), TorchMatcher("bf16"), _plain_argmax_matcher],
+    ids=["torch-fp32", "torch-bf16", "plugin"],
+)
+def test_matching_under_autocast_searches_as_without_it(matcher):
+    """OpenCLIP computes the loss under autocast: the search must not run in bf16 there."""
+    img, txt, rows = _clustered_problem()
+
+    def run(autocast: bool):
+        pool = CaptionPool(4096)
+        pool.enqueue(rows)
+        seen = []
+        loss = RoClipLoss(pool, matcher, DistInfo(), on_match=seen.append)
+        loss.matching = True
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss(img, txt, torch.tensor(10.0))
+        return seen[0]
+
+    want, got = run(autocast=False), run(autocast=True)
+    assert torch.equal(got.matched_indices, want.matched_indices)
+    assert torch.equal(got.margins, want.margins)
+    assert got.matched_similarity == want.matched_similarity
+
+
+@pytest.mark.parametrize("matcher_name", ["torch", "faiss"])
+def test_non_finite_image_features_are_refused_in_matching_steps(matcher_name):
+    from roclip_plugin.config import RoClipConfig
+    from roclip_plugin.matching import make_matcher
+
+    img, txt = _features(12, 6, 8)
+    img[2, 3] = float("nan")
+    img[4, 0] = float("inf")
+    pool = CaptionPool(32)
+    pool.enqueue(torch.randn(10, 8))
+    loss = RoClipLoss(pool, make_matcher(RoClipConfig(matcher=matcher_name)), DistInfo())
+    loss.matching = True
+    with pytest.raises(ValueError, match=r"2 of 6 image feature rows are non-finite"):
+        loss(img, txt, torch.tensor(10.0))
+    assert len(pool) == 10  # nothing was enqueued by the refused step

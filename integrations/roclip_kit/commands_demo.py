@@ -114,7 +114,7 @@ def add_demo_command(subparsers: Any) -> argparse.ArgumentParser:
     )
     attack.add_argument("--backdoor-class", help="backdoor target class (default: by seed)")
     attack.add_argument(
-        "--trigger", choices=TRIGGERS, default="patch", help="(default: %(default)s)"
+        "--trigger", choices=TRIGGERS, help=f"backdoor trigger ({scale_text('trigger')})"
     )
     group = parser.add_argument_group(
         "RoCLIP options (the RoCLIP run; pool size, schedule and image augmentation default "

@@ -19,7 +19,7 @@ import pluggy
 from roclip_plugin import RoClipConfig, get_plugin_manager
 from roclip_plugin.augment import build_policy
 from roclip_plugin.config import FLAG_PREFIX, add_argparse_args, config_from_namespace
-from roclip_plugin.io import StateError, detach_stdout, load_versioned
+from roclip_plugin.io import StateError, detach_stdout
 from roclip_plugin.validation import check_parsed
 
 SUPPORTED = ((2, 26), (4, 0))  # open_clip_torch versions: [2.26, 4.0)
@@ -75,8 +75,6 @@ def check_openclip_args(args: Any) -> None:
     problems = []
     if getattr(args, "distill_model", None):
         problems.append("--distill-model: distillation adds a second loss RoCLIP does not handle")
-    if "coca" in str(args.model).lower():
-        problems.append(f"--model {args.model}: CoCa's captioning loss is not supported")
     if getattr(args, "siglip", False):
         problems.append("--siglip: RoCLIP implements the softmax CLIP loss only")
     if args.accum_freq > 1:
@@ -90,6 +88,40 @@ def check_openclip_args(args: Any) -> None:
         problems.append("--roclip needs training data (--train-data)")
     if problems:
         raise UsageError("RoCLIP cannot run with: " + "; ".join(problems))
+
+
+def check_model(model: Any, args: Any) -> None:
+    """Stop on a model kind RoCLIP cannot train, judged from the model itself, not its name.
+
+    OpenCLIP picks its CoCa loss by the word "coca" in ``--model``: a CoCa model under another
+    name (``local-dir:...``, a renamed config) would reach the loss with captioning outputs.
+    A SigLIP architecture (a ``logit_bias``) without ``--siglip`` trains as OpenCLIP's
+    ``ClipLoss`` trains it: the bias is added to every logit and changes nothing; say so.
+    """
+    import open_clip
+
+    inner = _unwrap(model)
+    if isinstance(inner, open_clip.CoCa) or hasattr(inner, "text_decoder"):
+        raise UsageError(
+            f"RoCLIP cannot run with: --model {args.model} is a CoCa model (open_clip.CoCa): "
+            "its captioning loss is not supported; choose a CLIP model"
+        )
+    if getattr(inner, "logit_bias", None) is not None:
+        log.warning(
+            f"RoCLIP: --model {args.model} has a logit_bias (a SigLIP architecture) and "
+            "--siglip is not given: like OpenCLIP's ClipLoss, RoCLIP trains the softmax CLIP "
+            "loss and adds the bias to every logit, which changes neither the loss nor the "
+            "other gradients (the bias does not train). RoCLIP has no sigmoid loss."
+        )
+
+
+def _unwrap(model: Any) -> Any:
+    """The model inside DistributedDataParallel (``module``) and torch.compile (``_orig_mod``)."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if inner is None:
+            return model
+        model = inner
 
 
 def warn_cpu_precision(args: Any) -> None:
@@ -125,30 +157,23 @@ def _print_help(parser: argparse.ArgumentParser) -> int:
 
 
 def check_resume_state(args: Any, config: RoClipConfig) -> None:
-    """Refuse, before training, a ``--resume`` whose RoCLIP state file cannot be restored.
+    """Refuse, before the model and data are built, a ``--resume`` state that cannot be restored.
 
-    The state file sits beside the checkpoint (``epoch_3.pt`` -> ``epoch_3.roclip``); an
-    empty, truncated or foreign file, a state with entries missing, or a pool of another
-    ``--roclip-pool-size`` would otherwise end in a traceback after the model and data were
-    built. ``--resume latest`` is resolved by OpenCLIP itself, so its file is checked when it
-    is loaded (a :class:`~roclip_plugin.io.StateError` that :func:`main` reports the same way).
+    The state of ``epoch_3.pt`` is ``epoch_3.roclip`` beside it (:mod:`roclip_openclip.state`):
+    an empty, truncated or foreign file, a state with entries missing, or a pool of another
+    ``--roclip-pool-size`` would otherwise stop the run only after minutes of set-up. Where
+    the file's name needs the checkpoint's epoch (``--resume latest``, ``epoch_latest.pt``)
+    or the checkpoint is remote, the same checks run when the state is restored, before the
+    first step, and end the same way (exit 2, one line).
     """
-    from roclip_openclip.patches import STATE_FORMAT, state_path_for
-    from roclip_plugin.defense import STATE_VERSION
-    from roclip_plugin.pool import check_pool_state
-    from roclip_plugin.validation import check_defense_state, check_state_keys
+    from roclip_openclip.state import STATE_SUFFIX, check_state_file, is_remote, sibling
 
     resume = getattr(args, "resume", None)
-    if not resume or resume == "latest":
+    if not resume or resume == "latest" or is_remote(str(resume)):
         return
-    state_path = state_path_for(resume)
-    if not state_path.is_file():
-        return  # a checkpoint trained without --roclip: the patches say so and start empty
+    stem = str(resume).rsplit("/", 1)[-1].rsplit(".", 1)[0]
     try:
-        saved = load_versioned(state_path, STATE_FORMAT, "roclip-openclip state file")
-        check_state_keys(saved, ("roclip", "rng"), f"roclip-openclip state file {state_path}")
-        state = check_defense_state(saved["roclip"], STATE_VERSION)
-        check_pool_state(state["pool"], config.pool_size)
+        check_state_file(sibling(str(resume), stem + STATE_SUFFIX), config.pool_size)
     except StateError as err:
         raise UsageError(f"--resume {resume}: {err}") from None
 
@@ -202,10 +227,7 @@ def _main(argv: list[str]) -> int:
     with OpenClipPatches(
         config, pm, roclip_args, suspicious_margin=config.suspicious_margin, policy=policy
     ):
-        try:
-            return _exit_code(oc_main.main(rest))
-        except StateError as err:  # --resume latest: the file OpenCLIP found
-            raise UsageError(f"--resume {openclip_args.resume}: {err}") from None
+        return _exit_code(oc_main.main(rest))
 
 
 def _exit_code(result: Any) -> int:

@@ -1,10 +1,11 @@
 """Run-time patches of OpenCLIP's training script: no fork, no copied code.
 
-``open_clip_train.main`` imports ``parse_args``, ``create_loss``, ``train_one_epoch`` and
-``get_data`` by name, so the patches replace those names in that module (their home modules
-are untouched). ``get_dataset_fn`` is looked up at call time in ``open_clip_train.data``, so the
-training split's tokenizer and transform are wrapped there with the augmentation policy, and
-``CsvDataset.__getitem__`` passes the row index to it. Every patch is undone on exit.
+``open_clip_train.main`` imports ``parse_args``, ``create_loss``, ``train_one_epoch``,
+``evaluate`` and ``get_data`` by name, so the patches replace those names in that module
+(their home modules are untouched). ``get_dataset_fn`` is looked up at call time in
+``open_clip_train.data``, so the training split's tokenizer and transform are wrapped there
+with the augmentation policy, and ``CsvDataset.__getitem__`` passes the row index to it.
+Every patch is undone on exit. The RoCLIP state files are :mod:`roclip_openclip.state`'s.
 """
 
 from __future__ import annotations
@@ -22,24 +23,24 @@ from typing import Any
 import pluggy
 import torch
 
+from roclip_openclip.cli import UsageError, check_model
+from roclip_openclip.state import (
+    STATE_SUFFIX,
+    StateKeeper,
+    evaluates,
+    state_candidates,
+    state_path_for,
+)
 from roclip_plugin import RoClipConfig, RoClipDefense
 from roclip_plugin.augment import AugmentationPolicy
 from roclip_plugin.augment_keys import sample_index
-from roclip_plugin.distributed import all_gather_objects, all_reduce_sum, rng_state, set_rng_state
+from roclip_plugin.distributed import all_gather_objects, all_reduce_sum
 from roclip_plugin.hookspecs import hookimpl
-from roclip_plugin.io import atomic_torch_save, load_versioned
 from roclip_plugin.loss import DistInfo, MatchStats
 
 log = logging.getLogger("roclip")
-STATE_SUFFIX = ".roclip"  # not ".pt": OpenCLIP's resume-latest globs every *.pt file
-STATE_FORMAT = 1
 SUSPICIOUS_TOP = 1000
-
-
-def state_path_for(checkpoint: str | Path) -> Path:
-    """``.../checkpoints/epoch_3.pt`` -> ``.../checkpoints/epoch_3.roclip``."""
-    path = Path(checkpoint)
-    return path.with_name(path.stem + STATE_SUFFIX)
+__all__ = ["STATE_SUFFIX", "OpenClipPatches", "state_path_for"]
 
 
 class RecordingSampler:
@@ -85,6 +86,21 @@ class EpochReport:
         self.suspicious = 0
         self.top: list[tuple[float, int]] = []  # (margin, dataset index or -1)
         self.indices.clear()
+        self.step_rows: list[int] = []
+
+    def begin_step(self, batch: int) -> None:
+        """Take the next ``batch`` sample indices: the rows of the step that starts now.
+
+        Called before every loss call, plain or matching, so that each step's margins are tied
+        to that step's own samples (taking them only on matching steps pinned every margin
+        after a plain step to an earlier batch).
+        """
+        self.step_rows = [self.indices.popleft() if self.indices else -1 for _ in range(batch)]
+
+    def before_loss(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Forward pre-hook of the loss (OpenCLIP calls it once per step, with keywords)."""
+        features = kwargs["image_features"] if "image_features" in kwargs else args[0]
+        self.begin_step(int(features.shape[0]))
 
     @hookimpl
     def roclip_after_match(self, stats: MatchStats) -> None:
@@ -94,7 +110,7 @@ class EpochReport:
         self.own_sum += stats.own_similarity
         margins = stats.margins.detach().float().cpu()
         self.suspicious += int((margins > self.margin_threshold).sum())
-        rows = [self.indices.popleft() if self.indices else -1 for _ in range(len(margins))]
+        rows = self.step_rows[: len(margins)] + [-1] * (len(margins) - len(self.step_rows))
         merged = self.top + list(zip(margins.tolist(), rows, strict=True))
         self.top = sorted(merged, reverse=True)[:SUSPICIOUS_TOP]
 
@@ -131,7 +147,8 @@ class OpenClipPatches:
         self.data: dict[str, Any] | None = None
         self.captions: list[str] | None = None
         self._stack = contextlib.ExitStack()
-        self._pending_delete: Path | None = None
+        self.state = StateKeeper()
+        self._args: Any = None  # OpenCLIP's parsed arguments, known from the first epoch
 
     # -- context --------------------------------------------------------------------------
 
@@ -143,6 +160,7 @@ class OpenClipPatches:
         self._patch(oc_main, "get_data", self._get_data(oc_main.get_data))
         self._patch(oc_main, "create_loss", self._create_loss)
         self._patch(oc_main, "train_one_epoch", self._train_one_epoch(oc_main.train_one_epoch))
+        self._patch(oc_main, "evaluate", self._evaluate(oc_main.evaluate))
         self._patch(oc_data, "get_dataset_fn", self._get_dataset_fn(oc_data.get_dataset_fn))
         if self.policy is not None:
             getitem = oc_data.CsvDataset.__getitem__
@@ -152,8 +170,10 @@ class OpenClipPatches:
 
     def __exit__(self, *exc: object) -> None:
         self._stack.close()
-        if exc[0] is None and self._pending_delete is not None:
-            self._pending_delete.unlink(missing_ok=True)
+        if exc[0] is None and self._args is not None and self.defense is not None:
+            self.state.flush(self.defense, self._args)  # only if evaluate was expected, not run
+            if self.state.completed is not None:
+                self.state.checkpoint_written(self.state.completed, self._args)
 
     def _patch(self, module: Any, name: str, value: Any) -> None:
         original = getattr(module, name)
@@ -207,9 +227,11 @@ class OpenClipPatches:
         self.captions = list(getattr(dataset, "captions", [])) or None
 
     def _create_loss(self, args: Any) -> torch.nn.Module:
-        steps = None
+        steps = samples = None
         if self.data is not None and "train" in self.data:
-            steps = self.data["train"].dataloader.num_batches // args.accum_freq
+            loader = self.data["train"].dataloader
+            steps = loader.num_batches // args.accum_freq
+            samples = getattr(loader, "num_samples", None)
         info = DistInfo(
             rank=args.rank,
             world_size=args.world_size,
@@ -224,36 +246,33 @@ class OpenClipPatches:
             dist_info=info,
             total_epochs=args.epochs,
             steps_per_epoch=steps,
+            samples_per_epoch=samples,
         )
-        self._resume(args)
+        self.defense.loss.register_forward_pre_hook(self.report.before_loss, with_kwargs=True)
+        for message in self.defense.check_run():  # also a RuntimeWarning
+            if args.rank == 0:
+                log.warning(message)
         return self.defense.loss
 
-    def _resume(self, args: Any) -> None:
+    def _resume(self, epoch: int, args: Any) -> None:
+        """Restore the state of the checkpoint being resumed (OpenCLIP's start epoch ``epoch``)."""
         assert self.defense is not None
-        if not args.resume:
-            return
-        state = state_path_for(args.resume)
-        if state.is_file():
-            saved = load_versioned(state, STATE_FORMAT, "roclip-openclip state file")
-            self.defense.load_state_dict(saved["roclip"])
-            if args.rank < len(saved["rng"]):
-                set_rng_state(saved["rng"][args.rank])
-            else:
-                log.warning(
-                    "RoCLIP: no saved RNG state for rank %d (world size changed?); the "
-                    "resumed run will not repeat the original data order",
-                    args.rank,
-                )
-            log.info(
-                f"RoCLIP: restored pool ({len(self.defense.pool)} rows), schedule and RNG "
-                f"state from {state}"
-            )
-        else:
+        try:
+            location = self.state.restore(self.defense, args, epoch)
+        except ValueError as err:  # also a StateError: unreadable, incomplete, other pool size
+            raise UsageError(f"--resume {args.resume}: {err}") from None
+        if location is None:
+            where = " or ".join(state_candidates(str(args.resume), epoch))
             log.warning(
-                f"RoCLIP: no RoCLIP state at {state} next to the resumed checkpoint; starting "
+                f"RoCLIP: no RoCLIP state at {where} next to the resumed checkpoint; starting "
                 "with an empty caption pool (expected only when the checkpoint was trained "
                 "without --roclip)"
             )
+            return
+        log.info(
+            f"RoCLIP: restored pool ({len(self.defense.pool)} rows), schedule and RNG state "
+            f"of epoch {epoch} from {location}"
+        )
 
     def _train_one_epoch(self, original: Callable[..., Any]) -> Callable[..., Any]:
         def train_one_epoch(
@@ -261,16 +280,42 @@ class OpenClipPatches:
         ) -> Any:
             args = a[-1] if a else kw["args"]
             assert self.defense is not None, "create_loss was not called before training"
-            self._delete_pending()
+            self._start(model, epoch, args)
             if self.policy is not None:
                 self.policy.set_epoch(epoch)  # before the loader's workers start
             matching = self.defense.start_epoch(epoch)
             self.report.reset(matching)
             result = original(model, data, loss, epoch, *a, **kw)
             self._after_epoch(epoch, args, kw.get("tb_writer"))
+            later = evaluates(self.data)  # then the state waits for the evaluation's RNG draws
+            self.state.epoch_done(epoch + 1, self.defense, args, later=later)
             return result
 
         return train_one_epoch
+
+    def _start(self, model: Any, epoch: int, args: Any) -> None:
+        """Before an epoch: on the first, check the model and resume.
+
+        Before any later epoch, the previous epoch's checkpoint exists.
+        """
+        assert self.defense is not None
+        if self._args is None:
+            check_model(model, args)
+            self._args = args
+            if args.resume:
+                self._resume(epoch, args)
+            return
+        self.state.flush(self.defense, args)  # evaluate was expected but did not run
+        self.state.checkpoint_written(epoch, args)
+
+    def _evaluate(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        def evaluate(model: Any, data: Any, epoch: int, args: Any, *a: Any, **kw: Any) -> Any:
+            result = original(model, data, epoch, args, *a, **kw)
+            if self.defense is not None:
+                self.state.flush(self.defense, args)  # the RNG the next epoch starts from
+            return result
+
+        return evaluate
 
     # -- after each epoch ----------------------------------------------------------------
 
@@ -279,7 +324,6 @@ class OpenClipPatches:
         summary = self.report.summary()
         summary["pool_fill"] = float(len(self.defense.pool))
         rows = [row for part in all_gather_objects(self.report.top) for row in part]
-        rng = all_gather_objects(rng_state())
         suspicious = torch.tensor([summary["suspicious_pairs"]], dtype=torch.float64)
         summary["suspicious_pairs"] = float(all_reduce_sum(suspicious)[0])
         log.info(
@@ -298,9 +342,8 @@ class OpenClipPatches:
         if not args.save_logs:
             return
         self._write_scalars(summary, epoch, args, tb_writer)
-        if self.report.matching:
+        if self.report.matching or self.report.steps:  # blocks may switch inside an epoch
             self._write_suspicious(rows, epoch, args)
-        self._save_state(epoch + 1, args, rng)
 
     def _write_scalars(
         self, summary: dict[str, float], epoch: int, args: Any, tb_writer: Any
@@ -322,31 +365,6 @@ class OpenClipPatches:
             for margin, index in sorted(rows, reverse=True)[:SUSPICIOUS_TOP]:
                 caption = self.captions[index] if self.captions and index >= 0 else ""
                 writer.writerow([index, caption, f"{margin:.6f}"])
-
-    def _save_state(self, completed: int, args: Any, rng: list[Any]) -> None:
-        """Save pool, schedule and every rank's RNG beside OpenCLIP's checkpoint of the epoch.
-
-        OpenCLIP reseeds at start-up, and its loader's shuffle and transforms draw from the
-        global RNG, so restoring each rank's RNG is what makes a resumed run exact.
-        """
-        assert self.defense is not None
-        folder = Path(args.checkpoint_path)
-        state = {"format": STATE_FORMAT, "roclip": self.defense.state_dict(), "rng": rng}
-        if completed == args.epochs or (
-            args.save_frequency > 0 and completed % args.save_frequency == 0
-        ):
-            atomic_torch_save(state, folder / f"epoch_{completed}{STATE_SUFFIX}")
-        if args.save_most_recent:
-            atomic_torch_save(state, folder / f"epoch_latest{STATE_SUFFIX}")
-        if args.delete_previous_checkpoint:
-            # OpenCLIP deletes its previous checkpoint only after saving the new one: delete
-            # ours at the next epoch start (or on a clean exit) so the two never disagree.
-            self._pending_delete = folder / f"epoch_{completed - 1}{STATE_SUFFIX}"
-
-    def _delete_pending(self) -> None:
-        if self._pending_delete is not None:
-            self._pending_delete.unlink(missing_ok=True)
-            self._pending_delete = None
 
 
 def _indexed_getitem(original: Callable[[Any, int], Any]) -> Callable[[Any, int], Any]:

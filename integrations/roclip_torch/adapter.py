@@ -99,8 +99,11 @@ class RoClipAdapter:
         loss_dtype: compute the loss in this dtype with autocast off (default float32: bf16
             logits scaled by up to 100 lose the softmax's precision); ``None`` keeps the
             features' dtype and the ambient autocast, as OpenCLIP does.
-        total_epochs: run length, needed by ``ramp`` schedules and ``warmup_fraction``.
+        total_epochs: run length, needed by ``ramp`` schedules and ``warmup_fraction``, and to
+            warn when no matching epoch falls inside the run.
         steps_per_epoch: optimiser steps per epoch, needed with ``period_steps``.
+        samples_per_epoch: training pairs per epoch over all ranks, to warn when the pool holds
+            too large a share of them (images would meet their own earlier caption).
         plugin_manager: hooks; :func:`roclip_plugin.get_plugin_manager` when omitted
             (entry-point plugins included).
         plugins: extra plugin objects to register before the defense is built (the defense
@@ -128,6 +131,7 @@ class RoClipAdapter:
         loss_dtype: torch.dtype | None = torch.float32,
         total_epochs: int | None = None,
         steps_per_epoch: int | None = None,
+        samples_per_epoch: int | None = None,
         plugin_manager: pluggy.PluginManager | None = None,
         plugins: Sequence[object] = (),
         collect_stats: bool = True,
@@ -157,6 +161,7 @@ class RoClipAdapter:
             dist_info=dist_info,
             total_epochs=total_epochs,
             steps_per_epoch=steps_per_epoch,
+            samples_per_epoch=samples_per_epoch,
         )
 
     @classmethod
@@ -204,10 +209,17 @@ class RoClipAdapter:
         """The distributed set-up the defense uses."""
         return self.defense.info
 
-    def set_run_length(self, total_epochs: int | None, steps_per_epoch: int | None) -> None:
+    def set_run_length(
+        self,
+        total_epochs: int | None,
+        steps_per_epoch: int | None,
+        samples_per_epoch: int | None = None,
+    ) -> None:
         """Tell the schedule the run length when it was unknown at construction."""
         self.defense.total_epochs = total_epochs
         self.defense.steps_per_epoch = steps_per_epoch
+        if samples_per_epoch is not None:
+            self.defense.samples_per_epoch = samples_per_epoch
 
     # -- the three calls of a training loop --------------------------------------------------
 

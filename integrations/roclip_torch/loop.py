@@ -337,12 +337,14 @@ class Trainer:
         self, roclip: RoClipConfig | RoClipAdapter | None, pm: pluggy.PluginManager | None
     ) -> RoClipAdapter:
         steps = len(self.loader)
+        samples = steps * self.settings.batch_size * self.world_size
         if not isinstance(roclip, RoClipAdapter):
             return RoClipAdapter(
                 roclip,
                 model=self.model,
                 total_epochs=self.settings.epochs,
                 steps_per_epoch=steps,
+                samples_per_epoch=samples,
                 plugin_manager=pm,
                 device=self.device,
             )
@@ -355,7 +357,7 @@ class Trainer:
         ):
             roclip.model = self.model  # the DDP wrapper, so gradients are synchronised
         if roclip.defense.total_epochs is None:
-            roclip.set_run_length(self.settings.epochs, steps)
+            roclip.set_run_length(self.settings.epochs, steps, samples)
         return roclip
 
     def _show_step(

@@ -169,28 +169,142 @@ class StopAtEpochTwo:
             raise Interrupt
 
 
-def test_resume_after_epoch_two_is_exact(setup, monkeypatch) -> None:
-    assert main(_argv(setup, "straight", 3, *ROCLIP)) == 0
+def _stop_after_epoch_two(argv: list[str]) -> None:
+    """Run ``argv`` and kill it as epoch 2 starts, after epoch 2's checkpoint (and evaluation)."""
 
     def with_interrupt():
         pm = get_plugin_manager()
         pm.register(StopAtEpochTwo())
         return pm
 
-    with monkeypatch.context() as m:
+    with pytest.MonkeyPatch.context() as m:
         m.setattr(roclip_openclip.cli, "get_plugin_manager", with_interrupt)
         with pytest.raises(Interrupt):
-            main(_argv(setup, "stopped", 3, *ROCLIP))
+            main(argv)
+
+
+def _assert_same_run(setup, name_a: str, name_b: str, epoch: int = 3) -> None:
+    """Identical weights and caption pool after ``epoch`` epochs."""
+    a = torch.load(_ckpt(setup, name_a, epoch), weights_only=False)
+    b = torch.load(_ckpt(setup, name_b, epoch), weights_only=False)
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    pa = torch.load(state_path_for(_ckpt(setup, name_a, epoch)), weights_only=False)
+    pb = torch.load(state_path_for(_ckpt(setup, name_b, epoch)), weights_only=False)
+    assert torch.equal(pa["roclip"]["pool"]["features"], pb["roclip"]["pool"]["features"])
+    assert pa["roclip"]["step"] == pb["roclip"]["step"] == 6 * epoch
+
+
+def test_resume_after_epoch_two_is_exact(setup) -> None:
+    assert main(_argv(setup, "straight", 3, *ROCLIP)) == 0
+    _stop_after_epoch_two(_argv(setup, "stopped", 3, *ROCLIP))
     assert not _ckpt(setup, "stopped", 3).exists()
     resume = ["--resume", str(_ckpt(setup, "stopped", 2))]
     assert main(_argv(setup, "stopped-resumed", 3, *ROCLIP, *resume)) == 0
-    a = torch.load(_ckpt(setup, "straight", 3), weights_only=False)
-    b = torch.load(_ckpt(setup, "stopped-resumed", 3), weights_only=False)
-    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
-    pa = torch.load(state_path_for(_ckpt(setup, "straight", 3)), weights_only=False)
-    pb = torch.load(state_path_for(_ckpt(setup, "stopped-resumed", 3)), weights_only=False)
-    assert torch.equal(pa["roclip"]["pool"]["features"], pb["roclip"]["pool"]["features"])
-    assert pa["roclip"]["step"] == pb["roclip"]["step"] == 18
+    _assert_same_run(setup, "straight", "stopped-resumed")
+
+
+def _validated(setup) -> list[str]:
+    """RoCLIP with evaluation after every epoch (it draws from the global RNG) and latest."""
+    validation = ["--val-data", str(setup["data"]), "--val-frequency", "1"]
+    return [*ROCLIP, *validation, "--save-most-recent"]
+
+
+@pytest.fixture(scope="module")
+def evaluated(setup) -> str:
+    """An uninterrupted 3-epoch run with evaluation, and the same run stopped after epoch 2."""
+    assert main(_argv(setup, "val-straight", 3, *_validated(setup))) == 0
+    _stop_after_epoch_two(_argv(setup, "val-stopped", 3, *_validated(setup)))
+    return "val-straight"
+
+
+def test_resume_is_exact_when_openclip_evaluates_between_epochs(setup, evaluated) -> None:
+    resume = ["--resume", str(_ckpt(setup, "val-stopped", 2))]
+    assert main(_argv(setup, "val-resumed", 3, *_validated(setup), *resume)) == 0
+    _assert_same_run(setup, evaluated, "val-resumed")
+    state = torch.load(state_path_for(_ckpt(setup, "val-stopped", 2)), weights_only=False)
+    assert (state["completed_epochs"], state["step"]) == (2, 12)
+
+
+class Crash(Exception):
+    pass
+
+
+def _crash_in_evaluation(monkeypatch) -> None:
+    import open_clip_train.main as oc_main
+
+    evaluate = oc_main.evaluate
+
+    def crashing(model, data, epoch, args, **kw):
+        if epoch == 2:
+            raise Crash
+        return evaluate(model, data, epoch, args, **kw)
+
+    monkeypatch.setattr(oc_main, "evaluate", crashing)
+
+
+def _crash_replacing_the_second_latest(monkeypatch) -> None:
+    import os
+
+    replace, seen = os.replace, []
+
+    def crashing(src, dst):
+        if str(dst).endswith("epoch_latest.pt"):
+            seen.append(dst)
+            if len(seen) == 2:  # epoch_2.pt is written, epoch_latest.pt still holds epoch 1
+                raise Crash
+        return replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crashing)
+
+
+@pytest.mark.parametrize(
+    "crash", [_crash_in_evaluation, _crash_replacing_the_second_latest], ids=["eval", "latest"]
+)
+def test_a_crash_at_any_point_leaves_a_consistent_pair(setup, evaluated, crash) -> None:
+    """--resume latest after a crash restores the pool of the epoch OpenCLIP's file holds."""
+    name = f"crash-{crash.__name__}"
+    with pytest.MonkeyPatch.context() as m:
+        crash(m)
+        with pytest.raises(Crash):
+            main(_argv(setup, name, 3, *_validated(setup)))
+    latest = torch.load(_ckpt(setup, name, 1).with_name("epoch_latest.pt"), weights_only=False)
+    assert latest["epoch"] == 1
+    assert main(_argv(setup, name, 3, *_validated(setup), "--resume", "latest")) == 0
+    _assert_same_run(setup, evaluated, name)
+    folder = _ckpt(setup, name, 1).parent
+    states = {p.stem for p in folder.glob("*.roclip")}
+    assert states == {f"epoch_{n}" for n in (1, 2, 3)}  # one per epoch_N.pt, no orphan
+
+
+def test_a_state_from_another_epoch_is_refused(setup, evaluated, capsys) -> None:
+    import shutil
+
+    folder = setup["root"] / "mismatch"
+    folder.mkdir()
+    shutil.copy(_ckpt(setup, "val-stopped", 2), folder / "epoch_2.pt")
+    shutil.copy(state_path_for(_ckpt(setup, "val-stopped", 1)), folder / "epoch_2.roclip")
+    resume = ["--resume", str(folder / "epoch_2.pt")]
+    assert main(_argv(setup, "mismatch", 3, *_validated(setup), *resume)) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"{folder / 'epoch_2.roclip'} holds the state after epoch 1 (step 6)" in err
+    assert f"the checkpoint {folder / 'epoch_2.pt'} is at epoch 2" in err
+    assert not _ckpt(setup, "mismatch", 3).exists()
+
+
+def test_resume_from_a_remote_checkpoint_reads_the_state_from_the_same_file_system(
+    setup, evaluated
+) -> None:
+    """OpenCLIP loads --resume through fsspec (s3://...): the RoCLIP state comes the same way."""
+    fsspec = pytest.importorskip("fsspec")
+    fs = fsspec.filesystem("memory")
+    for name in ("epoch_2.pt", "epoch_2.roclip"):
+        fs.pipe(f"/remote/{name}", _ckpt(setup, "val-stopped", 2).with_name(name).read_bytes())
+    resume = ["--resume", "memory://remote/epoch_2.pt"]
+    try:
+        assert main(_argv(setup, "remote-resumed", 3, *_validated(setup), *resume)) == 0
+    finally:
+        fs.rm("/remote", recursive=True)
+    _assert_same_run(setup, evaluated, "remote-resumed")
 
 
 class RecordAugmentations:
@@ -365,13 +479,14 @@ def _fake_resume(setup: dict[str, Path], name: str, state: object) -> Path:
 
 
 def _saved_state(pool_size: int) -> dict:
-    from roclip_openclip.patches import STATE_FORMAT
+    from roclip_openclip.state import STATE_FORMAT
 
     from roclip_plugin import RoClipConfig, RoClipDefense
 
     defense = RoClipDefense(RoClipConfig(pool_size=pool_size), plugin_manager=get_plugin_manager())
     defense.pool.enqueue(torch.nn.functional.normalize(torch.randn(4, 8), dim=-1))
-    return {"format": STATE_FORMAT, "roclip": defense.state_dict(), "rng": []}
+    saved = {"completed_epochs": 2, "step": 12, "roclip": defense.state_dict(), "rng": []}
+    return {"format": STATE_FORMAT, **saved}
 
 
 @pytest.mark.parametrize(
@@ -413,3 +528,195 @@ def test_help_into_a_closed_pipe_is_quiet(monkeypatch) -> None:
     monkeypatch.setattr(sys, "stdout", ClosedPipe())
     monkeypatch.setattr(roclip_openclip.cli, "detach_stdout", lambda: None)
     assert main(["--help"]) == 141
+
+
+class RecordingMatcher:
+    """Wraps the configured matcher and keeps what it was asked and what it answered."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    @hookimpl
+    def roclip_make_matcher(self, config):
+        from roclip_plugin.matching import make_matcher
+
+        inner = make_matcher(config)
+
+        def match(images, pool):
+            answer = inner(images, pool)
+            self.calls.append((images.detach().clone(), pool.features(), answer.clone()))
+            return answer
+
+        return match
+
+
+def _with_plugins(monkeypatch, *plugins) -> None:
+    def manager():
+        pm = get_plugin_manager()
+        for plugin in plugins:
+            pm.register(plugin)
+        return pm
+
+    monkeypatch.setattr(roclip_openclip.cli, "get_plugin_manager", manager)
+
+
+def test_amp_bf16_run_matches_as_the_fp32_search(setup, monkeypatch) -> None:
+    """--precision amp_bf16 computes the loss under autocast; the search stays float32."""
+    from roclip_plugin.matching import nearest_captions
+
+    recorder = RecordingMatcher()
+    _with_plugins(monkeypatch, recorder)
+    argv = _argv(setup, "amp-bf16", 2, *ROCLIP)
+    argv[argv.index("fp32")] = "amp_bf16"
+    assert main(argv) == 0
+    assert len(recorder.calls) == 6  # every step of matching epoch 1
+    for images, pool, answer in recorder.calls:
+        assert torch.equal(answer, nearest_captions(images, pool, precision="fp32"))
+
+
+def test_step_blocks_on_epoch_boundaries_log_and_report_the_right_epochs(setup) -> None:
+    """--roclip-period-steps 6 with 6 steps an epoch: epoch 1 is the one matching block."""
+    blocks = ["--roclip-period-steps", "6"]
+    with pytest.warns(RuntimeWarning, match=r"pool-size 64\) holds 67% of an epoch's 96"):
+        assert main(_argv(setup, "blocks", 3, *ROCLIP, *blocks)) == 0
+    log = _log(setup, "blocks")
+    matching = re.findall(r"RoCLIP epoch (\d+) rank 0: matching=(\w+)", log)
+    assert matching == [("0", "False"), ("1", "True"), ("2", "False")]
+    folder = _ckpt(setup, "blocks", 1).parent
+    assert sorted(p.name for p in folder.glob("suspicious_*.csv")) == ["suspicious_epoch_2.csv"]
+    assert "holds 67% of an epoch's 96 training pairs" in log  # also in OpenCLIP's log
+
+
+def test_a_run_that_never_matches_says_so(setup) -> None:
+    """The default preset's first matching epoch is 5: a 2-epoch run would only augment."""
+    with pytest.warns(RuntimeWarning, match="never matches") as record:
+        assert main(_argv(setup, "never", 2, "--roclip", "--roclip-pool-size", "8")) == 0
+    assert "--roclip-first-rematch-epoch" in str(record[0].message)
+    log = _log(setup, "never")
+    assert "RoCLIP never matches in this run" in log and "at most 1" in log
+
+
+class RecordMargins:
+    """Keeps every matching step's (global step, margins) as roclip_after_match reports them."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[int, list[float]]] = []
+
+    @hookimpl
+    def roclip_after_match(self, stats):
+        self.steps.append((stats.step, stats.margins.float().cpu().tolist()))
+
+
+@pytest.mark.parametrize(
+    ("name", "flags", "epochs"),
+    [
+        # reference preset: epoch 1 matches, but its first step finds an empty pool (plain)
+        ("ref", ["--roclip", "--roclip-preset", "reference", "--roclip-pool-size", "64"], 2),
+        # blocks of 2 steps, 3 blocks an epoch: blocks 1, 3, 5 match; plain blocks in between
+        ("blocks", [*ROCLIP, "--roclip-period-steps", "2"], 2),
+    ],
+)
+def test_suspicious_rows_are_the_rows_of_the_step_that_matched(
+    setup, monkeypatch, name, flags, epochs
+) -> None:
+    """Each margin of the CSV belongs to the sample whose image was matched, step by step."""
+    recorder, margins = RecordAugmentations(), RecordMargins()
+    _with_plugins(monkeypatch, recorder, margins)
+    augment = ["--roclip-text-aug", "record", "--roclip-image-aug", "record"]
+    assert main(_argv(setup, f"rows-{name}", epochs, *flags, *augment)) == 0
+    steps_per_epoch = 96 // 16
+    rows_of_step = {}  # global step -> dataset rows, in the order the loader gave them
+    for epoch in range(epochs):
+        rows = [k[2] for k in recorder.images if k[1] == epoch]
+        for i in range(steps_per_epoch):
+            rows_of_step[epoch * steps_per_epoch + i] = rows[16 * i : 16 * (i + 1)]
+    folder = _ckpt(setup, f"rows-{name}", 1).parent
+    written = sorted(folder.glob("suspicious_epoch_*.csv"))
+    assert written
+    for path in written:
+        epoch = int(path.stem.rsplit("_", 1)[1]) - 1
+        want = {
+            row: margin
+            for step, values in margins.steps
+            if step // steps_per_epoch == epoch
+            for row, margin in zip(rows_of_step[step], values, strict=True)
+        }
+        with path.open() as fh:
+            got = {int(r["index"]): float(r["margin"]) for r in csv.DictReader(fh)}
+        assert got.keys() == want.keys(), path.name
+        assert all(abs(got[row] - want[row]) <= 1e-6 for row in want), path.name
+
+
+@pytest.mark.parametrize(
+    ("dataset_type", "augment"),
+    [
+        ("synthetic", []),  # the default augmentation: roclip images, eda captions
+        ("synthetic", ["--roclip-image-aug", "none", "--roclip-text-aug", "none"]),
+        ("auto", []),
+    ],
+    ids=["synthetic", "synthetic-no-aug", "auto"],
+)
+def test_every_dataset_type_trains_with_roclip(setup, dataset_type, augment) -> None:
+    name = f"type-{dataset_type}-{len(augment)}"
+    argv = _argv(setup, name, 1, *ROCLIP, "--roclip-first-rematch-epoch", "0", *augment)
+    argv[argv.index("csv")] = dataset_type
+    if dataset_type == "synthetic":
+        del argv[argv.index("--train-data") : argv.index("--train-data") + 2]
+        argv += ["--train-num-samples", "48"]
+    with pytest.warns(RuntimeWarning, match="holds"):  # pool 64 of 48 or 96 pairs
+        assert main(argv) == 0
+    assert re.findall(r"RoCLIP epoch 0 rank 0: matching=True pool=\d+/64", _log(setup, name))
+
+
+def _local_model(setup, name: str, cfg: dict) -> str:
+    folder = setup["root"] / name
+    folder.mkdir(exist_ok=True)
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
+    return f"local-dir:{folder}"
+
+
+def test_a_coca_model_is_refused_whatever_its_name(setup, capsys) -> None:
+    """Detected from the model (open_clip.CoCa), not from "coca" in --model."""
+    text = {**MODEL_CFG["text_cfg"], "layers": 1, "embed_cls": True, "output_tokens": True}
+    vision = {
+        **MODEL_CFG["vision_cfg"],
+        "layers": 1,
+        "attentional_pool": True,
+        "attn_pooler_heads": 2,
+        "output_tokens": True,
+    }
+    multimodal = {
+        "context_length": 32,
+        "vocab_size": 49408,
+        "width": 64,
+        "heads": 2,
+        "layers": 1,
+        "attn_pooler_heads": 2,
+    }
+    cfg = {
+        "embed_dim": 64,
+        "vision_cfg": vision,
+        "text_cfg": text,
+        "multimodal_cfg": multimodal,
+        "custom_text": True,
+    }
+    argv = _argv(setup, "captioner", 2, *ROCLIP)
+    argv[argv.index(f"local-dir:{setup['model']}")] = _local_model(setup, "captioner", cfg)
+    assert main(argv) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "is a CoCa model (open_clip.CoCa)" in err
+    assert not _ckpt(setup, "captioner", 1).exists()
+
+
+def test_a_siglip_architecture_without_siglip_trains_like_clip_loss(setup) -> None:
+    """A logit_bias in the model, no --siglip: OpenCLIP's ClipLoss adds it to every logit."""
+    cfg = {**MODEL_CFG, "init_logit_bias": -10.0}
+    argv = _argv(setup, "bias", 2, *ROCLIP)
+    argv[argv.index(f"local-dir:{setup['model']}")] = _local_model(setup, "bias", cfg)
+    with pytest.warns(RuntimeWarning, match="holds"):
+        assert main(argv) == 0
+    log = _log(setup, "bias")
+    assert "has a logit_bias (a SigLIP architecture) and --siglip is not given" in log
+    assert re.findall(r"RoCLIP epoch 1 rank 0: matching=True pool=64/64", log)
+    losses = [float(x) for x in re.findall(r"Contrastive_loss: ([0-9.]+)", log)]
+    assert losses and all(torch.isfinite(torch.tensor(losses)))

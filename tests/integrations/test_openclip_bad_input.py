@@ -17,7 +17,7 @@ pytest.importorskip("open_clip_train")
 
 import open_clip_train.main  # noqa: E402
 from roclip_openclip import main  # noqa: E402
-from roclip_openclip.patches import STATE_FORMAT  # noqa: E402
+from roclip_openclip.state import STATE_FORMAT  # noqa: E402
 
 from roclip_plugin import RoClipConfig, RoClipDefense, get_plugin_manager  # noqa: E402
 from roclip_plugin.testing import (  # noqa: E402
@@ -38,16 +38,18 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     states.mkdir()
     good = RoClipDefense(RoClipConfig(pool_size=64), plugin_manager=get_plugin_manager())
     good.pool.enqueue(torch.nn.functional.normalize(torch.randn(4, 8), dim=-1))
+    other = RoClipDefense(RoClipConfig(pool_size=32), plugin_manager=get_plugin_manager())
+    saved = {"format": STATE_FORMAT, "completed_epochs": 1, "step": 6, "rng": []}
     contents = {
         "empty": b"",
         "garbage": b"\x80\x04not a pickle at all",
-        "other-pool": {"format": STATE_FORMAT, "roclip": RoClipDefense(
-            RoClipConfig(pool_size=32), plugin_manager=get_plugin_manager()).state_dict(),
-            "rng": []},
-        "no-roclip": {"format": STATE_FORMAT, "rng": []},
-        "wrong-format": {"format": 99, "roclip": good.state_dict(), "rng": []},
-        "no-pool": {"format": STATE_FORMAT, "roclip": {
-            k: v for k, v in good.state_dict().items() if k != "pool"}, "rng": []},
+        "other-pool": {**saved, "roclip": other.state_dict()},
+        "no-roclip": saved,
+        "no-epoch": {k: v for k, v in saved.items() if k != "completed_epochs"} | {
+            "roclip": good.state_dict()},
+        "wrong-format": {**saved, "format": 99, "roclip": good.state_dict()},
+        "no-pool": {**saved, "roclip": {
+            k: v for k, v in good.state_dict().items() if k != "pool"}},
     }  # fmt: skip
     for name, content in contents.items():
         checkpoint = states / f"{name}.pt"
@@ -83,7 +85,7 @@ def test_every_bad_roclip_value_stops_before_training(flag, data, run_dir, monke
 
 
 @pytest.mark.parametrize(
-    "state", ["empty", "garbage", "other-pool", "no-roclip", "wrong-format", "no-pool"]
+    "state", ["empty", "garbage", "other-pool", "no-roclip", "no-epoch", "wrong-format", "no-pool"]
 )
 def test_a_resume_state_that_cannot_be_restored_stops_before_training(
     state, run_dir, monkeypatch

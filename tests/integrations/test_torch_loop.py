@@ -586,3 +586,14 @@ def test_adapter_augmentation_policy_follows_the_epoch() -> None:
 def test_adapter_augmentation_none_leaves_captions_alone() -> None:
     adapter = _adapter(config=RoClipConfig(text_aug="none", image_aug="none"))
     assert adapter.augmentation.text("a cat", index=0) == "a cat"
+
+
+def test_trainer_warns_when_the_defense_would_be_off_or_ineffective() -> None:
+    """2 epochs with the default first matching epoch 5; a pool of half an epoch's pairs."""
+    trainer = make_run(None, RoClipConfig(pool_size=128), epochs=2)
+    with pytest.warns(RuntimeWarning) as record:
+        history = trainer.fit()
+    messages = [str(w.message) for w in record if w.category is RuntimeWarning]
+    assert any("never matches" in m and "--roclip-first-rematch-epoch" in m for m in messages)
+    assert any("(--roclip-pool-size 128) holds 50% of an epoch's 256" in m for m in messages)
+    assert [h.matching for h in history] == [False, False]

@@ -324,3 +324,4 @@ def test_demo_refuses_every_bad_value(flag, data, world, monkeypatch) -> None:
     value = data.draw(_demo_flags(world)[flag], label=flag)
     argv = ["demo", "--dataset", "digits", "--out", str(world["demo"]), f"{flag}={value}"]
     _check(world, argv, flag)
+

@@ -231,6 +231,11 @@ class DemoSettings:
             _check_choice("--backdoor-class", self.backdoor_class, _class_names(self.dataset))
         if self.model is not None:
             _check_model(self.model, self.trainer)
+        if self.jobs is not None and self.jobs > 1 and self.trainer != "tensor":
+            raise ValueError(  # it was ignored: the OpenCLIP runs go one after another
+                f"--jobs {self.jobs}: --trainer {self.trainer} trains one run at a time; drop "
+                "--jobs, or use --trainer tensor to train the runs side by side"
+            )
         if self.scale == "gpu" and not str(self.device).startswith("cuda"):
             raise ValueError(
                 f"--scale gpu trains a larger ViT sized for a GPU, hours on --device "

@@ -325,3 +325,22 @@ def test_demo_refuses_every_bad_value(flag, data, world, monkeypatch) -> None:
     argv = ["demo", "--dataset", "digits", "--out", str(world["demo"]), f"{flag}={value}"]
     _check(world, argv, flag)
 
+
+OPENCLIP_DEMO_FLAGS = [
+    "--jobs", "--train-limit", "--test-limit", "--attribute-rate", "--epochs", "--batch-size",
+    "--lr", "--model", "--eval-limit", "--targets", "--captions-per-target", "--backdoor-rate",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("flag", OPENCLIP_DEMO_FLAGS)
+@SETTINGS
+@given(data=st.data())
+def test_demo_on_the_openclip_trainer_refuses_every_bad_size(flag, data, world, monkeypatch):
+    """The sizes of ``--trainer openclip`` are checked as the tensor path's, its presets too."""
+    from roclip_kit.train import PRESETS
+
+    monkeypatch.setattr(roclip_kit.demo, "build_data", _never)
+    bad = {"--model": not_in(tuple(PRESETS)), "--jobs": bad_ints(1) | st.sampled_from(["2", "8"])}
+    value = data.draw(bad[flag] if flag in bad else _demo_flags(world)[flag], label=flag)
+    argv = ["demo", "--dataset", "digits", "--trainer", "openclip", "--out", str(world["demo"])]
+    _check(world, [*argv, f"{flag}={value}"], flag)

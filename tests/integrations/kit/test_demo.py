@@ -225,6 +225,12 @@ def _must_not_run(*args, **kwargs):
         (["--captions-per-target", "0"], "--captions-per-target 0: every count must be"),
         (["--backdoor-class", "eleven"], "--backdoor-class 'eleven': choose one of zero"),
         (["--model", "tiny-cpu"], "--model 'tiny-cpu' is not a model preset of --trainer tensor"),
+        (
+            ["--trainer", "openclip", "--model", "tensor-cpu"],
+            "--model 'tensor-cpu' is not a model preset of --trainer openclip",
+        ),
+        (["--trainer", "openclip", "--jobs", "2"], "--jobs 2: --trainer openclip trains one run"),
+        (["--trainer", "openclip", "--epochs", "0"], "--epochs: invalid value 0"),
         (["--device", "bogus"], "--device 'bogus' is not a torch device"),
     ],
 )

@@ -46,7 +46,7 @@ from roclip_kit.formats import (
 )
 from roclip_kit.outputs import check_replaceable, replacing
 from roclip_kit.triggers import BlendTrigger, PatchTrigger, WaNetTrigger
-from roclip_plugin.io import require_file
+from roclip_plugin.io import check_output_dir, require_file
 
 DEFAULT_CAPTIONS_PER_TARGET = 100
 BACKDOOR_DIR = "backdoor"
@@ -335,17 +335,18 @@ class PoisonResult:
 def _check_out(out: Path, sources: list[Path]) -> Path:
     """``out`` resolved, refused when it cannot be replaced as a whole (see roclip_kit.outputs).
 
-    Inputs inside ``out`` are refused too: replacing the output would delete them.
+    Inputs inside ``out`` are refused first, by name: replacing the output would delete them
+    (``--out`` the dataset folder itself would otherwise be called a folder of foreign files).
     """
-    out = check_replaceable(
+    resolved = check_output_dir(out, "--out").resolve()
+    for source in sources:
+        if source.resolve().is_relative_to(resolved):
+            raise ValueError(
+                f"--out {resolved} would overwrite the input {source}: choose a new directory"
+            )
+    return check_replaceable(
         out, "--out", "roclip poison", WRITTEN, lambda d: (d / MANIFEST_FILE).is_file()
     )
-    for source in sources:
-        if source.resolve().is_relative_to(out):
-            raise ValueError(
-                f"--out {out} would replace the input {source}: choose a new directory"
-            )
-    return out
 
 
 def check_trigger_fits(trigger: Any, width: int, height: int, where: str) -> None:

@@ -274,7 +274,8 @@ def test_poison_refuses_an_out_that_holds_its_inputs(dataset, tmp_path, capsys) 
         ],
         capsys,
     )
-    assert code == 2 and "Traceback" not in out and "--out" in out
+    assert code == 2 and "Traceback" not in out
+    assert f"--out {dataset.parent} would overwrite the input {dataset / 'train.csv'}" in out
 
 
 def test_failed_data_rebuild_leaves_the_previous_build(tmp_path, monkeypatch) -> None:

@@ -462,6 +462,24 @@ def build_policy(config: Any = None, pm: Any = None) -> AugmentationPolicy:
     )
 
 
+def check_policy_names(config: Any = None, pm: Any = None) -> None:
+    """Refuse what :func:`build_policy` would refuse, without building the image augmentation.
+
+    For commands that list the augmentation flags but need only the core (``roclip smoke``):
+    the image augmentation's name is checked against the registry (building ``roclip`` would
+    need torchvision), the text augmentation is built (EDA is pure Python; this checks its
+    synonym source, e.g. ``--roclip-eda-synonyms nltk`` without NLTK).
+    """
+    from roclip_plugin.config import RoClipConfig
+    from roclip_plugin.plugins import collect_augmentations, get_plugin_manager
+
+    config = RoClipConfig() if config is None else config
+    registry = collect_augmentations(get_plugin_manager() if pm is None else pm)
+    if config.image_aug not in registry.names("image"):
+        registry.build("image", config.image_aug, config)  # raises, naming the flag
+    registry.build("text", config.text_aug, config)
+
+
 __all__ = [
     "AugmentationPolicy",
     "AugmentationRegistry",
@@ -470,6 +488,7 @@ __all__ = [
     "IndexedDataset",
     "accepted_kwargs",
     "build_policy",
+    "check_policy_names",
     "identity",
     "identity_factory",
     "preprocess_size",

@@ -15,6 +15,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from roclip_plugin.validation import as_integer, as_real, in_interval, interval_text
+
 FLAG_PREFIX = "--roclip-"
 PRESETS = ("default", "reference")
 SCHEDULES = ("periodic", "ramp", "adaptive")
@@ -49,7 +51,7 @@ class RoClipConfig:
         default=5,
         metadata=_meta(
             "0-based index of the first matching epoch; 'none' uses the authors' numbering "
-            "(1-based epochs matching when epoch %% K == 0, i.e. first = K-1)."
+            "(1-based epochs matching when epoch % K == 0, i.e. first = K-1)."
         ),
     )
     warmup_fraction: float | None = field(
@@ -291,9 +293,12 @@ def _fail(name: str, value: Any, allowed: str) -> None:
 
 
 def _check_int(cfg: RoClipConfig, name: str, *, low: int, high: int) -> None:
+    """An integer of any kind (NumPy, 0-d tensor) in range, stored as a Python ``int``."""
     value = getattr(cfg, name)
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+    number = as_integer(value)
+    if number is None or not low <= number <= high:
         _fail(name, value, f"an integer in [{low}, {high}]")
+    object.__setattr__(cfg, name, number)  # plain Python in to_dict(), flags and checkpoints
 
 
 def _check_float(
@@ -306,14 +311,11 @@ def _check_float(
     high_open: bool = False,
 ) -> None:
     value = getattr(cfg, name)
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = (value > low if low_open else value >= low) and (
-            value < high if high_open else value <= high
-        )
-    if not ok:
-        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-        _fail(name, value, f"a number in {interval}")
+    number = as_real(value)
+    bounds = {"low_open": low_open, "high_open": high_open}
+    if number is None or not math.isfinite(number) or not in_interval(number, low, high, **bounds):
+        _fail(name, value, f"a number in {interval_text(low, high, **bounds)}")
+    object.__setattr__(cfg, name, number)
 
 
 def _check_choice(cfg: RoClipConfig, name: str, choices: Sequence[str]) -> None:
@@ -357,12 +359,26 @@ def all_flags() -> list[str]:
     return [flag_name(n) for n in field_names()]
 
 
-def _optional_int(text: str) -> int | None:
-    return None if text.lower() == "none" else int(text)
+def _optional(convert: Any, what: str) -> Any:
+    """The argparse type of ``int | None`` or ``float | None`` fields: ``none`` or a number.
+
+    Its message is the end of argparse's error line, so it says what was expected instead of
+    argparse's "invalid <function name> value".
+    """
+
+    def parse(text: str) -> Any:
+        if text.strip().lower() == "none":
+            return None
+        try:
+            return convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what} or 'none', got {text!r}") from None
+
+    return parse
 
 
-def _optional_float(text: str) -> float | None:
-    return None if text.lower() == "none" else float(text)
+_optional_int = _optional(int, "an integer")
+_optional_float = _optional(float, "a number")
 
 
 def _argparse_type(f: dataclasses.Field[Any]) -> Any:
@@ -372,12 +388,23 @@ def _argparse_type(f: dataclasses.Field[Any]) -> Any:
     return {"int": int, "float": float, "str": str}[kind]
 
 
-def add_argparse_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+def add_argparse_args(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    defaults: Mapping[str, Any] | None = None,
+    default_text: Mapping[str, str] | None = None,
+) -> None:
     """Add ``--roclip-preset`` and one flag per field to ``parser``.
 
     Flags that are not given leave no attribute (``argparse.SUPPRESS``), so that
     :func:`config_from_namespace` applies the preset first and only the explicit flags on top
     (``--roclip-first-rematch-epoch none`` is an explicit ``None``).
+
+    Args:
+        parser: the parser or argument group to add the flags to.
+        defaults: a command's own defaults (field -> value), shown in the help; pass the same
+            mapping to :func:`config_from_namespace` so the help shows what runs.
+        default_text: what the help says instead for fields whose default is decided later
+            (e.g. by the demo's ``--scale``).
     """
     parser.add_argument(
         FLAG_PREFIX + "preset",
@@ -386,29 +413,53 @@ def add_argparse_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup)
         choices=PRESETS,
         help="Starting point for the settings below (default: default).",
     )
-    defaults = RoClipConfig()
+    base = RoClipConfig()
     for f in fields(RoClipConfig):
         meta = f.metadata
-        default = getattr(defaults, f.name)
+        shown = default_help(f.name, base, defaults, default_text)
         parser.add_argument(
             flag_name(f.name),
             dest="roclip_" + f.name,
             type=_argparse_type(f),
             choices=meta.get("choices"),
             default=argparse.SUPPRESS,
-            help=f"{meta['help']} (default: {default})",
+            help=f"{meta['help']} (default: {shown})".replace("%", "%%"),  # argparse formats %
         )
 
 
-def config_from_namespace(namespace: argparse.Namespace) -> RoClipConfig:
-    """Build the config from parsed flags: the preset, then every flag that was given."""
+def default_help(
+    name: str,
+    base: RoClipConfig | None = None,
+    defaults: Mapping[str, Any] | None = None,
+    default_text: Mapping[str, str] | None = None,
+) -> str:
+    """The default of field ``name`` as a flag's help shows it (see :func:`add_argparse_args`)."""
+    if default_text and name in default_text:
+        return default_text[name]
+    if defaults and name in defaults:
+        return _shown(defaults[name])
+    return _shown(getattr(base or RoClipConfig(), name))
+
+
+def _shown(value: Any) -> str:
+    return "none" if value is None else str(value)
+
+
+def config_from_namespace(
+    namespace: argparse.Namespace, defaults: Mapping[str, Any] | None = None
+) -> RoClipConfig:
+    """Build the config from parsed flags.
+
+    The preset first, then the command's own ``defaults`` (those its help shows), then every
+    flag that was given.
+    """
     preset = getattr(namespace, "roclip_preset", "default") or "default"
     given = {
         name: getattr(namespace, "roclip_" + name)
         for name in field_names()
         if hasattr(namespace, "roclip_" + name)
     }
-    return RoClipConfig.from_preset(preset, **given)
+    return RoClipConfig.from_preset(preset, **{**dict(defaults or {}), **given})
 
 
 def config_to_argv(config: RoClipConfig) -> list[str]:

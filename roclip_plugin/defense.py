@@ -21,11 +21,17 @@ import torch
 from roclip_plugin.checks import no_matching_message, pool_share_message
 from roclip_plugin.config import RoClipConfig
 from roclip_plugin.distributed import all_reduce_sum
-from roclip_plugin.io import atomic_torch_save
+from roclip_plugin.io import atomic_torch_save, read_state_file
 from roclip_plugin.loss import DistInfo, MatchStats, RoClipLoss
 from roclip_plugin.plugins import BUILTINS_NAME, get_plugin_manager
 from roclip_plugin.pool import CaptionPool
 from roclip_plugin.schedule import ScheduleState, schedule_unit
+from roclip_plugin.validation import (
+    check_count,
+    check_defense_state,
+    check_epoch,
+    check_run_length,
+)
 
 STATE_VERSION = 1
 
@@ -60,9 +66,8 @@ class RoClipDefense:
         self.config = config or RoClipConfig()
         self.pm = plugin_manager or get_plugin_manager()
         self.info = dist_info or DistInfo.from_env()
-        self.total_epochs = total_epochs
-        self.steps_per_epoch = steps_per_epoch
-        self.samples_per_epoch = samples_per_epoch
+        self.total_epochs, self.steps_per_epoch = check_run_length(total_epochs, steps_per_epoch)
+        self.samples_per_epoch = check_count("samples_per_epoch", samples_per_epoch)
         self._run_checked = False
         self.pool = CaptionPool(self.config.pool_size, device=device)
         self.schedule = ScheduleState()
@@ -142,6 +147,7 @@ class RoClipDefense:
         With ``period_steps`` the answer is the decision of the block the epoch's first step
         falls in (which may begin exactly here), not the last block of the previous epoch.
         """
+        epoch = check_epoch(epoch)
         if not self._run_checked:
             self.check_run()
         self.epoch = epoch
@@ -182,11 +188,7 @@ class RoClipDefense:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` (on this defense's device)."""
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(
-                f"RoCLIP state version {state.get('version')!r} is not supported (expected "
-                f"{STATE_VERSION}); was the checkpoint written by roclip-plugin?"
-            )
+        state = check_defense_state(state, STATE_VERSION)
         self.pool.load_state_dict(state["pool"])  # refuses a different pool size first
         self._warn_config_drift(state["config"])
         self.schedule.load_state_dict(state["schedule"])
@@ -206,7 +208,7 @@ class RoClipDefense:
         """Restore from a file written by :meth:`save`."""
         if not Path(path).is_file():
             raise FileNotFoundError(f"RoCLIP state file {str(path)!r} does not exist")
-        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+        self.load_state_dict(read_state_file(path, "RoCLIP state file"))
 
     def _warn_config_drift(self, saved: Mapping[str, Any]) -> None:
         current = self.config.to_dict()

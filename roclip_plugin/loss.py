@@ -30,6 +30,7 @@ from roclip_plugin.matching import (
     highest_matmul_precision,
 )
 from roclip_plugin.pool import CaptionPool
+from roclip_plugin.validation import LossInputCheck
 
 
 @dataclass(frozen=True)
@@ -255,6 +256,7 @@ class RoClipLoss(nn.Module):
         self.on_enqueue = on_enqueue
         self.on_alignment = on_alignment
         self.wants_stats = wants_stats or (lambda: True)
+        self.check_inputs = LossInputCheck()
 
     def forward(
         self,
@@ -269,6 +271,7 @@ class RoClipLoss(nn.Module):
         ``logit_bias`` is added to every logit as ``ClipLoss`` does (softmax loss; RoCLIP has
         no sigmoid loss: OpenCLIP's ``--siglip`` is refused by the integration).
         """
+        self.check_inputs(image_features, text_features, logit_scale, matching=self.matching)
         check_batch_sizes(image_features, text_features, self.info)
         if self.on_step is not None:
             self.on_step()

@@ -42,12 +42,16 @@ class CaptionPool:
     def __init__(
         self, size: int, dim: int | None = None, device: torch.device | str | None = None
     ) -> None:
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        from roclip_plugin.validation import as_integer
+
+        number = as_integer(size)  # NumPy and 0-d tensor integers too, as in RoClipConfig
+        if number is None or number < 1:
             raise ValueError(f"CaptionPool size: invalid value {size!r}; allowed: an integer >= 1")
-        if dim is not None and (not isinstance(dim, int) or dim < 1):
+        width = None if dim is None else as_integer(dim)
+        if dim is not None and (width is None or width < 1):
             raise ValueError(f"CaptionPool dim: invalid value {dim!r}; allowed: an integer >= 1")
-        self.size = size
-        self.dim = dim
+        self.size = number
+        self.dim = width
         self.device = torch.device(device) if device is not None else None
         self._device_given = device is not None
         self._buffer: torch.Tensor | None = None
@@ -219,16 +223,17 @@ class CaptionPool:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore a :meth:`state_dict`, onto this pool's device (or the CPU if unset)."""
-        if int(state["size"]) != self.size:
-            raise ValueError(
-                f"CaptionPool.load_state_dict: checkpoint pool size {state['size']} differs from "
-                f"this pool's {self.size}; resume with the same --roclip-pool-size"
-            )
-        rows = state["features"]
+        """Restore a :meth:`state_dict`, onto this pool's device (or the CPU if unset).
+
+        The state is checked whole before anything changes (raising
+        :class:`~roclip_plugin.io.StateError`): a pool of another size, rows that are not finite
+        or not unit-norm, or counters that disagree with the rows would make a resumed run
+        silently different from the one that was saved.
+        """
+        rows, dim = _checked_pool_state(state, self.size)
         self.clear()
-        if state["dim"] is not None:
-            self._allocate(int(state["dim"]), self.device)
+        if dim is not None:
+            self._allocate(dim, self.device)
             self._write(rows.to(self.device, torch.float32))
         self.total_written = int(state["total_written"])
         self.rejected = int(state["rejected"])
@@ -241,3 +246,62 @@ class CaptionPool:
         cols = torch.arange(1, feats.shape[1] + 1, dtype=torch.float64, device=feats.device)
         rows = torch.arange(1, feats.shape[0] + 1, dtype=torch.float64, device=feats.device)
         return float(((feats * cols).sum(dim=1) * rows).sum())
+
+
+STATE_NORM_TOLERANCE = 1e-3  # stored rows were normalised in float32
+
+
+def check_pool_state(state: Any, size: int) -> None:
+    """Raise :class:`~roclip_plugin.io.StateError` if ``state`` cannot restore a pool of ``size``.
+
+    What :meth:`CaptionPool.load_state_dict` checks, without a pool: a trainer can refuse a
+    bad ``--resume`` before it builds its model and data.
+    """
+    _checked_pool_state(state, size)
+
+
+def _checked_pool_state(state: Any, size: int) -> tuple[torch.Tensor, int | None]:
+    """The rows and dim of a pool state, after checking it against a pool of ``size``."""
+    from roclip_plugin.io import StateError
+    from roclip_plugin.validation import POOL_STATE_KEYS, as_integer, check_state_keys
+
+    state = check_state_keys(state, POOL_STATE_KEYS, "pool state")
+    saved_size = as_integer(state["size"])
+    if saved_size != size:
+        raise StateError(
+            f"CaptionPool.load_state_dict: checkpoint pool size {state['size']!r} differs from "
+            f"this pool's {size}; resume with the same --roclip-pool-size"
+        )
+    dim, rows = state["dim"], state["features"]
+    if dim is not None and (as_integer(dim) is None or as_integer(dim) < 1):
+        raise StateError(f"pool state: dim {dim!r} is not a positive integer")
+    if not isinstance(rows, torch.Tensor) or rows.ndim != 2 or not rows.dtype.is_floating_point:
+        raise StateError("pool state: 'features' is not a 2-D floating-point tensor of rows")
+    if rows.shape[0] > size or (dim is not None and rows.shape[0] and rows.shape[1] != dim):
+        raise StateError(
+            f"pool state: features of shape {tuple(rows.shape)} do not fit a pool of size "
+            f"{size} and dim {dim}"
+        )
+    if rows.shape[0] and dim is None:
+        raise StateError("pool state: rows are saved but 'dim' is None")
+    if rows.numel():
+        norms = torch.linalg.vector_norm(rows.double(), dim=-1)
+        if not bool(torch.isfinite(norms).all()):
+            bad = int((~torch.isfinite(norms)).sum())
+            raise StateError(f"pool state: {bad} row(s) hold NaN or inf; the file is corrupt")
+        worst = float((norms - 1).abs().max())
+        if worst > STATE_NORM_TOLERANCE:
+            raise StateError(
+                f"pool state: rows are not unit-norm (a norm differs from 1 by {worst:.3g}); "
+                "the file was not written by CaptionPool.state_dict() or is corrupt"
+            )
+    for key in ("total_written", "rejected"):
+        value = as_integer(state[key])
+        if value is None or value < 0:
+            raise StateError(f"pool state: {key!r} is {state[key]!r}, not an integer >= 0")
+    if as_integer(state["total_written"]) < rows.shape[0]:
+        raise StateError(
+            f"pool state: total_written {state['total_written']} is below the "
+            f"{rows.shape[0]} rows saved"
+        )
+    return rows, None if dim is None else as_integer(dim)

@@ -12,8 +12,15 @@ real ties and any correct exhaustive matcher must give bit-identical answers::
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import hashlib
+import io
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -25,6 +32,7 @@ except ImportError as err:  # pragma: no cover - exercised only without the test
         "roclip_plugin.testing needs hypothesis: pip install 'roclip-plugin[test]'"
     ) from err
 
+from roclip_plugin.config import RoClipConfig
 from roclip_plugin.matching import Matcher, brute_force_nearest
 from roclip_plugin.pool import CaptionPool
 
@@ -198,3 +206,199 @@ def check_matcher(matcher: Matcher, *, max_examples: int = 60, dim: int = 8) -> 
         assert_permutation_equivariant(matcher, images, case.pool, perm)
 
     run()
+
+
+# -- commands refuse bad input ------------------------------------------------------------------
+#
+# A command that refuses bad input exits 2 with one line naming the flag (never a
+# traceback), and touches no file. These helpers run a command in-process, check that contract
+# and draw bad values for flags, so a plugin adding a ``roclip`` command can test it the way the
+# built-in commands are tested (tests/test_bad_input.py).
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """Exit code and everything a command printed (stdout then stderr)."""
+
+    code: int
+    output: str
+
+
+def run_command(main: Any, argv: Sequence[str]) -> CommandResult:
+    """Call ``main(argv)`` in-process with stdout and stderr captured.
+
+    argparse's ``SystemExit`` becomes the exit code; any other exception propagates, so a
+    traceback fails the calling test with the traceback shown.
+    """
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(argv))
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    return CommandResult(int(code), out.getvalue() + err.getvalue())
+
+
+def assert_refused(result: CommandResult, flag: str) -> None:
+    """Exit code 2, no traceback, and exactly one ``error:`` line, which names ``flag``."""
+    shown = result.output[-2000:]
+    assert "Traceback" not in result.output, f"a traceback for {flag}:\n{shown}"
+    assert result.code == 2, f"exit code {result.code} for {flag}, expected 2:\n{shown}"
+    errors = [line for line in result.output.splitlines() if "error:" in line]
+    assert len(errors) == 1, f"{len(errors)} error lines for {flag}, expected one:\n{shown}"
+    assert flag in errors[0], f"the error line does not name {flag}: {errors[0]}"
+
+
+def snapshot(*paths: Path) -> dict[str, tuple[int, str]]:
+    """Size and SHA-256 of every file under ``paths`` (to compare before and after a command)."""
+    files: dict[str, tuple[int, str]] = {}
+    for root in paths:
+        found = [root] if root.is_file() else sorted(root.rglob("*")) if root.exists() else []
+        for path in found:
+            if path.is_file():
+                data = path.read_bytes()
+                files[str(path)] = (len(data), hashlib.sha256(data).hexdigest())
+    return files
+
+
+NON_INTEGERS = ("", "x", "1.5", "1e3", "nan", "inf", "0x10", "--", "ten")
+NON_NUMBERS = ("", "x", "1,5", "one", "--", "0..1", "1e", "nanx")
+
+
+def bad_ints(low: int, high: int | None = None) -> st.SearchStrategy[str]:
+    """Command-line text of values that are not integers in ``[low, high]``."""
+    outside = st.integers(max_value=low - 1)
+    if high is not None:
+        outside = outside | st.integers(min_value=high + 1, max_value=high + 2**40)
+    return outside.map(str) | st.sampled_from(NON_INTEGERS)
+
+
+def bad_reals(
+    low: float, high: float, *, low_open: bool = False, high_open: bool = False
+) -> st.SearchStrategy[str]:
+    """Command-line text of values that are not finite numbers in the interval."""
+    from roclip_plugin.validation import in_interval
+
+    def inside(value: float) -> bool:
+        return in_interval(value, low, high, low_open=low_open, high_open=high_open)
+
+    below = st.floats(max_value=low, allow_nan=False)
+    above = st.floats(min_value=high, allow_nan=False)
+    outside = (below | above).filter(lambda v: not inside(v))  # -0.0 == 0.0 is inside [0, 1]
+    special = st.sampled_from(("nan", "inf", "-inf", *NON_NUMBERS))
+    return outside.map(repr) | special
+
+
+def not_in(choices: Sequence[str]) -> st.SearchStrategy[str]:
+    """Text that is none of ``choices`` (argparse choices, registered names)."""
+    return st.text(st.characters(codec="ascii", categories=["L", "N", "P"]), max_size=12).filter(
+        lambda text: text not in choices and not text.startswith("-")
+    ) | st.just("")
+
+
+def bad_roclip_values() -> dict[str, st.SearchStrategy[str]]:
+    """Bad command-line values of every ``--roclip-*`` flag, by flag (ranges of RoClipConfig).
+
+    Registered augmentation names and synonym sources that exist on another machine (NLTK's
+    WordNet) are not drawn: only values no machine accepts.
+    """
+    from roclip_plugin import config as c
+
+    int32 = 2**31 - 1
+    values = {
+        "preset": not_in(c.PRESETS),
+        "pool_size": bad_ints(1, int32),
+        "rematch_every": bad_ints(1, int32),
+        "first_rematch_epoch": bad_ints(0, int32).filter(lambda t: t.lower() != "none"),
+        "warmup_fraction": bad_reals(0.0, 1.0, high_open=True).filter(lambda t: t != "none"),
+        "schedule": not_in(c.SCHEDULES),
+        "ramp_final_every": bad_ints(1, RoClipConfig().rematch_every),
+        "adaptive_threshold": bad_reals(0.0, 1.0, low_open=True),
+        "period_steps": bad_ints(0, int32),
+        "pool_update": not_in(c.POOL_UPDATES),
+        "match_fraction": bad_reals(0.0, 1.0, low_open=True),
+        # drop with the default match_fraction 1 would leave nothing to train on
+        "match_action": not_in(c.MATCH_ACTIONS) | st.just("drop"),
+        "precision": not_in(c.PRECISIONS),
+        "matcher": not_in(c.MATCHERS),
+        "match_chunk_size": bad_ints(0, int32),
+        "ivf_nlist": bad_ints(1, int32),
+        "ivf_nprobe": bad_ints(1, int32),
+        "seed": bad_ints(0, 2**63 - 1),
+        "suspicious_margin": bad_reals(0.0, 2.0),
+        "image_aug": st.sampled_from(("", " ", "bogus", "roclip ", "Roclip")),
+        "text_aug": st.sampled_from(("", " ", "bogus", "EDA", "eda ")),
+        "image_aug_refresh": not_in(c.AUG_REFRESH),
+        "text_aug_refresh": not_in(c.AUG_REFRESH),
+        "eda_alpha": bad_reals(0.0, 1.0),
+        "eda_p": bad_reals(0.0, 1.0),
+        "eda_synonyms": not_in(c.SYNONYM_SOURCES),
+    }
+    missing = set(c.field_names()) - set(values)
+    assert not missing, f"no bad values for RoCLIP fields {sorted(missing)}: add them here"
+    return {c.FLAG_PREFIX + name.replace("_", "-"): strategy for name, strategy in values.items()}
+
+
+def shown_defaults(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Each option's default as its ``--help`` shows it: ``{"--epochs": "10", ...}``.
+
+    Read from the text argparse prints (``%(default)s`` expanded), the ``(default: X)`` at the
+    end of an option's help, so a test can compare what the help says with what runs.
+    """
+    formatter = parser._get_formatter()
+    shown = {}
+    for action in parser._actions:
+        if not action.option_strings or not action.help or action.help == argparse.SUPPRESS:
+            continue
+        text = " ".join(formatter._expand_help(action).split())
+        found = re.findall(r"\(default: ([^()]*(?:\([^()]*\)[^()]*)*)\)", text)
+        if found:
+            shown[action.option_strings[-1]] = found[-1]
+    return shown
+
+
+def subcommand(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    """The parser of sub-command ``name`` (``roclip smoke`` -> its parser)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[name]
+    raise KeyError(name)
+
+
+def as_shown(value: Any) -> str:
+    """How a help text writes a default value (``None`` as none, a tab as tab, lists 10,50)."""
+    if value is None:
+        return "none"
+    if value == "\t":
+        return "tab"
+    if isinstance(value, list | tuple):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def assert_help_shows_defaults(parser: argparse.ArgumentParser) -> None:
+    """Every option with a concrete default says exactly that default in its help.
+
+    Options without one (``None``, or ``--roclip-*`` flags whose default a command decides)
+    may describe theirs in words; their tests compare those with what runs.
+    """
+    shown = shown_defaults(parser)
+    for action in parser._actions:
+        flag = action.option_strings[-1] if action.option_strings else None
+        if flag not in shown or action.default in (None, argparse.SUPPRESS):
+            continue
+        assert shown[flag] == as_shown(action.default), f"{flag}: help says {shown[flag]!r}"
+
+
+def bad_input_settings(max_examples: int = 5) -> Any:
+    """Hypothesis settings for bad-input tests: few examples, no deadline, the same each run.
+
+    Derandomized so CI sees the same examples every time; module fixtures (a built dataset)
+    are shared across examples, which is safe since a refused command changes nothing.
+    """
+    return settings(
+        max_examples=max_examples,
+        deadline=None,
+        derandomize=True,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    )

@@ -53,6 +53,117 @@ def test_cuda_without_a_gpu_is_a_clear_error(capsys) -> None:
 
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--epochs", "0"], "epochs (--epochs): invalid value 0"),
+        (["--train", "-5"], "train (--train): invalid value -5"),
+        (["--seed", "-1"], "seed (--seed): invalid value -1"),
+        (["--device", "bogus"], "--device 'bogus' is not a torch device"),
+        (["--roclip-image-aug", "bogus"], "--roclip-image-aug: unknown image augmentation"),
+        (["--roclip-text-aug", "bogus"], "--roclip-text-aug: unknown text augmentation"),
+    ],
+)
+def test_smoke_refuses_before_training(argv, message, capsys, monkeypatch) -> None:
+    import roclip_plugin.demo
+
+    monkeypatch.setattr(roclip_plugin.demo, "run_demo", _must_not_run)
+    assert main(["smoke", *argv]) == 2
+    out = capsys.readouterr().out
+    assert message in out and "Traceback" not in out
+
+
+def _must_not_run(*args, **kwargs):
+    raise AssertionError("the command started its work on bad input")
+
+
+def test_smoke_refuses_nltk_synonyms_without_nltk(capsys, monkeypatch) -> None:
+    import roclip_plugin.demo
+    import roclip_plugin.synonyms
+
+    monkeypatch.setattr(roclip_plugin.synonyms, "nltk_wordnet_available", lambda: False)
+    monkeypatch.setattr(roclip_plugin.demo, "run_demo", _must_not_run)
+    assert main(["smoke", "--roclip-eda-synonyms", "nltk"]) == 2
+    assert "--roclip-eda-synonyms" in capsys.readouterr().out
+
+
+def test_smoke_json_that_is_a_directory_is_refused_first(tmp_path: Path, capsys, monkeypatch):
+    import roclip_plugin.demo
+
+    monkeypatch.setattr(roclip_plugin.demo, "run_demo", _must_not_run)
+    assert main(["smoke", "--json", str(tmp_path)]) == 2
+    assert f"--json {tmp_path} is a directory" in capsys.readouterr().out
+
+
+def test_smoke_json_empty_path_is_an_argparse_error(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["smoke", "--json", ""])
+    assert exit_.value.code == 2
+    assert "argument --json: an empty path" in capsys.readouterr().err
+
+
+def test_smoke_none_augmentation_turns_its_stand_in_off() -> None:
+    from roclip_plugin.config import RoClipConfig
+    from roclip_plugin.demo import DemoSettings, stand_ins
+
+    s = DemoSettings()
+    off = stand_ins(s, RoClipConfig(image_aug="none", text_aug="none"))
+    assert (off.image_noise, off.word_dropout) == (0.0, 0.0)
+    assert stand_ins(s, RoClipConfig()) == s
+
+
+def test_flags_prints_plain_percent_signs(capsys) -> None:
+    assert main(["flags"]) == 0
+    out = capsys.readouterr().out
+    assert "%%" not in out and "epoch % K" in out
+
+
+def test_help_is_plain_text_and_documents_every_option(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "``" not in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["flags", "--help"])
+    assert "whose values to list" in capsys.readouterr().out
+
+
+def test_smoke_help_shows_the_pool_size_that_runs(capsys) -> None:
+    from roclip_plugin.cli import smoke_defaults
+    from roclip_plugin.demo import DemoSettings
+
+    with pytest.raises(SystemExit):
+        main(["smoke", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    pool_help = text.split("--roclip-pool-size ROCLIP_POOL_SIZE ")[-1].split("--roclip-")[0]
+    runs = smoke_defaults(DemoSettings().pairs)["pool_size"]
+    assert pool_help.endswith(f"(default: 10% of the training pairs, {runs} for the default "
+                              "--train 20000) ")
+    assert runs == 2024 and "(default: 21845)" not in text
+
+
+def test_broken_pipe_is_quiet(monkeypatch) -> None:
+    import roclip_plugin.cli as cli
+
+    def closed(*args, **kwargs):
+        raise BrokenPipeError
+
+    monkeypatch.setattr(cli, "build_parser", closed)
+    monkeypatch.setattr(cli, "detach_stdout", lambda: None)
+    assert cli.main(["--help"]) == 141
+
+
+def test_os_errors_of_a_command_are_one_line(capsys, monkeypatch) -> None:
+    import roclip_plugin.cli as cli
+
+    def denied(args, console):
+        raise PermissionError(13, "Permission denied", "/x/results.json")
+
+    monkeypatch.setattr(cli, "_flags", denied)
+    assert cli.main(["flags"]) == 2
+    out = capsys.readouterr().out
+    assert "error: /x/results.json: Permission denied" in out and "Traceback" not in out
+
+
 def test_smoke_warns_when_the_defense_would_be_off_or_ineffective(capsys) -> None:
     argv = ["smoke", "--epochs", "2", "--train", "600", "--roclip-pool-size", "4096"]
     assert main(argv) == 0

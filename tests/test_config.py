@@ -514,6 +514,43 @@ def test_from_dict_partial_uses_defaults() -> None:
     assert RoClipConfig.from_dict({"seed": 3}) == RoClipConfig(seed=3)
 
 
+def test_numpy_and_tensor_numbers_are_accepted_and_stored_as_python() -> None:
+    import numpy as np
+    import torch
+
+    config = RoClipConfig(
+        pool_size=np.int64(64),
+        rematch_every=torch.tensor(3),
+        eda_alpha=np.float32(0.25),
+        suspicious_margin=torch.tensor(0.5),
+    )
+    assert (config.pool_size, config.rematch_every) == (64, 3)
+    assert type(config.pool_size) is int and type(config.rematch_every) is int
+    assert type(config.eda_alpha) is float and config.eda_alpha == 0.25
+    assert type(config.suspicious_margin) is float
+    for bad in (np.bool_(True), torch.ones(2, dtype=torch.int64), torch.tensor(3.0), 3.0):
+        with pytest.raises(ValueError, match="pool_size"):
+            RoClipConfig(pool_size=bad)
+
+
+def test_optional_int_flag_has_a_plain_message(capsys) -> None:
+    parser = argparse.ArgumentParser(prog="t")
+    add_argparse_args(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--roclip-first-rematch-epoch", "x"])
+    err = capsys.readouterr().err
+    assert "argument --roclip-first-rematch-epoch: expected an integer or 'none', got 'x'" in err
+    assert "_optional_int" not in err
+
+
+def test_help_texts_hold_no_argparse_escapes() -> None:
+    """Field help is plain text (``%`` once); only argparse's copy escapes it."""
+    from dataclasses import fields
+
+    for f in fields(RoClipConfig):
+        assert "%%" not in f.metadata["help"], f.name
+
+
 def test_drop_needs_a_match_fraction_below_one() -> None:
     with pytest.raises(ValueError, match="--roclip-match-fraction below 1"):
         RoClipConfig(match_action="drop")

@@ -200,6 +200,38 @@ def test_restored_pool_follows_the_features_to_cuda() -> None:
     assert e.pool.features().device.type == "cuda"
 
 
+def test_state_without_an_entry_names_it() -> None:
+    from roclip_plugin.io import StateError
+
+    d = _make(RoClipConfig(pool_size=8))
+    state = d.state_dict()
+    del state["pool"]
+    with pytest.raises(StateError, match="RoCLIP state lacks 'pool'"):
+        d.load_state_dict(state)
+    with pytest.raises(StateError, match="RoCLIP state: expected a dict, got list"):
+        d.load_state_dict([1, 2])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("content", [b"", b"not a torch file", b"PK\x03\x04truncated zip"])
+def test_corrupt_state_files_name_the_path(tmp_path: Path, content: bytes) -> None:
+    from roclip_plugin.io import StateError
+
+    path = tmp_path / "broken.roclip"
+    path.write_bytes(content)
+    with pytest.raises(StateError, match=r"RoCLIP state file .*broken\.roclip (is empty|cannot)"):
+        _make(RoClipConfig(pool_size=8)).load(path)
+
+
+def test_truncated_state_file_names_the_path(tmp_path: Path) -> None:
+    from roclip_plugin.io import StateError
+
+    d = _make(RoClipConfig(pool_size=8))
+    path = d.save(tmp_path / "s.roclip")
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(StateError, match=r"s\.roclip cannot be read .*truncated, corrupt"):
+        d.load(path)
+
+
 class EpochStarts:
     def __init__(self) -> None:
         self.seen: list[tuple[int, bool]] = []

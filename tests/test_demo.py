@@ -24,3 +24,16 @@ def test_clip_training_learns_the_clean_task() -> None:
     result = train(world, DemoSettings(**{**SMALL.__dict__, "epochs": 12}), None)
     assert result.zero_shot > 0.5  # chance is 0.1
     assert result.matching_epochs == [] and result.detection_precision is None
+
+
+def test_smoke_trains_on_one_cpu_thread_and_restores_the_count(monkeypatch) -> None:
+    """Two threads cost the tiny models 16x the CPU time (docs/smoke.md)."""
+    import torch
+
+    import roclip_plugin.demo as demo
+
+    seen = []
+    monkeypatch.setattr(demo, "train", lambda *a, **k: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    demo.run_demo(demo.DemoSettings(train=50, test=10, targets=1, poison_captions=2), None)
+    assert seen == [1, 1, 1] and torch.get_num_threads() == before

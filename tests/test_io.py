@@ -26,3 +26,33 @@ def test_failed_write_keeps_the_old_file(tmp_path: Path, monkeypatch) -> None:
         atomic_torch_save({"format": 2}, path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["s.pt"]
+
+
+def test_state_file_errors_name_the_file(tmp_path: Path) -> None:
+    from roclip_plugin.io import StateError
+
+    with pytest.raises(ValueError, match=r"test state .* is a directory; give a file"):
+        load_versioned(tmp_path, 1, "test state")
+    (tmp_path / "e.pt").write_bytes(b"")
+    with pytest.raises(StateError, match=r"e\.pt is empty"):
+        load_versioned(tmp_path / "e.pt", 1, "test state")
+    (tmp_path / "g.pt").write_bytes(b"\x80\x04garbage")
+    with pytest.raises(StateError, match=r"g\.pt cannot be read"):
+        load_versioned(tmp_path / "g.pt", 1, "test state")
+
+
+def test_output_checks_refuse_before_any_work(tmp_path: Path) -> None:
+    from roclip_plugin.io import atomic_write_text, check_output_dir, check_output_file
+
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ValueError, match="--json .* is a directory"):
+        check_output_file(tmp_path, "--json")
+    with pytest.raises(ValueError, match=r"--json .*: .*f is a file, not a directory"):
+        check_output_file(tmp_path / "f" / "out.json", "--json")
+    with pytest.raises(ValueError, match="--out .* is a file, not a directory"):
+        check_output_dir(tmp_path / "f", "--out")
+    with pytest.raises(ValueError, match="--out: an empty path"):
+        check_output_dir("", "--out")
+    assert check_output_file(None, "--json") is None
+    path = atomic_write_text(tmp_path / "new" / "r.json", "{}")
+    assert path.read_text() == "{}" and [p.name for p in path.parent.iterdir()] == ["r.json"]

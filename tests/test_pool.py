@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from collections.abc import Iterator
 
@@ -597,3 +598,43 @@ def test_cuda_round_trip() -> None:
     pool.to("cpu")
     assert torch.equal(pool.features(), cpu_pool.features())
     assert pool.checksum() == cpu_pool.checksum()
+
+
+def _filled_state() -> dict:
+    pool = CaptionPool(8)
+    pool.enqueue(torch.randn(5, 4))
+    return pool.state_dict()
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (lambda s: s.pop("features"), "pool state lacks 'features'"),
+        (lambda s: s.update(size=9), "checkpoint pool size 9 differs"),
+        (lambda s: s["features"].__setitem__((1, 2), math.nan), r"1 row\(s\) hold NaN or inf"),
+        (lambda s: s["features"].mul_(3.0), "rows are not unit-norm"),
+        (lambda s: s.update(features=torch.randn(9, 4)), r"features of shape \(9, 4\)"),
+        (lambda s: s.update(dim=5), "do not fit a pool of size 8 and dim 5"),
+        (lambda s: s.update(total_written=2), "total_written 2 is below the 5 rows"),
+        (lambda s: s.update(rejected=-1), "'rejected' is -1"),
+        (lambda s: s.update(features=[[1.0]]), "'features' is not a 2-D floating-point"),
+    ],
+)
+def test_bad_pool_state_is_refused_and_leaves_the_pool_as_it_was(change, match) -> None:
+    from roclip_plugin.io import StateError
+
+    state = _filled_state()
+    change(state)
+    pool = CaptionPool(8)
+    pool.enqueue(torch.randn(2, 4))
+    before = pool.features().clone()
+    with pytest.raises(StateError, match=match):
+        pool.load_state_dict(state)
+    assert torch.equal(pool.features(), before)
+
+
+def test_numpy_and_tensor_sizes_are_integers() -> None:
+    import numpy as np
+
+    pool = CaptionPool(np.int64(4), dim=torch.tensor(3))
+    assert (pool.size, pool.dim) == (4, 3) and type(pool.size) is int

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from roclip_kit.formats import (
     CAPTION_KEY,
@@ -43,14 +42,26 @@ from roclip_kit.formats import (
     TEST_CSV,
     TRAIN_CSV,
     Target,
+    read_image,
 )
-from roclip_kit.triggers import PatchTrigger
+from roclip_kit.outputs import check_replaceable, replacing
+from roclip_kit.triggers import BlendTrigger, PatchTrigger, WaNetTrigger
+from roclip_plugin.io import check_output_dir, require_file
 
 DEFAULT_CAPTIONS_PER_TARGET = 100
 BACKDOOR_DIR = "backdoor"
+WRITTEN = (TRAIN_CSV, TEST_CSV, CLASSES_FILE, MANIFEST_FILE, "images")  # what --out holds
+# A trigger beyond these replaces most of the image, so the poisoned sample is no longer an
+# image of its class with a trigger on it (a 1000-pixel patch on 32-pixel digits is noise).
+MAX_PATCH_SHARE = 0.5  # patch side, as a share of the image's shorter side
+MAX_BLEND_ALPHA = 0.5  # more noise than image beyond this
+MAX_WANET_STRENGTH = 10.0  # mean displacement strength / 2 pixels: 5 px at this bound
 
 
 # ---------------------------------------------------------------- reading
+
+
+_KEY_FLAGS = {"image": "--img-key", "caption": "--caption-key", "label": "--label-key"}
 
 
 @dataclass(frozen=True)
@@ -61,6 +72,24 @@ class Columns:
     caption: str = CAPTION_KEY
     label: str = LABEL_KEY
     separator: str = CSV_SEPARATOR
+
+    def __post_init__(self) -> None:
+        """Refuse a separator the csv module cannot use, naming the flag."""
+        sep = self.separator
+        if not isinstance(sep, str) or len(sep) != 1 or sep in ('"', "\n", "\r"):
+            raise ValueError(
+                f"--separator {sep!r}: give one character other than a quote or a line break "
+                "(the kit's CSVs use a tab: --separator '\\t')"
+            )
+        for role in ("image", "caption", "label"):
+            if not isinstance(getattr(self, role), str) or not getattr(self, role):
+                raise ValueError(f"{_KEY_FLAGS[role]}: an empty column name; give the column")
+        names = [self.image, self.caption, self.label]
+        if len(set(names)) != 3:
+            raise ValueError(
+                f"--img-key, --caption-key and --label-key name one column twice ({names}); "
+                "give three different columns"
+            )
 
 
 @dataclass
@@ -83,19 +112,13 @@ class Table:
         return self.rows[row][self.index(key)]
 
 
-_KEY_FLAGS = {"image": "--img-key", "caption": "--caption-key", "label": "--label-key"}
-
-
 def load_classes(path: Path) -> list[str]:
     """Class names by label from a classes.json (its ``classes`` list)."""
-    if not path.is_file():
-        raise ValueError(
-            f"classes file {path} not found (--classes or --dataset DIR/{CLASSES_FILE})"
-        )
+    require_file(path, f"classes file (--classes or --dataset DIR/{CLASSES_FILE})")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except ValueError as err:
-        raise ValueError(f"classes file {path} is not valid JSON: {err}") from None
+        raise ValueError(f"classes file {path} (--classes) is not valid JSON: {err}") from None
     classes = data.get("classes") if isinstance(data, dict) else None
     if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
         raise ValueError(
@@ -134,9 +157,9 @@ def read_table(path: Path, columns: Columns, classes: list[str], flag: str) -> T
         classes: class names by label, to parse the label column.
         flag: the option that named the file, for error messages.
     """
-    if not path.is_file():
-        raise ValueError(f"{flag} {path}: file not found")
-    with path.open(newline="") as fh:
+    require_file(path, flag)
+    # utf-8-sig: a byte-order mark (spreadsheet exports) is not part of the first column's name
+    with path.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.reader(fh, delimiter=columns.separator)
         header = next(reader, None)
         if header is None:
@@ -306,40 +329,72 @@ class PoisonResult:
     manifest: dict[str, Any]
     targeted_rows: list[int] = field(default_factory=list)
     backdoor_rows: list[int] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
-def _prepare_out(out: Path, sources: list[Path]) -> None:
-    """Create ``out``; refuse to overwrite the inputs or files that are not ours."""
+def _check_out(out: Path, sources: list[Path]) -> Path:
+    """``out`` resolved, refused when it cannot be replaced as a whole (see roclip_kit.outputs).
+
+    Inputs inside ``out`` are refused first, by name: replacing the output would delete them
+    (``--out`` the dataset folder itself would otherwise be called a folder of foreign files).
+    """
+    resolved = check_output_dir(out, "--out").resolve()
     for source in sources:
-        for name in (TRAIN_CSV, TEST_CSV, CLASSES_FILE):
-            if (out / name).resolve() == source.resolve():
-                raise ValueError(
-                    f"--out {out} would overwrite the input {source}: choose a new directory"
-                )
-    out.mkdir(parents=True, exist_ok=True)
-    folder = out / "images" / BACKDOOR_DIR
-    if folder.exists() and any(folder.iterdir()):
-        if not (out / MANIFEST_FILE).is_file():
+        if source.resolve().is_relative_to(resolved):
             raise ValueError(
-                f"--out {out} holds {folder} not written by roclip: choose a new directory"
+                f"--out {resolved} would overwrite the input {source}: choose a new directory"
             )
-        shutil.rmtree(folder)
-    (out / MANIFEST_FILE).unlink(missing_ok=True)
+    return check_replaceable(
+        out, "--out", "roclip poison", WRITTEN, lambda d: (d / MANIFEST_FILE).is_file()
+    )
 
 
-def _stamp(table: Table, rows: list[int], trigger: Any, out: Path, progress: Any) -> dict[int, str]:
-    """Triggered copies (PNG) of the images of ``rows``; returns their absolute paths."""
-    folder = out / "images" / BACKDOOR_DIR
+def check_trigger_fits(trigger: Any, width: int, height: int, where: str) -> None:
+    """Refuse a trigger that would replace most of a ``width`` x ``height`` image.
+
+    The backdoor's poisoned rows must stay images of their class with a trigger on them;
+    clipped to the image, an oversized patch (or a heavy blend or warp) turns them into noise
+    that teaches nothing about the trigger.
+    """
+    if isinstance(trigger, PatchTrigger):
+        side, limit = trigger.side(width, height), int(MAX_PATCH_SHARE * min(width, height))
+        if side > max(limit, 1):
+            raise ValueError(
+                f"--patch-size {trigger.size} gives a {side}-pixel patch on the {width}x{height} "
+                f"image of {where}, which replaces most of it: use at most {max(limit, 1)} "
+                f"pixels or a fraction up to {MAX_PATCH_SHARE}"
+            )
+    elif isinstance(trigger, BlendTrigger) and trigger.alpha > MAX_BLEND_ALPHA:
+        raise ValueError(
+            f"--blend-alpha {trigger.alpha} makes the images more noise than picture: use at "
+            f"most {MAX_BLEND_ALPHA} (0.1 to 0.2 is typical)"
+        )
+    elif isinstance(trigger, WaNetTrigger) and trigger.strength > MAX_WANET_STRENGTH:
+        raise ValueError(
+            f"--wanet-strength {trigger.strength} moves pixels by {trigger.strength / 2:g} on "
+            f"average, destroying the image: use at most {MAX_WANET_STRENGTH:g} (WaNet: 0.5)"
+        )
+
+
+def _stamp(
+    table: Table, rows: list[int], trigger: Any, out: Path, staging: Path, progress: Any
+) -> dict[int, str]:
+    """Triggered copies (PNG) of the images of ``rows`` in ``staging``; returns their paths.
+
+    The paths are those under ``out``, where ``staging`` is moved once everything is written.
+    """
+    folder = staging / "images" / BACKDOOR_DIR
     folder.mkdir(parents=True, exist_ok=True)
     task = progress.add_task("stamping triggers", total=len(rows)) if progress else None
     paths = {}
     for row in rows:
+        where = f"{table.path}, data row {row}"
         source = resolve_image(table.cell(row, table.columns.image), table.path)
-        with Image.open(source) as image:
-            image.load()
-            stamped = trigger.apply(image)
-        paths[row] = str((folder / f"row-{row:07d}.png").resolve())
-        stamped.save(paths[row])
+        image = read_image(source, where)
+        check_trigger_fits(trigger, image.width, image.height, where)
+        name = f"row-{row:07d}.png"
+        trigger.apply(image).save(folder / name)
+        paths[row] = str(out / "images" / BACKDOOR_DIR / name)
         if task is not None:
             progress.advance(task)
     return paths
@@ -371,6 +426,8 @@ def resolve_inputs(
     """Input files from ``--dataset DIR`` or ``--csv`` + ``--classes`` (+ ``--test-csv``)."""
     if dataset_dir is not None:
         root = Path(dataset_dir).expanduser().resolve()
+        if root.is_file():
+            raise ValueError(f"--dataset {root} is a file; give the dataset's directory")
         if not root.is_dir():
             raise ValueError(f"--dataset {root}: directory not found")
         train = Path(csv_path) if csv_path else root / TRAIN_CSV
@@ -397,6 +454,8 @@ class _Job:
     out: Path
     rows: list[list[str]]
     manifest_rows: list[dict[str, Any]] = field(default_factory=list)
+    staging: Path | None = None  # where the files go until they replace ``out``
+    notes: list[str] = field(default_factory=list)  # what the user should know of the result
 
     def set_row(self, row: list[str], image: str, caption: str, label: int) -> None:
         """Put image, caption and label (in the CSV's own label style) into ``row``."""
@@ -472,9 +531,10 @@ def poison_dataset(
         )
     columns = columns or Columns()
     inputs = resolve_inputs(dataset_dir, csv_path, classes, test_csv)
+    sources = [p for p in (inputs.train_csv, inputs.test_csv, inputs.classes) if p]
+    out = _check_out(Path(out_dir), sources)
     names = load_classes(inputs.classes)
     train = read_table(inputs.train_csv, columns, names, "--csv")
-    out = Path(out_dir).expanduser().resolve()
     job = _Job(inputs, train, names, out, [list(r) for r in train.rows])
     plan = None
     if wants_backdoor:  # every choice is made and checked before anything is written
@@ -490,11 +550,13 @@ def poison_dataset(
             captions_per_target,
             np.random.default_rng([seed, 0]),
         )
-    _prepare_out(out, [p for p in (inputs.train_csv, inputs.test_csv, inputs.classes) if p])
-    backdoor = None
-    if plan is not None:
-        backdoor = _backdoor(job, plan, trigger or PatchTrigger(seed=seed), progress)
-    return _finish(job, seed, targeted, backdoor)
+    with replacing(out, "--out") as staging:  # the old output stays intact until the end
+        job.staging = staging
+        backdoor = None
+        if plan is not None:
+            backdoor = _backdoor(job, plan, trigger or PatchTrigger(seed=seed), progress)
+        result = _finish(job, seed, targeted, backdoor)
+    return result
 
 
 def _check_seed(seed: Any) -> None:
@@ -542,7 +604,8 @@ def _choose_backdoor(
 
 def _backdoor(job: _Job, plan: _BackdoorPlan, trigger: Any, progress: Any) -> dict[str, Any]:
     """Stamp the trigger on the planned rows' images and recaption them, in place."""
-    paths = _stamp(job.train, plan.rows, trigger, job.out, progress)
+    assert job.staging is not None
+    paths = _stamp(job.train, plan.rows, trigger, job.out, job.staging, progress)
     for row, caption in zip(plan.rows, plan.captions, strict=True):
         job.set_row(job.rows[row], paths[row], caption, plan.target)
         job.manifest_rows.append({"row": row, "attack": "backdoor", "target": None})
@@ -578,10 +641,25 @@ def _targeted(
     targets = []
     chosen = choose_targets(test, count, target_rows, adversarial, usable, rng)
     counts = caption_counts(per_target, len(chosen))
+    if sum(counts) > len(job.train.rows):
+        raise ValueError(
+            f"--targets {len(chosen)} x --captions-per-target {per_target} makes {sum(counts)} "
+            f"poisoned pairs, more than the {len(job.train.rows)} clean training rows: the "
+            "result would be mostly poison, not a poisoned dataset; lower either"
+        )
     for (test_row, adv), n in zip(chosen, counts, strict=True):
-        path = str(resolve_image(test.cell(test_row, job.train.columns.image), test.path))
+        image = resolve_image(test.cell(test_row, job.train.columns.image), test.path)
+        read_image(image, f"{test.path}, data row {test_row}, a target")
+        path = str(image)
         targets.append(Target(test_row, path, int(test.labels[test_row]), adv, n))
-        for caption in sample_captions(job.caption_pool(adv, "--adversarial-class"), n, rng):
+        pool = job.caption_pool(adv, "--adversarial-class")
+        distinct = len(set(pool))
+        if n > distinct:
+            job.notes.append(
+                f"target {test_row}: {n} poison captions drawn from the {distinct} distinct "
+                f"captions of class {job.names[adv]!r}, so captions repeat"
+            )
+        for caption in sample_captions(pool, n, rng):
             job.manifest_rows.append(
                 {"row": len(job.rows), "attack": "targeted", "target": test_row}
             )
@@ -623,12 +701,16 @@ def _target_dict(target: Target, names: list[str]) -> dict[str, Any]:
 def _finish(
     job: _Job, seed: int, targeted: dict[str, Any] | None, backdoor: dict[str, Any] | None
 ) -> PoisonResult:
-    """Write the poisoned CSV, copies of classes.json and test.csv, then the manifest."""
+    """Write the poisoned CSV, copies of classes.json and test.csv, then the manifest.
+
+    Files go into ``job.staging``; paths written inside them are those under ``job.out``.
+    """
+    staging = job.staging or job.out
     poisoned = job.out / TRAIN_CSV
-    _write_csv(poisoned, job.train.header, job.rows, job.train.columns.separator)
-    shutil.copyfile(job.inputs.classes, job.out / CLASSES_FILE)
+    _write_csv(staging / TRAIN_CSV, job.train.header, job.rows, job.train.columns.separator)
+    shutil.copyfile(job.inputs.classes, staging / CLASSES_FILE)
     if job.inputs.test_csv is not None:
-        shutil.copyfile(job.inputs.test_csv, job.out / TEST_CSV)
+        shutil.copyfile(job.inputs.test_csv, staging / TEST_CSV)
     rows = sorted(job.manifest_rows, key=lambda r: r["row"])
     dataset_dir = job.inputs.dataset_dir
     manifest = {
@@ -642,7 +724,7 @@ def _finish(
         "backdoor": backdoor,
     }
     path = job.out / MANIFEST_FILE
-    path.write_text(json.dumps(manifest, indent=2) + "\n")
+    (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     return PoisonResult(
         job.out,
         poisoned,
@@ -650,15 +732,17 @@ def _finish(
         manifest,
         [r["row"] for r in rows if r["attack"] == "targeted"],
         [r["row"] for r in rows if r["attack"] == "backdoor"],
+        list(job.notes),
     )
 
 
 def load_manifest(path: str | Path) -> dict[str, Any]:
     """Read a poison manifest, checking its format tag."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"manifest {path} not found")
-    data = json.loads(path.read_text())
+    path = require_file(path, "manifest")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except ValueError as err:
+        raise ValueError(f"manifest {path} is not valid JSON: {err}") from None
     if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
         raise ValueError(f"{path} is not a poison manifest (format {MANIFEST_FORMAT!r})")
     return data

@@ -9,7 +9,6 @@ caller prints it and exits 2). See docs/attacks.md.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -20,6 +19,7 @@ from roclip_kit.console import captions_text, progress_bars
 from roclip_kit.datasets import SOURCES, DatasetInfo, build_captioned_dataset
 from roclip_kit.formats import CAPTION_KEY, CSV_SEPARATOR, IMAGE_KEY, LABEL_KEY
 from roclip_kit.triggers import PARAMS, PATCH_POSITIONS, TRIGGERS, make_trigger
+from roclip_plugin.validation import path_arg
 
 # Trigger flag (argparse dest) -> (trigger kind, parameter name).
 TRIGGER_FLAGS: dict[str, tuple[str, str]] = {
@@ -44,16 +44,24 @@ def add_data_command(subparsers: Any) -> argparse.ArgumentParser:
         "and PNG images. A complete earlier build with the same options is reused.",
     )
     parser.add_argument(
-        "--dataset", choices=SOURCES, default="mnist", help="source (default: mnist)"
+        "--dataset", choices=SOURCES, default="mnist", help="source (default: %(default)s)"
     )
-    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory")
-    parser.add_argument("--seed", type=int, default=0, help="attributes and subsets (default: 0)")
+    parser.add_argument(
+        "--out", type=path_arg, required=True, metavar="DIR", help="output directory"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="attributes and subsets (default: %(default)s)"
+    )
     parser.add_argument(
         "--train-limit", type=int, metavar="N", help="class-balanced subset of N training images"
     )
     parser.add_argument("--test-limit", type=int, metavar="N", help="the same for the test split")
     parser.add_argument(
-        "--image-size", type=int, default=32, metavar="PX", help="image side (default: 32)"
+        "--image-size",
+        type=int,
+        default=32,
+        metavar="PX",
+        help="image side (default: %(default)s)",
     )
     parser.add_argument(
         "--attribute-rate",
@@ -61,7 +69,7 @@ def add_data_command(subparsers: Any) -> argparse.ArgumentParser:
         default=1.0,
         metavar="R",
         help="share of images rendered with a colour, size and place their caption names; the "
-        "rest are plain white-on-black with plain captions (default: 1.0)",
+        "rest are plain white-on-black with plain captions (default: %(default)s)",
     )
     parser.set_defaults(run=run_data)
     return parser
@@ -122,25 +130,38 @@ def add_poison_command(subparsers: Any) -> argparse.ArgumentParser:
 
 def _input_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("input and output")
-    group.add_argument("--dataset", type=Path, metavar="DIR", help="captioned dataset directory")
-    group.add_argument("--csv", type=Path, metavar="FILE", help="training CSV (instead of DIR)")
-    group.add_argument("--classes", type=Path, metavar="FILE", help="classes.json (with --csv)")
     group.add_argument(
-        "--test-csv", type=Path, metavar="FILE", help="held-out CSV that targets come from"
+        "--dataset", type=path_arg, metavar="DIR", help="captioned dataset directory"
     )
-    group.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory")
-    group.add_argument("--seed", type=int, default=0, help="every random choice (default: 0)")
-    group.add_argument("--img-key", default=IMAGE_KEY, help=f"image column ({IMAGE_KEY})")
-    group.add_argument("--caption-key", default=CAPTION_KEY, help=f"caption column ({CAPTION_KEY})")
-    group.add_argument("--label-key", default=LABEL_KEY, help=f"label column ({LABEL_KEY})")
+    group.add_argument("--csv", type=path_arg, metavar="FILE", help="training CSV (instead of DIR)")
+    group.add_argument("--classes", type=path_arg, metavar="FILE", help="classes.json (with --csv)")
     group.add_argument(
-        "--separator", default=CSV_SEPARATOR, help="CSV separator (default: tab; '\\t' works)"
+        "--test-csv", type=path_arg, metavar="FILE", help="held-out CSV that targets come from"
+    )
+    group.add_argument(
+        "--out", type=path_arg, required=True, metavar="DIR", help="output directory"
+    )
+    group.add_argument(
+        "--seed", type=int, default=0, help="every random choice (default: %(default)s)"
+    )
+    group.add_argument("--img-key", default=IMAGE_KEY, help="image column (default: %(default)s)")
+    group.add_argument(
+        "--caption-key", default=CAPTION_KEY, help="caption column (default: %(default)s)"
+    )
+    group.add_argument("--label-key", default=LABEL_KEY, help="label column (default: %(default)s)")
+    group.add_argument(
+        "--separator",
+        default=CSV_SEPARATOR,
+        type=_separator,
+        help="CSV separator, one character; '\\t' and tab spell a tab (default: tab)",
     )
 
 
 def _targeted_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("targeted poisoning")
-    group.add_argument("--targets", type=int, default=0, metavar="N", help="targets (default: 0)")
+    group.add_argument(
+        "--targets", type=int, default=0, metavar="N", help="targets (default: %(default)s)"
+    )
     group.add_argument(
         "--captions-per-target",
         type=_int_list,
@@ -173,7 +194,9 @@ def _backdoor_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _trigger_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("trigger (see docs/attacks.md)")
-    group.add_argument("--trigger", choices=tuple(TRIGGERS), default="patch", help="(patch)")
+    group.add_argument(
+        "--trigger", choices=tuple(TRIGGERS), default="patch", help="(default: %(default)s)"
+    )
     group.add_argument(
         "--patch-size", type=_size, metavar="PX|FRAC", help="pixels (4) or a fraction (0.125)"
     )
@@ -195,12 +218,18 @@ def _one_or_groups(counts: list[int]) -> int | list[int]:
 
 
 def _int_list(text: str) -> list[int]:
+    """``3`` or ``1,5,9``; an empty part (``1,,3``: a typo of ``1,2,3``?) is an error."""
     try:
-        return [int(part) for part in text.split(",") if part.strip()]
+        return [int(part) for part in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected integers separated by commas, got {text!r}"
         ) from None
+
+
+def _separator(text: str) -> str:
+    """A backslash-t or ``tab`` spells a tab; anything else is itself (checked by ``Columns``)."""
+    return "\t" if text in ("\\t", "tab") else text
 
 
 def _size(text: str) -> int | float:
@@ -237,7 +266,10 @@ def trigger_from_args(args: argparse.Namespace) -> Any:
                 f"parameters: {', '.join(PARAMS[args.trigger])})"
             )
         params[name] = value
+    flag = "--trigger-seed" if args.trigger_seed is not None else "--seed"
     seed = args.trigger_seed if args.trigger_seed is not None else args.seed
+    if seed < 0:
+        raise ValueError(f"{flag} must be a non-negative integer, got {seed}")
     return make_trigger(args.trigger, seed=seed, **params)
 
 
@@ -255,7 +287,7 @@ def _check_backdoor_flags(args: argparse.Namespace) -> bool:
 def run_poison(args: argparse.Namespace, console: Console) -> int:
     """Poison the dataset and print what changed."""
     wants_backdoor = _check_backdoor_flags(args)
-    separator = "\t" if args.separator in ("\\t", "tab") else args.separator
+    columns = Columns(args.img_key, args.caption_key, args.label_key, args.separator)
     with progress_bars(console) as progress:
         result = poison_dataset(
             args.out,
@@ -272,10 +304,12 @@ def run_poison(args: argparse.Namespace, console: Console) -> int:
             backdoor_class=args.backdoor_class,
             trigger=trigger_from_args(args) if wants_backdoor else None,
             seed=args.seed,
-            columns=Columns(args.img_key, args.caption_key, args.label_key, separator),
+            columns=columns,
             progress=progress,
         )
     console.print(poison_table(result))
+    for note in result.notes:
+        console.print(f"[dim]note: {note}[/dim]", soft_wrap=True)
     return 0
 
 

@@ -16,16 +16,30 @@ from rich.console import Console
 from rich.table import Table
 
 from roclip_kit.console import captions_text, percent, progress_bars
-from roclip_kit.demo import PLOT_FILE, RESULTS_FILE, SCALES, TRAINERS, DemoSettings, run_demo
-from roclip_plugin.config import add_argparse_args, config_from_namespace
+from roclip_kit.demo import (
+    DATASETS,
+    PLOT_FILE,
+    RESULTS_FILE,
+    SCALED_FLAGS,
+    SCALES,
+    TRAINERS,
+    TRIGGER_KINDS,
+    DemoSettings,
+    run_demo,
+    scale_text,
+)
+from roclip_plugin.config import RoClipConfig, add_argparse_args, config_from_namespace
+from roclip_plugin.validation import path_arg
 
-DATASETS = ("mnist", "fashion-mnist", "digits")
-TRIGGERS = ("patch", "blend", "wanet")
+TRIGGERS = TRIGGER_KINDS
 
 
 def add_demo_command(subparsers: Any) -> argparse.ArgumentParser:
-    """Add the ``demo`` sub-command to ``subparsers`` (from ``add_subparsers``)."""
-    cpu = SCALES["cpu"]
+    """Add the ``demo`` sub-command to ``subparsers`` (from ``add_subparsers``).
+
+    Every size's help is read from the scale tables (:func:`roclip_kit.demo.scale_text`), so
+    the defaults it shows are those that run.
+    """
     parser = subparsers.add_parser(
         "demo",
         help="Poison captioned MNIST, train CLIP and RoCLIP, compare them.",
@@ -35,12 +49,20 @@ def add_demo_command(subparsers: Any) -> argparse.ArgumentParser:
         "adapter), and evaluates both after every epoch (clean zero-shot, linear probe, "
         "attack success, matching purity, poison detection). The cpu scale finishes in under "
         "10 minutes on two cores. --trainer openclip trains through roclip-openclip-train "
-        "instead, at a smaller size. See docs/demo.md.",
+        "instead, at a smaller size. A rerun replaces the results; if it fails, the previous "
+        "ones are put back. See docs/demo.md.",
     )
-    parser.add_argument("--out", type=Path, default=Path("roclip-demo"), help="output folder")
-    parser.add_argument("--dataset", choices=DATASETS, default="mnist", help="(default: mnist)")
     parser.add_argument(
-        "--scale", choices=sorted(SCALES), default="cpu", help="sizes preset (default: cpu)"
+        "--out",
+        type=path_arg,
+        default=Path("roclip-demo"),
+        help="output folder (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--dataset", choices=DATASETS, default="mnist", help="(default: %(default)s)"
+    )
+    parser.add_argument(
+        "--scale", choices=sorted(SCALES), default="cpu", help="sizes preset (default: %(default)s)"
     )
     parser.add_argument(
         "--trainer",
@@ -52,48 +74,59 @@ def add_demo_command(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--jobs",
         type=int,
-        help=f"runs trained at once, each with its share of the CPU threads (tensor trainer; "
-        f"cpu: {cpu['jobs']})",
+        help="runs trained at once, each with its share of the CPU threads (tensor trainer; "
+        f"default: {scale_text('jobs')})",
     )
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    parser.add_argument("--seed", type=int, default=0, help="data, attack and training seed")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="data, attack and training seed (default: %(default)s)"
+    )
     sizes = parser.add_argument_group("sizes (default: the scale's)")
-    sizes.add_argument(
-        "--train-limit", type=int, help=f"training images (cpu: {cpu['train_limit']})"
-    )
-    sizes.add_argument("--test-limit", type=int, help=f"test images (cpu: {cpu['test_limit']})")
-    sizes.add_argument(
-        "--attribute-rate",
-        type=float,
-        help=f"share of images with rendered colour/size/place (cpu: {cpu['attribute_rate']})",
-    )
-    sizes.add_argument("--epochs", type=int, help=f"epochs (cpu: {cpu['epochs']})")
-    sizes.add_argument("--batch-size", type=int, help=f"batch size (cpu: {cpu['batch_size']})")
-    sizes.add_argument("--lr", type=float, help=f"learning rate (cpu: {cpu['lr']})")
-    sizes.add_argument("--model", help=f"model preset of roclip_kit.train (cpu: {cpu['model']})")
-    sizes.add_argument("--eval-limit", type=int, help="test images per epoch's evaluation")
+    for flag, key, text, kind in (
+        ("--train-limit", "train_limit", "training images", int),
+        ("--test-limit", "test_limit", "test images", int),
+        (
+            "--attribute-rate",
+            "attribute_rate",
+            "share of images with rendered colour/size/place",
+            float,
+        ),
+        ("--epochs", "epochs", "epochs", int),
+        ("--batch-size", "batch_size", "batch size", int),
+        ("--lr", "lr", "learning rate", float),
+        ("--model", "model", "model preset of the trainer", str),
+        ("--eval-limit", "eval_limit", "test images per epoch's evaluation", int),
+    ):
+        sizes.add_argument(flag, type=kind, help=f"{text} ({scale_text(key)})")
     attack = parser.add_argument_group("attacks (default: the scale's)")
-    attack.add_argument("--targets", type=int, help=f"targeted images (cpu: {cpu['targets']})")
+    attack.add_argument("--targets", type=int, help=f"targeted images ({scale_text('targets')})")
     attack.add_argument(
         "--captions-per-target",
         type=_counts,
         metavar="N[,M...]",
-        help="poison captions each; several counts split the targets into equal groups (cpu: "
-        f"{','.join(map(str, cpu['captions_per_target']))})",
+        help="poison captions each; several counts split the targets into equal groups "
+        f"({scale_text('captions_per_target')})",
     )
     attack.add_argument(
         "--backdoor-rate",
         type=float,
-        help=f"share of training images (cpu: {cpu['backdoor_rate']})",
+        help=f"share of training images, 0 for none ({scale_text('backdoor_rate')})",
     )
     attack.add_argument("--backdoor-class", help="backdoor target class (default: by seed)")
     attack.add_argument(
-        "--trigger", choices=TRIGGERS, help=f"backdoor trigger (cpu: {cpu['trigger']})"
+        "--trigger", choices=TRIGGERS, help=f"backdoor trigger ({scale_text('trigger')})"
     )
     group = parser.add_argument_group(
-        "RoCLIP options (the RoCLIP run; pool size and schedule default to the scale's)"
+        "RoCLIP options (the RoCLIP run; pool size, schedule and image augmentation default "
+        "to the scale's; with --roclip-preset reference only pool size and augmentation)"
     )
-    add_argparse_args(group)
+    base = RoClipConfig()
+    add_argparse_args(
+        group,
+        default_text={
+            key: f"the scale's: {scale_text(key, getattr(base, key))}" for key in SCALED_FLAGS
+        },
+    )
     parser.set_defaults(run=run_demo_command)
     return parser
 
@@ -101,7 +134,7 @@ def add_demo_command(subparsers: Any) -> argparse.ArgumentParser:
 def _counts(text: str) -> int | list[int]:
     """``25`` -> 25; ``10,50`` -> [10, 50]."""
     try:
-        counts = [int(part) for part in text.split(",") if part.strip()]
+        counts = [int(part) for part in text.split(",")]  # "10,,50" is an error, not 10,50
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected a count or counts separated by commas, got {text!r}"
@@ -120,17 +153,7 @@ def settings_from_args(args: argparse.Namespace) -> DemoSettings:
     }
     if getattr(args, "roclip_preset", None) not in (None, "default"):
         given["preset"] = args.roclip_preset
-    if args.scale == "gpu" and not args.device.startswith("cuda"):
-        raise ValueError(
-            f"--scale gpu trains a larger ViT sized for a GPU, hours on --device "
-            f"{args.device}; add --device cuda, or use --scale cpu"
-        )
-    if args.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {args.device}: no CUDA device is visible; use --device cpu")
-    return DemoSettings(
+    settings = DemoSettings(
         out=args.out,
         dataset=args.dataset,
         scale=args.scale,
@@ -153,6 +176,7 @@ def settings_from_args(args: argparse.Namespace) -> DemoSettings:
         jobs=args.jobs,
         roclip_flags=given,
     )
+    return settings.check()  # every flag, before anything is written
 
 
 def run_demo_command(args: argparse.Namespace, console: Console) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,7 +26,14 @@ from roclip_kit.evaluate import (
     evaluate_checkpoint,
     find_suspicious,
 )
-from roclip_kit.models import read_tensor_checkpoint, run_params
+from roclip_kit.models import (
+    check_checkpoint_path,
+    check_model_name,
+    read_tensor_checkpoint,
+    run_params,
+)
+from roclip_plugin.io import atomic_write_text, check_output_file
+from roclip_plugin.validation import check_device, path_arg
 
 DEFAULT_PROBE_LIMIT = 5000
 
@@ -43,7 +51,7 @@ def add_eval_command(subparsers: Any) -> argparse.ArgumentParser:
     _model_arguments(parser)
     _data_arguments(parser)
     _limit_arguments(parser)
-    parser.add_argument("--json", type=Path, metavar="OUT", help="also write results as JSON")
+    parser.add_argument("--json", type=path_arg, metavar="OUT", help="also write results as JSON")
     parser.set_defaults(run=run_eval)
     return parser
 
@@ -51,7 +59,7 @@ def add_eval_command(subparsers: Any) -> argparse.ArgumentParser:
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument(
-        "--checkpoint", type=Path, required=True, help="OpenCLIP checkpoint (epoch_N.pt)"
+        "--checkpoint", type=path_arg, required=True, help="OpenCLIP checkpoint (epoch_N.pt)"
     )
     group.add_argument(
         "--model",
@@ -64,18 +72,22 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="as in training (default: from the run's params.txt, else off)",
     )
-    group.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    group.add_argument("--batch-size", type=int, default=64, help="images per batch")
+    group.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    group.add_argument(
+        "--batch-size", type=int, default=64, help="images per batch (default: %(default)s)"
+    )
 
 
 def _data_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data")
     group.add_argument(
-        "--dataset", type=Path, metavar="DIR", help="dataset dir (train.csv, test.csv, ...)"
+        "--dataset", type=path_arg, metavar="DIR", help="dataset dir (train.csv, test.csv, ...)"
     )
-    group.add_argument("--test-csv", type=Path, help="test CSV (default: DIR/test.csv)")
-    group.add_argument("--train-csv", type=Path, help="linear-probe CSV (default: DIR/train.csv)")
-    group.add_argument("--classes", type=Path, help="classes.json (default: DIR/classes.json)")
+    group.add_argument("--test-csv", type=path_arg, help="test CSV (default: DIR/test.csv)")
+    group.add_argument(
+        "--train-csv", type=path_arg, help="linear-probe CSV (default: DIR/train.csv)"
+    )
+    group.add_argument("--classes", type=path_arg, help="classes.json (default: DIR/classes.json)")
     group.add_argument(
         "--template",
         action="append",
@@ -83,17 +95,19 @@ def _data_arguments(parser: argparse.ArgumentParser) -> None:
         help="zero-shot prompt with {} for the class name; repeat for more (default: the "
         "templates of classes.json)",
     )
-    group.add_argument("--manifest", type=Path, help="poison manifest JSON (attacks, detection)")
+    group.add_argument(
+        "--manifest", type=path_arg, help="poison manifest JSON (attacks, detection)"
+    )
     group.add_argument(
         "--suspicious",
-        type=Path,
+        type=path_arg,
         action="append",
         metavar="CSV",
         help="a suspicious_epoch_N.csv to score against the manifest (repeatable)",
     )
     group.add_argument(
         "--run-dir",
-        type=Path,
+        type=path_arg,
         help="OpenCLIP run folder whose suspicious_epoch_N.csv files to score (default with "
         "--manifest: the checkpoint's folder)",
     )
@@ -101,7 +115,7 @@ def _data_arguments(parser: argparse.ArgumentParser) -> None:
         "--suspicious-epoch",
         default="latest",
         metavar="N|latest|all",
-        help="which epoch's suspicious file of the run folder (default: latest)",
+        help="which epoch's suspicious file of the run folder (default: %(default)s)",
     )
 
 
@@ -122,22 +136,36 @@ def _limit_arguments(parser: argparse.ArgumentParser) -> None:
         "--probe-limit",
         type=int,
         default=DEFAULT_PROBE_LIMIT,
-        help=f"linear-probe training images (default: {DEFAULT_PROBE_LIMIT})",
+        help="linear-probe training images (default: %(default)s)",
     )
     group.add_argument(
-        "--probe-c", type=float, default=1.0, help="probe's inverse L2 strength (default: 1)"
+        "--probe-c",
+        type=float,
+        default=1.0,
+        help="probe's inverse L2 strength, > 0 (default: %(default)s)",
     )
     group.add_argument(
         "--k", type=int, help="rows for precision/recall (default: the number poisoned)"
     )
-    group.add_argument("--seed", type=int, default=0, help="seed of the random subsets")
+    group.add_argument(
+        "--seed", type=int, default=0, help="seed of the random subsets (default: %(default)s)"
+    )
 
 
 # ---------------------------------------------------------------- running
 
 
 def run_eval(args: argparse.Namespace, console: Console) -> int:
-    """Evaluate, print a table, optionally write JSON; bad input raises ``ValueError``."""
+    """Evaluate, print a table, optionally write JSON; bad input raises ``ValueError``.
+
+    Every flag and file is checked before the checkpoint is loaded, so a bad ``--json`` or
+    ``--device`` fails in a second, not after the whole evaluation.
+    """
+    json_path = check_output_file(args.json, "--json")
+    check_device(args.device)
+    settings = settings_from_args(args)
+    check_checkpoint_path(args.checkpoint)
+    data = resolve_data(args)
     params = run_params(args.checkpoint)
     model = args.model or params.get("model")
     if not model and read_tensor_checkpoint(Path(args.checkpoint)) is not None:
@@ -147,10 +175,11 @@ def run_eval(args: argparse.Namespace, console: Console) -> int:
             f"--model is needed: no params.txt was found for checkpoint {args.checkpoint} "
             "(pass the --model the run was trained with, or local-dir:<dir>)"
         )
+    if args.model:
+        check_model_name(args.model)
     quick_gelu = args.force_quick_gelu
     if quick_gelu is None:
         quick_gelu = params.get("force_quick_gelu") == "True"
-    data = resolve_data(args)
     console.print(f"Evaluating [bold]{args.checkpoint}[/bold] (model {model})")
     try:
         with _progress(console) as progress:
@@ -158,7 +187,7 @@ def run_eval(args: argparse.Namespace, console: Console) -> int:
                 args.checkpoint,
                 model,
                 data,
-                settings_from_args(args),
+                settings,
                 device=args.device,
                 force_quick_gelu=quick_gelu,
                 progress=progress,
@@ -168,10 +197,9 @@ def run_eval(args: argparse.Namespace, console: Console) -> int:
     console.print(results_table(result))
     for note in result["notes"]:
         console.print(f"[dim]note: {note}[/dim]")
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        console.print(f"wrote {args.json}")
+    if json_path is not None:
+        atomic_write_text(json_path, json.dumps(result, indent=2) + "\n")
+        console.print(f"wrote {json_path}")
     return 0
 
 
@@ -206,6 +234,14 @@ def _suspicious_files(args: argparse.Namespace) -> list[Path]:
     """Explicit --suspicious files, else the run folder's (only useful with a manifest)."""
     files = list(args.suspicious or [])
     folder = args.run_dir
+    if args.manifest is None:
+        given = [flag for flag, value in (("--suspicious", files), ("--run-dir", folder)) if value]
+        if given or args.k is not None:
+            flags = ", ".join(given + (["--k"] if args.k is not None else []))
+            raise ValueError(
+                f"{flags} score poison detection, which needs the poisoned rows: add "
+                "--manifest FILE (the manifest.json of the poisoned training data)"
+            )
     if folder is None and not files and args.manifest is not None:
         folder = args.checkpoint.parent
         if not folder.is_dir():
@@ -224,6 +260,13 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least 1 (got {value})")
+    if not (math.isfinite(args.probe_c) and args.probe_c > 0):
+        raise ValueError(
+            f"--probe-c must be a finite number > 0, got {args.probe_c} (the inverse of the "
+            "probe's L2 strength: smaller regularises more)"
+        )
+    if args.seed < 0:
+        raise ValueError(f"--seed must be a non-negative integer, got {args.seed}")
     return EvalSettings(
         templates=tuple(args.template) if args.template else None,
         linear_probe=args.linear_probe,

@@ -23,7 +23,6 @@ import gzip
 import importlib.util
 import json
 import os
-import shutil
 import struct
 import subprocess
 import time
@@ -45,10 +44,14 @@ from roclip_kit.formats import (
     TEST_CSV,
     TRAIN_CSV,
 )
+from roclip_kit.outputs import check_replaceable, replacing
+from roclip_plugin.io import check_output_dir
 
 SOURCES = ("mnist", "fashion-mnist", "digits")
 BUILD_VERSION = 2  # bump when rendering or captions change, so cached builds are redone
 MIN_IMAGE_SIZE = 8
+MAX_IMAGE_SIZE = 1024  # 70,000 RGB images of this side are already 220 GB uncompressed
+WRITTEN = (TRAIN_CSV, TEST_CSV, CLASSES_FILE, "images")  # what a build puts in its directory
 RENDER_CHUNK = 2048  # images rendered at once (about 25 MB of float32 at 32x32)
 WRITER_THREADS = 4  # zlib and file writes release the GIL: threads overlap them
 DIGITS_TEST_FRACTION = 0.25
@@ -480,8 +483,10 @@ def _check_args(
     for flag, limit in zip(("--train-limit", "--test-limit"), limits, strict=True):
         if limit is not None and limit < 1:
             raise ValueError(f"{flag} must be at least 1 (or omitted for all images), got {limit}")
-    if image_size < MIN_IMAGE_SIZE:
-        raise ValueError(f"--image-size must be at least {MIN_IMAGE_SIZE} pixels, got {image_size}")
+    if not MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE:
+        raise ValueError(
+            f"--image-size must be {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} pixels, got {image_size}"
+        )
 
 
 def _build_params(
@@ -526,19 +531,9 @@ def _cached_build(root: Path, params: dict) -> dict | None:
     return meta
 
 
-def _prepare_dir(root: Path) -> None:
-    """Remove a stale build of ours; refuse to overwrite image folders we did not write."""
-    ours = (root / CLASSES_FILE).is_file() and "build" in _read_json(root / CLASSES_FILE)
-    for split in ("train", "test"):
-        folder = root / "images" / split
-        if folder.exists() and any(folder.iterdir()):
-            if not ours:
-                raise ValueError(
-                    f"--out {root} already holds {folder} not written by roclip: choose an empty "
-                    "or new directory"
-                )
-            shutil.rmtree(folder)
-    (root / CLASSES_FILE).unlink(missing_ok=True)  # an interrupted build is never "complete"
+def _is_build(root: Path) -> bool:
+    """Whether ``root`` holds a build of ours (complete or not): its classes.json says so."""
+    return "build" in _read_json(root / CLASSES_FILE)
 
 
 def _read_json(path: Path) -> dict:
@@ -561,18 +556,24 @@ def _write_split(
     rng: np.random.Generator,
     *,
     root: Path,
+    final: Path,
     limit: int | None,
     image_size: int,
     attribute_rate: float,
     vocabulary: Vocabulary,
     advance: Callable[[int], None],
 ) -> tuple[int, str]:
-    """Render, caption and write one split; returns its row count and its last file."""
+    """Render, caption and write one split into ``root``; returns its row count and last file.
+
+    The CSV lists the images under ``final``, where ``root`` (a staging directory) is moved
+    once the whole build succeeded.
+    """
     attrs = draw_attributes(len(labels), rng, attribute_rate)  # every source image: limits nest
     chosen = balanced_subset(labels, limit, rng)
     folder = root / "images" / split
     folder.mkdir(parents=True, exist_ok=True)
     paths = [f"{folder}{os.sep}{i:06d}.png" for i in chosen]
+    listed = [f"{final / 'images' / split}{os.sep}{i:06d}.png" for i in chosen]
     with (
         (root / (TRAIN_CSV if split == "train" else TEST_CSV)).open("w", newline="") as fh,
         ThreadPoolExecutor(WRITER_THREADS) as pool,
@@ -584,12 +585,12 @@ def _write_split(
             chunk_paths = paths[begin : begin + RENDER_CHUNK]
             rgbs = render_batch(images, attrs, idx, image_size)
             list(pool.map(_write_png, chunk_paths, rgbs))
-            for i, path in zip(idx, chunk_paths, strict=True):
+            for i, path in zip(idx, listed[begin : begin + RENDER_CHUNK], strict=True):
                 label = int(labels[i])
                 caption = make_caption(attrs, i, vocabulary.classes[label], vocabulary)
                 writer.writerow([path, caption, label])
             advance(len(idx))
-    last = paths[-1] if paths else ""
+    last = listed[-1] if listed else ""
     return len(chosen), last
 
 
@@ -654,7 +655,10 @@ def build_captioned_dataset(
     Args:
         name: ``mnist``, ``fashion-mnist`` or ``digits``.
         out_dir: the directory to write; an earlier complete build there with the same
-            parameters is kept as is (``reused=True``), since demos rebuild often.
+            parameters is kept as is (``reused=True``), since demos rebuild often. Any other
+            build is written beside it and replaces it only once complete, so a failure
+            leaves the earlier build intact; a directory holding files of anything else is
+            refused.
         seed: draws attributes, captions and the limited subsets.
         train_limit: keep a class-balanced subset of this many training images (None: all).
         test_limit: the same for the test split.
@@ -667,35 +671,36 @@ def build_captioned_dataset(
     """
     limits = (train_limit, test_limit)
     _check_args(name, seed, limits, image_size, attribute_rate)
-    root = Path(out_dir).expanduser().resolve()
+    root = check_output_dir(out_dir, "--out").resolve()
     params = _build_params(name, root, seed, limits, image_size, attribute_rate)
     start = time.perf_counter()
     cached = _cached_build(root, params)
     if cached is not None:
         return _info(name, root, cached, True, time.perf_counter() - start)
+    check_replaceable(root, "--out", "roclip data", WRITTEN, _is_build)
     source = load_source(name)
-    root.mkdir(parents=True, exist_ok=True)
-    _prepare_dir(root)
     counts, last = {}, {}
     splits = {
         "train": (source.train_images, source.train_labels, train_limit),
         "test": (source.test_images, source.test_labels, test_limit),
     }
-    for k, (split, (images, labels, limit)) in enumerate(splits.items()):
-        total = len(labels) if limit is None else min(limit, len(labels))
-        advance = _progress_callback(progress, f"{name} {split} images", total)
-        counts[split], last[split] = _write_split(
-            split,
-            images,
-            labels,
-            np.random.default_rng([seed, k]),
-            root=root,
-            limit=limit,
-            image_size=image_size,
-            attribute_rate=attribute_rate,
-            vocabulary=source.vocabulary,
-            advance=advance,
-        )
-    meta = _classes_json(name, source.vocabulary, params, counts, last)
-    (root / CLASSES_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    with replacing(root, "--out") as staging:
+        for k, (split, (images, labels, limit)) in enumerate(splits.items()):
+            total = len(labels) if limit is None else min(limit, len(labels))
+            advance = _progress_callback(progress, f"{name} {split} images", total)
+            counts[split], last[split] = _write_split(
+                split,
+                images,
+                labels,
+                np.random.default_rng([seed, k]),
+                root=staging,
+                final=root,
+                limit=limit,
+                image_size=image_size,
+                attribute_rate=attribute_rate,
+                vocabulary=source.vocabulary,
+                advance=advance,
+            )
+        meta = _classes_json(name, source.vocabulary, params, counts, last)
+        (staging / CLASSES_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return _info(name, root, meta, False, time.perf_counter() - start)

@@ -123,6 +123,35 @@ OPENCLIP_SCALES: dict[str, dict[str, Any]] = {
     },
 }
 SCALED_FLAGS = ("pool_size", "first_rematch_epoch", "rematch_every", "image_aug")
+# What a demo run writes into --out besides the dataset cache (data/): a rerun replaces these
+# together, and a failed rerun puts the previous ones back (see roclip_kit.outputs.keeping).
+RESULT_ENTRIES = ("poisoned", "runs", RESULTS_FILE, PLOT_FILE)
+OUT_ENTRIES = ("data", *RESULT_ENTRIES)
+DATASETS = ("mnist", "fashion-mnist", "digits")
+TRIGGER_KINDS = ("patch", "blend", "wanet")
+
+
+def scale_text(key: str, default: Any = None) -> str:
+    """A size's value at every scale, as the help shows it, read from the scale tables.
+
+    ``cpu 4096, gpu 4096; --trainer openclip: cpu 2048, gpu 16384``. A table without ``key``
+    leaves ``default`` (the value that runs then), or omits the scale when there is none.
+    """
+
+    def one(table: Mapping[str, Any]) -> str | None:
+        value = table.get(key, default)
+        if value is None and key not in table:
+            return None
+        if isinstance(value, list):
+            value = ",".join(map(str, value))
+        return "all" if value is None else str(value)
+
+    parts = []
+    for label, tables in (("", SCALES), ("--trainer openclip: ", OPENCLIP_SCALES)):
+        cells = [f"{scale} {text}" for scale, t in tables.items() if (text := one(t)) is not None]
+        if cells:
+            parts.append(label + ", ".join(cells))
+    return "; ".join(parts)
 
 
 @dataclass
@@ -159,6 +188,60 @@ class DemoSettings:
         if self.scale not in scales:
             raise ValueError(f"--scale {self.scale!r}: choose one of {', '.join(scales)}")
         return scales[self.scale]
+
+    def check(self) -> DemoSettings:
+        """Refuse any bad setting, naming its flag, before anything is written; returns self.
+
+        Sizes are refused, not rewritten: ``--epochs 0`` trained one epoch and
+        ``--batch-size 0`` trained at batch size 1 before.
+        """
+        from roclip_plugin.io import check_output_dir
+        from roclip_plugin.validation import check_count, check_device, check_real
+
+        self.scale_table()
+        check_output_dir(self.out, "--out")
+        _check_choice("--dataset", self.dataset, DATASETS)
+        if self.trigger is not None:  # None: the scale's
+            _check_choice("--trigger", self.trigger, TRIGGER_KINDS)
+        check_device(self.device)
+        check_count("--seed", self.seed, low=0, optional=False)
+        for flag, low in (
+            ("--train-limit", 1),
+            ("--test-limit", 1),
+            ("--epochs", 1),
+            ("--batch-size", 1),
+            ("--targets", 0),
+            ("--eval-limit", 1),
+            ("--jobs", 1),
+        ):
+            check_count(flag, getattr(self, flag[2:].replace("-", "_")), low=low)
+        check_real("--lr", self.lr, 0.0, 10.0, low_open=True, optional=True)
+        check_real("--attribute-rate", self.attribute_rate, 0.0, 1.0, optional=True)
+        check_real("--backdoor-rate", self.backdoor_rate, 0.0, 1.0, high_open=True, optional=True)
+        counts = self.captions_per_target
+        if counts is not None:
+            listed = counts if isinstance(counts, list) else [counts]
+            if not listed or any(
+                isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in listed
+            ):
+                raise ValueError(
+                    f"--captions-per-target {counts!r}: every count must be an integer >= 1"
+                )
+        if self.backdoor_class is not None:
+            _check_choice("--backdoor-class", self.backdoor_class, _class_names(self.dataset))
+        if self.model is not None:
+            _check_model(self.model, self.trainer)
+        if self.jobs is not None and self.jobs > 1 and self.trainer != "tensor":
+            raise ValueError(  # it was ignored: the OpenCLIP runs go one after another
+                f"--jobs {self.jobs}: --trainer {self.trainer} trains one run at a time; drop "
+                "--jobs, or use --trainer tensor to train the runs side by side"
+            )
+        if self.scale == "gpu" and not str(self.device).startswith("cuda"):
+            raise ValueError(
+                f"--scale gpu trains a larger ViT sized for a GPU, hours on --device "
+                f"{self.device}; add --device cuda, or use --scale cpu"
+            )
+        return self
 
     def resolved(self) -> DemoSettings:
         """A copy with every size taken from the scale where not given."""
@@ -226,17 +309,29 @@ Say = Callable[[str], None]
 
 def run_demo(settings: DemoSettings, *, say: Say = print, progress: Any = None) -> dict[str, Any]:
     """Run the whole demo; returns what ``results.json`` holds."""
+    from roclip_kit.outputs import check_replaceable, keeping
+    from roclip_plugin.augment import check_policy_names
     from roclip_plugin.config import RoClipConfig
 
-    s = settings.resolved()
-    RoClipConfig.from_preset(
+    s = settings.check().resolved().check()
+    config = RoClipConfig.from_preset(
         s.roclip_flags.get("preset", "default"),
         **{k: v for k, v in s.roclip_flags.items() if k != "preset"},
     )  # bad RoCLIP flags fail here, before minutes of data building
-    out = Path(s.out)
+    check_policy_names(config)  # and unknown augmentation names (they are built in training)
+    out = check_replaceable(Path(s.out), "--out", "roclip demo", OUT_ENTRIES, lambda _: True)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     dataset = build_data(s, out / "data" / s.dataset, say=say, progress=progress)
+    with keeping(out, RESULT_ENTRIES):  # a failure from here on restores the last results
+        results = _poison_train_evaluate(s, out, dataset, start, say=say, progress=progress)
+    return results
+
+
+def _poison_train_evaluate(
+    s: DemoSettings, out: Path, dataset: Any, start: float, *, say: Say, progress: Any
+) -> dict[str, Any]:
+    """The demo after the data: poison, train both runs, evaluate, write results and plot."""
     poisoned = poison(s, dataset, out / "poisoned", say=say, progress=progress)
     pairs = (("CLIP", False), ("RoCLIP", True))
     if s.trainer == "openclip":
@@ -263,6 +358,32 @@ def run_demo(settings: DemoSettings, *, say: Say = print, progress: Any = None) 
     _write_json(out / RESULTS_FILE, results)
     plot_attack_success(runs, out / PLOT_FILE, dataset.name)
     return results
+
+
+def _check_choice(flag: str, value: Any, choices: Any) -> None:
+    if value not in choices:
+        raise ValueError(f"{flag} {value!r}: choose one of {', '.join(choices)}")
+
+
+def _class_names(dataset: str) -> list[str]:
+    """Class names of a source without loading its images (the backdoor class is one)."""
+    from roclip_kit.datasets import _digit_vocabulary, _fashion_vocabulary
+
+    vocabulary = _fashion_vocabulary() if dataset == "fashion-mnist" else _digit_vocabulary()
+    return vocabulary.classes
+
+
+def _check_model(model: str, trainer: str) -> None:
+    """A model preset of the trainer (the tensor path's or roclip_kit.train's)."""
+    if trainer == "tensor":
+        from roclip_kit.tensor_train import TENSOR_PRESETS as presets
+    else:
+        from roclip_kit.train import PRESETS as presets
+    if model not in presets:
+        raise ValueError(
+            f"--model {model!r} is not a model preset of --trainer {trainer}; choose one of "
+            f"{', '.join(presets)}"
+        )
 
 
 def build_data(s: DemoSettings, folder: Path, *, say: Say = print, progress: Any = None) -> Any:

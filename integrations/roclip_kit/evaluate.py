@@ -31,8 +31,10 @@ from roclip_kit.formats import (
     TRAIN_CSV,
     Target,
     Trigger,
+    read_image,
 )
 from roclip_kit.models import LoadedModel, load_openclip
+from roclip_plugin.io import require_file
 
 Advance = Callable[[int], None]
 ProgressFactory = Callable[[str, int], Advance]
@@ -72,7 +74,7 @@ class ClassInfo:
 def read_classes(path: Path | str, templates: Sequence[str] | None = None) -> ClassInfo:
     """Read ``classes.json``; ``templates`` replaces its templates when given."""
     path = Path(path)
-    data = _read_json(path, "classes file")
+    data = _read_json(path, "classes file (--classes or --dataset DIR/classes.json)")
     names = data.get("classes") if isinstance(data, dict) else None
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
         raise ValueError(
@@ -95,10 +97,9 @@ def read_classes(path: Path | str, templates: Sequence[str] | None = None) -> Cl
 
 
 def _read_json(path: Path, what: str) -> Any:
-    if not path.is_file():
-        raise ValueError(f"{what} {path} does not exist")
+    require_file(path, what)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as err:
         raise ValueError(f"{what} {path} is not valid JSON: {err}") from err
 
@@ -125,12 +126,14 @@ class Split:
         )
 
 
-def read_split(path: Path | str, classes: ClassInfo) -> Split:
-    """Read a tab-separated CSV with ``filepath`` and ``label`` columns (OpenCLIP's format)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"CSV file {path} does not exist")
-    with path.open(newline="", encoding="utf-8") as fh:
+def read_split(path: Path | str, classes: ClassInfo, what: str = "CSV file") -> Split:
+    """Read a tab-separated CSV with ``filepath`` and ``label`` columns (OpenCLIP's format).
+
+    ``what`` names the file and its flag in messages (``test CSV (--test-csv ...)``).
+    """
+    path = require_file(path, what)
+    # utf-8-sig: a byte-order mark is not part of the first column's name
+    with path.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh, delimiter=CSV_SEPARATOR)
         columns = reader.fieldnames or []
         _require_columns(path, columns, (IMAGE_KEY, LABEL_KEY))
@@ -173,7 +176,7 @@ def _require_columns(path: Path, columns: Sequence[str], wanted: Sequence[str]) 
 
 def read_captions(path: Path) -> list[str]:
     """The caption column of a training CSV, by data row."""
-    with path.open(newline="", encoding="utf-8") as fh:
+    with path.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh, delimiter=CSV_SEPARATOR)
         _require_columns(path, reader.fieldnames or [], (CAPTION_KEY,))
         return [record[CAPTION_KEY] for record in reader]
@@ -201,12 +204,12 @@ class Manifest:
 def read_manifest(path: Path | str, classes: ClassInfo) -> Manifest:
     """Read a ``roclip-poison/1`` manifest and check its classes against ``classes``."""
     path = Path(path)
-    data = _read_json(path, "manifest")
+    data = _read_json(path, "manifest (--manifest)")
     if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
         found = data.get("format") if isinstance(data, dict) else None
         raise ValueError(
-            f"manifest {path} has format {found!r}, expected {MANIFEST_FORMAT!r}; pass the "
-            "manifest JSON that the kit's poisoning step wrote"
+            f"manifest {path} (--manifest) has format {found!r}, expected {MANIFEST_FORMAT!r}; "
+            "pass the manifest JSON that the kit's poisoning step wrote"
         )
     try:
         rows = {int(r["row"]): str(r["attack"]) for r in data.get("rows") or []}
@@ -400,9 +403,7 @@ def read_suspicious(path: Path | str) -> SuspiciousRanking:
     file does not matter; a repeated index keeps its highest margin (a distributed sampler can
     pad an epoch with repeats). Index ``-1`` (row unknown) stays, as a row that is never a hit.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"suspicious file {path} does not exist")
+    path = require_file(path, "suspicious file")
     entries = _suspicious_entries(path)
     entries.sort(key=lambda e: (-e[0], e[1]))
     seen: set[int] = set()
@@ -423,7 +424,7 @@ def read_suspicious(path: Path | str) -> SuspiciousRanking:
 
 
 def _suspicious_entries(path: Path) -> list[tuple[float, int, str]]:
-    with path.open(newline="", encoding="utf-8") as fh:
+    with path.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         columns = reader.fieldnames or []
         for column in ("index", "margin"):
@@ -461,8 +462,8 @@ def find_suspicious(folder: Path | str, epoch: str | int = "latest") -> list[Pat
     if number not in found:
         have = ", ".join(map(str, sorted(found))) or "none"
         raise ValueError(
-            f"no suspicious_epoch_{number}.csv in {folder} (epochs with a file: {have}); "
-            "files are written for matching epochs only"
+            f"--suspicious-epoch {number}: no suspicious_epoch_{number}.csv in {folder} (epochs "
+            f"with a file: {have}); files are written for matching epochs only"
         )
     return [found[number]]
 
@@ -477,28 +478,40 @@ def encode_images(
     batch_size: int = 64,
     transform: Callable[[Any], Any] | None = None,
     progress: Advance | None = None,
+    where: Callable[[int], str] | None = None,
 ) -> torch.Tensor:
     """Normalised image embeddings ``[N, dim]``, on the CPU.
 
     ``transform`` (a trigger) is applied to each PIL image as stored (its own mode), as the
     poisoner stamped training images, then it is made RGB and preprocessed for validation.
+    ``where(i)`` names the ``i``-th file's place (its CSV row) when a file cannot be read.
+    Features that are not finite raise ``ValueError``: a broken model must not score as chance.
     """
-    from PIL import Image
-
     chunks = []
     for start in range(0, len(filepaths), batch_size):
         images = []
-        for path in filepaths[start : start + batch_size]:
-            with Image.open(path) as image:
-                image.load()
-                picture = transform(image) if transform is not None else image
-                images.append(loaded.preprocess(picture.convert("RGB")))
+        for i, path in enumerate(filepaths[start : start + batch_size], start):
+            picture = read_image(path, where(i) if where else None)
+            if transform is not None:
+                picture = transform(picture)
+            images.append(loaded.preprocess(picture.convert("RGB")))
         batch = torch.stack(images).to(loaded.device)
         with torch.no_grad():
-            chunks.append(F.normalize(loaded.model.encode_image(batch).float(), dim=-1).cpu())
+            features = loaded.model.encode_image(batch).float()
+        chunks.append(_finite(F.normalize(features, dim=-1).cpu(), "image", loaded))
         if progress is not None:
             progress(len(images))
     return torch.cat(chunks)
+
+
+def _finite(features: torch.Tensor, kind: str, loaded: LoadedModel) -> torch.Tensor:
+    if not bool(torch.isfinite(features).all()):
+        raise ValueError(
+            f"the model of {loaded.checkpoint} produced NaN or inf {kind} features: its weights "
+            "are finite but it overflows on these inputs; evaluate another epoch (and --device "
+            "cpu in float32 if a GPU run is in half precision)"
+        )
+    return features
 
 
 def encode_texts(
@@ -509,7 +522,8 @@ def encode_texts(
     for start in range(0, len(texts), batch_size):
         tokens = loaded.tokenizer(list(texts[start : start + batch_size])).to(loaded.device)
         with torch.no_grad():
-            chunks.append(F.normalize(loaded.model.encode_text(tokens).float(), dim=-1).cpu())
+            features = loaded.model.encode_text(tokens).float()
+        chunks.append(_finite(F.normalize(features, dim=-1).cpu(), "text", loaded))
     return torch.cat(chunks)
 
 
@@ -599,6 +613,7 @@ class _Context:
             batch_size=self.settings.batch_size,
             transform=transform,
             progress=advance,
+            where=lambda i: f"row {split.rows[i]} of {split.path}",
         )
 
 
@@ -624,7 +639,11 @@ def targeted_attack(ctx: _Context, manifest: Manifest) -> dict[str, Any]:
     check_images(paths, lambda i: f"target {targets[i].id} of manifest {manifest.path}")
     advance = ctx.progress("target images", len(paths)) if ctx.progress else None
     features = encode_images(
-        ctx.loaded, paths, batch_size=ctx.settings.batch_size, progress=advance
+        ctx.loaded,
+        paths,
+        batch_size=ctx.settings.batch_size,
+        progress=advance,
+        where=lambda i: f"target {targets[i].id} of manifest {manifest.path}",
     )
     predictions = zero_shot_predict(features, ctx.class_features)
     wanted = np.asarray([t.adversarial_label for t in targets])
@@ -784,12 +803,37 @@ def evaluate_checkpoint(
     progress: ProgressFactory | None = None,
     trigger: Trigger | None = None,
 ) -> dict[str, Any]:
-    """Load an OpenCLIP checkpoint and run every evaluation ``data`` allows (JSON-able)."""
-    classes = read_classes(data.classes, settings.templates)  # fail on inputs before loading
+    """Load an OpenCLIP checkpoint and run every evaluation ``data`` allows (JSON-able).
+
+    Every input file is read and checked before the model is loaded, so a bad file fails in a
+    second, not after seconds to minutes of building the model.
+    """
+    inputs = read_inputs(data, settings)
     loaded = load_openclip(checkpoint, model, device, force_quick_gelu=force_quick_gelu)
-    return evaluate_model(
-        loaded, data, settings, progress=progress, trigger=trigger, classes=classes
-    )
+    return evaluate_model(loaded, data, settings, progress=progress, trigger=trigger, inputs=inputs)
+
+
+@dataclass(frozen=True)
+class EvalInputs:
+    """The evaluation's input files, read and checked: classes, test rows, manifest, probe rows."""
+
+    classes: ClassInfo
+    test: Split
+    manifest: Manifest | None
+    train: Split | None
+
+
+def read_inputs(
+    data: EvalData, settings: EvalSettings, classes: ClassInfo | None = None
+) -> EvalInputs:
+    """Read every input file of an evaluation (no model needed)."""
+    classes = classes or read_classes(data.classes, settings.templates)
+    test = read_split(data.test_csv, classes, "test CSV (--test-csv or --dataset DIR/test.csv)")
+    manifest = read_manifest(data.manifest, classes) if data.manifest else None
+    train = _probe_training_rows(data, settings, classes, manifest)
+    for path in data.suspicious:
+        require_file(path, "suspicious file (--suspicious)")
+    return EvalInputs(classes, test, manifest, train)
 
 
 def evaluate_model(
@@ -800,15 +844,15 @@ def evaluate_model(
     progress: ProgressFactory | None = None,
     trigger: Trigger | None = None,
     classes: ClassInfo | None = None,
+    inputs: EvalInputs | None = None,
 ) -> dict[str, Any]:
     """Run every evaluation ``data`` allows with an already loaded model (JSON-able dict).
 
-    Without a manifest only clean accuracy (zero-shot, linear probe) is measured.
+    Without a manifest only clean accuracy (zero-shot, linear probe) is measured. ``inputs``
+    (from :func:`read_inputs`) skips reading the files again.
     """
-    classes = classes or read_classes(data.classes, settings.templates)
-    test_all = read_split(data.test_csv, classes)
-    manifest = read_manifest(data.manifest, classes) if data.manifest else None
-    train = _probe_training_rows(data, settings, classes, manifest)
+    inputs = inputs or read_inputs(data, settings, classes)
+    classes, test_all, manifest, train = inputs.classes, inputs.test, inputs.manifest, inputs.train
     ctx = _Context(loaded, classes, class_embeddings(loaded, classes), settings, progress)
     test = test_all.take(select_rows(len(test_all), settings.test_limit, settings.seed))
     features = ctx.encode("test images", test)
@@ -836,7 +880,7 @@ def _probe_training_rows(
                 "or --train-csv"
             )
         return None
-    train = read_split(data.train_csv, classes)
+    train = read_split(data.train_csv, classes, "training CSV (--train-csv)")
     if manifest and manifest.poisoned_csv and _same_file(manifest.poisoned_csv, data.train_csv):
         keep = np.flatnonzero(~np.isin(train.rows, list(manifest.rows)))
         train = train.take(keep)

@@ -66,6 +66,25 @@ TEST_CSV = "test.csv"
 MANIFEST_FILE = "manifest.json"
 
 
+def read_image(path: Any, where: str | None = None) -> Any:
+    """A loaded PIL image in its own mode; an unreadable file raises ``ValueError`` naming it.
+
+    ``where`` says where the file was listed (``train.csv, data row 17``), so a corrupt or
+    non-image file in a CSV of 60,000 rows can be found and fixed.
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.copy()
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        place = f" ({where})" if where else ""
+        raise ValueError(
+            f"image {path}{place} cannot be read ({err}); fix the file or drop its row"
+        ) from None
+
+
 class Trigger(Protocol):
     """A backdoor trigger: the same object (or its dict) stamps training and test images."""
 

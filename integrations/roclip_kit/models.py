@@ -16,10 +16,13 @@ from typing import Any
 
 import torch
 
+from roclip_plugin.io import require_file
+
 LOCAL_DIR = "local-dir:"
 PARAMS_FILE = "params.txt"
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP, torch.compile
 _INSTALL_HINT = 'pip install "roclip-plugin[openclip]"'
+ROCLIP_STATE_SUFFIX = ".roclip"  # what roclip-openclip-train saves beside epoch_N.pt
 
 
 @dataclass
@@ -134,6 +137,11 @@ def reload_checkpoint(loaded: LoadedModel, checkpoint: Path | str) -> LoadedMode
     return replace(loaded, model=net, checkpoint=checkpoint, epoch=epoch)
 
 
+def check_model_name(model: str) -> None:
+    """Refuse, before any loading, a ``--model`` OpenCLIP would not build offline."""
+    _check_model_name(import_open_clip(), model)
+
+
 @contextmanager
 def _quiet_warnings() -> Iterator[None]:
     """Silence log records up to WARNING (OpenCLIP logs to the root logger) for a moment."""
@@ -169,10 +177,20 @@ def _check_model_name(open_clip: Any, model: str) -> None:
         )
 
 
+def check_checkpoint_path(checkpoint: Path | str) -> Path:
+    """An existing model checkpoint file, not a directory or a RoCLIP state file."""
+    path = require_file(checkpoint, "--checkpoint")
+    if path.suffix == ROCLIP_STATE_SUFFIX:
+        raise ValueError(
+            f"--checkpoint {path} is a RoCLIP state file (pool, schedule and RNG state), not "
+            f"model weights: pass the checkpoint beside it, {path.with_suffix('.pt').name}"
+        )
+    return path
+
+
 def read_state_dict(checkpoint: Path) -> tuple[dict[str, torch.Tensor], int | None]:
     """The model weights in ``checkpoint`` without wrapper prefixes, and its epoch if saved."""
-    if not checkpoint.is_file():
-        raise ValueError(f"checkpoint {checkpoint} does not exist; pass an epoch_N.pt file")
+    checkpoint = check_checkpoint_path(checkpoint)
     raw = _torch_load(checkpoint)
     epoch = None
     if isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict):
@@ -198,10 +216,12 @@ def _torch_load(checkpoint: Path) -> Any:
     try:
         return torch.load(checkpoint, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling errors have no common base class across versions
+        # the first line only: torch's weights_only errors run to a page of internals
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ValueError(
-            f"checkpoint {checkpoint} could not be read as a PyTorch file of tensors ({err}); "
-            "pass a checkpoint saved by OpenCLIP training (epoch_N.pt)"
-        ) from err
+            f"checkpoint {checkpoint} could not be read as a PyTorch file of tensors "
+            f"({reason[:200]}); pass a checkpoint saved by OpenCLIP training (epoch_N.pt)"
+        ) from None
 
 
 def strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -237,7 +257,22 @@ def _load_into(
             )
             + ". Pass the --model the run was trained with ('model:' in its params.txt)"
         )
+    _check_finite(state, checkpoint)
     net.load_state_dict(state, strict=True)
+
+
+def _check_finite(state: dict[str, torch.Tensor], checkpoint: Path) -> None:
+    """Refuse weights holding NaN or inf: the model would score as chance, silently."""
+    broken = [
+        name
+        for name, value in state.items()
+        if value.is_floating_point() and not bool(torch.isfinite(value).all())
+    ]
+    if broken:
+        raise ValueError(
+            f"checkpoint {checkpoint} has NaN or inf weights in {len(broken)} tensor(s) (e.g. "
+            f"{', '.join(broken[:3])}): the training run diverged; evaluate an earlier epoch"
+        )
 
 
 def run_params(checkpoint: Path | str) -> dict[str, str]:

@@ -15,6 +15,7 @@ alpha; other modes go through RGB and back).
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -27,6 +28,7 @@ PATCH_POSITIONS = ("random", "top-left", "top-right", "bottom-left", "bottom-rig
 PATCH_GRID = 8  # noise cells across a patch: the pattern keeps its blocks at any patch size
 BLEND_GRID = 32  # noise cells across a blended image
 KEPT_MODES = ("L", "RGB", "RGBA")
+MAX_WANET_K = 64  # the field is k x k; beyond this it is noise, and memory grows as k^2
 
 
 def _rgb_array(image: Image.Image) -> np.ndarray:
@@ -57,9 +59,9 @@ def _resized(pattern: np.ndarray, width: int, height: int) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
 
 
-def _check_seed(seed: Any) -> int:
+def _check_seed(seed: Any, flag: str = "--trigger-seed") -> int:
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"trigger seed must be a non-negative integer, got {seed!r}")
+        raise ValueError(f"trigger seed must be a non-negative integer, got {seed!r} ({flag})")
     return seed
 
 
@@ -132,11 +134,15 @@ class PatchTrigger:
 
 def _check_patch_size(size: Any) -> None:
     if isinstance(size, bool) or not isinstance(size, int | float):
-        raise ValueError(f"patch size must be pixels (int) or a fraction (float), got {size!r}")
+        raise ValueError(
+            f"patch size must be pixels (int) or a fraction (float), got {size!r} (--patch-size)"
+        )
     if isinstance(size, int) and size < 1:
-        raise ValueError(f"patch size in pixels must be at least 1, got {size}")
+        raise ValueError(f"patch size in pixels must be at least 1, got {size} (--patch-size)")
     if isinstance(size, float) and not 0.0 < size <= 1.0:
-        raise ValueError(f"patch size as a fraction of the image must be in (0, 1], got {size}")
+        raise ValueError(
+            f"patch size as a fraction of the image must be in (0, 1], got {size} (--patch-size)"
+        )
 
 
 def _check_position(position: Any) -> str | tuple[int, int]:
@@ -147,7 +153,7 @@ def _check_position(position: Any) -> str | tuple[int, int]:
             return int(position[0]), int(position[1])
     raise ValueError(
         f"patch position {position!r} is not valid: use one of {', '.join(PATCH_POSITIONS)} "
-        "or two integers x,y (pixels of the patch's top-left corner)"
+        "or two integers x,y (pixels of the patch's top-left corner) (--patch-position)"
     )
 
 
@@ -178,7 +184,9 @@ class BlendTrigger:
         _check_seed(self.seed)
         alpha = self.alpha
         if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 < alpha <= 1:
-            raise ValueError(f"blend alpha must be a number in (0, 1], got {alpha!r}")
+            raise ValueError(
+                f"blend alpha must be a number in (0, 1], got {alpha!r} (--blend-alpha)"
+            )
 
     def apply(self, image: Image.Image) -> Image.Image:
         """A copy of ``image`` with the noise blended in."""
@@ -217,13 +225,19 @@ class WaNetTrigger:
 
     def __post_init__(self) -> None:
         _check_seed(self.seed)
-        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 2:
+        k = self.k
+        if isinstance(k, bool) or not isinstance(k, int) or not 2 <= k <= MAX_WANET_K:
             raise ValueError(
-                f"wanet k (control points per side) must be an int >= 2, got {self.k!r}"
+                f"wanet k (control points per side) must be an int in [2, {MAX_WANET_K}], got "
+                f"{k!r} (--wanet-k)"
             )
         s = self.strength
-        if isinstance(s, bool) or not isinstance(s, int | float) or not s > 0:
-            raise ValueError(f"wanet strength must be a positive number, got {s!r}")
+        ok = isinstance(s, int | float) and not isinstance(s, bool) and math.isfinite(s) and s > 0
+        if not ok:
+            raise ValueError(
+                f"wanet strength must be a positive number, got {s!r}; a finite one (0.5 in "
+                "WaNet) (--wanet-strength)"
+            )
 
     def displacement(self) -> torch.Tensor:
         """The [1, 2, k, k] displacement field, mean magnitude 1."""

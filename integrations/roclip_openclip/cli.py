@@ -16,9 +16,11 @@ from typing import Any
 
 import pluggy
 
-from roclip_plugin import get_plugin_manager
+from roclip_plugin import RoClipConfig, get_plugin_manager
 from roclip_plugin.augment import build_policy
 from roclip_plugin.config import FLAG_PREFIX, add_argparse_args, config_from_namespace
+from roclip_plugin.io import StateError, detach_stdout
+from roclip_plugin.validation import check_parsed
 
 SUPPORTED = ((2, 26), (4, 0))  # open_clip_torch versions: [2.26, 4.0)
 log = logging.getLogger("roclip")
@@ -154,14 +156,42 @@ def _print_help(parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+def check_resume_state(args: Any, config: RoClipConfig) -> None:
+    """Refuse, before the model and data are built, a ``--resume`` state that cannot be restored.
+
+    The state of ``epoch_3.pt`` is ``epoch_3.roclip`` beside it (:mod:`roclip_openclip.state`):
+    an empty, truncated or foreign file, a state with entries missing, or a pool of another
+    ``--roclip-pool-size`` would otherwise stop the run only after minutes of set-up. Where
+    the file's name needs the checkpoint's epoch (``--resume latest``, ``epoch_latest.pt``)
+    or the checkpoint is remote, the same checks run when the state is restored, before the
+    first step, and end the same way (exit 2, one line).
+    """
+    from roclip_openclip.state import STATE_SUFFIX, check_state_file, is_remote, sibling
+
+    resume = getattr(args, "resume", None)
+    if not resume or resume == "latest" or is_remote(str(resume)):
+        return
+    stem = str(resume).rsplit("/", 1)[-1].rsplit(".", 1)[0]
+    try:
+        check_state_file(sibling(str(resume), stem + STATE_SUFFIX), config.pool_size)
+    except StateError as err:
+        raise UsageError(f"--resume {resume}: {err}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run OpenCLIP's training (with RoCLIP when ``--roclip`` is given); returns an exit code."""
+    """Run OpenCLIP's training (with RoCLIP when ``--roclip`` is given); returns an exit code.
+
+    Refusals exit 2 with one line on stderr; a closed pipe (``--help | head``) ends quietly.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return _main(argv)
     except UsageError as err:
         print(f"roclip-openclip-train: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        detach_stdout()
+        return 141
 
 
 def _main(argv: list[str]) -> int:
@@ -171,6 +201,7 @@ def _main(argv: list[str]) -> int:
     if "-h" in argv or "--help" in argv:
         return _print_help(parser)
     roclip_args, rest = parser.parse_known_args(argv)
+    check_parsed(parser, roclip_args)
     import open_clip_train.main as oc_main
     from open_clip_train.params import parse_args
 
@@ -192,6 +223,7 @@ def _main(argv: list[str]) -> int:
         policy = build_policy(config, pm)
     except (ValueError, ImportError) as err:
         raise UsageError(str(err)) from err
+    check_resume_state(openclip_args, config)
     with OpenClipPatches(
         config, pm, roclip_args, suspicious_margin=config.suspicious_margin, policy=policy
     ):

@@ -259,8 +259,8 @@ class OpenClipPatches:
         assert self.defense is not None
         try:
             location = self.state.restore(self.defense, args, epoch)
-        except ValueError as err:
-            raise UsageError(str(err)) from err
+        except ValueError as err:  # also a StateError: unreadable, incomplete, other pool size
+            raise UsageError(f"--resume {args.resume}: {err}") from None
         if location is None:
             where = " or ".join(state_candidates(str(args.resume), epoch))
             log.warning(

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from roclip_plugin.distributed import all_gather_objects, rng_state, set_rng_state
 from roclip_plugin.io import atomic_torch_save, load_versioned
+from roclip_plugin.validation import check_defense_state, check_state_keys
 
 if TYPE_CHECKING:
     from roclip_plugin.defense import RoClipDefense
@@ -31,6 +32,7 @@ log = logging.getLogger("roclip")
 STATE_SUFFIX = ".roclip"  # not ".pt": OpenCLIP's resume-latest globs every *.pt file
 STATE_FORMAT = 2  # 2: records completed_epochs and step, written after OpenCLIP's evaluation
 WHAT = "roclip-openclip state file"
+SAVED_KEYS = ("completed_epochs", "step", "roclip", "rng")  # what restore reads
 
 
 def state_name(completed: int) -> str:
@@ -74,19 +76,41 @@ def read_state(location: str) -> dict[str, Any] | None:
     Local paths are read directly; URLs through fsspec, as OpenCLIP reads ``--resume``.
 
     Raises:
-        ValueError: the file is not a state file of this format (names the file).
+        StateError: the file is empty, truncated, not a state file of this format, or lacks an
+            entry (a ``ValueError``; names the file).
     """
     if not is_remote(location):
         if not Path(location).is_file():
             return None
-        return load_versioned(location, STATE_FORMAT, WHAT)
-    import fsspec
+        saved = load_versioned(location, STATE_FORMAT, WHAT)
+    else:
+        import fsspec
 
-    fs, path = fsspec.core.url_to_fs(location)
-    if not fs.exists(path):
-        return None
-    with fs.open(path, "rb") as fh:
-        return load_versioned(fh, STATE_FORMAT, WHAT, name=location)
+        fs, path = fsspec.core.url_to_fs(location)
+        if not fs.exists(path):
+            return None
+        with fs.open(path, "rb") as fh:
+            saved = load_versioned(fh, STATE_FORMAT, WHAT, name=location)
+    return dict(check_state_keys(saved, SAVED_KEYS, f"{WHAT} {location}"))
+
+
+def check_state_file(location: str, pool_size: int) -> None:
+    """Refuse, before a model is built, a state file that :meth:`StateKeeper.restore` would.
+
+    Everything restore checks but the recorded epoch (that needs the checkpoint loaded): the
+    file can be read, holds every entry, and its pool fits ``--roclip-pool-size``. No file
+    there passes (a checkpoint trained without ``--roclip``).
+
+    Raises:
+        StateError: with the file named and what to do.
+    """
+    from roclip_plugin.defense import STATE_VERSION
+    from roclip_plugin.pool import check_pool_state
+
+    saved = read_state(location)
+    if saved is not None:
+        state = check_defense_state(saved["roclip"], STATE_VERSION)
+        check_pool_state(state["pool"], pool_size)
 
 
 def write_state(folder: str | Path, completed: int, state: dict[str, Any]) -> Path:

@@ -28,6 +28,7 @@ from roclip_plugin.augment import AugmentationPolicy, build_policy
 from roclip_plugin.config import add_argparse_args, config_from_namespace
 from roclip_plugin.loss import DistInfo
 from roclip_plugin.pool import CaptionPool
+from roclip_plugin.validation import as_real
 from roclip_torch.features import (
     LogitScaleSource,
     as_scale_tensor,
@@ -309,7 +310,18 @@ class RoClipAdapter:
         Call it after each optimiser step: without it the temperature can grow until the
         softmax saturates. Returns False when there is no tensor to clamp (a number, or a
         callable source).
+
+        Raises:
+            ValueError: ``max_scale`` is not a finite number >= 1 (the lower bound of the
+                clamp; ``log(0)`` was a "math domain error").
         """
+        number = as_real(max_scale)
+        if number is None or not math.isfinite(number) or number < 1:
+            raise ValueError(
+                f"max_scale: invalid value {max_scale!r}; allowed: a finite number >= 1 (the "
+                f"clamp's lower bound; CLIP uses {CLIP_MAX_LOGIT_SCALE:g})"
+            )
+        max_scale = number
         try:
             source = self._logit_scale_source()
         except ValueError:

@@ -465,6 +465,71 @@ def test_webdataset_training_data(setup) -> None:
     assert rows and {r["index"] for r in rows} == {"-1"}
 
 
+def _fake_resume(setup: dict[str, Path], name: str, state: object) -> Path:
+    """A checkpoint path whose ``.roclip`` state file holds ``state`` (bytes or an object)."""
+    folder = setup["root"] / "resume-states" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    checkpoint = folder / "epoch_2.pt"
+    checkpoint.write_bytes(b"never read: the RoCLIP state is refused first")
+    if isinstance(state, bytes):
+        state_path_for(checkpoint).write_bytes(state)
+    else:
+        torch.save(state, state_path_for(checkpoint))
+    return checkpoint
+
+
+def _saved_state(pool_size: int) -> dict:
+    from roclip_openclip.state import STATE_FORMAT
+
+    from roclip_plugin import RoClipConfig, RoClipDefense
+
+    defense = RoClipDefense(RoClipConfig(pool_size=pool_size), plugin_manager=get_plugin_manager())
+    defense.pool.enqueue(torch.nn.functional.normalize(torch.randn(4, 8), dim=-1))
+    saved = {"completed_epochs": 2, "step": 12, "roclip": defense.state_dict(), "rng": []}
+    return {"format": STATE_FORMAT, **saved}
+
+
+@pytest.mark.parametrize(
+    ("state", "message"),
+    [
+        (b"", "is empty"),
+        (b"\x80\x04 truncated pickle", "cannot be read"),
+        ("pool-8", "checkpoint pool size 8 differs from this pool's 64; resume with the same"),
+        ("no-rng", "lacks 'rng'"),
+        ("nan-pool", "row(s) hold NaN or inf"),
+    ],
+)
+def test_bad_resume_state_stops_before_training(setup, capsys, state, message) -> None:
+    content: object = state
+    if state == "pool-8":
+        content = _saved_state(8)
+    elif state == "no-rng":
+        content = {k: v for k, v in _saved_state(64).items() if k != "rng"}
+    elif state == "nan-pool":
+        content = _saved_state(64)
+        content["roclip"]["pool"]["features"][0, 0] = float("nan")
+    checkpoint = _fake_resume(setup, str(abs(hash(str(state)))), content)
+    name = f"resume-{abs(hash(str(state)))}"
+    assert main(_argv(setup, name, 3, *ROCLIP, "--resume", str(checkpoint))) == 2
+    err = capsys.readouterr().err
+    assert f"roclip-openclip-train: error: --resume {checkpoint}: " in err and message in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (setup["root"] / "logs" / name).exists()
+
+
+def test_help_into_a_closed_pipe_is_quiet(monkeypatch) -> None:
+    import io
+    import sys
+
+    class ClosedPipe(io.StringIO):
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    monkeypatch.setattr(roclip_openclip.cli, "detach_stdout", lambda: None)
+    assert main(["--help"]) == 141
+
+
 class RecordingMatcher:
     """Wraps the configured matcher and keeps what it was asked and what it answered."""
 

@@ -423,6 +423,13 @@ def test_epoch_start_adopts_or_checks_the_loop_step() -> None:
         fresh.epoch_start(5, step=5)  # agreeing counts: silent
 
 
+@pytest.mark.parametrize("bad", [0, 0.5, -1.0, math.inf, math.nan, "100", True])
+def test_clamp_bound_is_checked(bad) -> None:
+    adapter = _adapter(model=TwoTower())
+    with pytest.raises(ValueError, match=r"max_scale: invalid value .*a finite number >= 1"):
+        adapter.clamp_logit_scale(bad)
+
+
 def test_clamp_logit_scale_like_clip() -> None:
     model = TwoTower()
     with torch.no_grad():

@@ -279,7 +279,7 @@ def test_target_row_of_the_adversarial_class_is_refused(dataset: Path, tmp_path:
 
 
 def test_input_files_are_checked(dataset: Path, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="--csv .*nope.csv: file not found"):
+    with pytest.raises(ValueError, match="--csv .*nope.csv does not exist"):
         poison_dataset(
             tmp_path / "o",
             csv_path=tmp_path / "nope.csv",
@@ -298,7 +298,7 @@ def test_input_files_are_checked(dataset: Path, tmp_path: Path) -> None:
             classes=dataset / "classes.json",
             targets=1,
         )
-    with pytest.raises(ValueError, match="--test-csv .*missing.csv: file not found"):
+    with pytest.raises(ValueError, match="--test-csv .*missing.csv does not exist"):
         poison_dataset(
             tmp_path / "o", dataset_dir=dataset, test_csv=tmp_path / "missing.csv", targets=1
         )

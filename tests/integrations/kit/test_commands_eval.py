@@ -20,7 +20,7 @@ sklearn_datasets = pytest.importorskip("sklearn.datasets")
 from roclip_kit.commands_eval import add_eval_command  # noqa: E402
 from roclip_kit.formats import MANIFEST_FORMAT  # noqa: E402
 
-from .tiny import MODEL_CFG, NAMES, Square  # noqa: E402
+from .tiny import MODEL_CFG, NAMES, Square, run_roclip  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +172,10 @@ def test_without_a_manifest_the_table_has_clean_accuracy_only(run) -> None:
         ([], "pass --dataset DIR, or both --test-csv and --classes"),
         (["--dataset", "/no/such/dir"], "dataset directory /no/such/dir does not exist"),
         (["--dataset", "{dataset}", "--test-limit", "0"], "--test-limit must be at least 1"),
-        (["--dataset", "{dataset}", "--run-dir", "/nope"], "run folder /nope does not exist"),
+        (
+            ["--dataset", "{dataset}", "--manifest", "{manifest}", "--run-dir", "/nope"],
+            "run folder /nope does not exist",
+        ),
         (
             ["--dataset", "{dataset}", "--manifest", "{manifest}", "--suspicious-epoch", "x"],
             "--suspicious-epoch 'x'",
@@ -206,3 +209,164 @@ def test_a_test_csv_without_labels_names_the_column(run, tmp_path) -> None:
             "--test-csv", str(test_csv),
             "--classes", str(run["dataset"] / "classes.json"),
         )  # fmt: skip
+
+
+def _roclip_eval(argv: list[str], capsys) -> tuple[int, str]:
+    """``roclip eval ARGV`` through the real command: exit code and everything printed."""
+    result = run_roclip(["eval", *argv])
+    return result.code, result.output
+
+
+def _must_not_load(*args, **kwargs):
+    raise AssertionError("the checkpoint was loaded before the flags were checked")
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--json", "{tmp}"], "--json {tmp} is a directory"),
+        (["--device", "bogus"], "--device 'bogus' is not a torch device"),
+        (["--probe-c", "0"], "--probe-c must be a finite number > 0, got 0.0"),
+        (["--probe-c", "nan"], "--probe-c must be a finite number > 0, got nan"),
+        (["--seed", "-2"], "--seed must be a non-negative integer, got -2"),
+        (["--suspicious", "{tmp}/s.csv"], "--suspicious score poison detection, which needs"),
+        (["--run-dir", "{tmp}"], "--run-dir score poison detection"),
+        (["--k", "3"], "--k score poison detection"),
+    ],
+)
+def test_flags_are_checked_before_the_checkpoint_is_loaded(
+    run, tmp_path, capsys, monkeypatch, extra, message
+) -> None:
+    import roclip_kit.commands_eval
+    import roclip_kit.models
+
+    monkeypatch.setattr(roclip_kit.commands_eval, "evaluate_checkpoint", _must_not_load)
+    monkeypatch.setattr(roclip_kit.models, "_torch_load", _must_not_load)
+    argv = [a.format(tmp=tmp_path) for a in extra]
+    code, out = _roclip_eval(
+        ["--checkpoint", str(run["checkpoint"]), "--dataset", str(run["dataset"]), *argv], capsys
+    )
+    assert code == 2 and "Traceback" not in out
+    assert message.format(tmp=tmp_path) in out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
+def test_cuda_without_a_gpu_is_refused_first(run, capsys) -> None:
+    code, out = _roclip_eval(
+        [
+            "--checkpoint",
+            str(run["checkpoint"]),
+            "--dataset",
+            str(run["dataset"]),
+            "--device",
+            "cuda",
+        ],
+        capsys,
+    )
+    assert code == 2 and "--device cuda: no CUDA device is visible" in out
+
+
+def test_nan_weights_are_refused_naming_them(run, tmp_path, capsys) -> None:
+    saved = torch.load(run["checkpoint"], weights_only=True)
+    name = next(k for k, v in saved["state_dict"].items() if v.is_floating_point())
+    saved["state_dict"][name] = torch.full_like(saved["state_dict"][name], float("nan"))
+    broken = run["checkpoint"].parent / "epoch_9.pt"
+    torch.save(saved, broken)
+    try:
+        code, out = _roclip_eval(
+            ["--checkpoint", str(broken), "--dataset", str(run["dataset"])], capsys
+        )
+    finally:
+        broken.unlink()
+    assert code == 2 and "has NaN or inf weights in 1 tensor(s)" in out and name in out
+
+
+def test_non_finite_features_are_refused(run, capsys, monkeypatch) -> None:
+    import roclip_kit.evaluate
+    from roclip_kit.models import load_openclip
+
+    loaded = load_openclip(run["checkpoint"], f"local-dir:{run['model']}")
+    real = loaded.model.encode_image
+
+    def overflow(images):
+        return real(images) * float("inf")
+
+    monkeypatch.setattr(loaded.model, "encode_image", overflow)
+    with pytest.raises(ValueError, match="produced NaN or inf image features"):
+        roclip_kit.evaluate.encode_images(loaded, [str(next(run["dataset"].rglob("*.png")))])
+
+
+def test_corrupt_test_image_names_its_row(run, tmp_path, capsys) -> None:
+    lines = (run["dataset"] / "test.csv").read_text().splitlines()
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG but no more")
+    fields = lines[3].split("\t")
+    lines[3] = "\t".join([str(broken), *fields[1:]])
+    test_csv = tmp_path / "test.csv"
+    test_csv.write_text("\n".join(lines) + "\n")
+    code, out = _roclip_eval(
+        [
+            "--checkpoint",
+            str(run["checkpoint"]),
+            "--test-csv",
+            str(test_csv),
+            "--classes",
+            str(run["dataset"] / "classes.json"),
+        ],
+        capsys,
+    )
+    assert code == 2 and "Traceback" not in out
+    assert f"image {broken} (row 2 of {test_csv}) cannot be read" in " ".join(out.split())
+
+
+def test_a_roclip_state_file_as_checkpoint_says_what_it_is(run, tmp_path, capsys) -> None:
+    state = tmp_path / "epoch_2.roclip"
+    import numpy as np
+
+    # a NumPy RNG state: what the safe loader refuses with a page of internals
+    torch.save({"format": 1, "rng": [np.random.get_state()]}, state)
+    code, out = _roclip_eval(["--checkpoint", str(state), "--dataset", str(run["dataset"])], capsys)
+    assert code == 2 and "is a RoCLIP state file" in out and "epoch_2.pt" in out
+    other = tmp_path / "weird.pt"
+    other.write_bytes(state.read_bytes())
+    code, out = _roclip_eval(
+        [
+            "--checkpoint",
+            str(other),
+            "--dataset",
+            str(run["dataset"]),
+            "--model",
+            f"local-dir:{run['model']}",
+        ],
+        capsys,
+    )
+    assert code == 2 and "could not be read as a PyTorch file of tensors" in out
+    error = next(line for line in out.splitlines() if line.startswith("error:"))
+    assert len(error) < 600 and "WeightsUnpickler" not in out and "Traceback" not in out
+
+
+def test_a_directory_as_checkpoint(run, tmp_path, capsys) -> None:
+    code, out = _roclip_eval(
+        ["--checkpoint", str(tmp_path), "--dataset", str(run["dataset"])], capsys
+    )
+    assert code == 2 and f"--checkpoint {tmp_path} is a directory; give a file" in out
+
+
+def test_json_is_written_atomically(run, tmp_path) -> None:
+    out_json = tmp_path / "deep" / "r.json"
+    code, _ = _eval(
+        "--checkpoint", str(run["checkpoint"]), "--dataset", str(run["dataset"]),
+        "--no-linear-probe", "--json", str(out_json),
+    )  # fmt: skip
+    assert code == 0 and json.loads(out_json.read_text())["zero_shot"]["images"] == 20
+    assert [p.name for p in out_json.parent.iterdir()] == ["r.json"]
+
+
+def test_byte_order_mark_in_the_test_csv(run, tmp_path) -> None:
+    test_csv = tmp_path / "bom.csv"
+    test_csv.write_text("\ufeff" + (run["dataset"] / "test.csv").read_text(), encoding="utf-8")
+    code, text = _eval(
+        "--checkpoint", str(run["checkpoint"]), "--test-csv", str(test_csv),
+        "--classes", str(run["dataset"] / "classes.json"),
+    )  # fmt: skip
+    assert code == 0 and "zero-shot accuracy" in text

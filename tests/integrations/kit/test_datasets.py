@@ -165,7 +165,8 @@ def test_refuses_to_overwrite_images_it_did_not_write(tmp_path: Path) -> None:
     ("kwargs", "message"),
     [
         ({"name": "cifar"}, "unknown dataset 'cifar' \\(--dataset\\): choose one of mnist"),
-        ({"image_size": 4}, "--image-size must be at least 8 pixels, got 4"),
+        ({"image_size": 4}, "--image-size must be 8 to 1024 pixels, got 4"),
+        ({"image_size": 100000}, "--image-size must be 8 to 1024 pixels, got 100000"),
         ({"train_limit": 0}, "--train-limit must be at least 1"),
         ({"seed": -1}, "--seed must be a non-negative integer"),
         ({"attribute_rate": 1.5}, "--attribute-rate must be in \\[0, 1\\], got 1.5"),

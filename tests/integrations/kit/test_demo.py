@@ -196,3 +196,102 @@ def test_verdict_when_clip_never_learned_the_task() -> None:
 
     notes = verdicts([_run("CLIP", False, 0.13, 0.5, 0.0), _run("RoCLIP", True, 0.10, 0.0, 0.0)])
     assert len(notes) == 1 and "did not learn the task" in notes[0] and "chance 10%" in notes[0]
+
+
+def _must_not_run(*args, **kwargs):
+    raise AssertionError("the demo started its work on bad input")
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--epochs", "0"], "--epochs: invalid value 0; allowed: an integer >= 1"),
+        (["--batch-size", "0"], "--batch-size: invalid value 0; allowed: an integer >= 1"),
+        (["--train-limit", "-3"], "--train-limit: invalid value -3; allowed: an integer >= 1"),
+        (["--eval-limit", "0"], "--eval-limit: invalid value 0; allowed: an integer >= 1"),
+        (["--jobs", "0"], "--jobs: invalid value 0; allowed: an integer >= 1"),
+        (["--targets", "-1"], "--targets: invalid value -1; allowed: an integer >= 0"),
+        (["--seed", "-1"], "--seed: invalid value -1; allowed: an integer >= 0"),
+        (["--lr", "0"], "--lr: invalid value 0.0; allowed: a number in (0.0, 10.0]"),
+        (["--lr", "nan"], "--lr: invalid value nan; allowed: a number in (0.0, 10.0]"),
+        (
+            ["--attribute-rate", "2"],
+            "--attribute-rate: invalid value 2.0; allowed: a number in [0.0, 1.0]",
+        ),
+        (
+            ["--backdoor-rate", "1"],
+            "--backdoor-rate: invalid value 1.0; allowed: a number in [0.0, 1.0)",
+        ),
+        (["--captions-per-target", "0"], "--captions-per-target 0: every count must be"),
+        (["--backdoor-class", "eleven"], "--backdoor-class 'eleven': choose one of zero"),
+        (["--model", "tiny-cpu"], "--model 'tiny-cpu' is not a model preset of --trainer tensor"),
+        (
+            ["--trainer", "openclip", "--model", "tensor-cpu"],
+            "--model 'tensor-cpu' is not a model preset of --trainer openclip",
+        ),
+        (["--trainer", "openclip", "--jobs", "2"], "--jobs 2: --trainer openclip trains one run"),
+        (["--trainer", "openclip", "--epochs", "0"], "--epochs: invalid value 0"),
+        (["--device", "bogus"], "--device 'bogus' is not a torch device"),
+    ],
+)
+def test_bad_sizes_are_refused_not_rewritten(tmp_path, capsys, monkeypatch, extra, message):
+    import roclip_kit.demo
+
+    monkeypatch.setattr(roclip_kit.demo, "build_data", _must_not_run)
+    out = tmp_path / "demo"
+    assert main(["demo", "--dataset", "digits", "--out", str(out), *extra], pm=_pm()) == 2
+    printed = capsys.readouterr().out
+    assert message in " ".join(printed.split()) and "Traceback" not in printed
+    assert not out.exists()
+
+
+def test_out_that_is_a_file_or_a_foreign_folder(tmp_path, capsys, monkeypatch) -> None:
+    import roclip_kit.demo
+
+    monkeypatch.setattr(roclip_kit.demo, "build_data", _must_not_run)
+    a_file = tmp_path / "f"
+    a_file.write_text("x")
+    assert main(["demo", "--out", str(a_file)], pm=_pm()) == 2
+    assert f"--out {a_file} is a file, not a directory" in capsys.readouterr().out
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    assert main(["demo", "--out", str(mine)], pm=_pm()) == 2
+    assert "holds files not written by roclip demo (notes.txt)" in capsys.readouterr().out
+    assert (mine / "notes.txt").read_text() == "keep"
+
+
+def test_failed_rerun_puts_the_previous_results_back(tmp_path, monkeypatch) -> None:
+    import roclip_kit.demo
+    from roclip_kit.demo import run_demo
+
+    out = tmp_path / "demo"
+    for name, text in (
+        ("poisoned/manifest.json", "old"),
+        ("runs/clip/final.pt", "old"),
+        (RESULTS_FILE, "{}"),
+        (PLOT_FILE, "png"),
+    ):
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(text)
+    before = {p: p.read_text() for p in out.rglob("*") if p.is_file()}
+
+    class Info:
+        name, train_count, test_count, root, classes = "digits", 10, 5, out / "data", ["a"]
+
+    def new_poison(s, dataset, folder, **kw):
+        folder.mkdir()
+        (folder / "manifest.json").write_text("new")
+        return None
+
+    def crash(*args, **kwargs):
+        (out / "runs" / "clip").mkdir(parents=True)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(roclip_kit.demo, "build_data", lambda *a, **k: Info())
+    monkeypatch.setattr(roclip_kit.demo, "poison", new_poison)
+    monkeypatch.setattr(roclip_kit.demo, "train_tensor_runs", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_demo(DemoSettings(out=out, dataset="digits", epochs=1))
+    after = {p: p.read_text() for p in out.rglob("*") if p.is_file()}
+    assert after == before and not (out / ".previous").exists()

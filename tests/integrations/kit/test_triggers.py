@@ -137,7 +137,11 @@ def test_wanet_warps_smoothly_and_depends_on_the_seed() -> None:
         ("patch", {"size": 1.5}, "fraction of the image must be in \\(0, 1\\], got 1.5"),
         ("patch", {"position": "middle"}, "patch position 'middle' is not valid"),
         ("blend", {"alpha": 0.0}, "blend alpha must be a number in \\(0, 1\\], got 0.0"),
-        ("wanet", {"k": 1}, "wanet k \\(control points per side\\) must be an int >= 2, got 1"),
+        (
+            "wanet",
+            {"k": 1},
+            "wanet k \\(control points per side\\) must be an int in \\[2, 64\\], got 1",
+        ),
         ("wanet", {"strength": -1.0}, "wanet strength must be a positive number"),
         ("blend", {"seed": -2}, "trigger seed must be a non-negative integer, got -2"),
     ],

@@ -25,3 +25,16 @@ class Square:
 
     def to_dict(self) -> dict[str, str]:
         return {"kind": self.kind}
+
+
+def run_roclip(argv: list[str]) -> Any:
+    """``roclip ARGV`` in-process with the kit registered: a ``CommandResult`` (code, output)."""
+    import roclip_kit.plugin
+
+    from roclip_plugin import get_plugin_manager
+    from roclip_plugin.cli import main
+    from roclip_plugin.testing import run_command
+
+    pm = get_plugin_manager(autoload=False)
+    pm.register(roclip_kit.plugin)
+    return run_command(lambda a: main(a, pm=pm), argv)

@@ -1,0 +1,110 @@
+"""Hostile input, generated, for ``roclip-openclip-train``: every ``--roclip-*`` flag and the
+``--resume`` state checks this project adds exit 2 with one error line naming the flag, before
+OpenCLIP's training starts and before its log folder exists. OpenCLIP's own flags are its
+argparse's business and are not drawn here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+pytest.importorskip("open_clip_train")
+
+import open_clip_train.main  # noqa: E402
+from roclip_openclip import main  # noqa: E402
+from roclip_openclip.state import STATE_FORMAT  # noqa: E402
+
+from roclip_plugin import RoClipConfig, RoClipDefense, get_plugin_manager  # noqa: E402
+from roclip_plugin.testing import (  # noqa: E402
+    assert_refused,
+    bad_input_settings,
+    bad_roclip_values,
+    run_command,
+)
+
+SETTINGS = bad_input_settings(6)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("openclip-bad-input")
+    (root / "train.csv").write_text("filepath\ttitle\nimg.png\ta digit\n")
+    states = root / "states"
+    states.mkdir()
+    good = RoClipDefense(RoClipConfig(pool_size=64), plugin_manager=get_plugin_manager())
+    good.pool.enqueue(torch.nn.functional.normalize(torch.randn(4, 8), dim=-1))
+    other = RoClipDefense(RoClipConfig(pool_size=32), plugin_manager=get_plugin_manager())
+    saved = {"format": STATE_FORMAT, "completed_epochs": 1, "step": 6, "rng": []}
+    contents = {
+        "empty": b"",
+        "garbage": b"\x80\x04not a pickle at all",
+        "other-pool": {**saved, "roclip": other.state_dict()},
+        "no-roclip": saved,
+        "no-epoch": {k: v for k, v in saved.items() if k != "completed_epochs"} | {
+            "roclip": good.state_dict()},
+        "wrong-format": {**saved, "format": 99, "roclip": good.state_dict()},
+        "no-pool": {**saved, "roclip": {
+            k: v for k, v in good.state_dict().items() if k != "pool"}},
+    }  # fmt: skip
+    for name, content in contents.items():
+        checkpoint = states / f"{name}.pt"
+        checkpoint.write_bytes(b"OpenCLIP never reads this")
+        target = states / f"{name}.roclip"
+        if isinstance(content, bytes):
+            target.write_bytes(content)
+        else:
+            torch.save(content, target)
+    return root
+
+
+def _never(*args, **kwargs):
+    raise AssertionError("OpenCLIP's training started with a bad value")
+
+
+def _argv(run_dir: Path, *extra: str) -> list[str]:
+    return [
+        "--roclip", "--train-data", str(run_dir / "train.csv"), "--dataset-type", "csv",
+        "--precision", "fp32", "--device", "cpu", "--logs", str(run_dir / "logs"),
+        "--name", "refused", "--roclip-pool-size", "64", *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("flag", list(bad_roclip_values()))
+@SETTINGS
+@given(data=st.data())
+def test_every_bad_roclip_value_stops_before_training(flag, data, run_dir, monkeypatch) -> None:
+    monkeypatch.setattr(open_clip_train.main, "main", _never)
+    value = data.draw(bad_roclip_values()[flag], label=flag)
+    assert_refused(run_command(main, _argv(run_dir, f"{flag}={value}")), flag)
+    assert not (run_dir / "logs").exists()
+
+
+@pytest.mark.parametrize(
+    "state", ["empty", "garbage", "other-pool", "no-roclip", "no-epoch", "wrong-format", "no-pool"]
+)
+def test_a_resume_state_that_cannot_be_restored_stops_before_training(
+    state, run_dir, monkeypatch
+) -> None:
+    monkeypatch.setattr(open_clip_train.main, "main", _never)
+    checkpoint = run_dir / "states" / f"{state}.pt"
+    assert_refused(run_command(main, _argv(run_dir, "--resume", str(checkpoint))), "--resume")
+    assert not (run_dir / "logs").exists()
+
+
+def test_roclip_help_shows_the_defaults_that_run() -> None:
+    from roclip_openclip.cli import build_parser
+
+    from roclip_plugin.config import config_from_namespace, field_from_flag
+    from roclip_plugin.testing import as_shown, assert_help_shows_defaults, shown_defaults
+
+    parser = build_parser(get_plugin_manager())
+    assert_help_shows_defaults(parser)
+    runs = config_from_namespace(parser.parse_known_args([])[0])
+    for flag, text in shown_defaults(parser).items():
+        if flag.startswith("--roclip-") and flag != "--roclip-preset":
+            assert text == as_shown(getattr(runs, field_from_flag(flag))), flag

@@ -327,3 +327,42 @@ def test_non_finite_image_features_are_refused_in_matching_steps(matcher_name):
     with pytest.raises(ValueError, match=r"2 of 6 image feature rows are non-finite"):
         loss(img, txt, torch.tensor(10.0))
     assert len(pool) == 10  # nothing was enqueued by the refused step
+
+
+# -- duplicate matched captions ----------------------------------------------------------------
+
+
+def _duplicated_softmax(duplicate_matches: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Images 0 and 1 matched to the same pool caption; returns (loss, images, matched)."""
+    img, txt = _features(9, 4, 8)
+    pool = CaptionPool(8)
+    pool.enqueue(F.normalize(torch.randn(3, 8), dim=-1))
+    indices = torch.tensor([0, 0, 1, 2])
+    loss = RoClipLoss(
+        pool, lambda image_features, pool_: indices, DistInfo(),
+        duplicate_matches=duplicate_matches,
+    )  # fmt: skip
+    loss.matching = True
+    return loss(img, txt, torch.tensor(10.0)), img, pool.gather(indices)
+
+
+def test_keep_duplicates_is_the_authors_loss_over_the_matched_captions():
+    got, img, matched = _duplicated_softmax("keep")
+    torch.testing.assert_close(got, open_clip_loss.ClipLoss()(img, matched, torch.tensor(10.0)))
+
+
+def test_mask_leaves_a_shared_caption_out_of_the_other_images_softmax():
+    got, img, matched = _duplicated_softmax("mask")
+    logits = 10.0 * img @ matched.T
+    shared = torch.zeros(4, 4, dtype=torch.bool)
+    shared[0, 1] = shared[1, 0] = True
+    logits = logits.masked_fill(shared, float("-inf"))
+    labels = torch.arange(4)
+    want = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(got, open_clip_loss.ClipLoss()(img, matched, torch.tensor(10.0)))
+
+
+def test_an_unknown_duplicate_policy_is_refused():
+    with pytest.raises(ValueError, match="duplicate_matches.*allowed: mask, keep"):
+        RoClipLoss(CaptionPool(4), TorchMatcher(), DistInfo(), duplicate_matches="merge")

@@ -364,7 +364,7 @@ def test_unknown_augmentation_is_a_usage_error(setup, capsys) -> None:
     ("extra", "message"),
     [
         (["--accum-freq", "2"], "--accum-freq 2"),
-        (["--siglip"], "--siglip"),
+        (["--siglip", "--loss-dist-impl", "ring"], "--loss-dist-impl ring"),
         (["--roclip-rematch-every", "0"], "rematch_every (--roclip-rematch-every): invalid"),
     ],
 )
@@ -655,3 +655,41 @@ def test_a_siglip_architecture_without_siglip_trains_like_clip_loss(setup) -> No
     assert re.findall(r"RoCLIP epoch 1 rank 0: matching=True pool=64/64", log)
     losses = [float(x) for x in re.findall(r"Contrastive_loss: ([0-9.]+)", log)]
     assert losses and all(torch.isfinite(torch.tensor(losses)))
+
+
+# -- SigLIP (--siglip) -------------------------------------------------------------------------
+
+SIGMOID_CFG = {**MODEL_CFG, "init_logit_bias": -10.0, "init_logit_scale": 2.3}
+
+
+def _siglip_argv(setup, name: str, epochs: int, *extra: str) -> list[str]:
+    """--siglip on a tiny model with a logit bias (its folder name must not say "siglip":
+    OpenCLIP would then ask Hugging Face for SigLIP's tokenizer)."""
+    argv = _argv(setup, name, epochs, *ROCLIP, "--siglip", *extra)
+    argv[argv.index(f"local-dir:{setup['model']}")] = _local_model(setup, "sigmoid", SIGMOID_CFG)
+    return argv
+
+
+def test_siglip_trains_with_roclip_reports_and_resumes_exactly(setup) -> None:
+    """The sigmoid loss end to end: schedule, pool, suspicious CSV, a trained bias, resume."""
+    assert main(_siglip_argv(setup, "siglip", 3)) == 0
+    log = _log(setup, "siglip")
+    assert "--siglip is not given" not in log
+    matching = re.findall(r"RoCLIP epoch (\d+) rank 0: matching=(\w+) pool=(\d+)/64", log)
+    assert [(int(e), m, int(f)) for e, m, f in matching] == [
+        (0, "False", 64),
+        (1, "True", 64),
+        (2, "False", 64),
+    ]
+    losses = [float(x) for x in re.findall(r"Contrastive_loss: ([0-9.]+)", log)]
+    assert losses and all(torch.isfinite(torch.tensor(losses)))
+    weights = torch.load(_ckpt(setup, "siglip", 3), weights_only=False)["state_dict"]
+    assert float(weights["logit_bias"]) != -10.0  # the sigmoid loss trains the bias
+    with _ckpt(setup, "siglip", 2).with_name("suspicious_epoch_2.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 96 and {int(r["index"]) for r in rows} == set(range(96))
+
+    _stop_after_epoch_two(_siglip_argv(setup, "siglip-stopped", 3))
+    resume = ["--resume", str(_ckpt(setup, "siglip-stopped", 2))]
+    assert main(_siglip_argv(setup, "siglip-resumed", 3, *resume)) == 0
+    _assert_same_run(setup, "siglip", "siglip-resumed")

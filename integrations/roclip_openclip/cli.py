@@ -74,11 +74,6 @@ def check_openclip_args(args: Any) -> None:
     problems = []
     if getattr(args, "distill_model", None):
         problems.append("--distill-model: distillation adds a second loss RoCLIP does not handle")
-    if args.accum_freq > 1:
-        problems.append(
-            f"--accum-freq {args.accum_freq}: the loss runs on cached features several times "
-            "per step, which would enqueue captions and match more than once; use --accum-freq 1"
-        )
     impl = getattr(args, "loss_dist_impl", None)
     if getattr(args, "siglip", False) and impl not in (None, *SIGLIP_DIST_IMPLS):
         problems.append(

@@ -3,9 +3,10 @@
 The grid (datasets x seeds x backdoor rates x variants) runs on the kit's tensor-resident path
 (``roclip_kit.tensor_train``: OpenCLIP's ``CLIP`` class, RoCLIP through ``roclip_torch``), at
 the demo's faithful scale-down of the paper's attacks: the full training set, 32 targets (16
-with 10 and 16 with 50 captions of an adversarial class), a patch backdoor at each rate, a pool
-of 4,096 captions, 12 epochs (docs/results.md has the ratios next to the paper's). Every run is
-evaluated after every epoch and in full after the last, by ``roclip eval``'s code.
+with 10 and 16 with 50 captions of an adversarial class), a blended-noise backdoor at each
+rate, a pool of 4,096 captions, 12 epochs (docs/results.md has the ratios next to the
+paper's). Every run is evaluated after every epoch and in full after the last, by
+``roclip eval``'s code.
 
 It prints one JSON line per finished run, then a markdown table of means and standard
 deviations over seeds, and writes ``results.md`` and ``summary.json`` into ``--out``. Each run's
@@ -27,6 +28,7 @@ Variants (``--variants``), on top of the scale's RoCLIP settings:
     python benchmarks/bench_robustness.py --out robustness               # the CPU grid
     python benchmarks/bench_robustness.py --device cuda --jobs 6 --out robustness-gpu
     python benchmarks/bench_robustness.py --quick --out /tmp/rb          # a check of the script
+    python benchmarks/bench_robustness.py --out robustness --report      # the table so far
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from typing import Any
 
 import torch
 from roclip_kit.demo import DemoSettings, build_data, poison
-from roclip_kit.tensor_runs import RunSpec, default_threads, run_specs
+from roclip_kit.tensor_runs import RunsFailed, RunSpec, default_threads, run_specs
 from roclip_kit.tensor_train import TensorTrainSettings
 
 _DROP = {"match_action": "drop", "first_rematch_epoch": 0, "rematch_every": 1}
@@ -299,6 +301,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, help="runs at once (default: the scale's)")
     parser.add_argument("--scale", default=None, help="demo scale (default: cpu, or gpu on cuda)")
     parser.add_argument("--quick", action="store_true", help="toy sizes: a check of the script")
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help="train nothing: the table of every run saved in --out/runs so far",
+    )
     return parser.parse_args(argv)
 
 
@@ -316,8 +323,29 @@ def base_settings(args: argparse.Namespace) -> DemoSettings:
     return base
 
 
+def report(out: Path) -> int:
+    """The table of the runs a (possibly unfinished) grid has saved, whatever plan made them.
+
+    A CPU grid takes hours; its runs are saved one by one, so the table can be read at any time,
+    and a grid run in several invocations (a phase per priority) still gives one table.
+    """
+    paths = sorted((out / "runs").glob("*.json"))
+    if not paths:
+        raise SystemExit(f"--report: no saved runs in {out / 'runs'}; run the grid first")
+    rows = [json.loads(path.read_text()) for path in paths]
+    header = f"{len(rows)} saved runs in {out / 'runs'} (each run's device is in {out}/log.txt)"
+    text = table(rows)
+    print(header)
+    print(text)
+    (out / "report.md").write_text(f"{header}\n\n{text}\n")
+    (out / "report.json").write_text(json.dumps({"header": header, "rows": rows}, indent=1))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.report:
+        return report(args.out)
     base = base_settings(args)
     variants = {**VARIANTS, **parse_extra(args.extra)}
     unknown = sorted(set(args.variants + args.ablations + args.beyond) - set(variants))
@@ -345,8 +373,13 @@ def main(argv: list[str] | None = None) -> int:
         specs[index][0].write_text(json.dumps(row, indent=1))
         print(json.dumps({k: row[k] for k in row if not k.endswith("_by_epoch")}), flush=True)
 
-    run_specs([spec for _, spec in specs], jobs, on_result=save)
-    rows = cached + [json.loads(path.read_text()) for path, _ in specs]
+    failed = None
+    try:
+        run_specs([spec for _, spec in specs], jobs, on_result=save)
+    except RunsFailed as err:  # the table still shows every run that finished
+        failed = err
+        _log(f"error: {err}")
+    rows = cached + [json.loads(path.read_text()) for path, _ in specs if path.is_file()]
     text = table(rows)
     print(header)
     print(text)
@@ -356,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "results.md").write_text(f"{header}\n\n`{command}`\n\n{text}\n")
     summary = {"header": header, "command": command, "wall_seconds": time.perf_counter() - start}
     (args.out / "summary.json").write_text(json.dumps({**summary, "rows": rows}, indent=1))
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -149,7 +149,7 @@ def test_roclip_register_augmentations() -> None:
     pm.register(Plugin())
     registry = collect_augmentations(pm)
     assert registry.names("text") == ["eda", "none", "shout"]
-    assert registry.names("image") == ["none", "roclip"]
+    assert registry.names("image") == ["none", "roclip", "roclip-small"]
     assert registry.build("text", "shout", RoClipConfig())("a cat") == "A CAT"
     assert registry.build("text", "none", RoClipConfig())("a cat") == "A CAT"
     assert registry.build("image", "none", RoClipConfig())(5) == 5

@@ -10,6 +10,10 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+from matching_problems import CHUNKS, PRECISIONS, exact_problems
+from matching_problems import assert_fp32_answer as _assert_fp32_answer
+from matching_problems import clustered as _clustered
+from matching_problems import scores64 as _scores64
 
 from roclip_plugin.config import RoClipConfig
 from roclip_plugin.matching import (
@@ -26,14 +30,10 @@ from roclip_plugin.matching import (
 from roclip_plugin.pool import CaptionPool
 from roclip_plugin.testing import (
     check_matcher,
-    exact_embeddings,
-    grid_images,
     random_embeddings,
 )
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-PRECISIONS = ["fp32", "bf16"]
-CHUNKS = [1, 3, 0]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -49,22 +49,9 @@ def _one_thread() -> Iterator[None]:
     faiss.omp_set_num_threads(previous_faiss)
 
 
-@st.composite
-def exact_problems(draw: st.DrawFn) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images, pool) whose every score is exact in float32 and bfloat16."""
-    dim = draw(st.sampled_from([4, 8, 16]))
-    rows = draw(st.integers(1, 40))
-    batch = draw(st.integers(1, 10))
-    return draw(grid_images(batch, dim)), draw(exact_embeddings(rows, dim))
-
-
 def _split(pool: torch.Tensor, cut: int) -> list[torch.Tensor]:
     cut = min(cut, pool.shape[0])
     return [pool[:cut], pool[cut:]]
-
-
-def _scores64(images: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
-    return images.double() @ F.normalize(pool.double(), dim=-1).T
 
 
 def _top2_gap(scores: torch.Tensor) -> torch.Tensor:
@@ -72,22 +59,6 @@ def _top2_gap(scores: torch.Tensor) -> torch.Tensor:
         return torch.full((scores.shape[0],), float("inf"), dtype=scores.dtype)
     top = scores.topk(2, dim=1).values
     return top[:, 0] - top[:, 1]
-
-
-def _assert_fp32_answer(
-    got: torch.Tensor, want: torch.Tensor, images: torch.Tensor, pool: torch.Tensor
-) -> None:
-    """``got`` is the float32 answer ``want``, except between rows tied up to float32 rounding."""
-    scores = _scores64(images, pool)
-    tol = float32_tolerance(images).double()
-    best = scores.max(dim=1).values
-    got_s = scores.gather(1, got.cpu().unsqueeze(1)).squeeze(1)
-    want_s = scores.gather(1, want.cpu().unsqueeze(1)).squeeze(1)
-    assert bool((best - got_s <= tol).all()), f"not a maximum: deficit {(best - got_s).max()}"
-    differ = got.cpu() != want.cpu()
-    assert bool(((got_s - want_s).abs() <= tol)[differ].all()), (
-        f"rows {differ.nonzero().flatten().tolist()} differ by more than float32 rounding"
-    )
 
 
 # -- exactness ---------------------------------------------------------------------------------
@@ -292,18 +263,6 @@ def test_bf16_equals_fp32_on_random_data(
     got = nearest_captions(images, pool, precision="bf16", chunk_size=chunk)
     _assert_fp32_answer(got, want, images, pool)
     _assert_fp32_answer(want, brute_force_nearest(images, pool), images, pool)
-
-
-def _clustered(
-    seed: int, centres: int, rows: int, batch: int, dim: int, noise: float = 0.003
-) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    c = F.normalize(torch.randn(centres, dim, generator=g), dim=-1)
-    pool = c[torch.randint(0, centres, (rows,), generator=g)]
-    pool = F.normalize(pool + noise * torch.randn(rows, dim, generator=g), dim=-1)
-    images = c[torch.randint(0, centres, (batch,), generator=g)]
-    images = images + noise * torch.randn(batch, dim, generator=g)
-    return images, pool
 
 
 @given(
@@ -643,48 +602,6 @@ def test_highest_matmul_precision_restores_previous(previous: str) -> None:
     finally:
         torch.set_float32_matmul_precision(original)
         torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = reduced
-
-
-# -- GPU ---------------------------------------------------------------------------------------
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@given(
-    problem=exact_problems(),
-    precision=st.sampled_from(PRECISIONS),
-    chunk=st.sampled_from(CHUNKS),
-)
-@settings(max_examples=40, deadline=None)
-def test_cuda_equals_cpu_brute_force(
-    problem: tuple[torch.Tensor, torch.Tensor], precision: str, chunk: int
-) -> None:
-    images, pool = problem
-    want = brute_force_nearest(images, pool)
-    got = nearest_captions(images.cuda(), pool.cuda(), precision=precision, chunk_size=chunk)
-    assert got.device.type == "cuda"
-    assert torch.equal(got.cpu(), want)
-    cuda_pool = CaptionPool(pool.shape[0] + 3, device="cuda")
-    cuda_pool.enqueue(pool.cuda())
-    got = TorchMatcher(precision, chunk)(images.cuda(), cuda_pool)
-    assert torch.equal(got.cpu(), want)
-    previous = torch.get_float32_matmul_precision()
-    try:
-        torch.set_float32_matmul_precision("medium")  # TF32 must not leak into the search
-        got = nearest_captions(images.cuda(), pool.cuda(), precision=precision, chunk_size=chunk)
-        assert torch.equal(got.cpu(), want)
-    finally:
-        torch.set_float32_matmul_precision(previous)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_bf16_clustered_equals_fp32() -> None:
-    images, pool = _clustered(11, 3, 2000, 64, 256)
-    want = nearest_captions(images.cuda(), pool.cuda(), precision="fp32")
-    got = nearest_captions(images.cuda(), pool.cuda(), precision="bf16", chunk_size=300)
-    _assert_fp32_answer(got, want, images, pool)
-    _assert_fp32_answer(want, brute_force_nearest(images, pool), images, pool)
 
 
 # -- ambient autocast, non-finite queries, the documented tolerance -----------------------------

@@ -93,7 +93,9 @@ OPENCLIP_SCALES: dict[str, dict[str, Any]] = {
         "captions_per_target": 25,
         "backdoor_rate": 0.01,
         "trigger": "patch",
-        "pool_size": 2048,
+        # A tenth of the 5,200 pairs: a pool holding more of them hands images back their own
+        # captions of an earlier epoch (docs/config.md).
+        "pool_size": 512,
         "first_rematch_epoch": 6,
         "rematch_every": 2,
         # Measured (docs/demo.md): the authors' image augmentation, made for 224 px photos,
@@ -626,8 +628,11 @@ def _run_verdicts(run: RunFigures, base: dict[str, float | None]) -> list[str]:
     return notes
 
 
+PURITY_COLOUR = (44, 160, 44)
+
+
 def plot_attack_success(runs: list[RunFigures], path: Path, dataset: str) -> Path:
-    """Targeted (solid) and backdoor (dashed) success per epoch; RoCLIP's matching shaded."""
+    """Attack success, clean zero-shot and matching purity per epoch; matching shaded."""
     colours = {False: (31, 119, 180), True: (214, 39, 40)}
     series = []
     for run in runs:
@@ -642,6 +647,9 @@ def plot_attack_success(runs: list[RunFigures], path: Path, dataset: str) -> Pat
             e: f["zero_shot"] for e, f in run.per_epoch.items() if f.get("zero_shot") is not None
         }
         series.append(Series(f"{run.name} zero-shot", values, True, _light(colours[run.roclip])))
+        purity = {e: m["purity"] for e, m in run.matching.items() if m.get("purity") is not None}
+        if purity:
+            series.append(Series(f"{run.name} matching purity", purity, False, PURITY_COLOUR))
     shaded = next((r.matching_epochs for r in runs if r.roclip), [])
     chart = Chart(
         f"Poisoned {dataset}: attack success and clean accuracy", series, shaded, y_label=""

@@ -186,6 +186,10 @@ def _record_figures(record: Any) -> dict[str, Any]:
     }
 
 
+class RunsFailed(RuntimeError):
+    """Some runs raised; the others finished and were reported."""
+
+
 def run_specs(
     specs: Sequence[RunSpec],
     processes: int = 1,
@@ -197,21 +201,46 @@ def run_specs(
     With one process the runs go one after another in this process (and use every thread
     torch is given); with more, each worker process trains one run at a time. ``on_event``
     receives the per-epoch events and ``on_result(index, result)`` each run as it finishes
-    (so a long grid can save what it has), both in this process.
+    (so a long grid can save what it has), both in this process. A run that raises does not
+    stop the others: once all are done, :class:`RunsFailed` names each failed run and its
+    error (the first error is its cause).
     """
     if processes < 1:
         raise ValueError(f"--jobs must be at least 1, got {processes}")
     results: dict[int, dict[str, Any]] = {}
+    errors: dict[int, BaseException] = {}
 
-    def done(index: int, result: dict[str, Any]) -> None:
-        results[index] = result
-        if on_result is not None:
-            on_result(index, result)
+    def done(index: int, outcome: Callable[[], dict[str, Any]]) -> None:
+        try:
+            results[index] = outcome()
+            if on_result is not None:
+                on_result(index, results[index])
+        except Exception as err:  # reported below, after the other runs
+            errors[index] = err
 
-    if processes == 1 or len(specs) == 1:
+    if processes == 1 or len(specs) <= 1:  # none left (a resumed grid): no pool to start
         for index, spec in enumerate(specs):
-            done(index, _in_process(spec, on_event))
-        return [results[i] for i in range(len(specs))]
+            done(index, lambda spec=spec: _in_process(spec, on_event))
+    else:
+        _in_pool(specs, processes, on_event, done)
+    if errors:
+        lines = [
+            f"{specs[i].name} ({dict(specs[i].extra)}): {err!r}"
+            for i, err in sorted(errors.items())
+        ]
+        first = errors[min(errors)]
+        raise RunsFailed(
+            f"{len(errors)} of {len(specs)} runs failed: " + "; ".join(lines)
+        ) from first
+    return [results[i] for i in range(len(specs))]
+
+
+def _in_pool(
+    specs: Sequence[RunSpec],
+    processes: int,
+    on_event: OnEvent | None,
+    done: Callable[[int, Callable[[], dict[str, Any]]], None],
+) -> None:
     context = multiprocessing.get_context("spawn")
     with context.Manager() as manager:
         events = manager.Queue()
@@ -220,10 +249,9 @@ def run_specs(
             with ProcessPoolExecutor(min(processes, len(specs)), mp_context=context) as pool:
                 futures = {pool.submit(run_spec, spec, events): i for i, spec in enumerate(specs)}
                 for future in as_completed(futures):
-                    done(futures[future], future.result())
+                    done(futures[future], future.result)
         finally:
             pump.stop()
-    return [results[i] for i in range(len(specs))]
 
 
 def _in_process(spec: RunSpec, on_event: OnEvent | None) -> dict[str, Any]:

@@ -468,6 +468,7 @@ def train_tensor(
             model=model,
             total_epochs=settings.epochs,
             steps_per_epoch=steps,
+            samples_per_epoch=steps * settings.batch_size,
             plugin_manager=pm,
             plugins=[audit],
             device=device,

@@ -10,6 +10,7 @@ from roclip_plugin.loss import DistInfo, MatchStats, RoClipLoss
 from roclip_plugin.matching import nearest_captions
 from roclip_plugin.plugins import get_plugin_manager
 from roclip_plugin.pool import CaptionPool
+from roclip_plugin.siglip import RoClipSigLipLoss
 
 __version__ = "0.1.0"
 
@@ -20,6 +21,7 @@ __all__ = [
     "RoClipConfig",
     "RoClipDefense",
     "RoClipLoss",
+    "RoClipSigLipLoss",
     "__version__",
     "get_plugin_manager",
     "hookimpl",

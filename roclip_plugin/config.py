@@ -24,6 +24,7 @@ POOL_UPDATES = ("every_step", "matching_epochs")
 PRECISIONS = ("fp32", "bf16")
 MATCHERS = ("torch", "faiss", "faiss-ivf")
 MATCH_ACTIONS = ("match", "drop")
+DUPLICATE_MATCHES = ("mask", "keep")
 AUG_REFRESH = ("epoch", "run")
 SYNONYM_SOURCES = ("auto", "nltk", "wordnet", "table", "off")
 _INT32_MAX = 2**31 - 1
@@ -109,6 +110,16 @@ class RoClipConfig:
             "with their nearest pool caption (RoCLIP); drop leaves them out of the step's loss "
             "(needs match_fraction below 1).",
             MATCH_ACTIONS,
+        ),
+    )
+    duplicate_matches: str = field(
+        default="keep",
+        metadata=_meta(
+            "Images of one matching step matched to the same pool caption: keep (the authors' "
+            "code, and what the robustness benchmark measured) leaves it a negative of the "
+            "others too, so under the sigmoid loss the pair is labelled both ways; mask makes "
+            "it the positive of each of them and a negative of none (advised with --siglip).",
+            DUPLICATE_MATCHES,
         ),
     )
     precision: str = field(
@@ -214,6 +225,7 @@ class RoClipConfig:
                 "loss: with match_fraction 1 nothing would be left; set --roclip-match-fraction "
                 "below 1"
             )
+        _check_choice(self, "duplicate_matches", DUPLICATE_MATCHES)
         _check_choice(self, "precision", PRECISIONS)
         _check_choice(self, "matcher", MATCHERS)
         _check_int(self, "match_chunk_size", low=0, high=_INT32_MAX)
@@ -245,6 +257,7 @@ class RoClipConfig:
                 "warmup_fraction": None,
                 "schedule": "periodic",
                 "pool_update": "matching_epochs",
+                "duplicate_matches": "keep",
                 "text_aug_refresh": "run",
             }
         unknown = sorted(set(overrides) - set(field_names()))

@@ -26,6 +26,7 @@ from roclip_plugin.loss import DistInfo, MatchStats, RoClipLoss
 from roclip_plugin.plugins import BUILTINS_NAME, get_plugin_manager
 from roclip_plugin.pool import CaptionPool
 from roclip_plugin.schedule import ScheduleState, schedule_unit
+from roclip_plugin.siglip import RoClipSigLipLoss
 from roclip_plugin.validation import (
     check_count,
     check_defense_state,
@@ -49,6 +50,11 @@ class RoClipDefense:
         steps_per_epoch: needed with ``period_steps`` to know the run length in step blocks.
         samples_per_epoch: training pairs an epoch (all ranks), to warn about a pool that holds
             too large a share of them (see :meth:`check_run`).
+        siglip: train the sigmoid loss of SigLIP (OpenCLIP's ``--siglip``;
+            ``dist_info.dist_impl`` is its ``--loss-dist-impl``) instead of CLIP's softmax loss.
+        accum_freq: loss calls per optimiser step, as OpenCLIP's ``--accum-freq`` makes them
+            (each on the whole accumulated batch): one step is counted, looked up and enqueued
+            per ``accum_freq`` calls.
     """
 
     def __init__(
@@ -62,6 +68,8 @@ class RoClipDefense:
         total_epochs: int | None = None,
         steps_per_epoch: int | None = None,
         samples_per_epoch: int | None = None,
+        siglip: bool = False,
+        accum_freq: int = 1,
     ) -> None:
         self.config = config or RoClipConfig()
         self.pm = plugin_manager or get_plugin_manager()
@@ -77,13 +85,16 @@ class RoClipDefense:
         self._acc_sum: torch.Tensor | None = None
         self._acc_count = 0
         matcher = self.pm.hook.roclip_make_matcher(config=self.config)
-        self.loss = RoClipLoss(
+        loss_class = RoClipSigLipLoss if siglip else RoClipLoss
+        self.loss = loss_class(
             self.pool,
             matcher,
             self.info,
             update_pool_when_plain=self.config.pool_update == "every_step",
             match_fraction=self.config.match_fraction,
             match_action=self.config.match_action,
+            duplicate_matches=self.config.duplicate_matches,
+            accum_freq=accum_freq,
             on_step=self._on_step,
             on_match=self._on_match,
             on_enqueue=self._on_enqueue,
@@ -150,6 +161,7 @@ class RoClipDefense:
         epoch = check_epoch(epoch)
         if not self._run_checked:
             self.check_run()
+        self._abandon_unfinished_step(epoch)
         self.epoch = epoch
         self.loss.epoch = epoch
         unit = schedule_unit(epoch, self.step, self.config.period_steps)
@@ -163,16 +175,27 @@ class RoClipDefense:
         image_features: torch.Tensor,
         text_features: torch.Tensor,
         logit_scale: torch.Tensor,
+        logit_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The step's loss (a scalar tensor); same as calling :attr:`loss`."""
-        out = self.loss(image_features, text_features, logit_scale)
+        out = self.loss(image_features, text_features, logit_scale, logit_bias)
         assert isinstance(out, torch.Tensor)
         return out
 
     # -- checkpoints ----------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything a resumed run needs to continue exactly: pool, schedule, counters."""
+        """Everything a resumed run needs to continue exactly: pool, schedule, counters.
+
+        Refused between the calls of an accumulated step: its lookup and its captions, not
+        yet in the pool, would be lost. Save after the optimiser step.
+        """
+        if self.loss.call_in_step:
+            raise RuntimeError(
+                f"RoClipDefense.state_dict: called after {self.loss.call_in_step} of the "
+                f"{self.loss.accum_freq} loss calls of an accumulated step (accum_freq); save "
+                "the state after the optimiser step"
+            )
         pending = None if self._acc_sum is None else float(self._acc_sum)
         return {
             "version": STATE_VERSION,
@@ -223,6 +246,23 @@ class RoClipDefense:
             )
 
     # -- internals ------------------------------------------------------------------------
+
+    def _abandon_unfinished_step(self, epoch: int) -> None:
+        """An epoch starting inside an accumulated step: that step never reached the optimiser.
+
+        OpenCLIP never leaves one (an epoch's trailing micro-batches that do not fill a step
+        never reach the loss); a loop that breaks off mid-step gets a warning, and the step's
+        captions stay out of the pool.
+        """
+        calls = self.loss.abandon_step()
+        if calls:
+            warnings.warn(
+                f"RoCLIP: epoch {epoch} starts after {calls} of the {self.loss.accum_freq} loss "
+                "calls of an accumulated step (accum_freq); that step is discarded (its "
+                "captions are not enqueued). Call the loss accum_freq times per optimiser step",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def _custom_schedule(self) -> bool:
         impls = self.pm.hook.roclip_should_match.get_hookimpls()

@@ -6,6 +6,11 @@ gather the matches from every rank, and compute the same loss with the matched c
 place of the batch's own. The batch's own captions are enqueued after the lookup (gathered in
 rank order, so the pool is identical on every rank) and never match their own images.
 
+OpenCLIP's gradient accumulation (``--accum-freq N``) calls the loss N times per optimiser step
+on the same accumulated batch; with ``accum_freq=N`` the first call of a step takes every
+decision (schedule, lookup, statistics) and the last one enqueues, so the step behaves as one
+large batch. The sigmoid (SigLIP) counterpart lives in :mod:`roclip_plugin.siglip`.
+
 The loss returns losses only. Statistics go to the ``roclip_after_match`` hook: a trainer that
 sums every value of the loss dict (OpenCLIP does) must never see diagnostics there.
 """
@@ -22,6 +27,7 @@ import torch.distributed.nn
 import torch.nn.functional as F
 from torch import nn
 
+from roclip_plugin.config import DUPLICATE_MATCHES
 from roclip_plugin.distributed import all_gather_ints
 from roclip_plugin.matching import (
     Matcher,
@@ -41,13 +47,21 @@ class DistInfo:
     world_size: int = 1
     local_loss: bool = False
     gather_with_grad: bool = False
+    dist_impl: str | None = None  # SigLIP only: OpenCLIP's --loss-dist-impl (None: bidir)
 
     @classmethod
-    def from_env(cls, *, local_loss: bool = False, gather_with_grad: bool = False) -> DistInfo:
+    def from_env(
+        cls,
+        *,
+        local_loss: bool = False,
+        gather_with_grad: bool = False,
+        dist_impl: str | None = None,
+    ) -> DistInfo:
         """Rank and world size of the initialised process group, else a single process."""
         if dist.is_available() and dist.is_initialized():
-            return cls(dist.get_rank(), dist.get_world_size(), local_loss, gather_with_grad)
-        return cls(0, 1, local_loss, gather_with_grad)
+            rank, world = dist.get_rank(), dist.get_world_size()
+            return cls(rank, world, local_loss, gather_with_grad, dist_impl)
+        return cls(0, 1, local_loss, gather_with_grad, dist_impl)
 
 
 @dataclass(frozen=True)
@@ -122,6 +136,57 @@ def check_batch_sizes(
         )
 
 
+@dataclass(frozen=True)
+class CaptionIds:
+    """Which caption each row of a matching step trains against; equal ids, same caption.
+
+    A re-paired row carries its matched pool row (logical index, the same on every rank: the
+    pool is), a row that kept its own caption a negative id unique in the global batch.
+
+    Attributes:
+        local: ``[batch]`` int64 ids of this rank's rows.
+        all: ``[world_size * batch]`` ids of every rank's rows, in rank order.
+    """
+
+    local: torch.Tensor
+    all: torch.Tensor
+
+
+def gather_ids(ids: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """All-gather a small int64 tensor in rank order (itself on one process)."""
+    if info.world_size == 1:
+        return ids
+    parts = [torch.empty_like(ids) for _ in range(info.world_size)]
+    dist.all_gather(parts, ids.contiguous())
+    return torch.cat(parts)
+
+
+def caption_ids(indices: torch.Tensor, chosen: torch.Tensor | None, info: DistInfo) -> CaptionIds:
+    """:class:`CaptionIds` of a matching step (one tiny all-gather under ``torch.distributed``).
+
+    ``indices`` are the matched pool rows of the local images; ``chosen`` (partial matching)
+    marks the rows that take them, the others keep their own caption and a unique id.
+    """
+    rows = indices.shape[0]
+    own = -1 - (torch.arange(rows, device=indices.device) + info.rank * rows)
+    local = indices.long() if chosen is None else torch.where(chosen, indices.long(), own)
+    return CaptionIds(local, gather_ids(local, info))
+
+
+def duplicate_pairs(
+    row_ids: torch.Tensor, col_ids: torch.Tensor, positives: torch.Tensor | None
+) -> torch.Tensor:
+    """Boolean ``[rows, cols]`` mask of pairs that share a caption but are not the positive.
+
+    ``positives`` holds each row's positive column (None: no positive in this block, as in
+    SigLIP's blocks of other ranks' captions).
+    """
+    same = row_ids[:, None] == col_ids[None, :]
+    if positives is not None:
+        same[torch.arange(same.shape[0], device=same.device), positives] = False
+    return same
+
+
 def contrastive_loss(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
@@ -131,6 +196,7 @@ def contrastive_loss(
     all_image: torch.Tensor | None = None,
     all_text: torch.Tensor | None = None,
     logit_bias: torch.Tensor | None = None,
+    caption_ids: CaptionIds | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric InfoNCE, as OpenCLIP's ``ClipLoss``; returns ``(loss, logits_per_image)``.
 
@@ -138,6 +204,9 @@ def contrastive_loss(
     ``logit_bias`` (a SigLIP-architecture model trained with the softmax loss) is added to
     every logit, as ``ClipLoss`` does: the loss is unchanged and the bias gets no gradient,
     but it stays in the graph (DistributedDataParallel expects every parameter used).
+    With ``caption_ids`` (``duplicate_matches=mask``) a caption that several images were
+    matched to is the positive of each of them and a negative of none: those logits are
+    left out of both softmaxes.
     """
     if info.world_size > 1:
         all_image = gather_features(image_features, info) if all_image is None else all_image
@@ -157,6 +226,12 @@ def contrastive_loss(
     labels = torch.arange(logits_per_image.shape[0], device=logits_per_image.device)
     if info.world_size > 1 and info.local_loss:
         labels = labels + logits_per_image.shape[0] * info.rank
+    if caption_ids is not None:
+        global_rows = info.world_size > 1 and not info.local_loss
+        rows = caption_ids.all if global_rows else caption_ids.local
+        shared = duplicate_pairs(rows.to(labels.device), caption_ids.all.to(labels.device), labels)
+        logits_per_image = logits_per_image.masked_fill(shared, float("-inf"))
+        logits_per_text = logits_per_text.masked_fill(shared, float("-inf"))
     loss = (
         F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)
     ) / 2
@@ -198,6 +273,31 @@ def largest_margins(
     return chosen
 
 
+@dataclass
+class StepPlan:
+    """What the first loss call of an optimiser step decided, for every call of that step.
+
+    Under gradient accumulation the loss runs several times on the same accumulated batch;
+    recomputed features may differ in the last bits, so the lookup is done once and reused:
+    every call trains against the same captions.
+
+    Attributes:
+        rows: local rows of the accumulated batch (every call must bring as many).
+        enqueue: whether the step's captions enter the pool (after its last call).
+        matched: local matched pool rows, in the features' dtype; None for a plain step.
+        all_matched: the matched rows of every rank (full matching), gathered once.
+        chosen: partial matching, the rows that take a pool caption (or are dropped).
+        caption_ids: which caption each row trains against (``duplicate_matches=mask``).
+    """
+
+    rows: int
+    enqueue: bool
+    matched: torch.Tensor | None = None
+    all_matched: torch.Tensor | None = None
+    chosen: torch.Tensor | None = None
+    caption_ids: CaptionIds | None = None
+
+
 class RoClipLoss(nn.Module):
     """Drop-in for OpenCLIP's ``ClipLoss`` that runs RoCLIP's matching steps.
 
@@ -217,14 +317,21 @@ class RoClipLoss(nn.Module):
         match_action: what happens to those images: ``match`` pairs them with their nearest
             pool caption (RoCLIP); ``drop`` leaves them out of the step's loss, so a
             suspected pair teaches nothing (needs ``match_fraction`` below 1).
-        on_step: called at the start of every forward with no arguments (the defense uses it to
+        duplicate_matches: images matched to the same pool caption: ``mask`` makes that
+            caption the positive of each of them and a negative of none; ``keep`` (the
+            authors' code) leaves the copies as negatives of the other images.
+        accum_freq: loss calls per optimiser step (OpenCLIP's ``--accum-freq``): the first
+            call of a step decides and looks up, the last one enqueues.
+        on_step: called at the start of every step with no arguments (the defense uses it to
             count steps and take per-step schedule decisions).
-        on_match: receives a :class:`MatchStats` after each matching step.
+        on_match: receives a :class:`MatchStats` after each matching step's lookup.
         wants_stats: asked before each matching step whether ``on_match`` has a listener;
             statistics (a GPU sync) are computed only then.
         on_enqueue: receives the number of rows stored after each pool update.
         on_alignment: receives the in-batch retrieval accuracy of each plain step (0-dim tensor).
     """
+
+    gathers_matched = True  # full matching: gather the matched rows once per step
 
     def __init__(
         self,
@@ -235,6 +342,8 @@ class RoClipLoss(nn.Module):
         update_pool_when_plain: bool = True,
         match_fraction: float = 1.0,
         match_action: str = "match",
+        duplicate_matches: str = "keep",
+        accum_freq: int = 1,
         on_step: Callable[[], None] | None = None,
         on_match: Callable[[MatchStats], None] | None = None,
         on_enqueue: Callable[[int], None] | None = None,
@@ -242,12 +351,20 @@ class RoClipLoss(nn.Module):
         wants_stats: Callable[[], bool] | None = None,
     ) -> None:
         super().__init__()
+        check_accum_freq(accum_freq)
+        if duplicate_matches not in DUPLICATE_MATCHES:
+            raise ValueError(
+                f"duplicate_matches (--roclip-duplicate-matches): invalid value "
+                f"{duplicate_matches!r}; allowed: {', '.join(DUPLICATE_MATCHES)}"
+            )
         self.pool = pool
         self.matcher = matcher
         self.info = info or DistInfo.from_env()
         self.update_pool_when_plain = update_pool_when_plain
         self.match_fraction = match_fraction
         self.match_action = match_action
+        self.duplicate_matches = duplicate_matches
+        self.accum_freq = accum_freq
         self.matching = False
         self.epoch = 0
         self.step = 0
@@ -257,6 +374,22 @@ class RoClipLoss(nn.Module):
         self.on_alignment = on_alignment
         self.wants_stats = wants_stats or (lambda: True)
         self.check_inputs = LossInputCheck()
+        self._call = 0  # index of the next call within the current optimiser step
+        self._plan: StepPlan | None = None
+
+    @property
+    def call_in_step(self) -> int:
+        """Index of the next loss call within its optimiser step (0: a new step starts)."""
+        return self._call
+
+    def abandon_step(self) -> int:
+        """Forget an unfinished accumulated step; returns how many of its calls had run.
+
+        Its captions never enter the pool and its lookup is not reused: the optimiser step it
+        belonged to never happened.
+        """
+        calls, self._call, self._plan = self._call, 0, None
+        return calls
 
     def forward(
         self,
@@ -266,79 +399,130 @@ class RoClipLoss(nn.Module):
         logit_bias: torch.Tensor | None = None,
         output_dict: bool = False,
     ) -> torch.Tensor | dict[str, torch.Tensor]:
-        """One step's loss; also updates the pool as the policy says.
+        """One loss call; the step's first call decides, its last one updates the pool.
 
-        ``logit_bias`` is added to every logit as ``ClipLoss`` does (softmax loss; RoCLIP has
-        no sigmoid loss: OpenCLIP's ``--siglip`` is refused by the integration).
+        ``logit_bias`` is added to every logit as ``ClipLoss`` does (softmax loss; the
+        sigmoid loss is :class:`roclip_plugin.siglip.RoClipSigLipLoss`).
         """
         self.check_inputs(image_features, text_features, logit_scale, matching=self.matching)
         check_batch_sizes(image_features, text_features, self.info)
-        if self.on_step is not None:
-            self.on_step()
-        self.pool.follow(image_features.device)
-        if self.matching and len(self.pool) > 0:
-            loss = self._matching_loss(image_features, text_features, logit_scale, logit_bias)
-            self._enqueue(text_features)
-        else:
-            loss, logits = contrastive_loss(
-                image_features, text_features, logit_scale, self.info, logit_bias=logit_bias
-            )
-            if self.on_alignment is not None:
-                self.on_alignment(retrieval_accuracy(logits.detach(), self.info))
-            if self.matching or self.update_pool_when_plain:
+        if self._call == 0:
+            if self.on_step is not None:
+                self.on_step()
+            self.pool.follow(image_features.device)
+            self._plan = self._plan_step(image_features, text_features)
+        plan = self._current_plan(image_features)
+        loss, accuracy = self._step_loss(
+            image_features, text_features, logit_scale, logit_bias, plan
+        )
+        if self._call == 0 and plan.matched is None and self.on_alignment is not None:
+            self.on_alignment(accuracy)
+        self._call += 1
+        if self._call == self.accum_freq:
+            self._call, self._plan = 0, None
+            if plan.enqueue:
                 self._enqueue(text_features)
         return {"contrastive_loss": loss} if output_dict else loss
 
-    def _matching_loss(
+    def objective(
         self,
         image_features: torch.Tensor,
         text_features: torch.Tensor,
         logit_scale: torch.Tensor,
-        logit_bias: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        logit_bias: torch.Tensor | None,
+        *,
+        all_text: torch.Tensor | None = None,
+        caption_ids: CaptionIds | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pair loss and the in-batch image-to-text accuracy (detached, 0-dim).
+
+        The softmax CLIP loss here; :class:`~roclip_plugin.siglip.RoClipSigLipLoss` overrides
+        it with the sigmoid loss, and everything else (plans, pool, statistics) is shared.
+        """
+        loss, logits = contrastive_loss(
+            image_features,
+            text_features,
+            logit_scale,
+            self.info,
+            all_text=all_text,
+            logit_bias=logit_bias,
+            caption_ids=caption_ids,
+        )
+        return loss, retrieval_accuracy(logits.detach(), self.info)
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _current_plan(self, image_features: torch.Tensor) -> StepPlan:
+        """The plan of the running step; refuses a call whose batch is not the step's."""
+        assert self._plan is not None
+        if image_features.shape[0] != self._plan.rows:
+            raise ValueError(
+                f"loss call {self._call + 1} of {self.accum_freq} of an accumulated step got "
+                f"{image_features.shape[0]} rows, its first call {self._plan.rows}: with "
+                f"accum_freq {self.accum_freq} (OpenCLIP's --accum-freq) every call of a step "
+                "must carry the whole accumulated batch"
+            )
+        return self._plan
+
+    def _plan_step(self, image_features: torch.Tensor, text_features: torch.Tensor) -> StepPlan:
+        """Decide the step: plain, or the matched captions of the whole (accumulated) batch."""
+        rows = image_features.shape[0]
+        enqueue = self.matching or self.update_pool_when_plain
+        if not (self.matching and len(self.pool) > 0):
+            return StepPlan(rows, enqueue)
         check_finite_queries(image_features)
         # The search (any matcher, a plugin's too) and the statistics run in the configured
         # precision: the trainer's autocast would otherwise turn their products into bf16.
         with torch.no_grad(), autocast_disabled(image_features.device, self._pool_device()):
             indices = self.matcher(image_features.detach(), self.pool)
             matched = self.pool.gather(indices)
-            stats = None
             if self.on_match is not None and self.wants_stats():
-                stats = self._stats(image_features, text_features, matched, indices)
+                self.on_match(self._stats(image_features, text_features, matched, indices))
             chosen = None
             if self.match_fraction < 1.0:
                 fraction = self.match_fraction
                 chosen = largest_margins(image_features, text_features, matched, fraction)
         matched = matched.to(image_features.device, image_features.dtype)
-        if chosen is not None and self.match_action == "drop":
-            keep = ~chosen
-            loss, _ = contrastive_loss(
-                image_features[keep],
-                text_features[keep],
-                logit_scale,
-                self.info,
-                logit_bias=logit_bias,
+        plan = StepPlan(rows, True, matched=matched, chosen=chosen)
+        if chosen is None and self.gathers_matched:
+            plan.all_matched = gather_features(matched, self.info, keep_local_grad=False)
+        if self.duplicate_matches == "mask" and self.match_action == "match":
+            plan.caption_ids = caption_ids(indices.to(image_features.device), chosen, self.info)
+        return plan
+
+    def _step_loss(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor,
+        logit_bias: torch.Tensor | None,
+        plan: StepPlan,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss of one call under its step's plan (the same captions on every call)."""
+        if plan.matched is None:
+            return self.objective(image_features, text_features, logit_scale, logit_bias)
+        if plan.chosen is not None and self.match_action == "drop":
+            keep = ~plan.chosen
+            loss, accuracy = self.objective(
+                image_features[keep], text_features[keep], logit_scale, logit_bias
             )
-        elif chosen is not None:
-            targets = torch.where(chosen.unsqueeze(1), matched, text_features)
-            loss, _ = contrastive_loss(
-                image_features, targets, logit_scale, self.info, logit_bias=logit_bias
+        elif plan.chosen is not None:
+            targets = torch.where(plan.chosen.unsqueeze(1), plan.matched, text_features)
+            loss, accuracy = self.objective(
+                image_features, targets, logit_scale, logit_bias, caption_ids=plan.caption_ids
             )
         else:
-            all_matched = gather_features(matched, self.info, keep_local_grad=False)
-            loss, _ = contrastive_loss(
+            loss, accuracy = self.objective(
                 image_features,
-                matched,
+                plan.matched,
                 logit_scale,
-                self.info,
-                all_text=all_matched,
-                logit_bias=logit_bias,
+                logit_bias,
+                all_text=plan.all_matched,
+                caption_ids=plan.caption_ids,
             )
-        if self.on_match is not None and stats is not None:
-            self.on_match(stats)
         # Keep the text tower in the graph with a zero gradient, so DistributedDataParallel
         # without find_unused_parameters still finds every parameter used.
-        return loss + 0.0 * text_features.sum()
+        return loss + 0.0 * text_features.sum(), accuracy
 
     def _pool_device(self) -> torch.device:
         return self.pool.device if self.pool.device is not None else torch.device("cpu")
@@ -371,4 +555,13 @@ class RoClipLoss(nn.Module):
             own_similarity=float(own_sim.mean()),
             margins=matched_sim - own_sim,
             matched_indices=indices,
+        )
+
+
+def check_accum_freq(accum_freq: int) -> None:
+    """Refuse an ``accum_freq`` that is not a positive integer, naming the flag."""
+    if isinstance(accum_freq, bool) or not isinstance(accum_freq, int) or accum_freq < 1:
+        raise ValueError(
+            f"accum_freq (OpenCLIP's --accum-freq): invalid value {accum_freq!r}; allowed: an "
+            "integer >= 1 (loss calls per optimiser step)"
         )

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from roclip_plugin.config import (
     AUG_REFRESH,
+    DUPLICATE_MATCHES,
     FLAG_PREFIX,
     MATCH_ACTIONS,
     MATCHERS,
@@ -65,6 +66,7 @@ BAD_VALUES: list[tuple[str, Any, str]] = [
     ("match_fraction", 0.0, "(0.0, 1.0]"),
     ("match_fraction", 1.5, "(0.0, 1.0]"),
     ("match_action", "skip", "match, drop"),
+    ("duplicate_matches", "merge", "mask, keep"),
     ("precision", "fp16", "fp32, bf16"),
     ("precision", "FP32", "fp32, bf16"),
     ("matcher", "annoy", "torch, faiss, faiss-ivf"),
@@ -130,6 +132,7 @@ FIELD_STRATEGIES: dict[str, st.SearchStrategy[Any]] = {
     "pool_update": st.sampled_from(POOL_UPDATES),
     "match_fraction": st.floats(0.0, 1.0, exclude_min=True),
     "match_action": st.sampled_from(MATCH_ACTIONS),
+    "duplicate_matches": st.sampled_from(DUPLICATE_MATCHES),
     "precision": st.sampled_from(PRECISIONS),
     "matcher": st.sampled_from(MATCHERS),
     "match_chunk_size": st.integers(0, INT32_MAX),
@@ -255,6 +258,7 @@ def test_reference_preset_uses_authors_numbering(every: int) -> None:
     assert cfg.warmup_fraction is None
     assert cfg.schedule == "periodic"
     assert cfg.pool_update == "matching_epochs"
+    assert cfg.duplicate_matches == "keep"  # the authors' loss leaves duplicates as they are
     assert cfg.resolved_first_epoch() == every - 1
     assert cfg.resolved_first_epoch(total_epochs=10_000) == every - 1
 

@@ -327,3 +327,31 @@ def test_a_pool_larger_than_a_share_of_the_epoch_warns() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         quiet.start_epoch(0)
+
+
+# -- gradient accumulation ---------------------------------------------------------------------
+
+
+def _half_accumulated_step() -> RoClipDefense:
+    """A defense with accum_freq 2 after the first of its step's two loss calls."""
+    defense = RoClipDefense(RoClipConfig(pool_size=16), accum_freq=2, dist_info=DistInfo())
+    defense.start_epoch(0)
+    img = F.normalize(torch.randn(4, 8), dim=-1)
+    defense.compute_loss(img, img.clone(), torch.tensor(10.0))
+    return defense
+
+
+def test_the_state_is_refused_between_the_calls_of_an_accumulated_step():
+    defense = _half_accumulated_step()
+    with pytest.raises(RuntimeError, match="after 1 of the 2 loss calls"):
+        defense.state_dict()
+    img = F.normalize(torch.randn(4, 8), dim=-1)
+    defense.compute_loss(img, img.clone(), torch.tensor(10.0))
+    assert defense.state_dict()["step"] == 1 and len(defense.pool) == 4
+
+
+def test_an_epoch_starting_inside_an_accumulated_step_discards_it():
+    defense = _half_accumulated_step()
+    with pytest.warns(RuntimeWarning, match="starts after 1 of the 2 loss calls"):
+        defense.start_epoch(1)
+    assert defense.loss.call_in_step == 0 and len(defense.pool) == 0

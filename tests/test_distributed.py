@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from roclip_plugin import RoClipConfig, RoClipDefense
 from roclip_plugin.loss import DistInfo
+from roclip_plugin.siglip import RoClipSigLipLoss
 
 WORLD = 2
 BATCH = 8  # global batch; each rank takes BATCH // WORLD rows
@@ -29,21 +30,47 @@ def _global_batch(epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return img, txt
 
 
-def _run(defense: RoClipDefense, rank: int, world: int, grad: bool) -> dict:
-    """Drive the defense over a fixed run; returns losses, pool checksums and gradients."""
+def _step(
+    defense: RoClipDefense, img: torch.Tensor, txt: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimiser step: its loss and the gradient of this rank's image rows.
+
+    With ``accum_freq`` N, as OpenCLIP accumulates: N calls on the whole batch, call j with
+    gradient through micro-batch j only; the gradients of the micro-batches add up.
+    """
+    calls = defense.loss.accum_freq
+    micro = img.shape[0] // calls
+    grad = torch.zeros_like(img)
+    for j in range(calls):
+        rows = slice(j * micro, (j + 1) * micro)
+        fresh = img.clone().requires_grad_()
+        loss = defense.compute_loss(
+            torch.cat([img[: rows.start], fresh[rows], img[rows.stop :]]),
+            txt,
+            torch.tensor(10.0),
+            bias,
+        )
+        loss.backward()
+        grad[rows] = fresh.grad[rows]
+    return loss.detach(), grad
+
+
+def _run(defense: RoClipDefense, rank: int, world: int) -> dict:
+    """Drive the defense over a fixed run; returns losses, pool checksums and gradients.
+
+    A SigLIP defense also gets a logit bias, as SigLIP models carry one.
+    """
+    bias = torch.tensor(-3.0) if isinstance(defense.loss, RoClipSigLipLoss) else None
     losses, checksums, matching, grads = [], [], [], []
     per = BATCH // world
     for epoch in range(EPOCHS):
         matching.append(defense.start_epoch(epoch))
         for step in range(STEPS_PER_EPOCH):
             img, txt = _global_batch(epoch, step)
-            img = img[rank * per : (rank + 1) * per].clone().requires_grad_(grad)
-            txt = txt[rank * per : (rank + 1) * per].clone()
-            loss = defense.compute_loss(img, txt, torch.tensor(10.0))
-            if grad:
-                loss.backward()
-                grads.append(img.grad.clone())
-            losses.append(float(loss.detach()))
+            local = slice(rank * per, (rank + 1) * per)
+            loss, grad = _step(defense, img[local], txt[local], bias)
+            grads.append(grad)
+            losses.append(float(loss))
             checksums.append(defense.pool.checksum())
     return {
         "losses": losses,
@@ -55,30 +82,55 @@ def _run(defense: RoClipDefense, rank: int, world: int, grad: bool) -> dict:
     }
 
 
-def _worker(rank: int, store: str, out_dir: str, local_loss: bool, with_grad: bool) -> None:
+def _worker(
+    rank: int, store: str, out_dir: str, local_loss: bool, with_grad: bool, siglip: bool, accum: int
+) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:
         info = DistInfo.from_env(local_loss=local_loss, gather_with_grad=with_grad)
-        defense = RoClipDefense(CONFIG, dist_info=info)
-        torch.save(_run(defense, rank, WORLD, grad=True), os.path.join(out_dir, f"rank{rank}.pt"))
+        defense = RoClipDefense(CONFIG, dist_info=info, siglip=siglip, accum_freq=accum)
+        torch.save(_run(defense, rank, WORLD), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def _spawn(tmp_path: Path, local_loss: bool, with_grad: bool) -> list[dict]:
+def _spawn(
+    tmp_path: Path, local_loss: bool, with_grad: bool, siglip: bool, accum: int
+) -> list[dict]:
     mp.spawn(
         _worker,
-        args=(str(tmp_path / "store"), str(tmp_path), local_loss, with_grad),
+        args=(str(tmp_path / "store"), str(tmp_path), local_loss, with_grad, siglip, accum),
         nprocs=WORLD,
         join=True,
     )
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
-@pytest.mark.parametrize(("local_loss", "with_grad"), [(False, False), (True, True), (False, True)])
-def test_two_ranks_match_one_process(tmp_path: Path, local_loss: bool, with_grad: bool) -> None:
-    ranks = _spawn(tmp_path, local_loss, with_grad)
-    single = _run(RoClipDefense(CONFIG, dist_info=DistInfo()), rank=0, world=1, grad=True)
+@pytest.mark.parametrize(
+    ("local_loss", "with_grad", "siglip", "accum"),
+    [
+        (False, False, False, 1),
+        (True, True, False, 1),
+        (False, True, False, 1),
+        (False, False, True, 1),
+        (False, False, False, 2),
+        (False, False, True, 2),
+    ],
+    ids=[
+        "clip",
+        "clip-local-with-grad",
+        "clip-with-grad",
+        "siglip",
+        "clip-accum-freq-2",
+        "siglip-accum-freq-2",
+    ],
+)
+def test_two_ranks_match_one_process(
+    tmp_path: Path, local_loss: bool, with_grad: bool, siglip: bool, accum: int
+) -> None:
+    """Two ranks (accumulating too) against one process taking the whole batch at once."""
+    ranks = _spawn(tmp_path, local_loss, with_grad, siglip, accum)
+    single = _run(RoClipDefense(CONFIG, dist_info=DistInfo(), siglip=siglip), rank=0, world=1)
 
     # The same pool on every rank, after every step, and equal to the single-process pool.
     assert ranks[0]["checksums"] == ranks[1]["checksums"]
@@ -90,6 +142,15 @@ def test_two_ranks_match_one_process(tmp_path: Path, local_loss: bool, with_grad
     # The same loss as one process on the same global batch (matching steps included).
     r0, r1 = torch.tensor(ranks[0]["losses"]), torch.tensor(ranks[1]["losses"])
     want = torch.tensor(single["losses"])
+    if siglip:
+        # SigLIP: each rank sums its own images' terms over a local batch half the size, so
+        # the mean of the ranks' losses is the one-process loss, and each rank's image rows
+        # get WORLD times their slice of its gradient (duplicates masked across ranks too).
+        torch.testing.assert_close((r0 + r1) / 2, want)
+        for step, full in enumerate(single["grads"]):
+            got = torch.cat([ranks[0]["grads"][step], ranks[1]["grads"][step]])
+            torch.testing.assert_close(got, WORLD * full)
+        return
     if local_loss:
         torch.testing.assert_close((r0 + r1) / 2, want)
     else:

@@ -327,3 +327,146 @@ def test_non_finite_image_features_are_refused_in_matching_steps(matcher_name):
     with pytest.raises(ValueError, match=r"2 of 6 image feature rows are non-finite"):
         loss(img, txt, torch.tensor(10.0))
     assert len(pool) == 10  # nothing was enqueued by the refused step
+
+
+# -- duplicate matched captions ----------------------------------------------------------------
+
+
+def _duplicated_softmax(duplicate_matches: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Images 0 and 1 matched to the same pool caption; returns (loss, images, matched)."""
+    img, txt = _features(9, 4, 8)
+    pool = CaptionPool(8)
+    pool.enqueue(F.normalize(torch.randn(3, 8), dim=-1))
+    indices = torch.tensor([0, 0, 1, 2])
+    loss = RoClipLoss(
+        pool, lambda image_features, pool_: indices, DistInfo(),
+        duplicate_matches=duplicate_matches,
+    )  # fmt: skip
+    loss.matching = True
+    return loss(img, txt, torch.tensor(10.0)), img, pool.gather(indices)
+
+
+def test_keep_duplicates_is_the_authors_loss_over_the_matched_captions():
+    got, img, matched = _duplicated_softmax("keep")
+    torch.testing.assert_close(got, open_clip_loss.ClipLoss()(img, matched, torch.tensor(10.0)))
+
+
+def test_mask_leaves_a_shared_caption_out_of_the_other_images_softmax():
+    got, img, matched = _duplicated_softmax("mask")
+    logits = 10.0 * img @ matched.T
+    shared = torch.zeros(4, 4, dtype=torch.bool)
+    shared[0, 1] = shared[1, 0] = True
+    logits = logits.masked_fill(shared, float("-inf"))
+    labels = torch.arange(4)
+    want = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(got, open_clip_loss.ClipLoss()(img, matched, torch.tensor(10.0)))
+
+
+def test_an_unknown_duplicate_policy_is_refused():
+    with pytest.raises(ValueError, match="duplicate_matches.*allowed: mask, keep"):
+        RoClipLoss(CaptionPool(4), TorchMatcher(), DistInfo(), duplicate_matches="merge")
+
+
+# -- gradient accumulation (OpenCLIP's --accum-freq) -------------------------------------------
+
+ACCUM = 3
+MICRO = 4
+
+
+def _loss_class(name: str):
+    from roclip_plugin.siglip import RoClipSigLipLoss
+
+    return {"clip": RoClipLoss, "siglip": RoClipSigLipLoss}[name]
+
+
+class CountingMatcher:
+    """TorchMatcher that counts its lookups."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, image_features, pool):
+        self.calls += 1
+        return TorchMatcher()(image_features, pool)
+
+
+def _accumulated_problem():
+    img, txt = _features(11, ACCUM * MICRO, 8)
+    pool = CaptionPool(64)
+    pool.enqueue(
+        F.normalize(torch.randn(20, 8, generator=torch.Generator().manual_seed(12)), dim=-1)
+    )
+    return img, txt, pool
+
+
+def _accumulate(loss_fn, img, txt, scale, jitter: float = 0.0):
+    """OpenCLIP's accumulation: ACCUM calls on the whole batch, micro-batch j with gradient.
+
+    ``jitter`` perturbs the "cached" rows a little on every call, as recomputed features may
+    differ from the cached ones in the last bits. Returns (losses, image grad, pool sizes).
+    """
+    losses, grad, sizes = [], torch.zeros_like(img), []
+    for j in range(ACCUM):
+        noise = jitter * torch.randn_like(img)
+        fresh = img.clone().requires_grad_()
+        rows = slice(j * MICRO, (j + 1) * MICRO)
+        call_img = torch.cat([(img + noise)[: rows.start], fresh[rows], (img + noise)[rows.stop :]])
+        loss = loss_fn(call_img, txt, scale)
+        loss.backward()
+        grad[rows] = fresh.grad[rows]
+        losses.append(loss.detach())
+        sizes.append(len(loss_fn.pool))
+    return losses, grad, sizes
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+@pytest.mark.parametrize("matching", [True, False], ids=["matching", "plain"])
+def test_an_accumulated_step_is_one_large_batch(kind, matching):
+    """Same loss on every call, summed gradients of the large batch, one enqueue at the end."""
+    img, txt, pool = _accumulated_problem()
+    scale = torch.tensor(10.0)
+    accumulated = _loss_class(kind)(pool, TorchMatcher(), DistInfo(), accum_freq=ACCUM)
+    accumulated.matching = matching
+    losses, grad, sizes = _accumulate(accumulated, img, txt, scale)
+    assert sizes == [20, 20, 32]  # the captions enter the pool once, after the last call
+    assert accumulated.call_in_step == 0
+
+    _, _, reference_pool = _accumulated_problem()
+    single = _loss_class(kind)(reference_pool, TorchMatcher(), DistInfo())
+    single.matching = matching
+    big = img.clone().requires_grad_()
+    want = single(big, txt, scale)
+    want.backward()
+    for loss in losses:
+        torch.testing.assert_close(loss, want.detach())
+    torch.testing.assert_close(grad, big.grad)
+    assert torch.equal(pool.features(), reference_pool.features())
+
+
+def test_every_call_of_a_step_trains_against_the_first_calls_lookup():
+    img, txt, pool = _accumulated_problem()
+    matcher = CountingMatcher()
+    seen = []
+    loss_fn = RoClipLoss(pool, matcher, DistInfo(), accum_freq=ACCUM, on_match=seen.append)
+    loss_fn.matching = True
+    losses, _, _ = _accumulate(loss_fn, img, txt, torch.tensor(10.0), jitter=1e-3)
+    assert matcher.calls == 1 and len(seen) == 1  # one lookup, one statistics record
+    steps = []
+    loss_fn.on_step = lambda: steps.append(loss_fn.call_in_step)
+    _accumulate(loss_fn, img, txt, torch.tensor(10.0))
+    assert steps == [0] and matcher.calls == 2  # the next step counts and looks up once
+
+
+def test_a_call_without_the_whole_accumulated_batch_is_refused():
+    img, txt, pool = _accumulated_problem()
+    loss_fn = RoClipLoss(pool, TorchMatcher(), DistInfo(), accum_freq=2)
+    loss_fn(img, txt, torch.tensor(10.0))
+    with pytest.raises(ValueError, match="loss call 2 of 2 .* got 4 rows, its first call 12"):
+        loss_fn(img[:MICRO], txt[:MICRO], torch.tensor(10.0))
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, True])
+def test_accum_freq_must_be_a_positive_integer(value):
+    with pytest.raises(ValueError, match="accum_freq .*--accum-freq.*integer >= 1"):
+        RoClipLoss(CaptionPool(4), TorchMatcher(), DistInfo(), accum_freq=value)

@@ -20,6 +20,7 @@ from roclip_plugin import RoClipConfig, get_plugin_manager
 from roclip_plugin.augment import build_policy
 from roclip_plugin.config import FLAG_PREFIX, add_argparse_args, config_from_namespace
 from roclip_plugin.io import StateError, detach_stdout
+from roclip_plugin.siglip import SIGLIP_DIST_IMPLS
 from roclip_plugin.validation import check_parsed
 
 SUPPORTED = ((2, 26), (4, 0))  # open_clip_torch versions: [2.26, 4.0)
@@ -75,12 +76,11 @@ def check_openclip_args(args: Any) -> None:
     problems = []
     if getattr(args, "distill_model", None):
         problems.append("--distill-model: distillation adds a second loss RoCLIP does not handle")
-    if getattr(args, "siglip", False):
-        problems.append("--siglip: RoCLIP implements the softmax CLIP loss only")
-    if args.accum_freq > 1:
+    impl = getattr(args, "loss_dist_impl", None)
+    if getattr(args, "siglip", False) and impl not in (None, *SIGLIP_DIST_IMPLS):
         problems.append(
-            f"--accum-freq {args.accum_freq}: the loss runs on cached features several times "
-            "per step, which would enqueue captions and match more than once; use --accum-freq 1"
+            f"--loss-dist-impl {impl}: OpenCLIP's SigLIP loss knows "
+            f"{', '.join(SIGLIP_DIST_IMPLS)}; choose one of them"
         )
     if getattr(args, "horovod", False):
         problems.append("--horovod: use torchrun/SLURM with torch.distributed instead")
@@ -97,6 +97,7 @@ def check_model(model: Any, args: Any) -> None:
     name (``local-dir:...``, a renamed config) would reach the loss with captioning outputs.
     A SigLIP architecture (a ``logit_bias``) without ``--siglip`` trains as OpenCLIP's
     ``ClipLoss`` trains it: the bias is added to every logit and changes nothing; say so.
+    With ``--siglip`` the sigmoid loss trains the bias.
     """
     import open_clip
 
@@ -106,12 +107,12 @@ def check_model(model: Any, args: Any) -> None:
             f"RoCLIP cannot run with: --model {args.model} is a CoCa model (open_clip.CoCa): "
             "its captioning loss is not supported; choose a CLIP model"
         )
-    if getattr(inner, "logit_bias", None) is not None:
+    if getattr(inner, "logit_bias", None) is not None and not getattr(args, "siglip", False):
         log.warning(
             f"RoCLIP: --model {args.model} has a logit_bias (a SigLIP architecture) and "
             "--siglip is not given: like OpenCLIP's ClipLoss, RoCLIP trains the softmax CLIP "
             "loss and adds the bias to every logit, which changes neither the loss nor the "
-            "other gradients (the bias does not train). RoCLIP has no sigmoid loss."
+            "other gradients (the bias does not train). Pass --siglip for the sigmoid loss."
         )
 
 

@@ -98,7 +98,14 @@ class EpochReport:
         self.step_rows = [self.indices.popleft() if self.indices else -1 for _ in range(batch)]
 
     def before_loss(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """Forward pre-hook of the loss (OpenCLIP calls it once per step, with keywords)."""
+        """Forward pre-hook of the loss (OpenCLIP calls it with keywords).
+
+        With ``--accum-freq N`` OpenCLIP calls the loss N times per step, each time on the
+        whole accumulated batch (its micro-batches in loader order): the rows are taken on
+        the step's first call only.
+        """
+        if getattr(module, "call_in_step", 0) != 0:
+            return
         features = kwargs["image_features"] if "image_features" in kwargs else args[0]
         self.begin_step(int(features.shape[0]))
 
@@ -237,6 +244,7 @@ class OpenClipPatches:
             world_size=args.world_size,
             local_loss=args.local_loss,
             gather_with_grad=args.gather_with_grad,
+            dist_impl=getattr(args, "loss_dist_impl", None),
         )
         self.defense = RoClipDefense(
             self.config,
@@ -247,6 +255,8 @@ class OpenClipPatches:
             total_epochs=args.epochs,
             steps_per_epoch=steps,
             samples_per_epoch=samples,
+            siglip=bool(getattr(args, "siglip", False)),
+            accum_freq=args.accum_freq,
         )
         self.defense.loss.register_forward_pre_hook(self.report.before_loss, with_kwargs=True)
         for message in self.defense.check_run():  # also a RuntimeWarning

@@ -93,6 +93,13 @@ class RoClipAdapter:
         logit_scale_is_log: whether that source stores ``log(scale)`` as CLIP's parameter
             does (then it is exponentiated). A ``forward`` output's scale is always taken as
             already exponentiated (OpenCLIP's convention).
+        siglip: train SigLIP's sigmoid loss (:class:`roclip_plugin.RoClipSigLipLoss`)
+            instead of CLIP's softmax loss, for a SigLIP model (one with a learnable bias).
+        logit_bias: with ``siglip``, the bias added to every logit: a tensor (the
+            ``nn.Parameter``), a number, or a callable returning one; by default the model's
+            ``logit_bias`` attribute, and no bias when the model has none. Never
+            exponentiated. Ignored without ``siglip`` (the softmax loss does not change with
+            a constant added to every logit).
         normalize: L2-normalise features before the loss. Idempotent (up to rounding) on
             features that are normalised already; turn off for bit-identical numbers with
             OpenCLIP's ``ClipLoss`` on pre-normalised features.
@@ -127,6 +134,8 @@ class RoClipAdapter:
         encode_text: Encoder | None = None,
         logit_scale: LogitScaleSource | None = None,
         logit_scale_is_log: bool = True,
+        siglip: bool = False,
+        logit_bias: LogitScaleSource | None = None,
         normalize: bool = True,
         loss_dtype: torch.dtype | None = torch.float32,
         total_epochs: int | None = None,
@@ -147,6 +156,8 @@ class RoClipAdapter:
         self.encode_text = encode_text
         self.logit_scale_source = logit_scale
         self.logit_scale_is_log = logit_scale_is_log
+        self.siglip = siglip
+        self.logit_bias_source = logit_bias
         self.normalize = normalize
         self.loss_dtype = loss_dtype
         self.pm = plugin_manager or get_plugin_manager()
@@ -162,6 +173,7 @@ class RoClipAdapter:
             total_epochs=total_epochs,
             steps_per_epoch=steps_per_epoch,
             samples_per_epoch=samples_per_epoch,
+            siglip=siglip,
         )
 
     @classmethod
@@ -247,6 +259,7 @@ class RoClipAdapter:
         image_features: torch.Tensor,
         text_features: torch.Tensor,
         logit_scale: torch.Tensor | float | None = None,
+        logit_bias: torch.Tensor | float | None = None,
     ) -> torch.Tensor:
         """The step's RoCLIP loss; call it exactly once per optimiser step.
 
@@ -258,15 +271,18 @@ class RoClipAdapter:
             text_features: ``[batch, dim]`` caption embeddings of the same images.
             logit_scale: the *exponentiated* scale (as ``ClipLoss`` takes it); ``None`` reads
                 the adapter's logit-scale source.
+            logit_bias: with ``siglip``, the bias; ``None`` reads the adapter's bias source.
         """
         scale = as_scale_tensor(
             self.current_logit_scale() if logit_scale is None else logit_scale, image_features
         )
+        bias = self._bias_tensor(logit_bias, image_features)
         if self.loss_dtype is not None:
             scale = scale.to(self.loss_dtype)
+            bias = None if bias is None else bias.to(self.loss_dtype)
         with self._loss_precision(image_features.device):
             img, txt = self._prepare(image_features), self._prepare(text_features)
-            return self.defense.compute_loss(img, txt, scale)
+            return self.defense.compute_loss(img, txt, scale, bias)
 
     def step(self, images: Any, texts: Any) -> torch.Tensor:
         """Encode a batch through the model and return its loss (see :meth:`loss`)."""
@@ -302,6 +318,15 @@ class RoClipAdapter:
         if not self.logit_scale_is_log:
             return value
         return value.exp() if isinstance(value, torch.Tensor) else math.exp(value)
+
+    def current_logit_bias(self) -> torch.Tensor | float | None:
+        """The logit bias of a ``siglip`` adapter (with its gradient); None without one."""
+        if not self.siglip:
+            return None
+        if self.logit_bias_source is not None:
+            return read_logit_scale(self.logit_bias_source)
+        inner = unwrap(self.model) if self.model is not None else None
+        return getattr(inner, "logit_bias", None)
 
     @torch.no_grad()
     def clamp_logit_scale(self, max_scale: float = CLIP_MAX_LOGIT_SCALE) -> bool:
@@ -410,6 +435,15 @@ class RoClipAdapter:
                 "none was passed; give logit_scale= (tensor, number or callable)"
             )
         return source
+
+    def _bias_tensor(
+        self, value: torch.Tensor | float | None, like: torch.Tensor
+    ) -> torch.Tensor | None:
+        """The bias the loss adds, as a 0-dim tensor (None: no bias, or the softmax loss)."""
+        if not self.siglip:
+            return None
+        value = self.current_logit_bias() if value is None else value
+        return None if value is None else as_scale_tensor(value, like)
 
     def _prepare(self, features: torch.Tensor) -> torch.Tensor:
         if self.loss_dtype is not None:

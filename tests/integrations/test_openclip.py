@@ -194,8 +194,14 @@ def _assert_same_run(setup, name_a: str, name_b: str, epoch: int = 3) -> None:
     assert pa["roclip"]["step"] == pb["roclip"]["step"] == 6 * epoch
 
 
-def test_resume_after_epoch_two_is_exact(setup) -> None:
+@pytest.fixture(scope="module")
+def straight(setup) -> str:
+    """An uninterrupted 3-epoch RoCLIP run, batch 16 (six steps an epoch)."""
     assert main(_argv(setup, "straight", 3, *ROCLIP)) == 0
+    return "straight"
+
+
+def test_resume_after_epoch_two_is_exact(setup, straight) -> None:
     _stop_after_epoch_two(_argv(setup, "stopped", 3, *ROCLIP))
     assert not _ckpt(setup, "stopped", 3).exists()
     resume = ["--resume", str(_ckpt(setup, "stopped", 2))]
@@ -363,8 +369,7 @@ def test_unknown_augmentation_is_a_usage_error(setup, capsys) -> None:
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--accum-freq", "2"], "--accum-freq 2"),
-        (["--siglip"], "--siglip"),
+        (["--siglip", "--loss-dist-impl", "ring"], "--loss-dist-impl ring"),
         (["--roclip-rematch-every", "0"], "rematch_every (--roclip-rematch-every): invalid"),
     ],
 )
@@ -400,8 +405,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_torchrun_two_cpu_ranks_share_one_pool(setup) -> None:
-    """torchrun, OpenCLIP's own distributed set-up (gloo on CPU): the same pool on both ranks."""
+def _torchrun(argv: list[str]) -> str:
+    """Run ``argv`` under torchrun, two CPU ranks (gloo); returns stdout and stderr."""
     import os
     import subprocess
     import sys
@@ -419,13 +424,19 @@ def test_torchrun_two_cpu_ranks_share_one_pool(setup) -> None:
         "-m",
         "roclip_openclip",
         "--",
-        *_argv(setup, "torchrun", 2, *ROCLIP),
+        *argv,
     ]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD", "LOCAL"))}
     env["OMP_NUM_THREADS"] = "1"
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-3000:]
+    return output
+
+
+def test_torchrun_two_cpu_ranks_share_one_pool(setup) -> None:
+    """torchrun, OpenCLIP's own distributed set-up (gloo on CPU): the same pool on both ranks."""
+    output = _torchrun(_argv(setup, "torchrun", 2, *ROCLIP))
     lines = re.findall(
         r"RoCLIP epoch (\d+) rank (\d): matching=(\w+) pool=(\d+)/64 checksum=(\S+)", output
     )
@@ -720,3 +731,110 @@ def test_a_siglip_architecture_without_siglip_trains_like_clip_loss(setup) -> No
     assert re.findall(r"RoCLIP epoch 1 rank 0: matching=True pool=64/64", log)
     losses = [float(x) for x in re.findall(r"Contrastive_loss: ([0-9.]+)", log)]
     assert losses and all(torch.isfinite(torch.tensor(losses)))
+
+
+# -- SigLIP (--siglip) -------------------------------------------------------------------------
+
+SIGMOID_CFG = {**MODEL_CFG, "init_logit_bias": -10.0, "init_logit_scale": 2.3}
+
+
+def _siglip_argv(setup, name: str, epochs: int, *extra: str) -> list[str]:
+    """--siglip on a tiny model with a logit bias (its folder name must not say "siglip":
+    OpenCLIP would then ask Hugging Face for SigLIP's tokenizer)."""
+    argv = _argv(setup, name, epochs, *ROCLIP, "--siglip", *extra)
+    argv[argv.index(f"local-dir:{setup['model']}")] = _local_model(setup, "sigmoid", SIGMOID_CFG)
+    return argv
+
+
+def test_siglip_trains_with_roclip_reports_and_resumes_exactly(setup) -> None:
+    """The sigmoid loss end to end: schedule, pool, suspicious CSV, a trained bias, resume."""
+    assert main(_siglip_argv(setup, "siglip", 3)) == 0
+    log = _log(setup, "siglip")
+    assert "--siglip is not given" not in log
+    matching = re.findall(r"RoCLIP epoch (\d+) rank 0: matching=(\w+) pool=(\d+)/64", log)
+    assert [(int(e), m, int(f)) for e, m, f in matching] == [
+        (0, "False", 64),
+        (1, "True", 64),
+        (2, "False", 64),
+    ]
+    losses = [float(x) for x in re.findall(r"Contrastive_loss: ([0-9.]+)", log)]
+    assert losses and all(torch.isfinite(torch.tensor(losses)))
+    weights = torch.load(_ckpt(setup, "siglip", 3), weights_only=False)["state_dict"]
+    assert float(weights["logit_bias"]) != -10.0  # the sigmoid loss trains the bias
+    with _ckpt(setup, "siglip", 2).with_name("suspicious_epoch_2.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 96 and {int(r["index"]) for r in rows} == set(range(96))
+
+    _stop_after_epoch_two(_siglip_argv(setup, "siglip-stopped", 3))
+    resume = ["--resume", str(_ckpt(setup, "siglip-stopped", 2))]
+    assert main(_siglip_argv(setup, "siglip-resumed", 3, *resume)) == 0
+    _assert_same_run(setup, "siglip", "siglip-resumed")
+
+
+# -- gradient accumulation (--accum-freq) ------------------------------------------------------
+
+ACCUM = ["--batch-size", "8", "--accum-freq", "2"]
+
+
+def _suspicious(setup, name: str, epoch: int) -> dict[int, float]:
+    with _ckpt(setup, name, epoch).with_name(f"suspicious_epoch_{epoch}.csv").open() as fh:
+        return {int(r["index"]): float(r["margin"]) for r in csv.DictReader(fh)}
+
+
+def _without_key_bias(weights: dict[str, torch.Tensor], key: str) -> torch.Tensor:
+    """A weight, with the attention's key bias left out (the middle third of in_proj_bias).
+
+    Softmax attention does not change when a query's scores all move by the same constant, so
+    the key bias has no gradient in exact arithmetic: what it receives is rounding noise, which
+    AdamW scales up to full-size steps. That noise differs as soon as the sums are taken in
+    another order (two micro-batches instead of one batch), so the key bias is the one weight
+    two such runs cannot share, with or without RoCLIP. Every other weight agrees to ~1e-6.
+    """
+    value = weights[key]
+    if key.endswith("attn.in_proj_bias"):
+        third = value.shape[0] // 3
+        value = torch.cat([value[:third], value[2 * third :]])
+    return value
+
+
+def test_accum_freq_trains_as_one_large_batch_and_resumes_exactly(setup, straight) -> None:
+    """--batch-size 8 --accum-freq 2 is --batch-size 16: pool, weights, reports; then resume."""
+    assert main(_argv(setup, "accum", 3, *ROCLIP, *ACCUM)) == 0
+    log = _log(setup, "accum")
+    matching = re.findall(r"RoCLIP epoch (\d+) rank 0: matching=(\w+) pool=(\d+)/64", log)
+    assert [(int(e), m) for e, m, _ in matching] == [(0, "False"), (1, "True"), (2, "False")]
+    a = torch.load(_ckpt(setup, "accum", 3), weights_only=False)["state_dict"]
+    b = torch.load(_ckpt(setup, straight, 3), weights_only=False)["state_dict"]
+    for key in b:  # up to floating-point reassociation (two micro-batches, not one batch)
+        torch.testing.assert_close(_without_key_bias(a, key), _without_key_bias(b, key), msg=key)
+    pa = torch.load(state_path_for(_ckpt(setup, "accum", 3)), weights_only=False)["roclip"]
+    pb = torch.load(state_path_for(_ckpt(setup, straight, 3)), weights_only=False)["roclip"]
+    assert pa["step"] == pb["step"] == 18  # optimiser steps, not micro-batches
+    assert pa["pool"]["total_written"] == pb["pool"]["total_written"] == 18 * 16
+    torch.testing.assert_close(pa["pool"]["features"], pb["pool"]["features"], atol=1e-5, rtol=0)
+    margins_a, margins_b = _suspicious(setup, "accum", 2), _suspicious(setup, straight, 2)
+    assert margins_a.keys() == margins_b.keys() == set(range(96))  # rows tied to their samples
+    for index, margin in margins_b.items():
+        assert abs(margins_a[index] - margin) < 1e-4, index
+
+    _stop_after_epoch_two(_argv(setup, "accum-stopped", 3, *ROCLIP, *ACCUM))
+    resume = ["--resume", str(_ckpt(setup, "accum-stopped", 2))]
+    assert main(_argv(setup, "accum-resumed", 3, *ROCLIP, *ACCUM, *resume)) == 0
+    _assert_same_run(setup, "accum", "accum-resumed")
+
+
+@pytest.mark.slow
+def test_torchrun_accum_freq_trains_as_one_large_batch(setup) -> None:
+    """Two gloo ranks: --batch-size 4 --accum-freq 2 is --batch-size 8, pool and weights."""
+    _torchrun(_argv(setup, "torchrun-accum", 2, *ROCLIP, "--batch-size", "4", "--accum-freq", "2"))
+    _torchrun(_argv(setup, "torchrun-large", 2, *ROCLIP, "--batch-size", "8"))
+    a = torch.load(_ckpt(setup, "torchrun-accum", 2), weights_only=False)["state_dict"]
+    b = torch.load(_ckpt(setup, "torchrun-large", 2), weights_only=False)["state_dict"]
+    for key in b:
+        torch.testing.assert_close(_without_key_bias(a, key), _without_key_bias(b, key), msg=key)
+    pa = torch.load(state_path_for(_ckpt(setup, "torchrun-accum", 2)), weights_only=False)
+    pb = torch.load(state_path_for(_ckpt(setup, "torchrun-large", 2)), weights_only=False)
+    assert pa["roclip"]["step"] == pb["roclip"]["step"] == 12
+    torch.testing.assert_close(
+        pa["roclip"]["pool"]["features"], pb["roclip"]["pool"]["features"], atol=1e-5, rtol=0
+    )

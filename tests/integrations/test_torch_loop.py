@@ -299,6 +299,31 @@ def test_loss_is_clip_infonce_on_unnormalised_features() -> None:
     torch.testing.assert_close(got, _plain_infonce(img, txt, 20.0))
 
 
+def test_a_siglip_model_trains_the_sigmoid_loss_and_its_bias() -> None:
+    """siglip=True: SigLIP's loss with the model's logit_bias, in plain and matching epochs."""
+    model = TwoTower()
+    model.logit_bias = nn.Parameter(torch.tensor(-10.0))
+    model.eval()  # no dropout: the reference sees the same features
+    adapter = _adapter(model=model, siglip=True)
+    data = DigitCaptions(16)
+    assert adapter.epoch_start(0) is False
+    loss = adapter.step(data.images, data.tokens)
+    with torch.no_grad():
+        img = F.normalize(model.encode_image(data.images), dim=-1)
+        txt = F.normalize(model.encode_text(data.tokens), dim=-1)
+        logits = model.logit_scale.exp() * img @ txt.T + model.logit_bias
+        labels = 2 * torch.eye(16) - 1
+        want = -F.logsigmoid(labels * logits).sum() / 16
+    torch.testing.assert_close(loss.detach(), want)
+    loss.backward()
+    assert model.logit_bias.grad != 0  # the bias trains
+    assert adapter.epoch_start(1) is True
+    model.zero_grad()
+    adapter.step(data.images, data.tokens).backward()
+    assert model.logit_bias.grad != 0 and model.image[0].weight.grad.abs().sum() > 0
+    assert torch.count_nonzero(model.text[1].weight.grad) == 0  # matched captions: constants
+
+
 def test_bf16_features_under_autocast_give_a_float32_loss() -> None:
     img, txt = torch.randn(8, 16).bfloat16(), torch.randn(8, 16).bfloat16()
     fp32, mixed = _adapter(), _adapter()

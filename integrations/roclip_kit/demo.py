@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from roclip_kit.plot import Chart, Series, draw_chart
+from roclip_kit.plot import Chart, PlotUnavailable, Series, draw_chart
 
 RESULTS_FILE = "results.json"
 PLOT_FILE = "attack_success.png"
@@ -261,7 +261,7 @@ def run_demo(settings: DemoSettings, *, say: Say = print, progress: Any = None) 
         "wall_seconds": time.perf_counter() - start,
     }
     _write_json(out / RESULTS_FILE, results)
-    plot_attack_success(runs, out / PLOT_FILE, dataset.name)
+    plot_attack_success(runs, out / PLOT_FILE, dataset.name, say=say)
     return results
 
 
@@ -631,8 +631,15 @@ def _run_verdicts(run: RunFigures, base: dict[str, float | None]) -> list[str]:
 PURITY_COLOUR = (44, 160, 44)
 
 
-def plot_attack_success(runs: list[RunFigures], path: Path, dataset: str) -> Path:
-    """Attack success, clean zero-shot and matching purity per epoch; matching shaded."""
+def plot_attack_success(
+    runs: list[RunFigures], path: Path, dataset: str, *, say: Say = print
+) -> Path | None:
+    """Attack success, clean zero-shot and matching purity per epoch; matching shaded.
+
+    Without matplotlib the demo's figures are all in results.json already: the plot is
+    skipped (an older one at ``path`` removed, so it is never taken for this run's) and
+    ``say`` tells how to get it. Returns the plot's path, or None when it was not drawn.
+    """
     colours = {False: (31, 119, 180), True: (214, 39, 40)}
     series = []
     for run in runs:
@@ -654,7 +661,12 @@ def plot_attack_success(runs: list[RunFigures], path: Path, dataset: str) -> Pat
     chart = Chart(
         f"Poisoned {dataset}: attack success and clean accuracy", series, shaded, y_label=""
     )
-    return draw_chart(chart, path)
+    try:
+        return draw_chart(chart, path)
+    except PlotUnavailable as err:
+        path.unlink(missing_ok=True)
+        say(f"plot not drawn: {err}")
+        return None
 
 
 def _light(colour: tuple[int, int, int]) -> tuple[int, int, int]:

@@ -351,6 +351,8 @@ class OpenClipPatches:
         if tb_writer is not None:
             for key, value in summary.items():
                 tb_writer.add_scalar(f"roclip/{key}", value, step)
+            # OpenCLIP never closes its writer: without a flush the last epoch could stay buffered
+            tb_writer.flush()
         if getattr(args, "wandb", False):
             import wandb
 

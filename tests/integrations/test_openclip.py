@@ -172,13 +172,13 @@ def test_roclip_scalars_reach_wandb_offline(setup, tmp_path, monkeypatch) -> Non
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
     logged: list[dict] = []
-    real_log = wandb.log
+    real_log = wandb.sdk.wandb_run.Run.log  # wandb.init rebinds wandb.log to the run's method
 
-    def spy(data: dict, *args, **kwargs):
+    def spy(run, data: dict, *args, **kwargs):
         logged.append(dict(data))
-        return real_log(data, *args, **kwargs)
+        return real_log(run, data, *args, **kwargs)
 
-    monkeypatch.setattr(wandb, "log", spy)
+    monkeypatch.setattr(wandb.sdk.wandb_run.Run, "log", spy)
     assert main(_argv(setup, "wb", 2, *ROCLIP, "--report-to", "wandb")) == 0
     rows = [row for row in logged if ROCLIP_SCALARS & set(row)]
     assert [set(row) for row in rows] == [ROCLIP_SCALARS | {"epoch"}] * 2

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from timing import timed
 
+from roclip_plugin import get_plugin_manager
 from roclip_plugin.augment import build_policy
 from roclip_plugin.config import RoClipConfig
 
@@ -153,7 +154,7 @@ def main() -> None:
     parser.add_argument("--batched-only", action="store_true", help="time only the batched path")
     args = parser.parse_args()
     device = torch.device(args.device)
-    policy = build_policy(RoClipConfig())
+    policy = build_policy(RoClipConfig(), get_plugin_manager())
     source = policy.text_augment.synonyms
     results: dict[str, Any] = {
         "date": date.today().isoformat(),

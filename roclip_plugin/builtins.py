@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from roclip_plugin.augment import identity_factory
-from roclip_plugin.augment_image import roclip_image_factory, roclip_small_image_factory
-from roclip_plugin.augment_text import eda_factory
+from roclip_plugin.augment import (
+    eda_factory,
+    identity_factory,
+    roclip_image_factory,
+    roclip_small_image_factory,
+)
 from roclip_plugin.config import RoClipConfig
 from roclip_plugin.hookspecs import hookimpl
 from roclip_plugin.matching import Matcher, make_matcher

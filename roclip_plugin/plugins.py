@@ -4,6 +4,10 @@ Third-party plugins are found through the entry-point group ``roclip``
 (``[project.entry-points.roclip] name = "module"``). Set ``ROCLIP_DISABLE_PLUGIN_AUTOLOAD=1``
 to skip them (as ``PYTEST_DISABLE_PLUGIN_AUTOLOAD`` does for pytest), for example to rule a
 plugin out while debugging. Nothing is loaded at import time.
+
+The manager knows the hook specifications and the built-in plugin; what plugins register is
+collected by whoever asks (:func:`roclip_plugin.augment.collect_augmentations`, kept importable
+here as ``collect_augmentations``), so no module below this one imports it back.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import os
 import pluggy
 
 from roclip_plugin import builtins, hookspecs
-from roclip_plugin.augment import AugmentationRegistry
+from roclip_plugin.augment import collect_augmentations
 
 ENTRY_POINT_GROUP = "roclip"
 AUTOLOAD_ENV = "ROCLIP_DISABLE_PLUGIN_AUTOLOAD"
@@ -38,8 +42,10 @@ def get_plugin_manager(*, autoload: bool | None = None) -> pluggy.PluginManager:
     return pm
 
 
-def collect_augmentations(pm: pluggy.PluginManager) -> AugmentationRegistry:
-    """Run ``roclip_register_augmentations`` on every plugin into a fresh registry."""
-    registry = AugmentationRegistry()
-    pm.hook.roclip_register_augmentations(register=registry.register)
-    return registry
+__all__ = [
+    "AUTOLOAD_ENV",
+    "BUILTINS_NAME",
+    "ENTRY_POINT_GROUP",
+    "collect_augmentations",
+    "get_plugin_manager",
+]

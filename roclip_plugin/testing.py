@@ -319,6 +319,7 @@ def bad_roclip_values() -> dict[str, st.SearchStrategy[str]]:
         "match_fraction": bad_reals(0.0, 1.0, low_open=True),
         # drop with the default match_fraction 1 would leave nothing to train on
         "match_action": not_in(c.MATCH_ACTIONS) | st.just("drop"),
+        "duplicate_matches": not_in(c.DUPLICATE_MATCHES),
         "precision": not_in(c.PRECISIONS),
         "matcher": not_in(c.MATCHERS),
         "match_chunk_size": bad_ints(0, int32),

@@ -1,4 +1,4 @@
-"""Build roclip_plugin/data/wordnet_synonyms.json.gz, the synonym table shipped for EDA.
+"""Build roclip_plugin/augment/data/wordnet_synonyms.json.gz, the synonym table shipped for EDA.
 
 The table is a reduced WordNet 3.0, used when neither NLTK's WordNet corpus nor WordNet's
 database files are installed. It keeps, per part of speech, the synsets restricted to lemmas
@@ -18,7 +18,7 @@ Usage (WordNet's database from Debian's ``wordnet-base``: ``apt-get install word
 
 The output is deterministic (sorted, no timestamp in the gzip header), so rebuilding from the
 same WordNet gives a byte-identical file. WordNet's licence must stay next to the table
-(roclip_plugin/data/WORDNET_LICENSE).
+(roclip_plugin/augment/data/WORDNET_LICENSE).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import json
 import re
 from pathlib import Path
 
-from roclip_plugin.synonyms import (
+from roclip_plugin.augment.synonyms import (
     POS,
     POS_FILES,
     SUFFIX_RULES,
@@ -107,7 +107,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--wordnet-dir", type=Path, default=Path("/usr/share/wordnet"))
     parser.add_argument("--min-count", type=int, default=1, help="SemCor tags a lemma needs")
-    parser.add_argument("--out", type=Path, default=ROOT / "roclip_plugin" / "data" / TABLE_NAME)
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "roclip_plugin" / "augment" / "data" / TABLE_NAME
+    )
     args = parser.parse_args()
     table = build_table(args.wordnet_dir, args.min_count)
     size = write_table(table, args.out)

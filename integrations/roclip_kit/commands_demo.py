@@ -188,7 +188,9 @@ def run_demo_command(args: argparse.Namespace, console: Console) -> int:
     for note in results.get("verdicts", []):
         console.print(f"- {note}")
     out = Path(settings.out)
-    console.print(f"results: {out / RESULTS_FILE}   plot: {out / PLOT_FILE}")
+    plot = out / PLOT_FILE
+    drawn = f"plot: {plot}" if plot.is_file() else "plot: not drawn (pip install matplotlib)"
+    console.print(f"results: {out / RESULTS_FILE}   {drawn}")
     return 0
 
 

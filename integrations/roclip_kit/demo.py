@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from roclip_kit.plot import Chart, Series, draw_chart
+from roclip_kit.plot import Chart, PlotUnavailable, Series, draw_chart
 
 RESULTS_FILE = "results.json"
 PLOT_FILE = "attack_success.png"
@@ -310,6 +310,7 @@ Say = Callable[[str], None]
 def run_demo(settings: DemoSettings, *, say: Say = print, progress: Any = None) -> dict[str, Any]:
     """Run the whole demo; returns what ``results.json`` holds."""
     from roclip_kit.outputs import check_replaceable, keeping
+    from roclip_plugin import get_plugin_manager
     from roclip_plugin.augment import check_policy_names
     from roclip_plugin.config import RoClipConfig
 
@@ -318,7 +319,8 @@ def run_demo(settings: DemoSettings, *, say: Say = print, progress: Any = None) 
         s.roclip_flags.get("preset", "default"),
         **{k: v for k, v in s.roclip_flags.items() if k != "preset"},
     )  # bad RoCLIP flags fail here, before minutes of data building
-    check_policy_names(config)  # and unknown augmentation names (they are built in training)
+    # and unknown augmentation names (they are built in training)
+    check_policy_names(config, get_plugin_manager())
     out = check_replaceable(Path(s.out), "--out", "roclip demo", OUT_ENTRIES, lambda _: True)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -356,7 +358,7 @@ def _poison_train_evaluate(
         "wall_seconds": time.perf_counter() - start,
     }
     _write_json(out / RESULTS_FILE, results)
-    plot_attack_success(runs, out / PLOT_FILE, dataset.name)
+    plot_attack_success(runs, out / PLOT_FILE, dataset.name, say=say)
     return results
 
 
@@ -752,8 +754,15 @@ def _run_verdicts(run: RunFigures, base: dict[str, float | None]) -> list[str]:
 PURITY_COLOUR = (44, 160, 44)
 
 
-def plot_attack_success(runs: list[RunFigures], path: Path, dataset: str) -> Path:
-    """Attack success, clean zero-shot and matching purity per epoch; matching shaded."""
+def plot_attack_success(
+    runs: list[RunFigures], path: Path, dataset: str, *, say: Say = print
+) -> Path | None:
+    """Attack success, clean zero-shot and matching purity per epoch; matching shaded.
+
+    Without matplotlib the demo's figures are all in results.json already: the plot is
+    skipped (an older one at ``path`` removed, so it is never taken for this run's) and
+    ``say`` tells how to get it. Returns the plot's path, or None when it was not drawn.
+    """
     colours = {False: (31, 119, 180), True: (214, 39, 40)}
     series = []
     for run in runs:
@@ -775,7 +784,12 @@ def plot_attack_success(runs: list[RunFigures], path: Path, dataset: str) -> Pat
     chart = Chart(
         f"Poisoned {dataset}: attack success and clean accuracy", series, shaded, y_label=""
     )
-    return draw_chart(chart, path)
+    try:
+        return draw_chart(chart, path)
+    except PlotUnavailable as err:
+        path.unlink(missing_ok=True)
+        say(f"plot not drawn: {err}")
+        return None
 
 
 def _light(colour: tuple[int, int, int]) -> tuple[int, int, int]:

@@ -1,22 +1,38 @@
-"""A line chart of attack success per epoch, drawn with Pillow (no plotting library needed).
+"""The demo's line chart, drawn with matplotlib: attack success per epoch, matching shaded.
 
-The demo's figure: one line per (run, metric), epochs on the x axis, 0 to 100% on the y axis,
-and the epochs in which RoCLIP matched shaded, so a reader sees when the attack took hold and
-whether matching broke it.
+One line per (run, metric), epochs on the x axis, 0 to 100% on the y axis, and the epochs in
+which RoCLIP matched shaded, so a reader sees when the attack took hold and whether matching
+broke it. matplotlib is what users read and restyle, so the chart is an ordinary matplotlib
+``Figure`` (:func:`build_figure`); it renders through the Agg canvas directly, never through
+``pyplot``, so no display, global backend or open-figure registry is involved.
+
+matplotlib is an optional dependency of the ``kit`` extra: without it :func:`draw_chart`
+raises :class:`PlotUnavailable`, whose message says how to install it, and the demo goes on
+without its picture.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-WIDTH, HEIGHT = 720, 420
-MARGIN_LEFT, MARGIN_RIGHT, MARGIN_TOP, MARGIN_BOTTOM = 60, 190, 40, 50
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+SIZE_INCHES, DPI = (7.2, 4.2), 100
 PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
 SHADE = (235, 235, 245)
-GRID = (220, 220, 220)
-INK = (40, 40, 40)
+SHADE_LABEL = "RoCLIP matching"
+Y_PAD = 0.02  # fraction of the 0-100% axis left above and below
+INSTALL_HINT = "pip install matplotlib"  # also in the kit extra; no brackets: rich reads markup
+
+
+class PlotUnavailable(ImportError):
+    """matplotlib is not installed: the chart cannot be drawn; the message says how to fix it."""
 
 
 @dataclass
@@ -40,6 +56,14 @@ class Chart:
     y_label: str = "attack success"
 
 
+def matplotlib_available() -> bool:
+    """Whether matplotlib can be imported (without importing it)."""
+    try:
+        return importlib.util.find_spec("matplotlib") is not None
+    except (ImportError, ValueError):  # a None entry in sys.modules: treated as missing
+        return False
+
+
 def _epochs(chart: Chart) -> tuple[int, int]:
     epochs = [e for s in chart.series for e in s.values] + list(chart.shaded_epochs)
     if not epochs:
@@ -47,65 +71,10 @@ def _epochs(chart: Chart) -> tuple[int, int]:
     return min(epochs), max(epochs)
 
 
-def _segments(
-    points: list[tuple[float, float]], dashed: bool
-) -> list[tuple[tuple[float, float], tuple[float, float]]]:
-    """Line segments between consecutive points; dashed lines are cut into 8-pixel pieces."""
-    pieces = []
-    for (x0, y0), (x1, y1) in zip(points, points[1:], strict=False):
-        if not dashed:
-            pieces.append(((x0, y0), (x1, y1)))
-            continue
-        length = max(((x1 - x0) ** 2 + (y1 - y0) ** 2) ** 0.5, 1e-9)
-        steps = max(int(length // 8), 1)
-        for i in range(0, steps, 2):
-            a, b = i / steps, min((i + 1) / steps, 1.0)
-            pieces.append(
-                ((x0 + a * (x1 - x0), y0 + a * (y1 - y0)), (x0 + b * (x1 - x0), y0 + b * (y1 - y0)))
-            )
-    return pieces
-
-
-def draw_chart(chart: Chart, path: Path | str) -> Path:
-    """Draw ``chart`` into a PNG at ``path`` and return the path."""
-    from PIL import Image, ImageDraw
-
-    first, last = _epochs(chart)
-    span = max(last - first, 1)
-    plot_w = WIDTH - MARGIN_LEFT - MARGIN_RIGHT
-    plot_h = HEIGHT - MARGIN_TOP - MARGIN_BOTTOM
-
-    def x_of(epoch: float) -> float:
-        return MARGIN_LEFT + (epoch - first) / span * plot_w
-
-    def y_of(value: float) -> float:
-        return MARGIN_TOP + (1.0 - min(max(value, 0.0), 1.0)) * plot_h
-
-    image = Image.new("RGB", (WIDTH, HEIGHT), "white")
-    draw = ImageDraw.Draw(image)
-    half = plot_w / span / 2
-    for epoch in chart.shaded_epochs:  # clipped to the plot area
-        left = max(x_of(epoch) - half, MARGIN_LEFT)
-        right = min(x_of(epoch) + half, MARGIN_LEFT + plot_w)
-        draw.rectangle((left, MARGIN_TOP, right, MARGIN_TOP + plot_h), fill=SHADE)
-    for tick in range(0, 101, 20):
-        y = y_of(tick / 100)
-        draw.line((MARGIN_LEFT, y, MARGIN_LEFT + plot_w, y), fill=GRID)
-        draw.text((MARGIN_LEFT - 8, y), f"{tick}%", fill=INK, anchor="rm")
-    step = max(1, span // 10)
-    for epoch in range(first, last + 1, step):
-        draw.text((x_of(epoch), MARGIN_TOP + plot_h + 8), str(epoch), fill=INK, anchor="mt")
-    draw.rectangle(
-        (MARGIN_LEFT, MARGIN_TOP, MARGIN_LEFT + plot_w, MARGIN_TOP + plot_h), outline=INK
-    )
-    draw.text((WIDTH / 2 - MARGIN_RIGHT / 2, 14), chart.title, fill=INK, anchor="mt")
-    draw.text((MARGIN_LEFT + plot_w / 2, HEIGHT - 16), chart.x_label, fill=INK, anchor="mb")
-    draw.text((8, MARGIN_TOP - 22), chart.y_label, fill=INK)
-    _draw_series(draw, chart, x_of, y_of)
-    _draw_legend(draw, chart, MARGIN_LEFT + plot_w + 14)
-    path = Path(path)
-    image.save(path)
-    return path
+def _rgb(colour: tuple[int, int, int]) -> tuple[float, float, float]:
+    """Matplotlib's colours are fractions; the kit's are 0-255 like Pillow's."""
+    r, g, b = colour
+    return (r / 255, g / 255, b / 255)
 
 
 def _colour(chart: Chart, index: int) -> tuple[int, int, int]:
@@ -113,25 +82,71 @@ def _colour(chart: Chart, index: int) -> tuple[int, int, int]:
     return series.colour or PALETTE[index % len(PALETTE)]
 
 
-def _draw_series(draw: object, chart: Chart, x_of: object, y_of: object) -> None:
-    for index, series in enumerate(chart.series):
-        colour = _colour(chart, index)
-        points = [(x_of(e), y_of(v)) for e, v in sorted(series.values.items())]  # type: ignore[operator]
-        for a, b in _segments(points, series.dashed):
-            draw.line((a, b), fill=colour, width=3)  # type: ignore[attr-defined]
-        for x, y in points:
-            draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colour)  # type: ignore[attr-defined]
+def _import_figure() -> type[Figure]:
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as err:
+        raise PlotUnavailable(f"the demo's plot needs matplotlib: {INSTALL_HINT}") from err
+    return Figure
 
 
-def _draw_legend(draw: object, chart: Chart, left: float) -> None:
-    top = MARGIN_TOP
+def build_figure(chart: Chart) -> Figure:
+    """The chart as a matplotlib ``Figure``, for saving or restyling.
+
+    Raises:
+        ValueError: no series has a value and nothing is shaded.
+        PlotUnavailable: matplotlib is not installed.
+    """
+    first, last = _epochs(chart)
+    figure = _import_figure()(figsize=SIZE_INCHES, dpi=DPI)
+    axes = figure.add_subplot()
+    for epoch in chart.shaded_epochs:  # a whole epoch wide, like a bar
+        label = SHADE_LABEL if epoch == chart.shaded_epochs[0] else None
+        axes.axvspan(epoch - 0.5, epoch + 0.5, color=_rgb(SHADE), zorder=0, label=label)
     for index, series in enumerate(chart.series):
-        colour = _colour(chart, index)
-        y = top + 20 * index + 6
-        for a, b in _segments([(left, y), (left + 26, y)], series.dashed):
-            draw.line((a, b), fill=colour, width=3)  # type: ignore[attr-defined]
-        draw.text((left + 32, y), series.label, fill=INK, anchor="lm")  # type: ignore[attr-defined]
-    if chart.shaded_epochs:
-        y = top + 20 * len(chart.series) + 6
-        draw.rectangle((left, y - 6, left + 26, y + 6), fill=SHADE)  # type: ignore[attr-defined]
-        draw.text((left + 32, y), "RoCLIP matching", fill=INK, anchor="lm")  # type: ignore[attr-defined]
+        epochs = sorted(series.values)
+        axes.plot(
+            epochs,
+            [min(max(series.values[e], 0.0), 1.0) for e in epochs],
+            linestyle="--" if series.dashed else "-",
+            marker="o",
+            markersize=4,
+            linewidth=2,
+            color=_rgb(_colour(chart, index)),
+            label=series.label,
+        )
+    _style_axes(axes, chart, first, last)
+    figure.tight_layout()
+    return figure
+
+
+def _style_axes(axes: Axes, chart: Chart, first: int, last: int) -> None:
+    from matplotlib.ticker import MaxNLocator, MultipleLocator, PercentFormatter
+
+    margin = 0.5 if chart.shaded_epochs else 0.25
+    axes.set_xlim(first - margin, max(last, first + 1) + margin)
+    axes.set_ylim(-Y_PAD, 1.0 + Y_PAD)  # a line at 0% or 100% shows whole
+    axes.yaxis.set_major_locator(MultipleLocator(0.2))
+    axes.xaxis.set_major_locator(MaxNLocator(nbins=10, integer=True))
+    axes.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
+    axes.grid(axis="y", color="0.86")
+    axes.set_title(chart.title)
+    axes.set_xlabel(chart.x_label)
+    axes.set_ylabel(chart.y_label)
+    axes.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False, fontsize="small")
+
+
+def draw_chart(chart: Chart, path: Path | str) -> Path:
+    """Draw ``chart`` into a PNG at ``path`` (through the Agg canvas) and return the path.
+
+    Raises:
+        ValueError: nothing to plot.
+        PlotUnavailable: matplotlib is not installed (the message says how to get it).
+    """
+    figure = build_figure(chart)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(figure)  # Agg, whatever backend matplotlib would pick for a screen
+    path = Path(path)
+    figure.savefig(path, format="png", dpi=DPI)
+    return path

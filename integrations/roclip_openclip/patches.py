@@ -32,8 +32,7 @@ from roclip_openclip.state import (
     state_path_for,
 )
 from roclip_plugin import RoClipConfig, RoClipDefense
-from roclip_plugin.augment import AugmentationPolicy
-from roclip_plugin.augment_keys import sample_index
+from roclip_plugin.augment import AugmentationPolicy, sample_index
 from roclip_plugin.distributed import all_gather_objects, all_reduce_sum
 from roclip_plugin.hookspecs import hookimpl
 from roclip_plugin.loss import DistInfo, MatchStats
@@ -362,6 +361,8 @@ class OpenClipPatches:
         if tb_writer is not None:
             for key, value in summary.items():
                 tb_writer.add_scalar(f"roclip/{key}", value, step)
+            # OpenCLIP never closes its writer: without a flush the last epoch could stay buffered
+            tb_writer.flush()
         if getattr(args, "wandb", False):
             import wandb
 

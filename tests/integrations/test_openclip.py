@@ -137,6 +137,57 @@ def test_roclip_run_matches_on_schedule_and_checkpoints_the_pool(setup) -> None:
     assert "roclip_pool_size: 64" in (setup["root"] / "logs" / "roclip" / "params.txt").read_text()
 
 
+ROCLIP_SCALARS = {
+    f"roclip/{key}"
+    for key in ("matching", "matched_similarity", "own_similarity", "suspicious_pairs", "pool_fill")
+}
+
+
+def test_roclip_scalars_reach_tensorboard_through_openclips_writer(setup) -> None:
+    """``--report-to tensorboard``: RoCLIP's per-epoch scalars in OpenCLIP's own event file."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert main(_argv(setup, "tb", 3, *ROCLIP, "--report-to", "tensorboard")) == 0
+    events = EventAccumulator(str(setup["root"] / "logs" / "tb" / "tensorboard"))
+    events.Reload()  # read back from disk: main() returned and OpenCLIP never closed the writer
+    tags = set(events.Tags()["scalars"])
+    assert {t for t in tags if t.startswith("roclip/")} == ROCLIP_SCALARS
+    assert "train/contrastive_loss" in tags  # OpenCLIP's own scalars share the file
+    # 96 pairs in batches of 16: six steps an epoch; logged at the defense's step count
+    matching = [(e.step, e.value) for e in events.Scalars("roclip/matching")]
+    assert matching == [(6, 0.0), (12, 1.0), (18, 0.0)]
+    assert [e.value for e in events.Scalars("roclip/pool_fill")] == [64.0, 64.0, 64.0]
+    logged = re.search(r"RoCLIP epoch 1 rank 0: .* matched_sim=([0-9.]+)", _log(setup, "tb"))
+    matched = events.Scalars("roclip/matched_similarity")[1].value
+    assert logged is not None and matched == pytest.approx(float(logged.group(1)), abs=1e-4)
+
+
+def test_roclip_scalars_reach_wandb_offline(setup, tmp_path, monkeypatch) -> None:
+    """``--report-to wandb`` in offline mode (no account, no network): the real ``wandb.log``
+    gets RoCLIP's scalars each epoch and the offline run is written. W&B's offline run file is
+    its own binary format with no reader in the package, so the calls are what is checked."""
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logged: list[dict] = []
+    real_log = wandb.sdk.wandb_run.Run.log  # wandb.init rebinds wandb.log to the run's method
+
+    def spy(run, data: dict, *args, **kwargs):
+        logged.append(dict(data))
+        return real_log(run, data, *args, **kwargs)
+
+    monkeypatch.setattr(wandb.sdk.wandb_run.Run, "log", spy)
+    assert main(_argv(setup, "wb", 2, *ROCLIP, "--report-to", "wandb")) == 0
+    rows = [row for row in logged if ROCLIP_SCALARS & set(row)]
+    assert [set(row) for row in rows] == [ROCLIP_SCALARS | {"epoch"}] * 2
+    assert [(row["epoch"], row["roclip/matching"]) for row in rows] == [(0, 0.0), (1, 1.0)]
+    assert any("train/contrastive_loss" in row for row in logged)  # OpenCLIP's own, same run
+    (run,) = tmp_path.rglob("run-*.wandb")
+    assert run.stat().st_size > 0
+
+
 def test_without_roclip_it_is_plain_openclip(setup) -> None:
     import open_clip_train.main as oc_main
 

@@ -22,9 +22,9 @@ from roclip_kit.datasets import (
     WHERE,
     balanced_subset,
     build_captioned_dataset,
-    encode_png,
     read_idx,
     resize_matrix,
+    write_png,
 )
 
 TRAIN, TEST = 200, 60
@@ -256,10 +256,21 @@ def test_fashion_small_build(tmp_path: Path) -> None:
 
 @settings(max_examples=25, deadline=None)
 @given(st.integers(1, 12), st.integers(1, 12), st.integers(0, 2**32 - 1))
-def test_encode_png_round_trips(height: int, width: int, seed: int) -> None:
+def test_write_png_round_trips(height: int, width: int, seed: int) -> None:
     rgb = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
-    with Image.open(io.BytesIO(encode_png(rgb))) as image:
+    buffer = io.BytesIO()
+    write_png(buffer, rgb)
+    buffer.seek(0)
+    with Image.open(buffer) as image:
         assert image.mode == "RGB" and np.array_equal(np.asarray(image), rgb)
+
+
+def test_written_pngs_are_compressed_at_the_fast_level(tmp_path: Path) -> None:
+    rgb = np.zeros((32, 32, 3), np.uint8)
+    rgb[8:24, 8:24] = (200, 30, 30)  # a flat square on black, as the builder's images are
+    write_png(tmp_path / "a.png", rgb)
+    assert datasets.PNG_COMPRESS_LEVEL == 1
+    assert (tmp_path / "a.png").stat().st_size < rgb.nbytes / 4
 
 
 @given(st.integers(1, 40), st.integers(1, 40))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -295,3 +296,46 @@ def test_failed_rerun_puts_the_previous_results_back(tmp_path, monkeypatch) -> N
         run_demo(DemoSettings(out=out, dataset="digits", epochs=1))
     after = {p: p.read_text() for p in out.rglob("*") if p.is_file()}
     assert after == before and not (out / ".previous").exists()
+
+
+def _plotted_runs():
+    from roclip_kit.demo import RunFigures
+
+    figures = {"backdoor_asr": 0.2, "zero_shot": 0.5}
+    per_epoch = {e: {"targeted_asr": 0.1 * e, **figures} for e in (1, 2)}
+    clip = RunFigures("CLIP", False, 1.0, 1.0, [], per_epoch, {})
+    roclip = RunFigures("RoCLIP", True, 1.0, 1.0, [2], per_epoch, {}, {2: {"purity": 0.75}})
+    return [clip, roclip]
+
+
+def test_demo_plot_shows_attack_success_zero_shot_and_purity(tmp_path: Path, monkeypatch) -> None:
+    import roclip_kit.demo as demo
+
+    charts = []
+    monkeypatch.setattr(demo, "draw_chart", lambda chart, path: charts.append(chart) or path)
+    assert demo.plot_attack_success(_plotted_runs(), tmp_path / PLOT_FILE, "digits") is not None
+    (chart,) = charts
+    labels = {s.label: s for s in chart.series}
+    assert set(labels) == {
+        f"{run} {kind}"
+        for run in ("CLIP", "RoCLIP")
+        for kind in ("targeted", "backdoor", "zero-shot")
+    } | {"RoCLIP matching purity"}
+    assert labels["RoCLIP matching purity"].values == {2: 0.75}
+    assert labels["CLIP targeted"].values == {1: pytest.approx(0.1), 2: pytest.approx(0.2)}
+    assert list(chart.shaded_epochs) == [2]
+
+
+def test_demo_without_matplotlib_skips_the_plot_and_says_how_to_get_it(
+    tmp_path: Path, monkeypatch
+) -> None:
+    import roclip_kit.demo as demo
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    stale = tmp_path / PLOT_FILE
+    stale.write_bytes(b"an older run's plot")
+    said: list[str] = []
+    assert demo.plot_attack_success(_plotted_runs(), stale, "digits", say=said.append) is None
+    assert not stale.exists()  # never taken for this run's
+    assert len(said) == 1 and "pip install matplotlib" in said[0]

@@ -15,7 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from roclip_plugin import augment_keys, hookimpl
+from roclip_plugin import hookimpl
 from roclip_plugin.augment import (
     AugmentationPolicy,
     AugmentingTokenizer,
@@ -23,7 +23,8 @@ from roclip_plugin.augment import (
     build_policy,
     identity,
 )
-from roclip_plugin.augment_keys import (
+from roclip_plugin.augment import keys as augment_keys
+from roclip_plugin.augment.keys import (
     EpochCell,
     IndexedDataset,
     KeyMaker,
@@ -36,7 +37,7 @@ from roclip_plugin.augment_keys import (
     slot_bits,
     uniforms,
 )
-from roclip_plugin.augment_text import Eda
+from roclip_plugin.augment.text import Eda
 from roclip_plugin.config import (
     RoClipConfig,
     add_argparse_args,
@@ -104,7 +105,7 @@ def test_augmentation_flags_round_trip() -> None:
 
 
 def test_build_policy_defaults() -> None:
-    policy = build_policy(RoClipConfig(eda_synonyms="table", seed=4))
+    policy = build_policy(RoClipConfig(eda_synonyms="table", seed=4), get_plugin_manager())
     assert (policy.image_name, policy.text_name) == ("roclip", "eda")
     assert isinstance(policy.text_augment, Eda) and policy.text_augment.synonyms is not None
     assert policy.image_keys.seed == 4
@@ -113,9 +114,9 @@ def test_build_policy_defaults() -> None:
 
 def test_unknown_names_name_the_flag_and_the_registered_names() -> None:
     with pytest.raises(ValueError, match=r"--roclip-image-aug: .*'crop'.*registered: none, roclip"):
-        build_policy(RoClipConfig(image_aug="crop"))
+        build_policy(RoClipConfig(image_aug="crop"), get_plugin_manager())
     with pytest.raises(ValueError, match=r"--roclip-text-aug: .*'bt'.*registered: eda, none"):
-        build_policy(RoClipConfig(text_aug="bt", image_aug="none"))
+        build_policy(RoClipConfig(text_aug="bt", image_aug="none"), get_plugin_manager())
 
 
 def _rng_caption(caption: str, rng, key) -> str:
@@ -250,7 +251,8 @@ class ToyTokenizer:
 
 
 def _text_policy(**kwargs) -> AugmentationPolicy:
-    return build_policy(RoClipConfig(image_aug="none", eda_synonyms="table", **kwargs))
+    config = RoClipConfig(image_aug="none", eda_synonyms="table", **kwargs)
+    return build_policy(config, get_plugin_manager())
 
 
 def test_tokenizer_wrapper_call_signature_and_attributes() -> None:
@@ -325,7 +327,7 @@ def _epochs(policy: AugmentationPolicy, loader: torch.utils.data.DataLoader) -> 
 
 @pytest.mark.parametrize("context", ["fork", "spawn"])
 def test_dataloader_workers_reproduce_the_single_process_result(context: str) -> None:
-    policy = build_policy(RoClipConfig(eda_synonyms="table", seed=3))
+    policy = build_policy(RoClipConfig(eda_synonyms="table", seed=3), get_plugin_manager())
     dataset = _dataset(policy)
     single = _epochs(policy, torch.utils.data.DataLoader(dataset, batch_size=2))
     loader = torch.utils.data.DataLoader(
@@ -374,12 +376,14 @@ def test_indexed_dataset_forwards_attributes() -> None:
 def test_core_imports_neither_openclip_nor_image_libraries() -> None:
     code = (
         "import sys, roclip_plugin\n"
+        "from roclip_plugin import get_plugin_manager\n"
         "from roclip_plugin.augment import build_policy\n"
         "from roclip_plugin.config import RoClipConfig\n"
-        "policy = build_policy(RoClipConfig(image_aug='none', eda_synonyms='table'))\n"
+        "pm = get_plugin_manager()\n"
+        "policy = build_policy(RoClipConfig(image_aug='none', eda_synonyms='table'), pm)\n"
         "policy.text('a dog', index=0)\n"
         "assert not {'open_clip', 'torchvision', 'PIL'} & set(sys.modules), sorted(sys.modules)\n"
-        "build_policy(RoClipConfig(eda_synonyms='table'))\n"
+        "build_policy(RoClipConfig(eda_synonyms='table'), pm)\n"
         "assert 'torchvision' in sys.modules and 'open_clip' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -390,11 +394,12 @@ def test_image_transform_exposes_the_preprocessing_attributes() -> None:
     ``transforms[0].size``) sees the wrapped preprocessing, like the tokenizer wrapper does."""
     T = pytest.importorskip("torchvision.transforms")  # noqa: N806
     preprocess = T.Compose([T.RandomResizedCrop(32), T.ToTensor()])
-    transform = build_policy(RoClipConfig(image_aug="none")).image_transform(preprocess)
+    policy = build_policy(RoClipConfig(image_aug="none"), get_plugin_manager())
+    transform = policy.image_transform(preprocess)
     assert transform.transforms is preprocess.transforms
     assert transform.transforms[0].size == (32, 32)
     assert transform.size == (32, 32)  # its own attributes stay its own
     clone = pickle.loads(pickle.dumps(transform))
     assert clone.transforms[0].size == (32, 32)
     with pytest.raises(AttributeError):
-        _ = build_policy(RoClipConfig(image_aug="none")).image_transform(None).transforms
+        _ = policy.image_transform(None).transforms

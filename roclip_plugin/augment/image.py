@@ -8,8 +8,9 @@ commute in distribution, so doing the crop first changes nothing but lets every 
 run on the small output.
 
 Two execution paths share one parameter sampler, :func:`draw_params`, whose numbers are a hash
-of ``(seed, epoch, sample index)`` (:mod:`roclip_plugin.augment_keys`): the same sample gets the
-same crop box, flip, jitter factors and order, grayscale decision and blur sigma on both paths.
+of ``(seed, epoch, sample index)`` (:mod:`roclip_plugin.augment.keys`): the same sample gets
+the same crop box, flip, jitter factors and order, grayscale decision and blur sigma on both
+paths.
 
 - Per sample (:meth:`RoClipImageAugment.__call__`), for DataLoader workers: a PIL image (or a
   ``[C, H, W]`` tensor) is cropped and resized with antialiasing from its full resolution, then
@@ -36,7 +37,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F  # noqa: N812 - the usual alias
 
-from roclip_plugin.augment_keys import uniforms
+from roclip_plugin.augment.keys import uniforms
 
 INSTALL_HINT = "pip install 'roclip-plugin[augment]'"
 CROP_TRIES = 10  # as torchvision's RandomResizedCrop

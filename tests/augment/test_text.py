@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from roclip_plugin.augment import AugmentationPolicy
-from roclip_plugin.augment_text import (
+from roclip_plugin.augment.text import (
     OPERATIONS,
     SPECIAL_TOKENS,
     STOP_WORDS,
@@ -383,4 +383,3 @@ def test_counter_fallback_differs_per_call() -> None:
 def test_caption_words_split_on_any_whitespace() -> None:
     out = POLICY.text("a\tred\ndog  sits", epoch=0, index=0)
     assert re.fullmatch(r"\S+( \S+)*", out)
-

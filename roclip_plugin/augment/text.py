@@ -26,7 +26,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from roclip_plugin.synonyms import SynonymSource, resolve_source
+from roclip_plugin.augment.synonyms import SynonymSource, resolve_source
 
 OPERATIONS = ("sr", "ri", "rs", "rd")
 SYNONYM_OPERATIONS = ("sr", "ri")
@@ -238,8 +238,8 @@ def _warn_no_synonyms() -> None:
         warnings.warn(
             "roclip EDA: no WordNet synonym source found (NLTK's wordnet corpus, WordNet's "
             "database files such as Debian's wordnet-base in /usr/share/wordnet, or the table "
-            "shipped in roclip_plugin/data); synonym replacement and random insertion are "
-            "disabled, random swap and random deletion still run",
+            "shipped in roclip_plugin/augment/data); synonym replacement and random insertion "
+            "are disabled, random swap and random deletion still run",
             RuntimeWarning,
             stacklevel=3,
         )

@@ -1,11 +1,11 @@
-"""Augmentation: the registry filled through a hook, and the policy integrations call.
+"""The augmentation policy: what integrations call, built from the plugins' registry.
 
-The core owns names, duplicates and errors; plugins only call ``register``. The built-ins are
-``none`` (the identity) for both kinds, ``roclip`` for images and ``eda`` for texts (see
-docs/augmentation.md). :func:`build_policy` turns a configuration into an
-:class:`AugmentationPolicy`: the CPU transform for DataLoader workers, the batched path for
-GPUs, caption augmentation and a tokenizer wrapper, all drawing per-sample randomness from
-``(seed, epoch, index)``.
+:func:`build_policy` turns a configuration into an :class:`AugmentationPolicy`: the CPU
+transform for DataLoader workers, the batched path for GPUs, caption augmentation and a
+tokenizer wrapper, all drawing per-sample randomness from ``(seed, epoch, index)``
+(:mod:`roclip_plugin.augment.keys`). The registry it builds from is filled from the plugin
+manager the caller gives it (:func:`~roclip_plugin.augment.registry.collect_augmentations`):
+this package never imports the plugin manager, which imports it (through the built-ins).
 """
 
 from __future__ import annotations
@@ -14,71 +14,23 @@ import inspect
 import random
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from roclip_plugin.augment_keys import (
+from roclip_plugin.augment.keys import (
     STREAM_IMAGE,
     STREAM_TEXT,
     EpochCell,
-    IndexedDataset,
     KeyMaker,
     python_seed,
-    sample_index,
 )
-from roclip_plugin.augment_text import strip_special_tokens
+from roclip_plugin.augment.registry import collect_augmentations, identity
+from roclip_plugin.augment.text import strip_special_tokens
+from roclip_plugin.config import RoClipConfig
 
-KINDS = ("image", "text")
-Factory = Callable[[Any], Callable[..., Any]]
-
-
-def identity(x: Any) -> Any:
-    """Return ``x`` unchanged (the ``none`` augmentation); module level so it pickles."""
-    return x
-
-
-def identity_factory(config: Any) -> Callable[[Any], Any]:
-    """Factory of the ``none`` augmentation."""
-    return identity
-
-
-class AugmentationRegistry:
-    """Name -> factory, per kind."""
-
-    def __init__(self) -> None:
-        self._factories: dict[str, dict[str, Factory]] = {kind: {} for kind in KINDS}
-
-    def register(self, kind: str, name: str, factory: Factory, replace: bool = False) -> None:
-        """Add ``factory`` under ``name``; a taken name needs ``replace=True``."""
-        if kind not in KINDS:
-            raise ValueError(f"augmentation kind {kind!r} is unknown; allowed: {', '.join(KINDS)}")
-        if not name or not isinstance(name, str):
-            raise ValueError(f"augmentation name must be a non-empty string, got {name!r}")
-        if name in self._factories[kind] and not replace:
-            raise ValueError(
-                f"{kind} augmentation {name!r} is already registered; pass replace=True to "
-                "override it"
-            )
-        self._factories[kind][name] = factory
-
-    def names(self, kind: str) -> list[str]:
-        """Registered names of ``kind``, sorted."""
-        return sorted(self._factories[kind])
-
-    def build(self, kind: str, name: str, config: Any) -> Callable[..., Any]:
-        """Instantiate the augmentation ``name`` of ``kind`` for ``config``."""
-        try:
-            factory = self._factories[kind][name]
-        except KeyError:
-            raise ValueError(
-                f"--roclip-{kind}-aug: unknown {kind} augmentation {name!r}; registered: "
-                f"{', '.join(self.names(kind)) or 'none'}"
-            ) from None
-        return factory(config)
-
-
-# -- the policy: what integrations call -------------------------------------------------------
+if TYPE_CHECKING:
+    import pluggy
 
 IMAGE_KWARGS = ("key", "size", "rng")
 TEXT_KWARGS = ("key", "rng")
@@ -147,7 +99,7 @@ class AugmentedImageTransform:
 
     A drop-in for a dataset's transform (``transform(image)``); a dataset that knows the sample
     index may pass it (``transform(image, index=i)``), or wrap itself in
-    :class:`~roclip_plugin.augment_keys.IndexedDataset`. Picklable when ``preprocess`` is.
+    :class:`~roclip_plugin.augment.keys.IndexedDataset`. Picklable when ``preprocess`` is.
     Other attributes (``transforms`` of a ``Compose`` ...) are the preprocessing's, as the
     tokenizer wrapper's are the tokenizer's: code that inspects its transform (OpenCLIP's
     synthetic dataset reads ``transforms[0].size``) keeps working.
@@ -383,7 +335,7 @@ class AugmentingTokenizer:
 
     Same call as OpenCLIP's tokenizers, ``tokenizer(texts, context_length=None)``, plus an
     optional ``indices`` (the samples' dataset indices). Without them one caption uses the
-    index set by :class:`~roclip_plugin.augment_keys.IndexedDataset`, else a per-call counter
+    index set by :class:`~roclip_plugin.augment.keys.IndexedDataset`, else a per-call counter
     (reproducible only for a fixed number of workers and ranks). The epoch is the policy's
     (:meth:`set_epoch`, shared with workers). Other attributes (``context_length``,
     ``vocab_size`` ...) are the wrapped tokenizer's. Picklable when the tokenizer is.
@@ -434,23 +386,23 @@ def _warn_once(message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-def build_policy(config: Any = None, pm: Any = None) -> AugmentationPolicy:
-    """The augmentation policy a configuration names, from the plugins' registry.
+def build_policy(config: RoClipConfig | None, pm: pluggy.PluginManager) -> AugmentationPolicy:
+    """The augmentation policy a configuration names, from the registry ``pm``'s plugins fill.
+
+    The plugin manager is an argument, not built here: it imports the built-in plugin, which
+    imports this package, and the caller already holds the one its own plugins are in.
 
     Args:
-        config: a :class:`~roclip_plugin.config.RoClipConfig` (default: the default preset).
-        pm: a plugin manager (default: :func:`~roclip_plugin.plugins.get_plugin_manager`).
+        config: a :class:`~roclip_plugin.config.RoClipConfig`; None: the default preset.
+        pm: the plugin manager (:func:`roclip_plugin.get_plugin_manager`, or the defense's).
 
     Raises:
         ValueError: an unknown augmentation name (naming ``--roclip-image-aug`` or
             ``--roclip-text-aug`` and the registered names) or synonym source.
         ImportError: ``roclip`` images without torchvision and Pillow.
     """
-    from roclip_plugin.config import RoClipConfig
-    from roclip_plugin.plugins import collect_augmentations, get_plugin_manager
-
     config = RoClipConfig() if config is None else config
-    registry = collect_augmentations(get_plugin_manager() if pm is None else pm)
+    registry = collect_augmentations(pm)
     return AugmentationPolicy(
         registry.build("image", config.image_aug, config),
         registry.build("text", config.text_aug, config),
@@ -462,35 +414,17 @@ def build_policy(config: Any = None, pm: Any = None) -> AugmentationPolicy:
     )
 
 
-def check_policy_names(config: Any = None, pm: Any = None) -> None:
+def check_policy_names(config: RoClipConfig | None, pm: pluggy.PluginManager) -> None:
     """Refuse what :func:`build_policy` would refuse, without building the image augmentation.
 
-    For commands that list the augmentation flags but need only the core (``roclip smoke``):
-    the image augmentation's name is checked against the registry (building ``roclip`` would
-    need torchvision), the text augmentation is built (EDA is pure Python; this checks its
-    synonym source, e.g. ``--roclip-eda-synonyms nltk`` without NLTK).
+    For commands that list the augmentation flags but need only the core (``roclip smoke``)
+    or check everything before long work (``roclip demo``): the image augmentation's name is
+    checked against the registry (building ``roclip`` would need torchvision), the text
+    augmentation is built (EDA is pure Python; this checks its synonym source, e.g.
+    ``--roclip-eda-synonyms nltk`` without NLTK). ``pm`` as for :func:`build_policy`.
     """
-    from roclip_plugin.config import RoClipConfig
-    from roclip_plugin.plugins import collect_augmentations, get_plugin_manager
-
     config = RoClipConfig() if config is None else config
-    registry = collect_augmentations(get_plugin_manager() if pm is None else pm)
+    registry = collect_augmentations(pm)
     if config.image_aug not in registry.names("image"):
         registry.build("image", config.image_aug, config)  # raises, naming the flag
     registry.build("text", config.text_aug, config)
-
-
-__all__ = [
-    "AugmentationPolicy",
-    "AugmentationRegistry",
-    "AugmentedImageTransform",
-    "AugmentingTokenizer",
-    "IndexedDataset",
-    "accepted_kwargs",
-    "build_policy",
-    "check_policy_names",
-    "identity",
-    "identity_factory",
-    "preprocess_size",
-    "sample_index",
-]

@@ -16,7 +16,7 @@ import torchvision.transforms as T  # noqa: E402, N812
 import torchvision.transforms.functional as TF  # noqa: E402, N812
 
 from roclip_plugin.augment import AugmentationPolicy, build_policy, preprocess_size  # noqa: E402
-from roclip_plugin.augment_image import (  # noqa: E402
+from roclip_plugin.augment.image import (  # noqa: E402
     INSTALL_HINT,
     SMALL_IMAGE_SPEC,
     ImageAugSpec,
@@ -29,8 +29,9 @@ from roclip_plugin.augment_image import (  # noqa: E402
     rgb_to_gray,
     roclip_image_factory,
 )
-from roclip_plugin.augment_keys import STREAM_IMAGE  # noqa: E402
+from roclip_plugin.augment.keys import STREAM_IMAGE  # noqa: E402
 from roclip_plugin.config import RoClipConfig  # noqa: E402
+from roclip_plugin.plugins import get_plugin_manager  # noqa: E402
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -342,7 +343,8 @@ def test_reproducible_per_seed_epoch_index(batch: torch.Tensor) -> None:
 
 
 def test_none_image_augmentation_is_the_identity(batch: torch.Tensor) -> None:
-    policy = build_policy(RoClipConfig(image_aug="none", eda_synonyms="off"))
+    config = RoClipConfig(image_aug="none", eda_synonyms="off")
+    policy = build_policy(config, get_plugin_manager())
     assert policy.gpu_batch(batch, 0, [0, 1, 2, 3]) is batch
     photo = PHOTOS[0]
     assert policy.image_transform(None)(photo) is photo
@@ -369,7 +371,7 @@ def test_missing_torchvision_names_the_extra(monkeypatch: pytest.MonkeyPatch) ->
     with pytest.raises(ImportError, match=r"pip install 'roclip-plugin\[augment\]'"):
         roclip_image_factory(RoClipConfig())
     with pytest.raises(ImportError, match=r"roclip-plugin\[augment\]"):
-        build_policy(RoClipConfig(eda_synonyms="off"))
+        build_policy(RoClipConfig(eda_synonyms="off"), get_plugin_manager())
     assert "[augment]" in INSTALL_HINT
 
 
@@ -384,7 +386,7 @@ def test_uniform_crop_positions() -> None:
 
 
 def test_small_image_set_never_flips_greys_or_shifts_hue() -> None:
-    policy = build_policy(RoClipConfig(image_aug="roclip-small"))
+    policy = build_policy(RoClipConfig(image_aug="roclip-small"), get_plugin_manager())
     spec = policy.image.spec
     assert spec == SMALL_IMAGE_SPEC and spec.crop_scale == (0.5, 1.0)
     params = draw_params(spec, (0, 3, torch.arange(4000), STREAM_IMAGE), 32, 32)
@@ -396,11 +398,10 @@ def test_small_image_set_never_flips_greys_or_shifts_hue() -> None:
 
 
 def test_a_zero_hue_shift_is_skipped_as_torchvision_skips_hue_zero(monkeypatch) -> None:
-    import roclip_plugin.augment_image as augment_image
+    import roclip_plugin.augment.image as augment_image
 
     params = draw_params(SMALL_IMAGE_SPEC, (0, 0, torch.arange(64), STREAM_IMAGE), 8, 8)
     calls = []
     monkeypatch.setattr(augment_image, "adjust_hue", lambda x, s: calls.append(1) or x)
     color_jitter(torch.rand(64, 3, 8, 8), params)
     assert calls == []
-

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from roclip_plugin import augment_text, synonyms
-from roclip_plugin.config import RoClipConfig
-from roclip_plugin.synonyms import (
+from roclip_plugin.augment import synonyms
+from roclip_plugin.augment import text as augment_text
+from roclip_plugin.augment.synonyms import (
     Lexicon,
     NltkLexicon,
     SynonymSource,
@@ -26,8 +26,9 @@ from roclip_plugin.synonyms import (
     resolve_source,
     table_path,
 )
+from roclip_plugin.config import RoClipConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HEADER = "".join(f"  {i} licence header line {i}  \n" for i in range(1, 30))
 TINY = {
     "data.noun": [

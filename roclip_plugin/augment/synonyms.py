@@ -9,13 +9,13 @@ run time (no ``nltk.download``); the sources, in the order ``auto`` tries them, 
    ``data.adv`` and the ``*.exc`` exception lists), as Debian's ``wordnet-base`` package
    installs them in ``/usr/share/wordnet``. NLTK cannot read that layout (it lacks the
    ``lexnames`` file), so :func:`read_wordnet_dir` parses it.
-3. ``table``: a reduced WordNet shipped in ``roclip_plugin/data`` (common single-word lemmas
-   only), built by ``scripts/build_synonym_table.py``; WordNet's licence is next to it.
+3. ``table``: a reduced WordNet shipped in ``roclip_plugin/augment/data`` (common single-word
+   lemmas only), built by ``scripts/build_synonym_table.py``; WordNet's licence is next to it.
 
-The three give the same answer for a word the table covers (``tests/test_synonyms.py`` checks
-the first two against each other). A word's synonyms are, as in EDA, the lemmas of every synset
-of every base form of the word (WordNet's ``morphy``: exception lists, then suffix rules), minus
-the word itself; underscores become spaces; case is kept (EDA lower-cases, we do not).
+The three give the same answer for a word the table covers (``tests/augment/test_synonyms.py``
+checks the first two against each other). A word's synonyms are, as in EDA, the lemmas of every
+synset of every base form of the word (WordNet's ``morphy``: exception lists, then suffix rules),
+minus the word itself; underscores become spaces; case is kept (EDA lower-cases, we do not).
 """
 
 from __future__ import annotations
@@ -219,7 +219,7 @@ def find_wordnet_dir() -> Path | None:
 
 def table_path() -> Path:
     """Path of the synonym table shipped with the package."""
-    return Path(str(resources.files("roclip_plugin") / "data" / TABLE_NAME))
+    return Path(str(resources.files("roclip_plugin.augment") / "data" / TABLE_NAME))
 
 
 def read_table(path: str | os.PathLike[str] | None = None) -> Lexicon:

@@ -78,8 +78,8 @@ def _must_not_run(*args, **kwargs):
 
 
 def test_smoke_refuses_nltk_synonyms_without_nltk(capsys, monkeypatch) -> None:
-    import roclip_plugin.demo
     import roclip_plugin.augment.synonyms
+    import roclip_plugin.demo
 
     monkeypatch.setattr(roclip_plugin.augment.synonyms, "nltk_wordnet_available", lambda: False)
     monkeypatch.setattr(roclip_plugin.demo, "run_demo", _must_not_run)

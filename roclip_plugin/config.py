@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from roclip_plugin.validation import as_integer, as_real, in_interval, interval_text
+from roclip_plugin.validation import as_integer, check_real
 
 FLAG_PREFIX = "--roclip-"
 PRESETS = ("default", "reference")
@@ -323,11 +323,9 @@ def _check_float(
     low_open: bool = False,
     high_open: bool = False,
 ) -> None:
-    value = getattr(cfg, name)
-    number = as_real(value)
+    label = f"{name} ({flag_name(name)})"  # the message _fail gives every other field
     bounds = {"low_open": low_open, "high_open": high_open}
-    if number is None or not math.isfinite(number) or not in_interval(number, low, high, **bounds):
-        _fail(name, value, f"a number in {interval_text(low, high, **bounds)}")
+    number = check_real(label, getattr(cfg, name), low, high, **bounds)
     object.__setattr__(cfg, name, number)
 
 

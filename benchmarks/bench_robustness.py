@@ -50,6 +50,8 @@ from roclip_kit.demo import DemoSettings, build_data, poison
 from roclip_kit.tensor_runs import RunsFailed, RunSpec, default_threads, run_specs
 from roclip_kit.tensor_train import TensorTrainSettings
 
+from roclip_plugin.config import preset_name
+
 _DROP = {"match_action": "drop", "first_rematch_epoch": 0, "rematch_every": 1}
 VARIANTS: dict[str, tuple[dict[str, Any] | None, bool]] = {
     "clip": (None, True),
@@ -63,16 +65,31 @@ VARIANTS: dict[str, tuple[dict[str, Any] | None, bool]] = {
     # share of each batch whose own caption fits worst next to their nearest pool caption.
     "drop10": (_DROP | {"match_fraction": 0.1}, True),
     "drop25": (_DROP | {"match_fraction": 0.25}, True),
+    # The presets (docs/risk.md): the benchmark's pick, and SafeCLIP scaled to 12 epochs (its
+    # 5 unimodal warm-up epochs of 32 become 2).
+    "robust": ({"preset": "robust"}, True),
+    "safeclip": ({"preset": "safeclip", "unimodal_warmup_epochs": 2}, True),
+    # Candidates for robust: without image augmentation (its clean-accuracy cost on
+    # Fashion-MNIST), and a fifth of each batch instead of a tenth.
+    "robust-noimg": ({"preset": "robust", "image_aug": "none"}, True),
+    "robust20": ({"preset": "robust", "match_fraction": 0.2}, True),
+    # The floors: trained on the clean rows only (the poisoned ones removed by the manifest),
+    # what the attacks score when nothing was learned from the poison.
+    "floor": ({"preset": "robust"}, True),
+    "clip-clean": (None, True),
 }
-MAIN = ("clip", "roclip")
+CLEAN_ONLY = ("floor", "clip-clean")
+MAIN = ("clip", "roclip", "robust", "safeclip", "floor")
 ABLATIONS = ("aug-only", "match-only", "reference", "every-epoch", "adaptive")
-BEYOND = ("drop10", "drop25")
+BEYOND = ("robust-noimg", "robust20")
 COLUMNS = (
     ("zero_shot", "zero-shot"),
     ("linear_probe", "probe"),
     ("targeted_asr", "targeted"),
     ("backdoor_asr", "backdoor"),
     ("detection_recall", "detect R"),
+    ("risk_precision", "split P"),
+    ("risk_recall", "split R"),
     ("purity", "purity"),
     ("worst_drop", "worst drop"),
     ("train_seconds", "train s"),
@@ -113,7 +130,7 @@ def variant_flags(base: dict[str, Any], flags: dict[str, Any] | None) -> dict[st
     """A variant's RoCLIP settings on top of the scale's (reference keeps its own schedule)."""
     if flags is None:
         return None
-    if flags.get("preset") == "reference":
+    if preset_name(flags.get("preset")) != "paper":  # the other presets keep their schedule
         kept = {k: base[k] for k in ("pool_size", "image_aug") if k in base}
         return {**kept, **flags}
     return {**base, **flags}
@@ -169,6 +186,7 @@ def spec_for(
         eval_limit=s.eval_limit,
         eval_seed=cell.seed,
         extra={"dataset": cell.dataset, "seed": cell.seed, "rate": cell.rate},
+        clean_only=name in CLEAN_ONLY,
     )
 
 
@@ -181,10 +199,10 @@ def row_of(result: dict[str, Any]) -> dict[str, Any]:
     detection = (final.get("detection") or [{}])[-1]
     matching = [m for m in result["matching"].values() if m.get("purity") is not None]
     per_epoch = {int(k): v for k, v in result["per_epoch"].items()}
-    drops = [
+    drops = [  # any epoch's fall from the epoch before (the goal: none above 5 points)
         per_epoch[e - 1]["zero_shot"] - per_epoch[e]["zero_shot"]
-        for e in result["matching_epochs"]
-        if e - 1 in per_epoch and e in per_epoch
+        for e in per_epoch
+        if e - 1 in per_epoch
     ]
     return {
         **result["extra"],
@@ -206,11 +224,19 @@ def row_of(result: dict[str, Any]) -> dict[str, Any]:
         if any(m.get("poison_class") is not None for m in matching)
         else None,
         "worst_drop": max(drops) if drops else None,
+        "risk_precision": _mean_key(result["matching"].values(), "risk_precision"),
+        "risk_recall": _mean_key(result["matching"].values(), "risk_recall"),
         "matching_epochs": result["matching_epochs"],
         "zero_shot_by_epoch": {e: v["zero_shot"] for e, v in per_epoch.items()},
         "train_seconds": result["train_seconds"],
         "pairs_per_second": result["pairs_per_second"],
     }
+
+
+def _mean_key(epochs: Any, key: str) -> float | None:
+    """Mean of ``key`` over the epochs that have it (None if none does)."""
+    values = [e[key] for e in epochs if e.get(key) is not None]
+    return statistics.mean(values) if values else None
 
 
 def _cell_text(values: list[float], seconds: bool) -> str:

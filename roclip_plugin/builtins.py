@@ -17,6 +17,7 @@ from roclip_plugin.augment import (
 from roclip_plugin.config import RoClipConfig
 from roclip_plugin.hookspecs import hookimpl
 from roclip_plugin.matching import Matcher, make_matcher
+from roclip_plugin.risk import builtin_scorer_factories
 from roclip_plugin.schedule import ScheduleState, is_matching_unit
 
 
@@ -46,3 +47,13 @@ def roclip_register_augmentations(register: Callable[..., None]) -> None:
     register("image", "roclip", roclip_image_factory)
     register("image", "roclip-small", roclip_small_image_factory)
     register("text", "eda", eda_factory)
+
+
+@hookimpl(tryfirst=True)
+def roclip_register_risk_scorers(register: Callable[..., None]) -> None:
+    """``margin``, ``cosine``, ``history`` and ``density`` (docs/risk.md).
+
+    ``tryfirst`` so the built-ins are in place before plugins, which may replace them.
+    """
+    for name, factory in builtin_scorer_factories().items():
+        register(name, factory)

@@ -84,7 +84,14 @@ def _fix(config: RoClipConfig, total_units: int) -> str:
 
 
 def pool_share_message(config: RoClipConfig, samples_per_epoch: int | None) -> str | None:
-    """A warning when the pool holds more than :data:`POOL_SHARE_LIMIT` of an epoch's pairs."""
+    """A warning when the pool holds more than :data:`POOL_SHARE_LIMIT` of an epoch's pairs.
+
+    Only where images meet pool captions: re-matching, or the margin risk score. A history or
+    cosine score that drops or down-weights pairs never hands an image a pool caption.
+    """
+    reads_pool = config.match_action == "match" or config.risk_score == "margin"
+    if not reads_pool:
+        return None
     if not samples_per_epoch or config.pool_size <= POOL_SHARE_LIMIT * samples_per_epoch:
         return None
     share = config.pool_size / samples_per_epoch

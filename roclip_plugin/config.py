@@ -18,12 +18,13 @@ from typing import Any
 from roclip_plugin.validation import as_integer, check_real
 
 FLAG_PREFIX = "--roclip-"
-PRESETS = ("default", "reference")
+PRESETS = ("default", "paper", "reference", "safeclip", "robust")
 SCHEDULES = ("periodic", "ramp", "adaptive")
 POOL_UPDATES = ("every_step", "matching_epochs")
 PRECISIONS = ("fp32", "bf16")
 MATCHERS = ("torch", "faiss", "faiss-ivf")
-MATCH_ACTIONS = ("match", "drop")
+MATCH_ACTIONS = ("match", "drop", "unimodal", "weight")
+RISK_SPLITS = ("fixed", "gmm")
 DUPLICATE_MATCHES = ("mask", "keep")
 AUG_REFRESH = ("epoch", "run")
 SYNONYM_SOURCES = ("auto", "nltk", "wordnet", "table", "off")
@@ -98,18 +99,88 @@ class RoClipConfig:
     match_fraction: float = field(
         default=1.0,
         metadata=_meta(
-            "Share of a matching step's images re-paired with their nearest pool caption: 1 "
-            "(the paper) re-pairs all; below 1, only those whose own caption fits them worst "
-            "next to that pool caption (the largest margins), the rest keep their own caption."
+            "Share of a defended (matching) step's pairs judged risky and acted on "
+            "(match_action): 1 with match (the paper) re-pairs every image with its nearest "
+            "pool caption; below 1, the riskiest pairs of the global batch by risk_score, the "
+            "rest keep their own caption. With the gmm split: the largest risky share."
         ),
     )
     match_action: str = field(
         default="match",
         metadata=_meta(
-            "What a matching step does with the images match_fraction picks: match pairs them "
-            "with their nearest pool caption (RoCLIP); drop leaves them out of the step's loss "
-            "(needs match_fraction below 1).",
+            "What a defended step does with the pairs judged risky: match pairs their images "
+            "with their nearest pool caption (RoCLIP); drop leaves them out of the step's "
+            "CLIP loss; unimodal trains them with image-image and caption-caption "
+            "nearest-neighbour terms only (SafeCLIP); weight scales their CLIP terms by "
+            "risk_weight.",
             MATCH_ACTIONS,
+        ),
+    )
+    risk_score: str = field(
+        default="margin",
+        metadata=_meta(
+            "How risky each pair is, by registered name: margin (nearest pool caption's fit "
+            "minus the own caption's), cosine (the pair's own cosine, low is risky), history "
+            "(per-sample memory of the within-batch z-scored own cosine, needs sample ids), "
+            "density (closeness of the image to its k-th nearest recent image), or a "
+            "plugin's."
+        ),
+    )
+    risk_split: str = field(
+        default="fixed",
+        metadata=_meta(
+            "Which pairs are risky: fixed (the match_fraction riskiest of the global batch) "
+            "or gmm (a two-component Gaussian mixture over the running risks: risky where "
+            "the posterior of the low-risk component is below gmm_threshold; at most "
+            "match_fraction of a batch).",
+            RISK_SPLITS,
+        ),
+    )
+    risk_weight: float = field(
+        default=0.1,
+        metadata=_meta("match_action weight: the weight of a risky pair's CLIP terms."),
+    )
+    history_slots: int = field(
+        default=0,
+        metadata=_meta(
+            "Per-sample history table size (2 bytes a slot, slot = sample id mod slots); 0: "
+            "the samples of an epoch where the trainer says, else 1048576."
+        ),
+    )
+    history_decay: float = field(
+        default=0.5,
+        metadata=_meta("Per-sample history: weight of the newest visit in the moving average."),
+    )
+    density_k: int = field(
+        default=16, metadata=_meta("density risk score: the neighbour whose distance counts.")
+    )
+    image_bank_size: int = field(
+        default=4096,
+        metadata=_meta(
+            "Recent image embeddings kept for the density score and the unimodal terms."
+        ),
+    )
+    gmm_threshold: float = field(
+        default=0.9,
+        metadata=_meta("gmm split: posterior of the low-risk component from which a pair is safe."),
+    )
+    gmm_window: int = field(
+        default=16384,
+        metadata=_meta("gmm split: the latest risks (pairs) the mixture is fitted to."),
+    )
+    safe_share_start: float = field(
+        default=0.0,
+        metadata=_meta("gmm split: smallest safe share of a batch in the first defended epoch."),
+    )
+    safe_share_growth: float = field(
+        default=0.0,
+        metadata=_meta("gmm split: added to the smallest safe share each defended epoch."),
+    )
+    unimodal_warmup_epochs: int = field(
+        default=0,
+        metadata=_meta(
+            "Epochs at the start trained with the unimodal terms only (SafeCLIP's warm-up): "
+            "nothing is linked across modalities before risk can be judged."
         ),
     )
     duplicate_matches: str = field(
@@ -219,12 +290,26 @@ class RoClipConfig:
         _check_choice(self, "pool_update", POOL_UPDATES)
         _check_float(self, "match_fraction", low=0.0, high=1.0, low_open=True)
         _check_choice(self, "match_action", MATCH_ACTIONS)
-        if self.match_action == "drop" and self.match_fraction >= 1.0:
+        _check_choice(self, "risk_split", RISK_SPLITS)
+        if self.match_action != "match" and self.risk_split == "fixed" and self.match_fraction >= 1:
             raise ValueError(
-                "match_action (--roclip-match-action) drop leaves the picked images out of the "
-                "loss: with match_fraction 1 nothing would be left; set --roclip-match-fraction "
-                "below 1"
+                f"match_action (--roclip-match-action) {self.match_action} with the fixed split "
+                "acts on the match_fraction riskiest pairs: with match_fraction 1 every pair "
+                "would be risky; set --roclip-match-fraction below 1"
             )
+        _check_name(self, "risk_score")
+        _check_float(self, "risk_weight", low=0.0, high=1.0, high_open=True)
+        _check_int(self, "history_slots", low=0, high=2**40)
+        _check_float(self, "history_decay", low=0.0, high=1.0, low_open=True)
+        _check_int(self, "density_k", low=1, high=_INT32_MAX)
+        _check_int(self, "image_bank_size", low=1, high=_INT32_MAX)
+        if self.risk_score == "density" and self.density_k > self.image_bank_size:
+            _fail("density_k", self.density_k, f"at most image_bank_size ({self.image_bank_size})")
+        _check_float(self, "gmm_threshold", low=0.0, high=1.0, low_open=True)
+        _check_int(self, "gmm_window", low=4, high=_INT32_MAX)
+        _check_float(self, "safe_share_start", low=0.0, high=1.0)
+        _check_float(self, "safe_share_growth", low=0.0, high=1.0)
+        _check_int(self, "unimodal_warmup_epochs", low=0, high=_INT32_MAX)
         _check_choice(self, "duplicate_matches", DUPLICATE_MATCHES)
         _check_choice(self, "precision", PRECISIONS)
         _check_choice(self, "matcher", MATCHERS)
@@ -245,27 +330,17 @@ class RoClipConfig:
 
     @classmethod
     def from_preset(cls, name: str = "default", **overrides: Any) -> RoClipConfig:
-        """Build a preset, then apply ``overrides`` (field name -> value)."""
+        """Build a preset (:data:`PRESET_FIELDS`), then apply ``overrides`` (field -> value)."""
         if name not in PRESETS:
             raise ValueError(
                 f"--roclip-preset / preset: unknown value {name!r}; allowed: {', '.join(PRESETS)}"
             )
-        base: dict[str, Any] = {}
-        if name == "reference":
-            base = {
-                "first_rematch_epoch": None,
-                "warmup_fraction": None,
-                "schedule": "periodic",
-                "pool_update": "matching_epochs",
-                "duplicate_matches": "keep",
-                "text_aug_refresh": "run",
-            }
         unknown = sorted(set(overrides) - set(field_names()))
         if unknown:
             raise ValueError(
                 f"unknown RoCLIP option(s) {unknown}; known: {', '.join(field_names())}"
             )
-        return cls(**{**base, **overrides})
+        return cls(**{**PRESET_FIELDS[name], **overrides})
 
     def replace(self, **changes: Any) -> RoClipConfig:
         """Return a copy with ``changes`` applied (validated again)."""
@@ -295,6 +370,73 @@ class RoClipConfig:
         if self.first_rematch_epoch is None:
             return self.rematch_every - 1
         return self.first_rematch_epoch
+
+
+# -- presets ----------------------------------------------------------------------------------
+
+# The paper's method (RoCLIP, NeurIPS 2023) with this project's fixes: full matching every 2
+# epochs after a warm-up, the pool updated every step (docs/config.md).
+PAPER: dict[str, Any] = {
+    "first_rematch_epoch": 5,
+    "rematch_every": 2,
+    "schedule": "periodic",
+    "pool_update": "every_step",
+    "match_fraction": 1.0,
+    "match_action": "match",
+    "risk_score": "margin",
+    "risk_split": "fixed",
+    "unimodal_warmup_epochs": 0,
+}
+# The authors' code exactly: 1-based epochs matching when epoch % K == 0, the pool updated in
+# matching epochs only, captions augmented once.
+REFERENCE: dict[str, Any] = {
+    **PAPER,
+    "first_rematch_epoch": None,
+    "warmup_fraction": None,
+    "pool_update": "matching_epochs",
+    "duplicate_matches": "keep",
+    "text_aug_refresh": "run",
+}
+# SafeCLIP (Yang et al., ICML 2024) as its code runs it: a unimodal warm-up (5 epochs of 32),
+# then every epoch a Gaussian mixture over the pairs' own cosine; the risky pairs train with
+# the unimodal terms only; the safe share grows by 1% an epoch from its floor.
+SAFECLIP: dict[str, Any] = {
+    **PAPER,
+    "first_rematch_epoch": 0,
+    "rematch_every": 1,
+    "unimodal_warmup_epochs": 5,
+    "risk_score": "cosine",
+    "risk_split": "gmm",
+    "gmm_threshold": 0.9,
+    "match_action": "unimodal",
+    "match_fraction": 1.0,
+    "safe_share_start": 0.1,
+    "safe_share_growth": 0.01,
+}
+# What the robustness benchmark picked (docs/results.md): from the second epoch on, leave out
+# of each step's loss the tenth of the batch with the worst per-sample history of fit.
+ROBUST: dict[str, Any] = {
+    **PAPER,
+    "first_rematch_epoch": 1,
+    "rematch_every": 1,
+    "risk_score": "history",
+    "risk_split": "fixed",
+    "match_action": "drop",
+    "match_fraction": 0.1,
+}
+DEFAULT_PRESET = "paper"
+PRESET_FIELDS: dict[str, dict[str, Any]] = {
+    "paper": PAPER,
+    "reference": REFERENCE,
+    "safeclip": SAFECLIP,
+    "robust": ROBUST,
+}
+PRESET_FIELDS["default"] = PRESET_FIELDS[DEFAULT_PRESET]
+
+
+def preset_name(name: str | None) -> str:
+    """The preset a name stands for: ``default`` (or None) is :data:`DEFAULT_PRESET`."""
+    return DEFAULT_PRESET if name in (None, "default") else str(name)
 
 
 # -- validation helpers ---------------------------------------------------------------------

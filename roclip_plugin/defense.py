@@ -22,9 +22,10 @@ from roclip_plugin.checks import no_matching_message, pool_share_message
 from roclip_plugin.config import RoClipConfig
 from roclip_plugin.distributed import all_reduce_sum
 from roclip_plugin.io import atomic_torch_save, read_state_file
-from roclip_plugin.loss import DistInfo, MatchStats, RoClipLoss
+from roclip_plugin.loss import DistInfo, MatchStats, RiskStats, RoClipLoss
 from roclip_plugin.plugins import BUILTINS_NAME, get_plugin_manager
 from roclip_plugin.pool import CaptionPool
+from roclip_plugin.risk import DEFAULT_HISTORY_SLOTS, make_engine, stable_ids
 from roclip_plugin.schedule import ScheduleState, schedule_unit
 from roclip_plugin.siglip import RoClipSigLipLoss
 from roclip_plugin.validation import (
@@ -85,6 +86,9 @@ class RoClipDefense:
         self._acc_sum: torch.Tensor | None = None
         self._acc_count = 0
         matcher = self.pm.hook.roclip_make_matcher(config=self.config)
+        self.risk = make_engine(
+            self.risk_config(), self.pm, self.info.rank, self.info.world_size
+        )
         loss_class = RoClipSigLipLoss if siglip else RoClipLoss
         self.loss = loss_class(
             self.pool,
@@ -100,6 +104,9 @@ class RoClipDefense:
             on_enqueue=self._on_enqueue,
             on_alignment=self._on_alignment,
             wants_stats=self.observed,
+            risk=self.risk,
+            risk_weight=self.config.risk_weight,
+            on_risk=self._on_risk,
         )
         self.pm.hook.roclip_configure(config=self.config, options=options)
 
@@ -109,6 +116,26 @@ class RoClipDefense:
     def matching(self) -> bool:
         """Whether the current step is a matching one."""
         return self.loss.matching
+
+    def risk_config(self) -> RoClipConfig:
+        """The config the risk engine is built from: ``history_slots`` 0 resolved.
+
+        0 means one slot per sample of an epoch where the trainer says how many
+        (``samples_per_epoch``: row indices then never share a slot), else
+        :data:`~roclip_plugin.risk.DEFAULT_HISTORY_SLOTS`.
+        """
+        if self.config.history_slots:
+            return self.config
+        slots = self.samples_per_epoch or DEFAULT_HISTORY_SLOTS
+        return self.config.replace(history_slots=slots)
+
+    def set_sample_ids(self, ids: object) -> None:
+        """Stable ids of the next step's rows (row indices, or string keys to hash).
+
+        For trainers whose loss call cannot carry them (OpenCLIP calls the loss with the
+        model's outputs only); a call of the loss with ``sample_ids=`` does the same.
+        """
+        self.loss.pending_ids = stable_ids(ids)
 
     def observed(self) -> bool:
         """Whether any plugin implements ``roclip_after_match``.
@@ -164,6 +191,7 @@ class RoClipDefense:
         self._abandon_unfinished_step(epoch)
         self.epoch = epoch
         self.loss.epoch = epoch
+        self.loss.unimodal_only = epoch < self.config.unimodal_warmup_epochs
         unit = schedule_unit(epoch, self.step, self.config.period_steps)
         if self.config.period_steps == 0 or unit != self.unit:
             self._enter_unit(unit)
@@ -176,8 +204,15 @@ class RoClipDefense:
         text_features: torch.Tensor,
         logit_scale: torch.Tensor,
         logit_bias: torch.Tensor | None = None,
+        sample_ids: object = None,
     ) -> torch.Tensor:
-        """The step's loss (a scalar tensor); same as calling :attr:`loss`."""
+        """The step's loss (a scalar tensor); same as calling :attr:`loss`.
+
+        ``sample_ids``: stable ids of the rows (row indices or string keys), for the
+        per-sample history (``--roclip-risk-score history``).
+        """
+        if sample_ids is not None:
+            self.set_sample_ids(sample_ids)
         out = self.loss(image_features, text_features, logit_scale, logit_bias)
         assert isinstance(out, torch.Tensor)
         return out
@@ -207,6 +242,7 @@ class RoClipDefense:
             "unit": self.unit,
             "matching": self.loss.matching,
             "alignment_pending": (pending, self._acc_count),
+            "risk": None if self.risk is None else self.risk.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -222,6 +258,9 @@ class RoClipDefense:
         pending, count = state["alignment_pending"]
         self._acc_sum = None if pending is None else torch.tensor(pending)
         self._acc_count = int(count)
+        self.loss.unimodal_only = self.epoch < self.config.unimodal_warmup_epochs
+        if self.risk is not None and state.get("risk") is not None:
+            self.risk.load_state_dict(state["risk"])
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write :meth:`state_dict` atomically (a crash mid-write leaves the old file intact)."""
@@ -318,3 +357,7 @@ class RoClipDefense:
 
     def _on_match(self, stats: MatchStats) -> None:
         self.pm.hook.roclip_after_match(stats=stats)
+
+    def _on_risk(self, stats: RiskStats) -> None:
+        if self.pm.hook.roclip_after_risk.get_hookimpls():
+            self.pm.hook.roclip_after_risk(stats=stats)

@@ -17,7 +17,7 @@ import pluggy
 if TYPE_CHECKING:
     from roclip_plugin.config import RoClipConfig
     from roclip_plugin.defense import RoClipDefense
-    from roclip_plugin.loss import MatchStats
+    from roclip_plugin.loss import MatchStats, RiskStats
     from roclip_plugin.matching import Matcher
     from roclip_plugin.pool import CaptionPool
     from roclip_plugin.schedule import ScheduleState
@@ -123,6 +123,35 @@ def roclip_register_augmentations(register: Callable[..., None]) -> None:
 
     Args:
         register: the registry's callback.
+    """
+
+
+# -- risk -------------------------------------------------------------------------------------
+
+
+@hookspec
+def roclip_register_risk_scorers(register: Callable[..., None]) -> None:
+    """Register risk scorers by name (``--roclip-risk-score NAME``).
+
+    Call ``register(name, factory, replace=False)`` with ``factory(config) -> scorer``, a
+    :class:`~roclip_plugin.risk.RiskScorer`: ``local(batch)`` scores this rank's rows,
+    ``combine(values, ids)`` turns every rank's values into the global batch's risks (higher
+    is riskier), ``needs`` and ``stateful`` say what it reads and whether it sees every step.
+    Registering a taken name raises ``ValueError`` unless ``replace=True``.
+
+    Args:
+        register: the registry's callback.
+    """
+
+
+@hookspec
+def roclip_after_risk(stats: RiskStats) -> None:
+    """Observe a defended step's risk split (the local batch of this rank).
+
+    Computed only when at least one plugin implements this hook.
+
+    Args:
+        stats: the rows' sample ids, risks, which were judged risky and what was done to them.
     """
 
 

@@ -36,6 +36,13 @@ from roclip_plugin.matching import (
     highest_matmul_precision,
 )
 from roclip_plugin.pool import CaptionPool
+from roclip_plugin.risk import (
+    MarginScorer,
+    RiskDecision,
+    RiskEngine,
+    RiskSettings,
+    unimodal_loss,
+)
 from roclip_plugin.validation import LossInputCheck
 
 
@@ -89,6 +96,27 @@ class MatchStats:
     own_similarity: float
     margins: torch.Tensor
     matched_indices: torch.Tensor
+
+
+@dataclass(frozen=True)
+class RiskStats:
+    """What one defended step's risk split decided, for the local batch of this rank.
+
+    Attributes:
+        epoch: 0-based epoch.
+        step: global step counted by the defense (0-based).
+        ids: stable sample ids of the rows (None when the data path gave none).
+        risk: ``[batch]`` risks (higher is riskier), detached.
+        risky: ``[batch]`` boolean, the rows judged risky.
+        action: what was done to them (``match_action``).
+    """
+
+    epoch: int
+    step: int
+    ids: torch.Tensor | None
+    risk: torch.Tensor
+    risky: torch.Tensor
+    action: str
 
 
 def gather_features(
@@ -197,8 +225,15 @@ def contrastive_loss(
     all_text: torch.Tensor | None = None,
     logit_bias: torch.Tensor | None = None,
     caption_ids: CaptionIds | None = None,
+    weights: torch.Tensor | None = None,
+    excluded: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric InfoNCE, as OpenCLIP's ``ClipLoss``; returns ``(loss, logits_per_image)``.
+
+    ``weights`` (``[world * batch]``, rank order) weigh each pair's two terms (a weighted mean
+    over the rows the loss covers); ``excluded`` marks pairs that are no negative of any other
+    pair either, which with weight 0 is the same as leaving them out of the batch, but keeps
+    every rank's batch the same size for the gathers.
 
     ``all_image`` / ``all_text`` may be passed when the caller already gathered them.
     ``logit_bias`` (a SigLIP-architecture model trained with the softmax loss) is added to
@@ -232,10 +267,40 @@ def contrastive_loss(
         shared = duplicate_pairs(rows.to(labels.device), caption_ids.all.to(labels.device), labels)
         logits_per_image = logits_per_image.masked_fill(shared, float("-inf"))
         logits_per_text = logits_per_text.masked_fill(shared, float("-inf"))
-    loss = (
-        F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)
-    ) / 2
-    return loss, logits_per_image
+    if weights is None and excluded is None:
+        loss = (
+            F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)
+        ) / 2
+        return loss, logits_per_image
+    return _weighted_loss(logits_per_image, logits_per_text, labels, weights, excluded), (
+        logits_per_image
+    )
+
+
+def _weighted_loss(
+    logits_per_image: torch.Tensor,
+    logits_per_text: torch.Tensor,
+    labels: torch.Tensor,
+    weights: torch.Tensor | None,
+    excluded: torch.Tensor | None,
+) -> torch.Tensor:
+    """The weighted mean of each row's two cross-entropy terms, excluded columns masked.
+
+    A row's own positive is never masked (its term stays finite, and weight 0 removes it).
+    """
+    columns = logits_per_image.shape[1]
+    rows = labels
+    if excluded is not None:
+        hide = excluded.to(labels.device)[None, :].expand(labels.shape[0], columns).clone()
+        hide[torch.arange(labels.shape[0], device=labels.device), labels] = False
+        logits_per_image = logits_per_image.masked_fill(hide, float("-inf"))
+        logits_per_text = logits_per_text.masked_fill(hide, float("-inf"))
+    w = torch.ones(columns, device=labels.device) if weights is None else weights
+    w = w.to(labels.device, logits_per_image.dtype)[rows]
+    terms = F.cross_entropy(logits_per_image, labels, reduction="none") + F.cross_entropy(
+        logits_per_text, labels, reduction="none"
+    )
+    return (w * terms).sum() / (2 * w.sum().clamp_min(1e-12))
 
 
 def retrieval_accuracy(logits_per_image: torch.Tensor, info: DistInfo) -> torch.Tensor:
@@ -288,6 +353,8 @@ class StepPlan:
         all_matched: the matched rows of every rank (full matching), gathered once.
         chosen: partial matching, the rows that take a pool caption (or are dropped).
         caption_ids: which caption each row trains against (``duplicate_matches=mask``).
+        risky_all: the risky rows of every rank (rank order), when the risk engine split.
+        unimodal_only: the unimodal warm-up: no cross-modal term at all.
     """
 
     rows: int
@@ -296,6 +363,8 @@ class StepPlan:
     all_matched: torch.Tensor | None = None
     chosen: torch.Tensor | None = None
     caption_ids: CaptionIds | None = None
+    risky_all: torch.Tensor | None = None
+    unimodal_only: bool = False
 
 
 class RoClipLoss(nn.Module):
@@ -329,9 +398,15 @@ class RoClipLoss(nn.Module):
             statistics (a GPU sync) are computed only then.
         on_enqueue: receives the number of rows stored after each pool update.
         on_alignment: receives the in-batch retrieval accuracy of each plain step (0-dim tensor).
+        risk: the risk engine (:mod:`roclip_plugin.risk`) that judges each pair of a defended
+            step; None for the paper's full matching. With it, ``match_fraction`` is the
+            engine's share and the risky rows get ``match_action``.
+        risk_weight: ``match_action="weight"``: the weight of a risky pair's terms.
+        on_risk: receives a :class:`RiskStats` after each defended step's split.
     """
 
     gathers_matched = True  # full matching: gather the matched rows once per step
+    weighted_objective = True  # objective() takes per-pair weights (drop, weight, unimodal)
 
     def __init__(
         self,
@@ -349,9 +424,13 @@ class RoClipLoss(nn.Module):
         on_enqueue: Callable[[int], None] | None = None,
         on_alignment: Callable[[torch.Tensor], None] | None = None,
         wants_stats: Callable[[], bool] | None = None,
+        risk: RiskEngine | None = None,
+        risk_weight: float = 0.1,
+        on_risk: Callable[[RiskStats], None] | None = None,
     ) -> None:
         super().__init__()
         check_accum_freq(accum_freq)
+        check_action_supported(match_action, risk, self.weighted_objective)
         if duplicate_matches not in DUPLICATE_MATCHES:
             raise ValueError(
                 f"duplicate_matches (--roclip-duplicate-matches): invalid value "
@@ -374,6 +453,15 @@ class RoClipLoss(nn.Module):
         self.on_alignment = on_alignment
         self.wants_stats = wants_stats or (lambda: True)
         self.check_inputs = LossInputCheck()
+        if risk is None and (match_fraction < 1.0 or match_action != "match"):
+            # built without a defense: partial matching judges by the margin, as it always did
+            settings = RiskSettings(share=match_fraction, action=match_action, image_bank_size=0)
+            risk = RiskEngine(MarginScorer(), settings, self.info.rank, self.info.world_size)
+        self.risk = risk
+        self.risk_weight = risk_weight
+        self.on_risk = on_risk
+        self.unimodal_only = False  # set by the defense during the unimodal warm-up
+        self.pending_ids: torch.Tensor | None = None  # ids of the next step's rows
         self._call = 0  # index of the next call within the current optimiser step
         self._plan: StepPlan | None = None
 
@@ -398,30 +486,39 @@ class RoClipLoss(nn.Module):
         logit_scale: torch.Tensor,
         logit_bias: torch.Tensor | None = None,
         output_dict: bool = False,
+        sample_ids: torch.Tensor | None = None,
     ) -> torch.Tensor | dict[str, torch.Tensor]:
         """One loss call; the step's first call decides, its last one updates the pool.
 
         ``logit_bias`` is added to every logit as ``ClipLoss`` does (softmax loss; the
-        sigmoid loss is :class:`roclip_plugin.siglip.RoClipSigLipLoss`).
+        sigmoid loss is :class:`roclip_plugin.siglip.RoClipSigLipLoss`). ``sample_ids``
+        (int64, one per row) key the per-sample history; a trainer that cannot pass them
+        here sets :attr:`pending_ids` before the call.
         """
+        if sample_ids is not None:
+            self.pending_ids = sample_ids
         self.check_inputs(image_features, text_features, logit_scale, matching=self.matching)
         check_batch_sizes(image_features, text_features, self.info)
         if self._call == 0:
             if self.on_step is not None:
                 self.on_step()
             self.pool.follow(image_features.device)
-            self._plan = self._plan_step(image_features, text_features)
+            ids, self.pending_ids = self.pending_ids, None
+            self._plan = self._plan_step(image_features, text_features, ids)
         plan = self._current_plan(image_features)
         loss, accuracy = self._step_loss(
             image_features, text_features, logit_scale, logit_bias, plan
         )
-        if self._call == 0 and plan.matched is None and self.on_alignment is not None:
+        plain = plan.matched is None and plan.chosen is None and not plan.unimodal_only
+        if self._call == 0 and plain and self.on_alignment is not None:
             self.on_alignment(accuracy)
         self._call += 1
         if self._call == self.accum_freq:
             self._call, self._plan = 0, None
             if plan.enqueue:
                 self._enqueue(text_features)
+            if self.risk is not None:
+                self.risk.after_step(image_features)
         return {"contrastive_loss": loss} if output_dict else loss
 
     def objective(
@@ -433,11 +530,14 @@ class RoClipLoss(nn.Module):
         *,
         all_text: torch.Tensor | None = None,
         caption_ids: CaptionIds | None = None,
+        weights: torch.Tensor | None = None,
+        excluded: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The pair loss and the in-batch image-to-text accuracy (detached, 0-dim).
 
         The softmax CLIP loss here; :class:`~roclip_plugin.siglip.RoClipSigLipLoss` overrides
         it with the sigmoid loss, and everything else (plans, pool, statistics) is shared.
+        ``weights`` and ``excluded`` are :func:`contrastive_loss`'s.
         """
         loss, logits = contrastive_loss(
             image_features,
@@ -447,6 +547,8 @@ class RoClipLoss(nn.Module):
             all_text=all_text,
             logit_bias=logit_bias,
             caption_ids=caption_ids,
+            weights=weights,
+            excluded=excluded,
         )
         return loss, retrieval_accuracy(logits.detach(), self.info)
 
@@ -464,12 +566,34 @@ class RoClipLoss(nn.Module):
             )
         return self._plan
 
-    def _plan_step(self, image_features: torch.Tensor, text_features: torch.Tensor) -> StepPlan:
-        """Decide the step: plain, or the matched captions of the whole (accumulated) batch."""
+    def _plan_step(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        ids: torch.Tensor | None = None,
+    ) -> StepPlan:
+        """Decide the step: plain, unimodal, matched, or the risk engine's split."""
         rows = image_features.shape[0]
-        enqueue = self.matching or self.update_pool_when_plain
-        if not (self.matching and len(self.pool) > 0):
+        enqueue = self.matching or self.update_pool_when_plain or self.risk is not None
+        if self.unimodal_only:
+            return StepPlan(rows, True, unimodal_only=True)
+        lookup = self.matching and len(self.pool) > 0
+        if self.risk is not None:
+            lookup = lookup and self.risk.needs_lookup
+        elif not lookup:
             return StepPlan(rows, enqueue)
+        indices = matched = None
+        if lookup:
+            indices, matched = self._lookup(image_features, text_features)
+        if self.risk is None:
+            assert matched is not None and indices is not None
+            return self._matching_plan(rows, image_features, text_features, indices, matched)
+        return self._risk_plan(rows, enqueue, image_features, text_features, ids, indices, matched)
+
+    def _lookup(
+        self, image_features: torch.Tensor, text_features: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The nearest pool caption of each local image (statistics to ``on_match``)."""
         check_finite_queries(image_features)
         # The search (any matcher, a plugin's too) and the statistics run in the configured
         # precision: the trainer's autocast would otherwise turn their products into bf16.
@@ -478,17 +602,74 @@ class RoClipLoss(nn.Module):
             matched = self.pool.gather(indices)
             if self.on_match is not None and self.wants_stats():
                 self.on_match(self._stats(image_features, text_features, matched, indices))
-            chosen = None
-            if self.match_fraction < 1.0:
-                fraction = self.match_fraction
-                chosen = largest_margins(image_features, text_features, matched, fraction)
+        return indices, matched
+
+    def _matching_plan(
+        self,
+        rows: int,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        indices: torch.Tensor,
+        matched: torch.Tensor,
+    ) -> StepPlan:
+        """The paper's matching step: every image against its nearest pool caption."""
         matched = matched.to(image_features.device, image_features.dtype)
-        plan = StepPlan(rows, True, matched=matched, chosen=chosen)
-        if chosen is None and self.gathers_matched:
+        plan = StepPlan(rows, True, matched=matched)
+        if self.gathers_matched:
             plan.all_matched = gather_features(matched, self.info, keep_local_grad=False)
-        if self.duplicate_matches == "mask" and self.match_action == "match":
-            plan.caption_ids = caption_ids(indices.to(image_features.device), chosen, self.info)
+        if self.duplicate_matches == "mask":
+            plan.caption_ids = caption_ids(indices.to(image_features.device), None, self.info)
         return plan
+
+    def _risk_plan(
+        self,
+        rows: int,
+        enqueue: bool,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        ids: torch.Tensor | None,
+        indices: torch.Tensor | None,
+        matched: torch.Tensor | None,
+    ) -> StepPlan:
+        """A step judged by the risk engine: its risky rows get ``match_action``."""
+        assert self.risk is not None
+        defended = self.matching and (matched is not None or not self.risk.needs_lookup)
+        with autocast_disabled(image_features.device, self._pool_device()):
+            decision = self.risk.decide(
+                image_features,
+                text_features,
+                matched=matched,
+                ids=ids,
+                defended=defended,
+                epoch=self.epoch,
+                step=self.step,
+            )
+        if decision is None:
+            return StepPlan(rows, enqueue)
+        self._report_risk(decision, ids)
+        device = image_features.device
+        chosen = decision.risky.to(device)
+        plan = StepPlan(rows, True, chosen=chosen, risky_all=decision.risky_all.to(device))
+        if matched is not None:
+            plan.matched = matched.to(device, image_features.dtype)
+        masks = self.duplicate_matches == "mask" and self.match_action == "match"
+        if indices is not None and masks:
+            plan.caption_ids = caption_ids(indices.to(device), chosen, self.info)
+        return plan
+
+    def _report_risk(self, decision: RiskDecision, ids: torch.Tensor | None) -> None:
+        if self.on_risk is None:
+            return
+        self.on_risk(
+            RiskStats(
+                epoch=self.epoch,
+                step=self.step,
+                ids=ids,
+                risk=decision.risk,
+                risky=decision.risky,
+                action=self.match_action,
+            )
+        )
 
     def _step_loss(
         self,
@@ -499,14 +680,16 @@ class RoClipLoss(nn.Module):
         plan: StepPlan,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The loss of one call under its step's plan (the same captions on every call)."""
-        if plan.matched is None:
+        if plan.unimodal_only:
+            loss = self._unimodal(image_features, text_features, None)
+            # the scale stays in the graph (DDP); it has nothing to learn here
+            return loss + 0.0 * logit_scale.sum(), torch.zeros((), device=image_features.device)
+        if plan.chosen is None and plan.matched is None:
             return self.objective(image_features, text_features, logit_scale, logit_bias)
-        if plan.chosen is not None and self.match_action == "drop":
-            keep = ~plan.chosen
-            loss, accuracy = self.objective(
-                image_features[keep], text_features[keep], logit_scale, logit_bias
-            )
-        elif plan.chosen is not None:
+        if plan.chosen is not None and self.match_action != "match":
+            return self._judged_loss(image_features, text_features, logit_scale, logit_bias, plan)
+        if plan.chosen is not None:
+            assert plan.matched is not None
             targets = torch.where(plan.chosen.unsqueeze(1), plan.matched, text_features)
             loss, accuracy = self.objective(
                 image_features, targets, logit_scale, logit_bias, caption_ids=plan.caption_ids
@@ -523,6 +706,53 @@ class RoClipLoss(nn.Module):
         # Keep the text tower in the graph with a zero gradient, so DistributedDataParallel
         # without find_unused_parameters still finds every parameter used.
         return loss + 0.0 * text_features.sum(), accuracy
+
+    def _judged_loss(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor,
+        logit_bias: torch.Tensor | None,
+        plan: StepPlan,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """drop, weight and unimodal: the CLIP loss with the risky pairs out or down-weighted."""
+        assert plan.chosen is not None and plan.risky_all is not None
+        if not self.weighted_objective:  # SigLIP: drop only (refused otherwise)
+            keep = ~plan.chosen
+            return self.objective(
+                image_features[keep], text_features[keep], logit_scale, logit_bias
+            )
+        risky = plan.risky_all
+        if self.match_action == "weight":
+            weights = torch.where(risky, self.risk_weight, 1.0).float()
+            return self.objective(
+                image_features, text_features, logit_scale, logit_bias, weights=weights
+            )
+        loss, accuracy = self.objective(
+            image_features,
+            text_features,
+            logit_scale,
+            logit_bias,
+            weights=(~risky).float(),
+            excluded=risky,
+        )
+        if self.match_action == "unimodal":
+            loss = loss + self._unimodal(image_features, text_features, plan.chosen)
+        return loss, accuracy
+
+    def _unimodal(
+        self, image_features: torch.Tensor, text_features: torch.Tensor, rows: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The unimodal terms of ``rows`` (all rows when None), scaled by their share."""
+        bank = None if self.risk is None else self.risk.image_bank
+        img = F.normalize(image_features.float(), dim=-1)
+        txt = F.normalize(text_features.float(), dim=-1)
+        if rows is None:
+            return unimodal_loss(img, txt, bank, self.pool)
+        share = rows.float().mean()
+        return share * unimodal_loss(img[rows], txt[rows], bank, self.pool) + 0.0 * (
+            img.sum() + txt.sum()
+        )
 
     def _pool_device(self) -> torch.device:
         return self.pool.device if self.pool.device is not None else torch.device("cpu")
@@ -564,4 +794,13 @@ def check_accum_freq(accum_freq: int) -> None:
         raise ValueError(
             f"accum_freq (OpenCLIP's --accum-freq): invalid value {accum_freq!r}; allowed: an "
             "integer >= 1 (loss calls per optimiser step)"
+        )
+
+
+def check_action_supported(action: str, risk: RiskEngine | None, weighted: bool) -> None:
+    """Refuse what a loss cannot do: per-pair weights in the sigmoid loss."""
+    if not weighted and action in ("weight", "unimodal"):
+        raise ValueError(
+            f"match_action (--roclip-match-action) {action} needs per-pair weights, which the "
+            "SigLIP loss (--siglip) does not take: use drop or match with --siglip"
         )

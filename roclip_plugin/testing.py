@@ -318,7 +318,7 @@ def bad_roclip_values() -> dict[str, st.SearchStrategy[str]]:
         "pool_update": not_in(c.POOL_UPDATES),
         "match_fraction": bad_reals(0.0, 1.0, low_open=True),
         # drop with the default match_fraction 1 would leave nothing to train on
-        "match_action": not_in(c.MATCH_ACTIONS) | st.just("drop"),
+        "match_action": not_in(c.MATCH_ACTIONS) | st.sampled_from(("drop", "unimodal", "weight")),
         "duplicate_matches": not_in(c.DUPLICATE_MATCHES),
         "precision": not_in(c.PRECISIONS),
         "matcher": not_in(c.MATCHERS),
@@ -334,6 +334,18 @@ def bad_roclip_values() -> dict[str, st.SearchStrategy[str]]:
         "eda_alpha": bad_reals(0.0, 1.0),
         "eda_p": bad_reals(0.0, 1.0),
         "eda_synonyms": not_in(c.SYNONYM_SOURCES),
+        "risk_score": st.sampled_from(("", " ")),
+        "risk_split": not_in(c.RISK_SPLITS),
+        "risk_weight": bad_reals(0.0, 1.0, high_open=True),
+        "history_slots": bad_ints(0, 2**40),
+        "history_decay": bad_reals(0.0, 1.0, low_open=True),
+        "density_k": bad_ints(1, int32),
+        "image_bank_size": bad_ints(1, int32),
+        "gmm_threshold": bad_reals(0.0, 1.0, low_open=True),
+        "gmm_window": bad_ints(4, int32),
+        "safe_share_start": bad_reals(0.0, 1.0),
+        "safe_share_growth": bad_reals(0.0, 1.0),
+        "unimodal_warmup_epochs": bad_ints(0, int32),
     }
     missing = set(c.field_names()) - set(values)
     assert not missing, f"no bad values for RoCLIP fields {sorted(missing)}: add them here"

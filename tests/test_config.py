@@ -65,7 +65,19 @@ BAD_VALUES: list[tuple[str, Any, str]] = [
     ("pool_update", "never", "every_step, matching_epochs"),
     ("match_fraction", 0.0, "(0.0, 1.0]"),
     ("match_fraction", 1.5, "(0.0, 1.0]"),
-    ("match_action", "skip", "match, drop"),
+    ("match_action", "skip", "match, drop, unimodal, weight"),
+    ("risk_split", "otsu", "fixed, gmm"),
+    ("risk_score", " ", "a non-empty registered name"),
+    ("risk_weight", 1.0, "[0.0, 1.0)"),
+    ("history_decay", 0.0, "(0.0, 1.0]"),
+    ("history_slots", -1, f"[0, {2**40}]"),
+    ("density_k", 0, f"[1, {INT32_MAX}]"),
+    ("image_bank_size", 0, f"[1, {INT32_MAX}]"),
+    ("gmm_threshold", 0.0, "(0.0, 1.0]"),
+    ("gmm_window", 3, f"[4, {INT32_MAX}]"),
+    ("safe_share_start", 1.5, "[0.0, 1.0]"),
+    ("safe_share_growth", -0.1, "[0.0, 1.0]"),
+    ("unimodal_warmup_epochs", -1, f"[0, {INT32_MAX}]"),
     ("duplicate_matches", "merge", "mask, keep"),
     ("precision", "fp16", "fp32, bf16"),
     ("precision", "FP32", "fp32, bf16"),
@@ -147,6 +159,18 @@ FIELD_STRATEGIES: dict[str, st.SearchStrategy[Any]] = {
     "eda_alpha": st.floats(0.0, 1.0),
     "eda_p": st.floats(0.0, 1.0),
     "eda_synonyms": st.sampled_from(SYNONYM_SOURCES),
+    "risk_score": st.sampled_from(["margin", "cosine", "history", "density"]),
+    "risk_split": st.sampled_from(["fixed", "gmm"]),
+    "risk_weight": st.floats(0.0, 1.0, exclude_max=True),
+    "history_slots": st.integers(0, 2**40),
+    "history_decay": st.floats(0.0, 1.0, exclude_min=True),
+    "density_k": st.integers(1, 64),
+    "image_bank_size": st.integers(64, INT32_MAX),
+    "gmm_threshold": st.floats(0.0, 1.0, exclude_min=True),
+    "gmm_window": st.integers(4, INT32_MAX),
+    "safe_share_start": st.floats(0.0, 1.0),
+    "safe_share_growth": st.floats(0.0, 1.0),
+    "unimodal_warmup_epochs": st.integers(0, INT32_MAX),
 }
 
 
@@ -154,8 +178,8 @@ FIELD_STRATEGIES: dict[str, st.SearchStrategy[Any]] = {
 def configs(draw: st.DrawFn) -> RoClipConfig:
     values = {name: draw(strategy) for name, strategy in FIELD_STRATEGIES.items()}
     values["ramp_final_every"] = min(values["ramp_final_every"], values["rematch_every"])
-    if values["match_fraction"] == 1.0:  # drop needs a fraction below 1
-        values["match_action"] = "match"
+    if values["match_fraction"] == 1.0 and values["risk_split"] == "fixed":
+        values["match_action"] = "match"  # the other actions need a fraction below 1
     return RoClipConfig(**values)
 
 
@@ -274,7 +298,7 @@ def test_from_preset_unknown_name() -> None:
     with pytest.raises(ValueError, match=re.escape("--roclip-preset")) as info:
         RoClipConfig.from_preset("authors")
     assert "'authors'" in str(info.value)
-    assert "default, reference" in str(info.value)
+    assert "default, paper, reference, safeclip, robust" in str(info.value)
 
 
 def test_from_preset_unknown_field() -> None:

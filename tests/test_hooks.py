@@ -304,3 +304,50 @@ def test_roclip_add_commands(capsys) -> None:
     assert "--name: empty; give a name" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["hello"])  # a manager without the plugin has no such command
+
+
+def test_roclip_register_risk_scorers() -> None:
+    from roclip_plugin.risk import CosineScorer, collect_scorers
+
+    class Plugin:
+        @hookimpl
+        def roclip_register_risk_scorers(self, register):
+            register("cos2", lambda config: CosineScorer())
+            register("margin", lambda config: CosineScorer(), replace=True)
+
+    pm = get_plugin_manager()
+    pm.register(Plugin())
+    factories = collect_scorers(pm)
+    assert {"cos2", "cosine", "history", "density", "margin"} <= set(factories)
+    assert isinstance(factories["margin"](RoClipConfig()), CosineScorer)
+
+    class Clash:
+        @hookimpl
+        def roclip_register_risk_scorers(self, register):
+            register("history", lambda config: CosineScorer())
+
+    clash = get_plugin_manager()
+    clash.register(Clash())
+    with pytest.raises(ValueError, match="replace=True"):
+        collect_scorers(clash)
+
+
+def test_roclip_after_risk() -> None:
+    seen = []
+
+    class Plugin:
+        @hookimpl
+        def roclip_after_risk(self, stats):
+            seen.append(stats)
+
+    pm = get_plugin_manager()
+    pm.register(Plugin())
+    config = RoClipConfig.from_preset("robust", pool_size=16)
+    defense = RoClipDefense(config, plugin_manager=pm, samples_per_epoch=64)
+    img, txt = _features()
+    for epoch in range(2):
+        defense.start_epoch(epoch)
+        defense.compute_loss(img, txt, torch.tensor(10.0), sample_ids=torch.arange(8))
+    (stats,) = seen  # the first epoch only observes
+    assert stats.epoch == 1 and stats.action == "drop" and int(stats.risky.sum()) == 1
+    assert stats.ids.tolist() == list(range(8))

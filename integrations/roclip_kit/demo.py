@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from roclip_kit.plot import Chart, PlotUnavailable, Series, draw_chart
+from roclip_plugin.config import preset_name
 
 RESULTS_FILE = "results.json"
 PLOT_FILE = "attack_success.png"
@@ -251,10 +252,11 @@ class DemoSettings:
             for key in defaults
             if key in self.__dataclass_fields__ and getattr(self, key) is None
         }
-        # The scale's pool size and schedule suit its run length; the reference preset keeps
-        # the authors' schedule (only the pool size and the augmentation are scaled).
+        # The scale's pool size and schedule suit the paper's preset at its run length; the
+        # other presets keep their own schedule (only the pool size and the augmentation are
+        # scaled).
         scaled = SCALED_FLAGS
-        if self.roclip_flags.get("preset") == "reference":
+        if preset_name(self.roclip_flags.get("preset")) != "paper":
             scaled = ("pool_size", "image_aug")
         flags = {
             key: defaults[key] for key in scaled if key in defaults and key not in self.roclip_flags

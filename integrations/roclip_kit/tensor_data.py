@@ -20,7 +20,7 @@ import csv
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -251,6 +251,28 @@ class PoisonedData:
     def poisoned_rows(self) -> list[int]:
         """Training rows the manifest lists as poisoned."""
         return torch.nonzero(self.poison_kind > 0).flatten().tolist()
+
+    def without_poison(self) -> PoisonedData:
+        """The same data with the poisoned training rows removed (the benchmark's floor).
+
+        The test split, the manifest (targets and trigger, for attack success) stay: a model
+        trained on this shows what the attacks score with no poison learned.
+        """
+        keep = torch.nonzero(self.poison_kind == CLEAN).flatten()
+        rows = keep.tolist()
+        train = TensorSplit(
+            images=self.train.images[keep],
+            captions=[self.train.captions[i] for i in rows],
+            labels=self.train.labels[keep],
+            filepaths=[self.train.filepaths[i] for i in rows],
+            csv=self.train.csv,
+        )
+        return replace(
+            self,
+            train=train,
+            image_labels=self.image_labels[keep],
+            poison_kind=self.poison_kind[keep],
+        )
 
 
 CLEAN, TARGETED, BACKDOOR = 0, 1, 2

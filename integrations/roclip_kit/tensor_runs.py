@@ -48,6 +48,8 @@ class RunSpec:
         eval_limit: test images scored after each epoch (None: all).
         final_probe_limit: clean training images of the final linear probe.
         eval_seed: seed of the evaluation's subsets.
+        clean_only: train on the clean rows only (the poisoned ones removed by the manifest):
+            the floor an attack's success is read against.
     """
 
     name: str
@@ -61,6 +63,7 @@ class RunSpec:
     final_probe_limit: int | None = 5000
     eval_seed: int = 0
     extra: Mapping[str, Any] = field(default_factory=dict)
+    clean_only: bool = False
 
     @property
     def roclip(self) -> bool:
@@ -124,7 +127,7 @@ def run_spec(spec: RunSpec, events: Any = None) -> dict[str, Any]:
             events.put({"run": spec.name, "epoch": record.epoch + 1, **per_epoch[record.epoch + 1]})
 
     run = train_tensor(
-        data,
+        data.without_poison() if spec.clean_only else data,
         spec.train,
         spec.config(),
         defend=spec.defend,
@@ -134,7 +137,8 @@ def run_spec(spec: RunSpec, events: Any = None) -> dict[str, Any]:
     )
     start = time.perf_counter()
     checkpoint = run.save(spec.run_dir / FINAL_CHECKPOINT)
-    last = max(run.suspicious) if run.suspicious else None
+    # a clean-only run's rows are not the manifest's: its suspicious files score nothing
+    last = max(run.suspicious) if run.suspicious and not spec.clean_only else None
     final_data = replace(eval_data, suspicious=(run.suspicious[last],) if last else ())
     full = EvalSettings(probe_limit=spec.final_probe_limit, seed=spec.eval_seed)
     loaded = loaded_model(

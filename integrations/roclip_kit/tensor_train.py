@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from roclip_kit.tensor_data import CLEAN, PoisonedData, WordTokenizer
 from roclip_plugin import RoClipConfig, get_plugin_manager, hookimpl
 from roclip_plugin.augment import AugmentationPolicy, build_policy
-from roclip_plugin.loss import DistInfo, MatchStats, contrastive_loss
+from roclip_plugin.loss import DistInfo, MatchStats, RiskStats, contrastive_loss
 from roclip_plugin.pool import CaptionPool
 
 # OpenCLIP's own normalisation constants (open_clip.constants), so a checkpoint of this path
@@ -204,6 +204,10 @@ class MatchingEpoch:
         self_matches: share of all matched images whose matched caption is their own caption
             of an earlier epoch (a pool holding a large part of the data hands that back).
         suspicious_file: the epoch's ``suspicious_epoch_N.csv``, if written.
+        risk_steps: steps the risk split judged.
+        risky: pairs judged risky.
+        risk_precision: share of the risky pairs that are poisoned.
+        risk_recall: share of the poisoned pairs of judged steps that were judged risky.
     """
 
     steps: int = 0
@@ -213,6 +217,10 @@ class MatchingEpoch:
     poison_class: float | None = None
     self_matches: float | None = None
     suspicious_file: str | None = None
+    risk_steps: int = 0
+    risky: int = 0
+    risk_precision: float | None = None
+    risk_recall: float | None = None
 
 
 class MatchAudit:
@@ -242,6 +250,10 @@ class MatchAudit:
         self.counts = torch.zeros(5, dtype=torch.long)  # clean, pure, poisoned, to poison, self
         self.margins: list[torch.Tensor] = []
         self.rows: list[torch.Tensor] = []
+        self.risk_steps = 0
+        self.risk_counts = torch.zeros(3, dtype=torch.long)  # risky, risky & poisoned, poisoned
+        self.risks: list[torch.Tensor] = []
+        self.risk_rows: list[torch.Tensor] = []
 
     @hookimpl
     def roclip_pool_updated(self, pool: CaptionPool, added: int) -> None:
@@ -282,11 +294,29 @@ class MatchAudit:
         self.margins.append(stats.margins.detach().float().cpu())
         self.rows.append(rows)
 
+    @hookimpl
+    def roclip_after_risk(self, stats: RiskStats) -> None:
+        """Score one defended step's risk split against the manifest."""
+        if self.batch_rows is None:
+            return
+        rows = self.batch_rows.cpu()
+        risky = stats.risky.cpu()
+        poisoned = self.poison_kind[rows] != CLEAN
+        self.risk_counts += torch.stack([risky.sum(), (risky & poisoned).sum(), poisoned.sum()])
+        self.risk_steps += 1
+        self.risks.append(stats.risk.detach().float().cpu())
+        self.risk_rows.append(rows)
+
     def summary(self) -> MatchingEpoch:
         """The epoch's figures (None where nothing was counted)."""
         clean, pure, poisoned, to_poison, own = self.counts.tolist()
         matched = clean + poisoned
+        risky, caught, seen = self.risk_counts.tolist()
         return MatchingEpoch(
+            risk_steps=self.risk_steps,
+            risky=risky,
+            risk_precision=caught / risky if risky else None,
+            risk_recall=caught / seen if seen else None,
             steps=self.steps,
             images=clean,
             purity=pure / clean if clean else None,
@@ -299,10 +329,15 @@ class MatchAudit:
         """The epoch's rows by decreasing margin (``index,caption,margin``), as the adapter's.
 
         Keeps the ``keep`` most suspicious rows (a row matched twice keeps its highest margin).
+        Where the risk split judged the epoch, its risks rank the rows instead (the ``margin``
+        column then holds the risk: the file's reader ranks by that column).
         """
-        if not self.margins:
+        risk_ranked = bool(self.risks)
+        scores = self.risks if risk_ranked else self.margins
+        rows_seen = self.risk_rows if risk_ranked else self.rows
+        if not scores:
             return None
-        margins, rows = torch.cat(self.margins), torch.cat(self.rows)
+        margins, rows = torch.cat(scores), torch.cat(rows_seen)
         order = torch.argsort(margins, descending=True, stable=True)
         seen: set[int] = set()
         with path.open("w", newline="", encoding="utf-8") as fh:
@@ -564,8 +599,8 @@ class _Loop:
             loss=loss,
             seconds=time.perf_counter() - start,
             matching=matching,
-            matching_steps=audit.steps,
-            audit=asdict(audit) if audit.steps else {},
+            matching_steps=max(audit.steps, audit.risk_steps),
+            audit=asdict(audit) if audit.steps or audit.risk_steps else {},
         )
 
     def step(self, images: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -573,7 +608,7 @@ class _Loop:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.settings.use_amp):
             if self.adapter is not None:
                 self.audit.batch_rows = rows
-                loss = self.adapter.step(images, tokens)
+                loss = self.adapter.step(images, tokens, sample_ids=rows)
             else:
                 loss = plain_clip_loss(self.model, images, tokens)
         loss.backward()

@@ -107,6 +107,9 @@ class EpochReport:
             return
         features = kwargs["image_features"] if "image_features" in kwargs else args[0]
         self.begin_step(int(features.shape[0]))
+        if self.step_rows and min(self.step_rows) >= 0 and hasattr(module, "pending_ids"):
+            # the CSV rows are the samples' stable ids (the per-sample history is keyed by them)
+            module.pending_ids = torch.tensor(self.step_rows, dtype=torch.long)
 
     @hookimpl
     def roclip_after_match(self, stats: MatchStats) -> None:

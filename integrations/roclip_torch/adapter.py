@@ -260,6 +260,7 @@ class RoClipAdapter:
         text_features: torch.Tensor,
         logit_scale: torch.Tensor | float | None = None,
         logit_bias: torch.Tensor | float | None = None,
+        sample_ids: Any = None,
     ) -> torch.Tensor:
         """The step's RoCLIP loss; call it exactly once per optimiser step.
 
@@ -272,6 +273,9 @@ class RoClipAdapter:
             logit_scale: the *exponentiated* scale (as ``ClipLoss`` takes it); ``None`` reads
                 the adapter's logit-scale source.
             logit_bias: with ``siglip``, the bias; ``None`` reads the adapter's bias source.
+            sample_ids: stable ids of the rows (dataset row indices, or string keys such as
+                a WebDataset ``__key__``), which the per-sample history
+                (``--roclip-risk-score history``) is keyed by.
         """
         scale = as_scale_tensor(
             self.current_logit_scale() if logit_scale is None else logit_scale, image_features
@@ -282,12 +286,14 @@ class RoClipAdapter:
             bias = None if bias is None else bias.to(self.loss_dtype)
         with self._loss_precision(image_features.device):
             img, txt = self._prepare(image_features), self._prepare(text_features)
-            return self.defense.compute_loss(img, txt, scale, bias)
+            return self.defense.compute_loss(img, txt, scale, bias, sample_ids=sample_ids)
 
-    def step(self, images: Any, texts: Any) -> torch.Tensor:
+    def step(self, images: Any, texts: Any, sample_ids: Any = None) -> torch.Tensor:
         """Encode a batch through the model and return its loss (see :meth:`loss`)."""
         image_features, text_features, logit_scale = self.encode(images, texts)
-        return self.loss(image_features, text_features, logit_scale)
+        if sample_ids is None:
+            return self.loss(image_features, text_features, logit_scale)
+        return self.loss(image_features, text_features, logit_scale, sample_ids=sample_ids)
 
     def encode(self, images: Any, texts: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Features and exponentiated logit scale of a batch, as :meth:`step` computes them."""

@@ -889,3 +889,23 @@ def test_torchrun_accum_freq_trains_as_one_large_batch(setup) -> None:
     torch.testing.assert_close(
         pa["roclip"]["pool"]["features"], pb["roclip"]["pool"]["features"], atol=1e-5, rtol=0
     )
+
+
+def test_the_csv_rows_of_a_step_become_its_sample_ids() -> None:
+    """The loss's pre-hook hands the step's dataset rows to the per-sample history."""
+    import torch
+    from roclip_openclip.patches import EpochReport
+
+    class _Loss:
+        call_in_step = 0
+        pending_ids = None
+
+    report = EpochReport(margin_threshold=0.2)
+    report.indices.extend([7, 3, 9, 1, 4])
+    loss = _Loss()
+    report.before_loss(loss, (), {"image_features": torch.zeros(3, 4)})
+    assert loss.pending_ids.tolist() == [7, 3, 9]
+    report.indices.clear()  # a data path with no rows (WebDataset): no ids are made up
+    loss.pending_ids = None
+    report.before_loss(loss, (), {"image_features": torch.zeros(2, 4)})
+    assert loss.pending_ids is None

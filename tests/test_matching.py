@@ -604,6 +604,43 @@ def test_highest_matmul_precision_restores_previous(previous: str) -> None:
         torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = reduced
 
 
+@pytest.fixture
+def _new_precision_api() -> Iterator[list]:
+    """torch >= 2.9's per-backend ``fp32_precision`` settings, restored after the test."""
+    backends = [torch.backends.cuda.matmul]
+    if hasattr(torch.backends, "mkldnn"):
+        backends.append(torch.backends.mkldnn.matmul)
+    if not all(hasattr(b, "fp32_precision") for b in backends):
+        pytest.skip("this torch has no fp32_precision API")
+    saved = [b.fp32_precision for b in backends]
+    try:
+        yield backends
+    finally:
+        for backend, value in zip(backends, saved, strict=True):
+            backend.fp32_precision = value
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_search_works_after_the_new_precision_api_was_used(
+    _new_precision_api: list, precision: str
+) -> None:
+    """A trainer that sets ``torch.backends.cuda.matmul.fp32_precision = "tf32"`` (the API
+    torch recommends since 2.9) makes ``torch.get_float32_matmul_precision()`` raise; the
+    search must run, in IEEE float32, and leave the trainer's settings as they were."""
+    cuda_matmul = _new_precision_api[0]
+    cuda_matmul.fp32_precision = "tf32"
+    before = [b.fp32_precision for b in _new_precision_api]
+    images, pool = _clustered(3, 4, 300, 32, 16)
+    got = nearest_captions(images, pool, precision=precision)
+    assert torch.equal(got, brute_force_nearest(images, pool))
+    with highest_matmul_precision():
+        assert all(b.fp32_precision == "ieee" for b in _new_precision_api)
+    assert [b.fp32_precision for b in _new_precision_api] == before
+    with pytest.raises(RuntimeError, match="boom"), highest_matmul_precision():
+        raise RuntimeError("boom")
+    assert [b.fp32_precision for b in _new_precision_api] == before
+
+
 # -- ambient autocast, non-finite queries, the documented tolerance -----------------------------
 
 

@@ -456,8 +456,31 @@ class FaissIVFMatcher:
         return index
 
 
+def check_matcher_settings(config: RoClipConfig) -> None:
+    """Refuse search settings the chosen matcher would ignore, naming both flags.
+
+    The faiss backends search in float32 on the CPU with faiss's own blocking: a bf16 search
+    or a chunk size given with them would be silently dropped, and a user comparing runs would
+    believe they changed something. The torch scan honours both.
+    """
+    if config.matcher == "torch":
+        return
+    ignored = []
+    if config.precision != "fp32":
+        ignored.append(f"--roclip-precision {config.precision}")
+    if config.match_chunk_size:
+        ignored.append(f"--roclip-match-chunk-size {config.match_chunk_size}")
+    if ignored:
+        raise ValueError(
+            f"{' and '.join(ignored)}: --roclip-matcher {config.matcher} searches in float32 "
+            "with faiss's own blocking and would ignore it; drop it, or use --roclip-matcher "
+            "torch"
+        )
+
+
 def make_matcher(config: RoClipConfig) -> Matcher:
-    """The built-in matcher that ``config.matcher`` names."""
+    """The built-in matcher that ``config.matcher`` names (refusing settings it would ignore)."""
+    check_matcher_settings(config)
     if config.matcher == "torch":
         return TorchMatcher(config.precision, config.match_chunk_size)
     if config.matcher == "faiss":

@@ -22,6 +22,7 @@ from roclip_plugin.matching import (
     Matcher,
     TorchMatcher,
     brute_force_nearest,
+    check_matcher_settings,
     float32_tolerance,
     highest_matmul_precision,
     make_matcher,
@@ -579,6 +580,26 @@ def test_make_matcher_maps_config_to_class() -> None:
     assert (ivf.nlist, ivf.nprobe, ivf.seed) == (9, 3, 11)
     for name in ("torch", "faiss", "faiss-ivf"):
         assert isinstance(make_matcher(RoClipConfig(matcher=name)), Matcher)
+
+
+@pytest.mark.parametrize("matcher", ["faiss", "faiss-ivf"])
+@pytest.mark.parametrize(
+    ("fields", "flag"),
+    [
+        ({"precision": "bf16"}, "--roclip-precision"),
+        ({"match_chunk_size": 64}, "--roclip-match-chunk-size"),
+    ],
+)
+def test_faiss_matchers_refuse_settings_they_would_ignore(
+    matcher: str, fields: dict, flag: str
+) -> None:
+    """faiss searches in float32 with its own blocking: a bf16 or chunk request is refused."""
+    config = RoClipConfig(matcher=matcher, **fields)
+    with pytest.raises(ValueError, match=f"{flag}.*--roclip-matcher {matcher}"):
+        make_matcher(config)
+    with pytest.raises(ValueError, match=flag):
+        check_matcher_settings(config)
+    check_matcher_settings(RoClipConfig(matcher="torch", **fields))  # the torch scan honours them
 
 
 @pytest.mark.parametrize("previous", ["medium", "high", "highest"])

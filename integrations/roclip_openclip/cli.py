@@ -20,6 +20,7 @@ from roclip_plugin import RoClipConfig, get_plugin_manager
 from roclip_plugin.augment import build_policy
 from roclip_plugin.config import FLAG_PREFIX, add_argparse_args, config_from_namespace
 from roclip_plugin.io import StateError, detach_stdout
+from roclip_plugin.matching import check_matcher_settings
 from roclip_plugin.siglip import SIGLIP_DIST_IMPLS
 from roclip_plugin.validation import check_parsed
 
@@ -216,6 +217,7 @@ def _main(argv: list[str]) -> int:
     check_openclip_args(openclip_args)
     try:
         config = config_from_namespace(roclip_args)
+        check_matcher_settings(config)
     except ValueError as err:
         raise UsageError(str(err)) from err
     from roclip_openclip.patches import OpenClipPatches

@@ -96,6 +96,22 @@ def test_a_resume_state_that_cannot_be_restored_stops_before_training(
     assert not (run_dir / "logs").exists()
 
 
+@pytest.mark.parametrize(
+    ("extra", "flag"),
+    [
+        (["--roclip-precision", "bf16"], "--roclip-precision"),
+        (["--roclip-match-chunk-size", "128"], "--roclip-match-chunk-size"),
+    ],
+)
+def test_settings_the_faiss_matcher_would_ignore_stop_before_training(
+    extra, flag, run_dir, monkeypatch
+) -> None:
+    monkeypatch.setattr(open_clip_train.main, "main", _never)
+    argv = _argv(run_dir, "--roclip-matcher", "faiss", *extra)
+    assert_refused(run_command(main, argv), flag)
+    assert not (run_dir / "logs").exists()
+
+
 def test_roclip_help_shows_the_defaults_that_run() -> None:
     from roclip_openclip.cli import build_parser
 

@@ -16,8 +16,10 @@ from typing import Any
 
 import pluggy
 
+from roclip_openclip.preflight import check_openclip_values, embed_dim
 from roclip_plugin import RoClipConfig, get_plugin_manager
 from roclip_plugin.augment import build_policy
+from roclip_plugin.checks import check_pool_fits, device_memory_bytes
 from roclip_plugin.config import FLAG_PREFIX, add_argparse_args, config_from_namespace
 from roclip_plugin.io import StateError, detach_stdout
 from roclip_plugin.matching import check_matcher_settings
@@ -218,6 +220,9 @@ def _main(argv: list[str]) -> int:
     try:
         config = config_from_namespace(roclip_args)
         check_matcher_settings(config)
+        check_openclip_values(openclip_args)
+        memory = device_memory_bytes(str(getattr(openclip_args, "device", "cuda")))
+        check_pool_fits(config.pool_size, embed_dim(openclip_args), memory)
     except ValueError as err:
         raise UsageError(str(err)) from err
     from roclip_openclip.patches import OpenClipPatches

@@ -70,7 +70,7 @@ def _argv(run_dir: Path, *extra: str) -> list[str]:
     return [
         "--roclip", "--train-data", str(run_dir / "train.csv"), "--dataset-type", "csv",
         "--precision", "fp32", "--device", "cpu", "--logs", str(run_dir / "logs"),
-        "--name", "refused", "--roclip-pool-size", "64", *extra,
+        "--name", "refused", "--roclip-pool-size", "64", "--batch-size", "1", *extra,
     ]  # fmt: skip
 
 
@@ -110,6 +110,55 @@ def test_settings_the_faiss_matcher_would_ignore_stop_before_training(
     argv = _argv(run_dir, "--roclip-matcher", "faiss", *extra)
     assert_refused(run_command(main, argv), flag)
     assert not (run_dir / "logs").exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "flag", "message"),
+    [
+        (["--train-data", "missing.csv"], "--train-data", "does not exist"),
+        (["--epochs", "0"], "--epochs", "must be an integer >= 1"),
+        (["--batch-size", "0"], "--batch-size", "must be an integer >= 1"),
+        (["--batch-size", "-4"], "--batch-size", "must be an integer >= 1"),
+        (["--batch-size", "2"], "--batch-size", "larger than the 1 rows of --train-data"),
+        (["--lr", "0"], "--lr", "must be a finite number > 0"),
+        (["--lr=-1e-3"], "--lr", "must be a finite number > 0"),
+        (["--lr", "nan"], "--lr", "must be a finite number > 0"),
+        (["--workers", "-1"], "--workers", "must be an integer >= 0"),
+        (["--warmup", "-1"], "--warmup", "must be an integer >= 0"),
+        (["--accum-freq", "0"], "--accum-freq", "must be an integer >= 1"),
+        (["--train-num-samples", "0"], "--train-num-samples", "must be an integer >= 1"),
+        (["--model", "RN51"], "--model", "is not an OpenCLIP model (did you mean RN50"),
+        (["--model", "local-dir:/nowhere"], "--model", "holds no open_clip_config.json"),
+        (["--roclip-pool-size", "2000000000"], "--roclip-pool-size", "GiB"),
+    ],
+)
+def test_bad_openclip_values_stop_before_training(
+    extra, flag, message, run_dir, monkeypatch
+) -> None:
+    """OpenCLIP's own flags, as a --roclip run sees them: one line, exit 2, nothing started."""
+    monkeypatch.setattr(open_clip_train.main, "main", _never)
+    monkeypatch.chdir(run_dir)
+    result = run_command(main, _argv(run_dir, *extra))
+    assert_refused(result, flag)
+    assert message in result.output
+    assert not (run_dir / "logs").exists()
+
+
+def test_train_data_that_is_a_folder_stops_before_training(run_dir, monkeypatch) -> None:
+    monkeypatch.setattr(open_clip_train.main, "main", _never)
+    folder = run_dir / "folder.csv"
+    folder.mkdir(exist_ok=True)
+    result = run_command(main, _argv(run_dir, "--train-data", str(folder)))
+    assert_refused(result, "--train-data")
+    assert "is a directory" in result.output
+
+
+def test_batch_check_counts_rows_per_torchrun_process(run_dir, monkeypatch) -> None:
+    monkeypatch.setattr(open_clip_train.main, "main", _never)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = run_command(main, _argv(run_dir))  # 1 row, 2 processes: no batch of 1 each
+    assert_refused(result, "--batch-size")
+    assert "per process (2 processes)" in result.output
 
 
 def test_roclip_help_shows_the_defaults_that_run() -> None:

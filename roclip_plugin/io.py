@@ -93,12 +93,18 @@ def check_output_file(path: str | os.PathLike[str] | None, flag: str) -> Path | 
 
 
 def check_output_dir(path: str | os.PathLike[str] | None, flag: str) -> Path:
-    """Refuse an output directory that could not be made: empty, a file, or under a file."""
+    """Refuse an output directory that could not be made or written.
+
+    Refused: an empty path, a file, a path under a file, an existing folder that is not
+    writable, or one under a folder that is not.
+    """
     if path is None or str(path) == "":
         raise ValueError(f"{flag}: an empty path; give a directory (e.g. {flag} out)")
     target = Path(path).expanduser()
     if target.exists() and not target.is_dir():
         raise ValueError(f"{flag} {target} is a file, not a directory; choose a new directory")
+    if target.is_dir() and not os.access(target, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {target} is not writable; choose a folder you can write to")
     _check_ancestors(target, flag)
     return target
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -275,6 +276,27 @@ def test_settings_are_validated() -> None:
 def test_dataset_smaller_than_a_batch_is_an_error() -> None:
     with pytest.raises(ValueError, match="no full batch of 64"):
         make_run(None, RoClipConfig(pool_size=8), epochs=1, n=32, batch_size=64)
+
+
+@pytest.mark.parametrize("where", ["under-a-file", "read-only"])
+def test_a_checkpoint_dir_that_cannot_be_written_is_refused_before_the_first_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """It used to fail in the first save, after a full epoch of training."""
+    if where == "under-a-file":
+        (tmp_path / "file").write_text("x")
+        target = tmp_path / "file" / "ckpt"
+        reason = "is a file, not a directory"
+    else:
+        target = tmp_path / "ckpt"
+        target.mkdir()
+        real_access = os.access  # root may write anywhere: simulate the read-only folder
+        monkeypatch.setattr(
+            os, "access", lambda p, mode: False if Path(p) == target else real_access(p, mode)
+        )
+        reason = "is not writable"
+    with pytest.raises(ValueError, match=f"TrainSettings.checkpoint_dir {target}.*{reason}"):
+        make_run(target, RoClipConfig(pool_size=8), epochs=1, n=64)
 
 
 # -- the adapter ---------------------------------------------------------------------------

@@ -6,6 +6,7 @@ argparse's business and are not drawn here.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -159,6 +160,46 @@ def test_batch_check_counts_rows_per_torchrun_process(run_dir, monkeypatch) -> N
     result = run_command(main, _argv(run_dir))  # 1 row, 2 processes: no batch of 1 each
     assert_refused(result, "--batch-size")
     assert "per process (2 processes)" in result.output
+
+
+@pytest.mark.parametrize(
+    ("extra", "env", "want"),
+    [([], None, logging.WARNING), (["--debug"], None, logging.DEBUG), ([], "+dynamo", 0)],
+)
+@pytest.mark.parametrize("roclip", [True, False])
+def test_torch_info_lines_stay_out_of_the_log_unless_asked(
+    extra, env, want, roclip, run_dir, monkeypatch
+) -> None:
+    """OpenCLIP's setup_logging sets torch's loggers to INFO (TorchDynamo's exit metrics)."""
+    import open_clip_train.main as oc_main
+
+    seen = {}
+    root_handlers, root_level = list(logging.root.handlers), logging.root.level
+    dynamo = logging.getLogger("torch._dynamo")
+    saved = {name: logging.getLogger(name).level for name in logging.root.manager.loggerDict}
+
+    def fake_main(argv):
+        level = logging.DEBUG if "--debug" in argv else logging.INFO
+        oc_main.setup_logging(None, level)
+        seen["level"] = dynamo.getEffectiveLevel()
+
+    monkeypatch.setattr(oc_main, "main", fake_main)
+    if env is None:
+        monkeypatch.delenv("TORCH_LOGS", raising=False)
+    else:
+        monkeypatch.setenv("TORCH_LOGS", env)
+    argv = _argv(run_dir, *extra)
+    if not roclip:
+        argv = [a for a in argv if a != "--roclip"]
+        argv = argv[: argv.index("--roclip-pool-size")] + argv[argv.index("--batch-size") :]
+    try:
+        assert run_command(main, argv).code == 0
+    finally:
+        logging.root.handlers[:] = root_handlers
+        logging.root.setLevel(root_level)
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
+    assert seen["level"] == (want or logging.INFO)
 
 
 def test_roclip_help_shows_the_defaults_that_run() -> None:

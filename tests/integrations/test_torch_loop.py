@@ -313,6 +313,21 @@ def _adapter(**kw) -> RoClipAdapter:
     return RoClipAdapter(config, plugin_manager=get_plugin_manager(), dist_info=DistInfo(), **kw)
 
 
+def test_a_loss_without_epoch_start_warns_once_naming_the_call() -> None:
+    """Without epoch_start the schedule is never asked: RoCLIP would silently never match."""
+    adapter = _adapter()
+    img, txt = F.normalize(torch.randn(4, 8), dim=-1), F.normalize(torch.randn(4, 8), dim=-1)
+    with pytest.warns(RuntimeWarning, match=r"adapter\.epoch_start\(epoch\)") as caught:
+        adapter.loss(img, txt, 10.0)
+        adapter.loss(img, txt, 10.0)
+    assert len([w for w in caught if "epoch_start" in str(w.message)]) == 1
+    started = _adapter()
+    started.epoch_start(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        started.loss(img, txt, 10.0)
+
+
 def test_loss_is_clip_infonce_on_unnormalised_features() -> None:
     img, txt = torch.randn(8, 16) * 5, torch.randn(8, 16) * 3
     adapter = _adapter()

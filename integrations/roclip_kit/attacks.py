@@ -125,7 +125,25 @@ def load_classes(path: Path) -> list[str]:
             f'classes file {path} needs a "classes" key holding the class names by label, '
             'e.g. {"classes": ["cat", "dog"]}'
         )
+    check_unique_names(classes, path)
     return classes
+
+
+def check_unique_names(classes: list[str], path: Path) -> None:
+    """Refuse a class named twice (in any case).
+
+    CSV labels are read by name in any case, so the second label could never be written or
+    read, and zero-shot would score one class against itself.
+    """
+    seen: dict[str, int] = {}
+    for label, name in enumerate(classes):
+        key = name.strip().lower()
+        if key in seen:
+            raise ValueError(
+                f"classes file {path} names {name!r} twice (labels {seen[key]} and {label}); "
+                "give every class a distinct name (--classes)"
+            )
+        seen[key] = label
 
 
 def _parse_label(value: str, classes: list[str], where: str) -> int:

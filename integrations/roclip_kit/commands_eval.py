@@ -19,6 +19,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from roclip_kit.attacks import load_classes
 from roclip_kit.console import percent, progress_bars
 from roclip_kit.evaluate import (
     EvalData,
@@ -168,6 +169,7 @@ def run_eval(args: argparse.Namespace, console: Console) -> int:
     check_checkpoint_path(args.checkpoint)
     data = resolve_data(args)
     check_json_is_not_an_input(json_path, args.checkpoint, data)
+    load_classes(data.classes)  # readable, and no class named twice
     params = run_params(args.checkpoint)
     model = args.model or params.get("model")
     if not model and read_tensor_checkpoint(Path(args.checkpoint)) is not None:

@@ -342,3 +342,14 @@ def test_csv_and_dataset_together_are_refused(dataset: Path, tmp_path: Path) -> 
             backdoor_class="one",
         )  # fmt: skip
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("names", [["one", "two", "one"], ["Seven", "eight", "seven"]])
+def test_duplicate_class_names_are_refused(tmp_path: Path, names: list[str]) -> None:
+    """Labels are read by name in any case: a repeated name makes two labels one class."""
+    from roclip_kit.attacks import load_classes
+
+    path = tmp_path / "classes.json"
+    path.write_text(json.dumps({"classes": names}))
+    with pytest.raises(ValueError, match=r"names .* twice \(labels 0 and 2\)"):
+        load_classes(path)

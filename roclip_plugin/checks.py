@@ -12,11 +12,18 @@ Two settings look valid on their own and still leave RoCLIP doing nothing useful
   the pool for about P^2 / (2 N^2) of the samples when P <= N, and for all of them once
   P >= 2 N. The paper's pool was about 2% of its training set (21,845 of 1M pairs).
 
-Both are warnings, not errors: an augmentation-only run is a legitimate baseline, and a large
-pool on a small data set may be what an experiment wants. The messages name the flag to change.
+A third is an error: a pool whose float32 buffer (``pool_size x dim x 4`` bytes) is larger than
+the memory it would live in (:func:`check_pool_fits`, called by the integrations once they
+know the embedding width and the device).
+
+The first two are warnings, not errors: an augmentation-only run is a legitimate baseline, and
+a large pool on a small data set may be what an experiment wants. The messages name the flag
+to change.
 """
 
 from __future__ import annotations
+
+import os
 
 from roclip_plugin.config import RoClipConfig
 
@@ -115,3 +122,48 @@ def own_caption_share(pool_share: float) -> float:
     """
     s = min(max(pool_share, 0.0), 2.0)
     return s * s / 2 if s <= 1 else 1 - (2 - s) ** 2 / 2
+
+
+def pool_bytes(pool_size: int, dim: int) -> int:
+    """Bytes of a caption pool's buffer: ``pool_size`` float32 rows of ``dim``."""
+    return int(pool_size) * int(dim) * 4
+
+
+def device_memory_bytes(device: str | None = None) -> int | None:
+    """Total memory of ``device`` (a CUDA device's, else this machine's RAM); None if unknown.
+
+    The pool lives on the device of the features it stores: the GPU for GPU training.
+    """
+    import torch
+
+    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if target.type == "cuda" and torch.cuda.is_available():
+        return int(torch.cuda.get_device_properties(target.index or 0).total_memory)
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):  # no sysconf (Windows): not checked
+        return None
+
+
+def check_pool_fits(pool_size: int, dim: int | None, available: int | None) -> None:
+    """Refuse a ``--roclip-pool-size`` whose buffer is larger than the memory it would live in.
+
+    Such a pool fails only when its first captions arrive (an allocation error after the model
+    and data are built) or, on the CPU, drives the machine into swap. ``dim`` or ``available``
+    None (unknown) skips the check.
+    """
+    if dim is None or available is None:
+        return
+    need = pool_bytes(pool_size, dim)
+    if need > available:
+        most = max(available // (4 * dim), 1)
+        raise ValueError(
+            f"--roclip-pool-size {pool_size}: its caption pool would take {_gib(need)} "
+            f"({pool_size} x {dim} float32), more than the {_gib(available)} of memory it would "
+            f"live in; lower --roclip-pool-size (at most {most} fits, and far fewer leaves "
+            "room for training)"
+        )
+
+
+def _gib(count: int) -> str:
+    return f"{count / 2**30:,.1f} GiB"

@@ -166,12 +166,14 @@ def _flags(args: argparse.Namespace, console: Console) -> int:
 def _smoke(args: argparse.Namespace, console: Console) -> int:
     from roclip_plugin.augment import check_policy_names
     from roclip_plugin.demo import DemoSettings, run_demo
+    from roclip_plugin.matching import check_matcher_settings
 
     json_path = check_output_file(args.json, "--json")
     settings = DemoSettings(
         train=args.train, epochs=args.epochs, seed=args.seed, device=args.device
     )  # checks every size, the seed and the device
     config = config_from_namespace(args, smoke_defaults(settings.pairs))
+    check_matcher_settings(config)
     check_policy_names(config, _plugin_manager(args))
     console.print(
         f"[bold]roclip smoke[/bold]: {settings.train} synthetic pairs, {settings.targets} targets "

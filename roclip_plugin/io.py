@@ -26,7 +26,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> Path:
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    fd, tmp = _temp_beside(target)
     os.close(fd)
     try:
         torch.save(obj, tmp)
@@ -44,7 +44,7 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    fd, tmp = _temp_beside(target)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
@@ -53,6 +53,23 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return target
+
+
+def _temp_beside(target: Path) -> tuple[int, str]:
+    """A temporary file in ``target``'s folder, with the mode ``open()`` would give ``target``.
+
+    ``mkstemp`` creates its files 0600 whatever the umask; renamed over ``target`` they would
+    make state files and reports unreadable to the user's group and tools, unlike every other
+    output. The umask is read by setting it and putting it straight back.
+    """
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    umask = os.umask(0o022)
+    os.umask(umask)
+    try:
+        os.fchmod(fd, 0o666 & ~umask)
+    except (OSError, AttributeError):  # no fchmod (Windows): keep mkstemp's mode
+        pass
+    return fd, tmp
 
 
 def require_file(path: str | os.PathLike[str] | None, what: str) -> Path:
@@ -93,12 +110,18 @@ def check_output_file(path: str | os.PathLike[str] | None, flag: str) -> Path | 
 
 
 def check_output_dir(path: str | os.PathLike[str] | None, flag: str) -> Path:
-    """Refuse an output directory that could not be made: empty, a file, or under a file."""
+    """Refuse an output directory that could not be made or written.
+
+    Refused: an empty path, a file, a path under a file, an existing folder that is not
+    writable, or one under a folder that is not.
+    """
     if path is None or str(path) == "":
         raise ValueError(f"{flag}: an empty path; give a directory (e.g. {flag} out)")
     target = Path(path).expanduser()
     if target.exists() and not target.is_dir():
         raise ValueError(f"{flag} {target} is a file, not a directory; choose a new directory")
+    if target.is_dir() and not os.access(target, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {target} is not writable; choose a folder you can write to")
     _check_ancestors(target, flag)
     return target
 

@@ -179,17 +179,47 @@ def highest_matmul_precision() -> Iterator[None]:
     """Run float32 products in true float32 (no TF32) and bf16 products with fp32 reductions.
 
     Trainers often enable TF32 globally (OpenCLIP does); an exact search must not inherit it.
+    Torch has two APIs for this setting, and after a trainer used the newer per-backend one
+    (``torch.backends.cuda.matmul.fp32_precision = "tf32"``, torch >= 2.9) the legacy getter
+    ``torch.get_float32_matmul_precision()`` raises: the setting is then read, set and
+    restored per backend (:func:`_ieee_per_backend`).
     """
-    old_precision = torch.get_float32_matmul_precision()
     cuda_matmul = torch.backends.cuda.matmul
     old_reduced = cuda_matmul.allow_bf16_reduced_precision_reduction
-    torch.set_float32_matmul_precision("highest")
-    cuda_matmul.allow_bf16_reduced_precision_reduction = False
     try:
+        old_precision: str | None = torch.get_float32_matmul_precision()
+    except RuntimeError:  # the per-backend API is in use: the global value is undefined
+        old_precision = None
+    with contextlib.ExitStack() as stack:
+        if old_precision is None:
+            stack.enter_context(_ieee_per_backend())
+        else:
+            torch.set_float32_matmul_precision("highest")
+            stack.callback(torch.set_float32_matmul_precision, old_precision)
+        cuda_matmul.allow_bf16_reduced_precision_reduction = False
+        stack.callback(setattr, cuda_matmul, "allow_bf16_reduced_precision_reduction", old_reduced)
+        yield
+
+
+def _matmul_backends() -> list[Any]:
+    """The backends whose float32 matmul precision torch's newer API sets one by one."""
+    mkldnn = getattr(torch.backends, "mkldnn", None)
+    backends = [torch.backends.cuda.matmul, getattr(mkldnn, "matmul", None)]
+    return [b for b in backends if b is not None and hasattr(b, "fp32_precision")]
+
+
+@contextlib.contextmanager
+def _ieee_per_backend() -> Iterator[None]:
+    """Set every backend's ``fp32_precision`` to ``"ieee"``, then restore each exactly."""
+    backends = _matmul_backends()
+    saved = [b.fp32_precision for b in backends]
+    try:
+        for backend in backends:
+            backend.fp32_precision = "ieee"
         yield
     finally:
-        torch.set_float32_matmul_precision(old_precision)
-        cuda_matmul.allow_bf16_reduced_precision_reduction = old_reduced
+        for backend, value in zip(backends, saved, strict=True):
+            backend.fp32_precision = value
 
 
 def _first_argmax(scores: torch.Tensor) -> torch.Tensor:
@@ -426,8 +456,31 @@ class FaissIVFMatcher:
         return index
 
 
+def check_matcher_settings(config: RoClipConfig) -> None:
+    """Refuse search settings the chosen matcher would ignore, naming both flags.
+
+    The faiss backends search in float32 on the CPU with faiss's own blocking: a bf16 search
+    or a chunk size given with them would be silently dropped, and a user comparing runs would
+    believe they changed something. The torch scan honours both.
+    """
+    if config.matcher == "torch":
+        return
+    ignored = []
+    if config.precision != "fp32":
+        ignored.append(f"--roclip-precision {config.precision}")
+    if config.match_chunk_size:
+        ignored.append(f"--roclip-match-chunk-size {config.match_chunk_size}")
+    if ignored:
+        raise ValueError(
+            f"{' and '.join(ignored)}: --roclip-matcher {config.matcher} searches in float32 "
+            "with faiss's own blocking and would ignore it; drop it, or use --roclip-matcher "
+            "torch"
+        )
+
+
 def make_matcher(config: RoClipConfig) -> Matcher:
-    """The built-in matcher that ``config.matcher`` names."""
+    """The built-in matcher that ``config.matcher`` names (refusing settings it would ignore)."""
+    check_matcher_settings(config)
     if config.matcher == "torch":
         return TorchMatcher(config.precision, config.match_chunk_size)
     if config.matcher == "faiss":

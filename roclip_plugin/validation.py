@@ -220,9 +220,10 @@ class LossInputCheck:
         # float64 norms: a huge float32 entry must not overflow into a false "non-finite"
         img = torch.linalg.vector_norm(image.detach().double(), dim=-1)
         txt = torch.linalg.vector_norm(text.detach().double(), dim=-1)
-        # Non-finite or zero caption rows keep the pool's policy: it refuses them with a
-        # warning (a diverging text tower), so only the other rows must be unit-norm here.
-        txt = torch.where(torch.isfinite(txt) & (txt > 0), txt, torch.ones_like(txt))
+        # Non-finite caption rows are refused like image rows (a NaN caption would reach the
+        # plain loss unchecked). Zero rows keep the pool's policy: it refuses them with a
+        # warning, so they are exempt from the unit-norm check (NaN == 0 is False: kept).
+        txt = torch.where(txt == 0, torch.ones_like(txt), txt)
         parts = [img.amin(), img.amax(), txt.amin(), txt.amax()]
         if isinstance(scale, torch.Tensor):
             parts.append(scale.detach().double().reshape(()).to(img.device))

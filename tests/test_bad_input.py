@@ -171,7 +171,10 @@ def bad_loss_calls(draw: st.DrawFn) -> tuple[str, object, object, object]:
     scale: object = torch.tensor(14.3)
     fault = draw(
         st.sampled_from(
-            ["rows", "dim", "nan", "scale-x", "unnormalised", "scale", "type", "shape", "dtype"]
+            [
+                "rows", "dim", "nan", "nan-text", "scale-x", "unnormalised", "scale", "type",
+                "shape", "dtype",
+            ]  # fmt: skip
         )
     )
     if fault == "rows":
@@ -185,6 +188,11 @@ def bad_loss_calls(draw: st.DrawFn) -> tuple[str, object, object, object]:
             st.sampled_from([math.nan, math.inf, -math.inf])
         )
         return "image_features", image, text, scale
+    if fault == "nan-text":
+        text[draw(st.integers(0, batch - 1)), draw(st.integers(0, 7))] = draw(
+            st.sampled_from([math.nan, math.inf, -math.inf])
+        )
+        return "text_features", image, text, scale
     if fault == "unnormalised":
         factor = draw(st.floats(1.1, 1e6) | st.floats(0.0, 0.9))
         image = image * factor

@@ -62,6 +62,10 @@ def test_cuda_without_a_gpu_is_a_clear_error(capsys) -> None:
         (["--device", "bogus"], "--device 'bogus' is not a torch device"),
         (["--roclip-image-aug", "bogus"], "--roclip-image-aug: unknown image augmentation"),
         (["--roclip-text-aug", "bogus"], "--roclip-text-aug: unknown text augmentation"),
+        (
+            ["--roclip-matcher", "faiss", "--roclip-precision", "bf16"],
+            "--roclip-precision bf16: --roclip-matcher faiss",
+        ),
     ],
 )
 def test_smoke_refuses_before_training(argv, message, capsys, monkeypatch) -> None:

@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import pytest
 import torch
 
-from roclip_plugin.io import atomic_torch_save, load_versioned
+from roclip_plugin.io import atomic_torch_save, atomic_write_text, load_versioned
 
 
 def test_round_trip_and_format_check(tmp_path: Path) -> None:
@@ -56,3 +58,21 @@ def test_output_checks_refuse_before_any_work(tmp_path: Path) -> None:
     assert check_output_file(None, "--json") is None
     path = atomic_write_text(tmp_path / "new" / "r.json", "{}")
     assert path.read_text() == "{}" and [p.name for p in path.parent.iterdir()] == ["r.json"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_atomic_writes_follow_the_umask_like_any_other_output(tmp_path: Path, umask: int) -> None:
+    """mkstemp makes 0600 files; a .roclip state or a --json report must be 0644 under the
+    usual umask 022, as open() would make it, so other users and tools can read it."""
+    old = os.umask(umask)
+    try:
+        text = atomic_write_text(tmp_path / "report.json", "{}")
+        state = atomic_torch_save({"x": 1}, tmp_path / "epoch_1.roclip")
+        plain = tmp_path / "plain.txt"
+        plain.write_text("x")
+    finally:
+        os.umask(old)
+    want = 0o666 & ~umask
+    assert stat.S_IMODE(plain.stat().st_mode) == want  # what open() does
+    assert stat.S_IMODE(text.stat().st_mode) == want
+    assert stat.S_IMODE(state.stat().st_mode) == want

@@ -22,6 +22,7 @@ from roclip_plugin.matching import (
     Matcher,
     TorchMatcher,
     brute_force_nearest,
+    check_matcher_settings,
     float32_tolerance,
     highest_matmul_precision,
     make_matcher,
@@ -581,6 +582,26 @@ def test_make_matcher_maps_config_to_class() -> None:
         assert isinstance(make_matcher(RoClipConfig(matcher=name)), Matcher)
 
 
+@pytest.mark.parametrize("matcher", ["faiss", "faiss-ivf"])
+@pytest.mark.parametrize(
+    ("fields", "flag"),
+    [
+        ({"precision": "bf16"}, "--roclip-precision"),
+        ({"match_chunk_size": 64}, "--roclip-match-chunk-size"),
+    ],
+)
+def test_faiss_matchers_refuse_settings_they_would_ignore(
+    matcher: str, fields: dict, flag: str
+) -> None:
+    """faiss searches in float32 with its own blocking: a bf16 or chunk request is refused."""
+    config = RoClipConfig(matcher=matcher, **fields)
+    with pytest.raises(ValueError, match=f"{flag}.*--roclip-matcher {matcher}"):
+        make_matcher(config)
+    with pytest.raises(ValueError, match=flag):
+        check_matcher_settings(config)
+    check_matcher_settings(RoClipConfig(matcher="torch", **fields))  # the torch scan honours them
+
+
 @pytest.mark.parametrize("previous", ["medium", "high", "highest"])
 def test_highest_matmul_precision_restores_previous(previous: str) -> None:
     original = torch.get_float32_matmul_precision()
@@ -602,6 +623,43 @@ def test_highest_matmul_precision_restores_previous(previous: str) -> None:
     finally:
         torch.set_float32_matmul_precision(original)
         torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = reduced
+
+
+@pytest.fixture
+def _new_precision_api() -> Iterator[list]:
+    """torch >= 2.9's per-backend ``fp32_precision`` settings, restored after the test."""
+    backends = [torch.backends.cuda.matmul]
+    if hasattr(torch.backends, "mkldnn"):
+        backends.append(torch.backends.mkldnn.matmul)
+    if not all(hasattr(b, "fp32_precision") for b in backends):
+        pytest.skip("this torch has no fp32_precision API")
+    saved = [b.fp32_precision for b in backends]
+    try:
+        yield backends
+    finally:
+        for backend, value in zip(backends, saved, strict=True):
+            backend.fp32_precision = value
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_search_works_after_the_new_precision_api_was_used(
+    _new_precision_api: list, precision: str
+) -> None:
+    """A trainer that sets ``torch.backends.cuda.matmul.fp32_precision = "tf32"`` (the API
+    torch recommends since 2.9) makes ``torch.get_float32_matmul_precision()`` raise; the
+    search must run, in IEEE float32, and leave the trainer's settings as they were."""
+    cuda_matmul = _new_precision_api[0]
+    cuda_matmul.fp32_precision = "tf32"
+    before = [b.fp32_precision for b in _new_precision_api]
+    images, pool = _clustered(3, 4, 300, 32, 16)
+    got = nearest_captions(images, pool, precision=precision)
+    assert torch.equal(got, brute_force_nearest(images, pool))
+    with highest_matmul_precision():
+        assert all(b.fp32_precision == "ieee" for b in _new_precision_api)
+    assert [b.fp32_precision for b in _new_precision_api] == before
+    with pytest.raises(RuntimeError, match="boom"), highest_matmul_precision():
+        raise RuntimeError("boom")
+    assert [b.fp32_precision for b in _new_precision_api] == before
 
 
 # -- ambient autocast, non-finite queries, the documented tolerance -----------------------------

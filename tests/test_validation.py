@@ -43,6 +43,8 @@ def test_batch_mismatch_is_refused_on_every_kind_of_step(matching: bool) -> None
     [
         ("nan", "ok", 10.0, ValueError, "image_features: 1 of 6 image feature rows are non-finite"),
         ("inf", "ok", 10.0, ValueError, "image_features: 1 of 6 image feature rows are non-finite"),
+        ("ok", "nan", 10.0, ValueError, "text_features: 1 of 6 text feature rows are non-finite"),
+        ("ok", "inf", 10.0, ValueError, "text_features: 1 of 6 text feature rows are non-finite"),
         ("x100", "ok", 10.0, ValueError, "image_features: rows are not L2-normalised"),
         ("zero", "ok", 10.0, ValueError, "image_features: rows are not L2-normalised"),
         ("ok", "x100", 10.0, ValueError, "text_features: rows are not L2-normalised"),
@@ -87,15 +89,25 @@ def test_bad_loss_arguments_name_the_argument(image, text, scale, error, match, 
     assert defense.step == 0  # a refused call is no step
 
 
-def test_non_finite_or_zero_captions_are_left_to_the_pool() -> None:
-    """The pool refuses such rows with a warning (its policy); the loss does not raise."""
+def test_zero_captions_are_left_to_the_pool() -> None:
+    """The pool refuses zero rows with a warning (its policy); the loss does not raise."""
     txt = _unit(6)
-    txt[1] = math.nan
     txt[2] = 0.0
     defense = _defense()
-    with pytest.warns(RuntimeWarning, match="refused 2 caption"):
+    with pytest.warns(RuntimeWarning, match="refused 1 caption"):
         defense.loss(_unit(6), txt, torch.tensor(10.0))
-    assert len(defense.pool) == 4
+    assert len(defense.pool) == 5
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_a_non_finite_caption_row_is_refused_and_nothing_enters_the_pool(bad: float) -> None:
+    """As the README says: non-finite features are refused, captions as well as images."""
+    txt = _unit(6)
+    txt[3, 1] = bad
+    defense = _defense()
+    with pytest.raises(ValueError, match="text_features: 1 of 6 text feature rows are non-finite"):
+        defense.loss(_unit(6), txt, torch.tensor(10.0))
+    assert len(defense.pool) == 0 and defense.pool.rejected == 0
 
 
 def test_rounding_of_bf16_normalised_features_passes() -> None:

@@ -125,7 +125,25 @@ def load_classes(path: Path) -> list[str]:
             f'classes file {path} needs a "classes" key holding the class names by label, '
             'e.g. {"classes": ["cat", "dog"]}'
         )
+    check_unique_names(classes, path)
     return classes
+
+
+def check_unique_names(classes: list[str], path: Path) -> None:
+    """Refuse a class named twice (in any case).
+
+    CSV labels are read by name in any case, so the second label could never be written or
+    read, and zero-shot would score one class against itself.
+    """
+    seen: dict[str, int] = {}
+    for label, name in enumerate(classes):
+        key = name.strip().lower()
+        if key in seen:
+            raise ValueError(
+                f"classes file {path} names {name!r} twice (labels {seen[key]} and {label}); "
+                "give every class a distinct name (--classes)"
+            )
+        seen[key] = label
 
 
 def _parse_label(value: str, classes: list[str], where: str) -> int:
@@ -423,14 +441,23 @@ def resolve_inputs(
     classes: str | Path | None,
     test_csv: str | Path | None,
 ) -> Inputs:
-    """Input files from ``--dataset DIR`` or ``--csv`` + ``--classes`` (+ ``--test-csv``)."""
+    """Input files from ``--dataset DIR`` or ``--csv`` + ``--classes`` (+ ``--test-csv``).
+
+    ``--csv`` with ``--dataset`` is refused: it used to replace the directory's ``train.csv``
+    silently, so a user believing the directory's data were poisoned got another file's.
+    """
+    if dataset_dir is not None and csv_path is not None:
+        raise ValueError(
+            f"--csv {csv_path} and --dataset {dataset_dir} both name the training CSV; give "
+            "--dataset DIR alone, or --csv FILE with --classes FILE (and --test-csv FILE)"
+        )
     if dataset_dir is not None:
         root = Path(dataset_dir).expanduser().resolve()
         if root.is_file():
             raise ValueError(f"--dataset {root} is a file; give the dataset's directory")
         if not root.is_dir():
             raise ValueError(f"--dataset {root}: directory not found")
-        train = Path(csv_path) if csv_path else root / TRAIN_CSV
+        train = root / TRAIN_CSV
         cls = Path(classes) if classes else root / CLASSES_FILE
         if test_csv is None:  # the directory's own test.csv, when it has one
             default = root / TEST_CSV

@@ -29,6 +29,7 @@ from roclip_kit.demo import (
     scale_text,
 )
 from roclip_plugin.config import RoClipConfig, add_argparse_args, config_from_namespace
+from roclip_plugin.matching import check_matcher_settings
 from roclip_plugin.validation import path_arg
 
 TRIGGERS = TRIGGER_KINDS
@@ -147,6 +148,7 @@ def _counts(text: str) -> int | list[int]:
 def settings_from_args(args: argparse.Namespace) -> DemoSettings:
     """The demo's settings; only RoCLIP flags given on the command line override the scale's."""
     config = config_from_namespace(args)  # validates every --roclip-* value
+    check_matcher_settings(config)
     # Flags not given leave no attribute (argparse.SUPPRESS): only given ones override.
     given = {
         name: getattr(config, name) for name in config.to_dict() if hasattr(args, f"roclip_{name}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from roclip_kit.attacks import load_classes
 from roclip_kit.console import percent, progress_bars
 from roclip_kit.evaluate import (
     EvalData,
@@ -166,6 +168,8 @@ def run_eval(args: argparse.Namespace, console: Console) -> int:
     settings = settings_from_args(args)
     check_checkpoint_path(args.checkpoint)
     data = resolve_data(args)
+    check_json_is_not_an_input(json_path, args.checkpoint, data)
+    load_classes(data.classes)  # readable, and no class named twice
     params = run_params(args.checkpoint)
     model = args.model or params.get("model")
     if not model and read_tensor_checkpoint(Path(args.checkpoint)) is not None:
@@ -201,6 +205,32 @@ def run_eval(args: argparse.Namespace, console: Console) -> int:
         atomic_write_text(json_path, json.dumps(result, indent=2) + "\n")
         console.print(f"wrote {json_path}")
     return 0
+
+
+def check_json_is_not_an_input(json_path: Path | None, checkpoint: Path, data: EvalData) -> None:
+    """Refuse a ``--json`` that names a file the evaluation reads.
+
+    The report is written over its target: ``--json epoch_2.pt`` (a slip of the shell's
+    completion) would replace the checkpoint with the report, and one naming a CSV the data.
+    """
+    if json_path is None:
+        return
+    inputs = [checkpoint, data.test_csv, data.classes, data.train_csv, data.manifest]
+    inputs += [*data.suspicious, Path(checkpoint).parent.parent / "params.txt"]
+    for source in inputs:
+        if source is not None and _same_file(json_path, Path(source)):
+            raise ValueError(
+                f"--json {json_path} is an input of this evaluation ({source}); writing the "
+                "report there would replace it: choose another file name"
+            )
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file (links and relative paths included)."""
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return a.resolve() == b.resolve()
 
 
 def resolve_data(args: argparse.Namespace) -> EvalData:

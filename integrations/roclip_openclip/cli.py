@@ -8,23 +8,29 @@ it runs OpenCLIP untouched. Options RoCLIP cannot honour stop the run before tra
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
 import logging
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pluggy
 
+from roclip_openclip.preflight import check_openclip_values, embed_dim
 from roclip_plugin import RoClipConfig, get_plugin_manager
 from roclip_plugin.augment import build_policy
+from roclip_plugin.checks import check_pool_fits, device_memory_bytes
 from roclip_plugin.config import FLAG_PREFIX, add_argparse_args, config_from_namespace
 from roclip_plugin.io import StateError, detach_stdout
+from roclip_plugin.matching import check_matcher_settings
 from roclip_plugin.siglip import SIGLIP_DIST_IMPLS
 from roclip_plugin.validation import check_parsed
 
 SUPPORTED = ((2, 26), (4, 0))  # open_clip_torch versions: [2.26, 4.0)
 log = logging.getLogger("roclip")
+TORCH_LOGGER = "torch"
 
 
 class UsageError(Exception):
@@ -157,6 +163,34 @@ def _print_help(parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def quiet_torch_logs(args: Any) -> Iterator[None]:
+    """Keep torch's own INFO lines (TorchDynamo's metrics at exit) out of OpenCLIP's log.
+
+    OpenCLIP's ``setup_logging`` sets every existing logger, torch's included, to INFO, so each
+    run ended with TorchDynamo INFO lines the user did not ask for. After it runs, torch's
+    loggers go back to WARNING, unless the user asked for detail: OpenCLIP's ``--debug`` or
+    torch's own ``TORCH_LOGS`` variable.
+    """
+    import open_clip_train.main as oc_main
+
+    original = oc_main.setup_logging
+    verbose = bool(getattr(args, "debug", False) or os.environ.get("TORCH_LOGS"))
+
+    def setup_logging(log_file: Any, level: Any, include_host: bool = False) -> None:
+        original(log_file, level, include_host=include_host)
+        if not verbose:
+            for name in [TORCH_LOGGER, *logging.root.manager.loggerDict]:
+                if name == TORCH_LOGGER or name.startswith(TORCH_LOGGER + "."):
+                    logging.getLogger(name).setLevel(logging.WARNING)
+
+    oc_main.setup_logging = setup_logging
+    try:
+        yield
+    finally:
+        oc_main.setup_logging = original
+
+
 def check_resume_state(args: Any, config: RoClipConfig) -> None:
     """Refuse, before the model and data are built, a ``--resume`` state that cannot be restored.
 
@@ -212,10 +246,15 @@ def _main(argv: list[str]) -> int:
         given = [a.split("=")[0] for a in argv if a.startswith(FLAG_PREFIX)]
         if given:
             raise UsageError(f"{', '.join(given)} given without --roclip; add --roclip")
-        return _exit_code(oc_main.main(rest))
+        with quiet_torch_logs(openclip_args):
+            return _exit_code(oc_main.main(rest))
     check_openclip_args(openclip_args)
     try:
         config = config_from_namespace(roclip_args)
+        check_matcher_settings(config)
+        check_openclip_values(openclip_args)
+        memory = device_memory_bytes(str(getattr(openclip_args, "device", "cuda")))
+        check_pool_fits(config.pool_size, embed_dim(openclip_args), memory)
     except ValueError as err:
         raise UsageError(str(err)) from err
     from roclip_openclip.patches import OpenClipPatches
@@ -225,8 +264,11 @@ def _main(argv: list[str]) -> int:
     except (ValueError, ImportError) as err:
         raise UsageError(str(err)) from err
     check_resume_state(openclip_args, config)
-    with OpenClipPatches(
-        config, pm, roclip_args, suspicious_margin=config.suspicious_margin, policy=policy
+    with (
+        OpenClipPatches(
+            config, pm, roclip_args, suspicious_margin=config.suspicious_margin, policy=policy
+        ),
+        quiet_torch_logs(openclip_args),
     ):
         return _exit_code(oc_main.main(rest))
 

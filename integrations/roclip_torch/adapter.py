@@ -162,6 +162,7 @@ class RoClipAdapter:
         self.loss_dtype = loss_dtype
         self.pm = plugin_manager or get_plugin_manager()
         self._augmentation: AugmentationPolicy | None = None
+        self._epoch_started = False  # the loss warns once when epoch_start was never called
         self.stats = self._register_plugins(plugins, collect_stats)
         pool_device = device if device is not None else model_device(model)
         self.defense = RoClipDefense(
@@ -252,6 +253,7 @@ class RoClipAdapter:
             self.stats.reset()
         if self._augmentation is not None:
             self._augmentation.set_epoch(epoch)
+        self._epoch_started = True
         return self.defense.start_epoch(epoch)
 
     def loss(
@@ -277,6 +279,8 @@ class RoClipAdapter:
                 a WebDataset ``__key__``), which the per-sample history
                 (``--roclip-risk-score history``) is keyed by.
         """
+        if not self._epoch_started:
+            self._warn_no_epoch_start()
         scale = as_scale_tensor(
             self.current_logit_scale() if logit_scale is None else logit_scale, image_features
         )
@@ -287,6 +291,21 @@ class RoClipAdapter:
         with self._loss_precision(image_features.device):
             img, txt = self._prepare(image_features), self._prepare(text_features)
             return self.defense.compute_loss(img, txt, scale, bias, sample_ids=sample_ids)
+
+    def _warn_no_epoch_start(self) -> None:
+        """Say once that the loop never called :meth:`epoch_start`.
+
+        The schedule is asked there, so without it RoCLIP trains plain CLIP steps and never
+        matches, silently.
+        """
+        self._epoch_started = True  # once
+        warnings.warn(
+            "RoClipAdapter: loss() was called before any epoch_start(): the schedule is asked "
+            "at the start of each epoch, so RoCLIP never matches in this run; call "
+            "adapter.epoch_start(epoch) at the start of every epoch (0-based)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
     def step(self, images: Any, texts: Any, sample_ids: Any = None) -> torch.Tensor:
         """Encode a batch through the model and return its loss (see :meth:`loss`)."""

@@ -32,7 +32,7 @@ from roclip_plugin.distributed import (
     rng_state,
     set_rng_state,
 )
-from roclip_plugin.io import atomic_torch_save, load_versioned
+from roclip_plugin.io import atomic_torch_save, check_output_dir, load_versioned
 from roclip_torch.adapter import CLIP_MAX_LOGIT_SCALE, RoClipAdapter
 from roclip_torch.checkpoint import (
     checkpoint_path,
@@ -180,6 +180,8 @@ class Trainer:
         console: Console | None = None,
     ) -> None:
         self.settings = settings
+        if settings.checkpoint_dir is not None:  # not after an epoch, at the first save
+            check_output_dir(settings.checkpoint_dir, "TrainSettings.checkpoint_dir")
         self.module = unwrap(model)
         self.device = torch.device(device) if device else model_device(model) or torch.device("cpu")
         model.to(self.device)  # in place: the optimiser keeps the same parameters

@@ -6,6 +6,7 @@ argparse's business and are not drawn here.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -70,7 +71,7 @@ def _argv(run_dir: Path, *extra: str) -> list[str]:
     return [
         "--roclip", "--train-data", str(run_dir / "train.csv"), "--dataset-type", "csv",
         "--precision", "fp32", "--device", "cpu", "--logs", str(run_dir / "logs"),
-        "--name", "refused", "--roclip-pool-size", "64", *extra,
+        "--name", "refused", "--roclip-pool-size", "64", "--batch-size", "1", *extra,
     ]  # fmt: skip
 
 
@@ -94,6 +95,111 @@ def test_a_resume_state_that_cannot_be_restored_stops_before_training(
     checkpoint = run_dir / "states" / f"{state}.pt"
     assert_refused(run_command(main, _argv(run_dir, "--resume", str(checkpoint))), "--resume")
     assert not (run_dir / "logs").exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "flag"),
+    [
+        (["--roclip-precision", "bf16"], "--roclip-precision"),
+        (["--roclip-match-chunk-size", "128"], "--roclip-match-chunk-size"),
+    ],
+)
+def test_settings_the_faiss_matcher_would_ignore_stop_before_training(
+    extra, flag, run_dir, monkeypatch
+) -> None:
+    monkeypatch.setattr(open_clip_train.main, "main", _never)
+    argv = _argv(run_dir, "--roclip-matcher", "faiss", *extra)
+    assert_refused(run_command(main, argv), flag)
+    assert not (run_dir / "logs").exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "flag", "message"),
+    [
+        (["--train-data", "missing.csv"], "--train-data", "does not exist"),
+        (["--epochs", "0"], "--epochs", "must be an integer >= 1"),
+        (["--batch-size", "0"], "--batch-size", "must be an integer >= 1"),
+        (["--batch-size", "-4"], "--batch-size", "must be an integer >= 1"),
+        (["--batch-size", "2"], "--batch-size", "larger than the 1 rows of --train-data"),
+        (["--lr", "0"], "--lr", "must be a finite number > 0"),
+        (["--lr=-1e-3"], "--lr", "must be a finite number > 0"),
+        (["--lr", "nan"], "--lr", "must be a finite number > 0"),
+        (["--workers", "-1"], "--workers", "must be an integer >= 0"),
+        (["--warmup", "-1"], "--warmup", "must be an integer >= 0"),
+        (["--accum-freq", "0"], "--accum-freq", "must be an integer >= 1"),
+        (["--train-num-samples", "0"], "--train-num-samples", "must be an integer >= 1"),
+        (["--model", "RN51"], "--model", "is not an OpenCLIP model (did you mean RN50"),
+        (["--model", "local-dir:/nowhere"], "--model", "holds no open_clip_config.json"),
+        (["--roclip-pool-size", "2000000000"], "--roclip-pool-size", "GiB"),
+    ],
+)
+def test_bad_openclip_values_stop_before_training(
+    extra, flag, message, run_dir, monkeypatch
+) -> None:
+    """OpenCLIP's own flags, as a --roclip run sees them: one line, exit 2, nothing started."""
+    monkeypatch.setattr(open_clip_train.main, "main", _never)
+    monkeypatch.chdir(run_dir)
+    result = run_command(main, _argv(run_dir, *extra))
+    assert_refused(result, flag)
+    assert message in result.output
+    assert not (run_dir / "logs").exists()
+
+
+def test_train_data_that_is_a_folder_stops_before_training(run_dir, monkeypatch) -> None:
+    monkeypatch.setattr(open_clip_train.main, "main", _never)
+    folder = run_dir / "folder.csv"
+    folder.mkdir(exist_ok=True)
+    result = run_command(main, _argv(run_dir, "--train-data", str(folder)))
+    assert_refused(result, "--train-data")
+    assert "is a directory" in result.output
+
+
+def test_batch_check_counts_rows_per_torchrun_process(run_dir, monkeypatch) -> None:
+    monkeypatch.setattr(open_clip_train.main, "main", _never)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = run_command(main, _argv(run_dir))  # 1 row, 2 processes: no batch of 1 each
+    assert_refused(result, "--batch-size")
+    assert "per process (2 processes)" in result.output
+
+
+@pytest.mark.parametrize(
+    ("extra", "env", "want"),
+    [([], None, logging.WARNING), (["--debug"], None, logging.DEBUG), ([], "+dynamo", 0)],
+)
+@pytest.mark.parametrize("roclip", [True, False])
+def test_torch_info_lines_stay_out_of_the_log_unless_asked(
+    extra, env, want, roclip, run_dir, monkeypatch
+) -> None:
+    """OpenCLIP's setup_logging sets torch's loggers to INFO (TorchDynamo's exit metrics)."""
+    import open_clip_train.main as oc_main
+
+    seen = {}
+    root_handlers, root_level = list(logging.root.handlers), logging.root.level
+    dynamo = logging.getLogger("torch._dynamo")
+    saved = {name: logging.getLogger(name).level for name in logging.root.manager.loggerDict}
+
+    def fake_main(argv):
+        level = logging.DEBUG if "--debug" in argv else logging.INFO
+        oc_main.setup_logging(None, level)
+        seen["level"] = dynamo.getEffectiveLevel()
+
+    monkeypatch.setattr(oc_main, "main", fake_main)
+    if env is None:
+        monkeypatch.delenv("TORCH_LOGS", raising=False)
+    else:
+        monkeypatch.setenv("TORCH_LOGS", env)
+    argv = _argv(run_dir, *extra)
+    if not roclip:
+        argv = [a for a in argv if a != "--roclip"]
+        argv = argv[: argv.index("--roclip-pool-size")] + argv[argv.index("--batch-size") :]
+    try:
+        assert run_command(main, argv).code == 0
+    finally:
+        logging.root.handlers[:] = root_handlers
+        logging.root.setLevel(root_level)
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
+    assert seen["level"] == (want or logging.INFO)
 
 
 def test_roclip_help_shows_the_defaults_that_run() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -277,6 +278,27 @@ def test_dataset_smaller_than_a_batch_is_an_error() -> None:
         make_run(None, RoClipConfig(pool_size=8), epochs=1, n=32, batch_size=64)
 
 
+@pytest.mark.parametrize("where", ["under-a-file", "read-only"])
+def test_a_checkpoint_dir_that_cannot_be_written_is_refused_before_the_first_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """It used to fail in the first save, after a full epoch of training."""
+    if where == "under-a-file":
+        (tmp_path / "file").write_text("x")
+        target = tmp_path / "file" / "ckpt"
+        reason = "is a file, not a directory"
+    else:
+        target = tmp_path / "ckpt"
+        target.mkdir()
+        real_access = os.access  # root may write anywhere: simulate the read-only folder
+        monkeypatch.setattr(
+            os, "access", lambda p, mode: False if Path(p) == target else real_access(p, mode)
+        )
+        reason = "is not writable"
+    with pytest.raises(ValueError, match=f"TrainSettings.checkpoint_dir {target}.*{reason}"):
+        make_run(target, RoClipConfig(pool_size=8), epochs=1, n=64)
+
+
 # -- the adapter ---------------------------------------------------------------------------
 
 
@@ -289,6 +311,21 @@ def _plain_infonce(img: torch.Tensor, txt: torch.Tensor, scale: float) -> torch.
 def _adapter(**kw) -> RoClipAdapter:
     config = kw.pop("config", RoClipConfig(pool_size=64, first_rematch_epoch=1, rematch_every=1))
     return RoClipAdapter(config, plugin_manager=get_plugin_manager(), dist_info=DistInfo(), **kw)
+
+
+def test_a_loss_without_epoch_start_warns_once_naming_the_call() -> None:
+    """Without epoch_start the schedule is never asked: RoCLIP would silently never match."""
+    adapter = _adapter()
+    img, txt = F.normalize(torch.randn(4, 8), dim=-1), F.normalize(torch.randn(4, 8), dim=-1)
+    with pytest.warns(RuntimeWarning, match=r"adapter\.epoch_start\(epoch\)") as caught:
+        adapter.loss(img, txt, 10.0)
+        adapter.loss(img, txt, 10.0)
+    assert len([w for w in caught if "epoch_start" in str(w.message)]) == 1
+    started = _adapter()
+    started.epoch_start(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        started.loss(img, txt, 10.0)
 
 
 def test_loss_is_clip_infonce_on_unnormalised_features() -> None:

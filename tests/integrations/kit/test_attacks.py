@@ -330,3 +330,26 @@ def test_unknown_label_in_the_csv_names_row_and_value(dataset: Path, tmp_path: P
             backdoor_count=1,
             backdoor_class="one",
         )
+
+
+def test_csv_and_dataset_together_are_refused(dataset: Path, tmp_path: Path) -> None:
+    """--csv used to replace the directory's train.csv silently; the docs say one or the other."""
+    other = tmp_path / "other.csv"
+    other.write_bytes((dataset / "train.csv").read_bytes())
+    with pytest.raises(ValueError, match="--csv .* and --dataset .* both name the training CSV"):
+        poison_dataset(
+            tmp_path / "o", dataset_dir=dataset, csv_path=other, backdoor_count=1,
+            backdoor_class="one",
+        )  # fmt: skip
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("names", [["one", "two", "one"], ["Seven", "eight", "seven"]])
+def test_duplicate_class_names_are_refused(tmp_path: Path, names: list[str]) -> None:
+    """Labels are read by name in any case: a repeated name makes two labels one class."""
+    from roclip_kit.attacks import load_classes
+
+    path = tmp_path / "classes.json"
+    path.write_text(json.dumps({"classes": names}))
+    with pytest.raises(ValueError, match=r"names .* twice \(labels 0 and 2\)"):
+        load_classes(path)

@@ -250,6 +250,52 @@ def test_flags_are_checked_before_the_checkpoint_is_loaded(
     assert message.format(tmp=tmp_path) in out
 
 
+@pytest.mark.parametrize("target", ["checkpoint", "test.csv", "classes.json", "manifest"])
+def test_json_that_would_overwrite_an_input_is_refused(
+    run, capsys, monkeypatch, target
+) -> None:
+    """``--json`` naming the checkpoint or a CSV replaced it with the report: data lost."""
+    import roclip_kit.commands_eval
+
+    monkeypatch.setattr(roclip_kit.commands_eval, "evaluate_checkpoint", _must_not_load)
+    path = {
+        "checkpoint": run["checkpoint"],
+        "test.csv": run["dataset"] / "test.csv",
+        "classes.json": run["dataset"] / "classes.json",
+        "manifest": run["manifest"],
+    }[target]
+    before = path.read_bytes()
+    code, out = _roclip_eval(
+        [
+            "--checkpoint", str(run["checkpoint"]), "--dataset", str(run["dataset"]),
+            "--manifest", str(run["manifest"]), "--json", str(path),
+        ],
+        capsys,
+    )  # fmt: skip
+    assert code == 2 and "Traceback" not in out
+    assert f"--json {path} is an input of this evaluation" in " ".join(out.split())
+    assert path.read_bytes() == before
+
+
+def test_duplicate_class_names_are_refused_before_loading(run, tmp_path, capsys, monkeypatch):
+    import roclip_kit.commands_eval
+
+    monkeypatch.setattr(roclip_kit.commands_eval, "evaluate_checkpoint", _must_not_load)
+    classes = tmp_path / "classes.json"
+    names = json.loads((run["dataset"] / "classes.json").read_text())
+    names["classes"][1] = names["classes"][0]
+    classes.write_text(json.dumps(names))
+    code, out = _roclip_eval(
+        [
+            "--checkpoint", str(run["checkpoint"]), "--dataset", str(run["dataset"]),
+            "--classes", str(classes),
+        ],
+        capsys,
+    )  # fmt: skip
+    assert code == 2 and "Traceback" not in out
+    assert "twice" in out and "--classes" in out
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
 def test_cuda_without_a_gpu_is_refused_first(run, capsys) -> None:
     code, out = _roclip_eval(

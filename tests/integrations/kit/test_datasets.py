@@ -215,7 +215,7 @@ def test_read_idx_parses_gzip_and_raw_files_and_rejects_others(tmp_path: Path) -
 def test_missing_fashion_mnist_says_how_to_install(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setenv("ROCLIP_FASHION_MNIST_DIR", str(tmp_path))
+    monkeypatch.delenv("ROCLIP_FASHION_MNIST_DIR", raising=False)  # a set one must hold files
     monkeypatch.setattr(datasets, "_dpkg_folders", lambda package: [])
     monkeypatch.setattr(datasets, "FASHION_DIRS", ())
     with pytest.raises(ValueError, match="apt-get install dataset-fashion-mnist"):
@@ -291,3 +291,18 @@ def test_balanced_subset_properties(labels: list[int], limit: int) -> None:
     short = [c for c in available if counts[c] < available[c]]  # classes not exhausted
     if short:
         assert max(counts.values()) - min(counts[c] for c in short) <= 1
+
+
+@pytest.mark.parametrize(
+    ("variable", "finder"), [("ROCLIP_MNIST_DIR", "find_mnist"),
+                             ("ROCLIP_FASHION_MNIST_DIR", "find_fashion_mnist")],
+)  # fmt: skip
+def test_a_bad_dataset_folder_variable_is_an_error_not_ignored(
+    tmp_path, monkeypatch, variable, finder
+) -> None:
+    """A set variable naming a folder without the IDX files used to fall back silently."""
+    from roclip_kit import datasets
+
+    monkeypatch.setenv(variable, str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match=rf"{variable}={tmp_path / 'nowhere'} holds no"):
+        getattr(datasets, finder)()

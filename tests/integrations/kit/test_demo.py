@@ -61,6 +61,14 @@ def test_bad_roclip_flag_fails_before_any_work(tmp_path: Path, capsys) -> None:
     assert not out.exists()
 
 
+def test_a_search_setting_the_faiss_matcher_would_ignore_is_refused(tmp_path, capsys) -> None:
+    out = tmp_path / "demo"
+    argv = ["demo", "--dataset", "digits", "--out", str(out), "--roclip-matcher", "faiss-ivf"]
+    assert main([*argv, "--roclip-match-chunk-size", "64"], pm=_pm()) == 2
+    assert "--roclip-match-chunk-size 64: --roclip-matcher faiss-ivf" in capsys.readouterr().out
+    assert not out.exists()
+
+
 def test_gpu_scale_on_a_cpu_is_refused(tmp_path: Path, capsys) -> None:
     argv = ["demo", "--scale", "gpu", "--out", str(tmp_path / "d")]
     assert main(argv, pm=_pm()) == 2

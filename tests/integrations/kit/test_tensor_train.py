@@ -223,3 +223,20 @@ def test_roclip_eval_scores_a_tensor_checkpoint_as_the_run_did(data, tmp_path: P
     assert scored["zero_shot"] == direct["zero_shot"]
     assert scored["targeted"]["success_rate"] == direct["targeted"]["success_rate"]
     assert scored["backdoor"]["success_rate"] == direct["backdoor"]["success_rate"]
+
+
+def test_weight_decay_follows_openclips_rule_and_the_docs_say_so() -> None:
+    """OpenCLIP exempts parameters with fewer than 2 dims and names holding bn, ln, bias or
+    logit_scale; 2-D embeddings (token, positional) are decayed. The docs must say the same."""
+    model = build_model(model_cfg(TINY, 50))
+    optimizer = make_optimizer(model, 1e-3, 0.2)
+    decay = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    for name, param in model.named_parameters():
+        exempt = param.ndim < 2 or any(k in name for k in ("bn", "ln", "bias", "logit_scale"))
+        assert decay[id(param)] == (0.0 if exempt else 0.2), name
+    named = dict(model.named_parameters())
+    for embedding in ("token_embedding.weight", "positional_embedding"):
+        assert decay[id(named[embedding])] == 0.2, embedding
+    assert decay[id(named["visual.class_embedding"])] == 0.0
+    doc = " ".join((Path(__file__).parents[3] / "docs" / "kit-training.md").read_text().split())
+    assert "token and positional embeddings (2-D) are decayed" in doc

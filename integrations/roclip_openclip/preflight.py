@@ -1,0 +1,145 @@
+"""Checks of OpenCLIP's own flags that ``--roclip`` runs make before OpenCLIP starts.
+
+OpenCLIP trusts its flags: a missing ``--train-data`` file ends in a ``FileNotFoundError``
+traceback after the model is built, ``--epochs 0`` or a batch larger than the data set trains
+nothing and says nothing, ``--lr -1`` trains backwards. These checks read only the parsed
+flags, the file system and OpenCLIP's model registry (nothing is downloaded), so a bad value
+fails in a second with one line naming the flag; every function raises ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+REMOTE_PREFIXES = ("hf-hub:",)
+LOCAL_PREFIX = "local-dir:"
+
+
+def check_openclip_values(args: Any) -> None:
+    """Every check of this module, in flag order; the first failure raises ``ValueError``."""
+    check_counts(args)
+    check_learning_rate(args)
+    check_model_name(args)
+    check_train_data(args)
+
+
+def check_counts(args: Any) -> None:
+    """Integer flags OpenCLIP accepts at any value although only some make a run."""
+    limits = (
+        ("--epochs", "epochs", 1),
+        ("--batch-size", "batch_size", 1),
+        ("--workers", "workers", 0),
+        ("--warmup", "warmup", 0),
+        ("--accum-freq", "accum_freq", 1),
+        ("--train-num-samples", "train_num_samples", 1),
+        ("--val-num-samples", "val_num_samples", 1),
+    )
+    for flag, dest, low in limits:
+        value = getattr(args, dest, None)
+        if value is not None and value < low:
+            raise ValueError(f"{flag} {value}: must be an integer >= {low}")
+
+
+def check_learning_rate(args: Any) -> None:
+    """``--lr`` must be a finite number > 0 (None: OpenCLIP's default for the model)."""
+    lr = getattr(args, "lr", None)
+    if lr is not None and not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"--lr {lr}: must be a finite number > 0 (e.g. --lr 5e-4)")
+
+
+def check_model_name(args: Any) -> None:
+    """``--model`` must name a built-in config or an existing ``local-dir:`` folder.
+
+    ``hf-hub:`` names are left to OpenCLIP (checking them would need the network).
+    """
+    name = str(getattr(args, "model", "") or "")
+    if name.startswith(REMOTE_PREFIXES):
+        return
+    if name.startswith(LOCAL_PREFIX):
+        folder = Path(name[len(LOCAL_PREFIX) :])
+        if not (folder / "open_clip_config.json").is_file():
+            raise ValueError(
+                f"--model {name}: {folder} holds no open_clip_config.json; give the folder of "
+                "a model saved for OpenCLIP"
+            )
+        return
+    import open_clip
+
+    known = open_clip.list_models()
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ValueError(
+            f"--model {name!r} is not an OpenCLIP model{hint}; open_clip.list_models() lists "
+            "them"
+        )
+
+
+def embed_dim(args: Any) -> int | None:
+    """The embedding width of ``--model`` from its config (None when it cannot be read)."""
+    name = str(getattr(args, "model", "") or "")
+    config: dict[str, Any] | None = None
+    if name.startswith(LOCAL_PREFIX):
+        path = Path(name[len(LOCAL_PREFIX) :]) / "open_clip_config.json"
+        try:
+            config = json.loads(path.read_text()).get("model_cfg")
+        except (OSError, ValueError, AttributeError):
+            return None
+    elif not name.startswith(REMOTE_PREFIXES):
+        import open_clip
+
+        config = open_clip.get_model_config(name)
+    dim = (config or {}).get("embed_dim")
+    return int(dim) if isinstance(dim, int) and dim > 0 else None
+
+
+def is_csv(args: Any) -> bool:
+    """Whether OpenCLIP reads ``--train-data`` as a CSV (its ``auto`` rule: the extension)."""
+    kind = getattr(args, "dataset_type", "auto")
+    data = str(getattr(args, "train_data", "") or "")
+    return kind == "csv" or (kind == "auto" and data.rsplit(".", 1)[-1] in ("csv", "tsv"))
+
+
+def check_train_data(args: Any) -> None:
+    """A CSV ``--train-data`` must be a readable file with at least one batch of rows.
+
+    OpenCLIP drops the last incomplete batch of training data, so fewer rows than
+    ``--batch-size`` per process train nothing. Rows are counted as lines (cheap; a caption
+    with a quoted line break would count twice, which errs towards accepting).
+    """
+    if not getattr(args, "train_data", None) or not is_csv(args):
+        return
+    path = Path(args.train_data)
+    if path.is_dir():
+        raise ValueError(f"--train-data {path} is a directory; give the CSV file")
+    if not path.is_file():
+        raise ValueError(f"--train-data {path} does not exist; give the training CSV")
+    try:
+        with path.open("rb") as fh:
+            rows = max(sum(1 for line in fh if line.strip()) - 1, 0)
+    except OSError as err:
+        raise ValueError(
+            f"--train-data {path} cannot be read ({err.strerror or err}); check its permissions"
+        ) from None
+    world = _world_size()
+    per_process = rows // world
+    if per_process < args.batch_size:
+        where = f" per process ({world} processes)" if world > 1 else ""
+        raise ValueError(
+            f"--batch-size {args.batch_size} is larger than the {per_process} rows of "
+            f"--train-data {path}{where}: OpenCLIP drops the incomplete batch and would train "
+            f"on nothing; lower --batch-size to at most {max(per_process, 1)}"
+        )
+
+
+def _world_size() -> int:
+    """Processes of a torchrun launch (``WORLD_SIZE``); 1 when unset or unreadable."""
+    try:
+        return max(int(os.environ.get("WORLD_SIZE", "1")), 1)
+    except ValueError:
+        return 1

@@ -100,8 +100,8 @@ def build_parser(pm: pluggy.PluginManager | None = None) -> argparse.ArgumentPar
         "--preset",
         default="default",
         choices=PRESETS,
-        help="whose values to list: default (this project's) or reference (the authors' "
-        "semantics) (default: %(default)s)",
+        help="whose values to list: default (the paper preset today), paper, reference (the "
+        "authors' semantics), safeclip or robust (default: %(default)s)",
     )
     flags.set_defaults(run=_flags)
     pm.hook.roclip_add_commands(subparsers=sub)
@@ -153,7 +153,9 @@ def _flags(args: argparse.Namespace, console: Console) -> int:
     preset = args.preset
     config = RoClipConfig.from_preset(preset)
     table = Table(title=f"RoCLIP flags ({preset} preset)")
-    table.add_column("flag")
+    flags = [flag_name(name) for name in field_names()]
+    # the flags whole (a cut flag name cannot be copied); the meaning column wraps instead
+    table.add_column("flag", no_wrap=True, min_width=max(map(len, flags)))
     table.add_column("value")
     table.add_column("meaning")
     meta = {f.name: f.metadata["help"] for f in fields(RoClipConfig)}

@@ -94,6 +94,11 @@ INT_RANGES = {  # low, high of the integer fields (high None: 2**31 - 1 or 2**63
     "ivf_nlist": 1,
     "ivf_nprobe": 1,
     "seed": 0,
+    "history_slots": 0,
+    "density_k": 1,
+    "image_bank_size": 1,
+    "gmm_window": 4,
+    "unimodal_warmup_epochs": 0,
 }
 REAL_RANGES = {  # (low, high) of the number fields, both ends included here for simplicity
     "warmup_fraction": (0.0, 1.0),
@@ -102,6 +107,11 @@ REAL_RANGES = {  # (low, high) of the number fields, both ends included here for
     "suspicious_margin": (0.0, 2.0),
     "eda_alpha": (0.0, 1.0),
     "eda_p": (0.0, 1.0),
+    "risk_weight": (0.0, 1.0),
+    "history_decay": (0.0, 1.0),
+    "gmm_threshold": (0.0, 1.0),
+    "safe_share_start": (0.0, 1.0),
+    "safe_share_growth": (0.0, 1.0),
 }
 OPTIONAL = ("first_rematch_epoch", "warmup_fraction")
 
@@ -127,8 +137,9 @@ def _bad_field_values(name: str) -> st.SearchStrategy[object]:
             | st.floats(max_value=low, exclude_max=True, allow_nan=False).filter(lambda v: v < low)
             | st.floats(min_value=high, exclude_min=True, allow_nan=False)
         )
-    # choices and registered names; 'bogus' as a name is refused when the policy is built
-    names = ("image_aug", "text_aug")
+    # choices and registered names; 'bogus' as a name is refused when the policy (or the
+    # risk engine) is built
+    names = ("image_aug", "text_aug", "risk_score")
     return st.sampled_from(["", " ", None, 3, b"x", ["roclip"], True]) | (
         st.nothing() if name in names else st.sampled_from(["bogus", "EPOCH", "fp16"])
     )

@@ -270,8 +270,14 @@ class MatchAudit:
 
     @hookimpl
     def roclip_after_match(self, stats: MatchStats) -> None:
-        """Score one matching step's lookup."""
+        """Score one matching step's lookup (not once the mirror lost track of the pool).
+
+        A pool that refused rows no longer holds the captions the mirror says: purity and the
+        poison-class share would be counted against the wrong rows, so nothing is counted.
+        """
         if self.pool is None or self.slot_rows is None or self.batch_rows is None:
+            return
+        if not self.in_sync:
             return
         rows = self.batch_rows.cpu()
         slots = self.pool.physical_slots(stats.matched_indices.cpu())

@@ -195,6 +195,10 @@ def test_audit_stops_following_when_the_pool_refuses_rows(data) -> None:
         added = pool.enqueue(rows)
     audit.roclip_pool_updated(pool, added)
     assert not audit.in_sync
+    audit.pool = pool
+    audit.slot_rows = torch.zeros(8, dtype=torch.long)
+    audit.roclip_after_match(_Stats([0, 0]))
+    assert audit.summary().steps == 0  # nothing counted against a mirror out of step
 
 
 def test_roclip_eval_scores_a_tensor_checkpoint_as_the_run_did(data, tmp_path: Path) -> None:

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The CPU grid of docs/results.md ("The risk split presets side by side"), in phases by
+# priority. Each run is saved in OUT/runs as it ends and a rerun skips finished runs, so the
+# grid spans sessions: copy benchmarks/results/robustness-cpu/runs into OUT/runs to resume.
+set -u
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-robustness-cpu}
+PY=${PY:-.venv/bin/python}
+B="$PY benchmarks/bench_robustness.py --out $OUT --ablations --beyond"
+$B --datasets mnist fashion-mnist --seeds 0 --rates 0.001 --variants clip roclip robust safeclip floor
+$B --datasets mnist fashion-mnist --seeds 0 --rates 0.01 --variants clip roclip robust floor
+$B --datasets mnist fashion-mnist --seeds 0 --rates 0.0005 --variants clip roclip robust floor
+# the candidate that keeps Fashion-MNIST's clean accuracy: robust without image augmentation
+$B --datasets fashion-mnist --seeds 0 --rates 0.001 0.01 --variants robust-noimg
+$B --datasets mnist fashion-mnist --seeds 1 2 --rates 0.001 --variants clip roclip robust safeclip floor
+$B --datasets mnist fashion-mnist --seeds 1 2 --rates 0.01 0.0005 --variants clip roclip robust floor

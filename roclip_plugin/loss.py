@@ -574,7 +574,7 @@ class RoClipLoss(nn.Module):
     ) -> StepPlan:
         """Decide the step: plain, unimodal, matched, or the risk engine's split."""
         rows = image_features.shape[0]
-        enqueue = self.matching or self.update_pool_when_plain or self.risk is not None
+        enqueue = self.matching or self.update_pool_when_plain
         if self.unimodal_only:
             return StepPlan(rows, True, unimodal_only=True)
         lookup = self.matching and len(self.pool) > 0

@@ -46,6 +46,19 @@ def all_gather_ints(value: int) -> list[int]:
     return [int(t) for t in torch.cat(parts).cpu()]
 
 
+def all_gather_rows(values: torch.Tensor, world_size: int) -> torch.Tensor:
+    """Every rank's rows of ``values``, concatenated in rank order (``values`` on one process).
+
+    Detached: for small per-row tensors (ids, scores, embeddings a bank keeps) that every rank
+    must hold alike; the loss's differentiable gathers are ``loss.gather_features``.
+    """
+    if world_size == 1:
+        return values
+    parts = [torch.empty_like(values) for _ in range(world_size)]
+    dist.all_gather(parts, values.detach().contiguous())
+    return torch.cat(parts)
+
+
 def all_gather_objects(obj: Any) -> list[Any]:
     """Every rank's ``obj`` in rank order (``[obj]`` on a single process)."""
     if not is_distributed() or dist.get_world_size() == 1:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from roclip_plugin.config import DUPLICATE_MATCHES
-from roclip_plugin.distributed import all_gather_ints
+from roclip_plugin.distributed import all_gather_ints, all_gather_rows
 from roclip_plugin.matching import (
     Matcher,
     autocast_disabled,
@@ -38,9 +38,11 @@ from roclip_plugin.matching import (
 from roclip_plugin.pool import CaptionPool
 from roclip_plugin.risk import (
     MarginScorer,
+    RiskBatch,
     RiskDecision,
     RiskEngine,
     RiskSettings,
+    riskiest,
     unimodal_loss,
 )
 from roclip_plugin.validation import LossInputCheck
@@ -180,15 +182,6 @@ class CaptionIds:
     all: torch.Tensor
 
 
-def gather_ids(ids: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    """All-gather a small int64 tensor in rank order (itself on one process)."""
-    if info.world_size == 1:
-        return ids
-    parts = [torch.empty_like(ids) for _ in range(info.world_size)]
-    dist.all_gather(parts, ids.contiguous())
-    return torch.cat(parts)
-
-
 def caption_ids(indices: torch.Tensor, chosen: torch.Tensor | None, info: DistInfo) -> CaptionIds:
     """:class:`CaptionIds` of a matching step (one tiny all-gather under ``torch.distributed``).
 
@@ -198,7 +191,7 @@ def caption_ids(indices: torch.Tensor, chosen: torch.Tensor | None, info: DistIn
     rows = indices.shape[0]
     own = -1 - (torch.arange(rows, device=indices.device) + info.rank * rows)
     local = indices.long() if chosen is None else torch.where(chosen, indices.long(), own)
-    return CaptionIds(local, gather_ids(local, info))
+    return CaptionIds(local, all_gather_rows(local, info.world_size))
 
 
 def duplicate_pairs(
@@ -323,19 +316,18 @@ def largest_margins(
 ) -> torch.Tensor:
     """Boolean mask of the ``ceil(fraction * batch)`` images with the largest margins.
 
-    The margin is ``cos(image, matched caption) - cos(image, own caption)`` in float32: large
-    when the image's own caption fits it much worse than a caption other images brought, as a
-    poisoned caption does. Ties go to the lower batch position.
+    The margin is ``cos(image, matched caption) - cos(image, own caption)`` in float32 (the
+    risk room's ``margin`` score): large when the image's own caption fits it much worse than
+    a caption other images brought, as a poisoned caption does. Ties go to the lower batch
+    position. The loss itself takes this decision through the risk engine.
     """
-    img = F.normalize(image_features.float(), dim=-1)
-    margins = (img * F.normalize(matched.float(), dim=-1)).sum(-1) - (
-        img * F.normalize(text_features.float(), dim=-1)
-    ).sum(-1)
-    count = min(margins.numel(), math.ceil(fraction * margins.numel()))
-    order = torch.sort(margins, descending=True, stable=True).indices
-    chosen = torch.zeros_like(margins, dtype=torch.bool)
-    chosen[order[:count]] = True
-    return chosen
+    batch = RiskBatch(
+        image=F.normalize(image_features.float(), dim=-1),
+        text=F.normalize(text_features.float(), dim=-1),
+        matched=F.normalize(matched.float(), dim=-1),
+    )
+    margins = MarginScorer().local(batch)
+    return riskiest(margins, math.ceil(fraction * margins.numel()))
 
 
 @dataclass

@@ -10,7 +10,8 @@ The room of the defense that judges pairs one by one (docs/risk.md). Its public 
 - the unimodal terms (:mod:`~roclip_plugin.risk.unimodal`) for risky pairs and the warm-up;
 - :class:`RiskEngine`, which the loss asks once per optimiser step.
 
-It imports only torch and the core's pool: the config and the plugin manager are handed in.
+It imports only torch, the core's pool and its distribution helpers: the config and the
+plugin manager are handed in.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from roclip_plugin.risk.scores import (
     RiskBatch,
     RiskScorer,
 )
-from roclip_plugin.risk.split import Mixture, MixtureSplit, fit_mixture, fixed_split
+from roclip_plugin.risk.split import Mixture, MixtureSplit, fit_mixture, fixed_split, riskiest
 from roclip_plugin.risk.unimodal import nearest_neighbour_loss, unimodal_loss
 
 ScorerFactory = Callable[[Any], RiskScorer]
@@ -114,6 +115,7 @@ __all__ = [
     "make_engine",
     "make_scorer",
     "nearest_neighbour_loss",
+    "riskiest",
     "needs_image_bank",
     "stable_id",
     "stable_ids",

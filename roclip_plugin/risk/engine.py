@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
+from roclip_plugin.distributed import all_gather_rows
 from roclip_plugin.pool import CaptionPool
 from roclip_plugin.risk.scores import NEEDS_IMAGE_BANK, NEEDS_MATCHED, RiskBatch, RiskScorer
 from roclip_plugin.risk.split import MixtureSplit, fixed_split
@@ -40,15 +40,6 @@ class RiskDecision:
     risk: torch.Tensor
     risky: torch.Tensor
     risky_all: torch.Tensor
-
-
-def gather_rows(values: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
-    """All-gather a tensor's rows in rank order (itself on one process); no gradient."""
-    if world_size == 1:
-        return values
-    parts = [torch.empty_like(values) for _ in range(world_size)]
-    dist.all_gather(parts, values.detach().contiguous())
-    return torch.cat(parts)
 
 
 @dataclass(frozen=True)
@@ -172,8 +163,8 @@ class RiskEngine:
         )
         local = self.scorer.local(batch).float()
         rows = local.shape[0]
-        values = gather_rows(local, self.rank, self.world_size)
-        all_ids = None if batch.ids is None else gather_rows(batch.ids, self.rank, self.world_size)
+        values = all_gather_rows(local, self.world_size)
+        all_ids = None if batch.ids is None else all_gather_rows(batch.ids, self.world_size)
         risk = self.scorer.combine(values, all_ids).float()
         if self.mixture is not None:
             self.mixture.observe(risk)
@@ -194,7 +185,7 @@ class RiskEngine:
             return
         rows = F.normalize(image_features.detach().float(), dim=-1)
         self.image_bank.follow(rows.device)
-        self.image_bank.enqueue(gather_rows(rows, self.rank, self.world_size))
+        self.image_bank.enqueue(all_gather_rows(rows, self.world_size))
 
     def state_dict(self) -> dict[str, Any]:
         """Scorer memory, mixture window and image bank."""

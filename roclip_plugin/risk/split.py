@@ -36,16 +36,17 @@ def riskiest(risk: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def keep_one_per_rank(risky: torch.Tensor, risk: torch.Tensor, world_size: int) -> torch.Tensor:
-    """Make the least risky pair of every rank whose pairs are all risky a safe one."""
+    """Make the least risky pair of every rank whose pairs are all risky a safe one.
+
+    Tensor operations only: no host synchronisation per rank on a GPU.
+    """
     if world_size < 1 or risky.numel() % world_size:
         raise ValueError(f"{risky.numel()} rows do not split evenly over {world_size} ranks")
-    risky = risky.clone()
-    rows = risky.numel() // world_size
-    for rank in range(world_size):
-        part = slice(rank * rows, (rank + 1) * rows)
-        if bool(risky[part].all()):
-            risky[rank * rows + int(torch.argmin(risk[part]))] = False
-    return risky
+    grid = risky.view(world_size, -1)
+    least = risk.view(world_size, -1).argmin(dim=1)
+    release = torch.zeros_like(grid)
+    release[torch.arange(world_size, device=grid.device), least] = grid.all(dim=1)
+    return (grid & ~release).reshape(-1)
 
 
 def fixed_split(

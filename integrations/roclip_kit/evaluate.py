@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
@@ -852,19 +853,45 @@ def evaluate_model(
     (from :func:`read_inputs`) skips reading the files again.
     """
     inputs = inputs or read_inputs(data, settings, classes)
-    classes, test_all, manifest, train = inputs.classes, inputs.test, inputs.manifest, inputs.train
+    classes, manifest, train = inputs.classes, inputs.manifest, inputs.train
+    test_all = without_targets(inputs.test, manifest)
     ctx = _Context(loaded, classes, class_embeddings(loaded, classes), settings, progress)
+    left_out = len(inputs.test) - len(test_all)
+    if left_out:
+        ctx.notes.append(
+            f"{left_out} target images of the targeted attack left out of clean accuracy, "
+            "the linear probe and the backdoor's test images"
+        )
     test = test_all.take(select_rows(len(test_all), settings.test_limit, settings.seed))
     features = ctx.encode("test images", test)
     predictions = zero_shot_predict(features, ctx.class_features)
     result = _header(loaded, data, classes)
-    result["zero_shot"] = zero_shot(ctx, test, predictions)
+    result["zero_shot"] = zero_shot(ctx, test, predictions) | {"targets_left_out": left_out}
     probe = train is not None and len(train) > 0
     result["linear_probe"] = linear_probe(ctx, train, test, features) if probe else None
     result.update(_attacks(ctx, manifest, test_all, test, predictions, trigger))
     result["detection"] = _detection(ctx, data, manifest)
     result["notes"] = ctx.notes + _skipped(data, settings, manifest, train)
     return result
+
+
+def without_targets(test: Split, manifest: Manifest | None) -> Split:
+    """``test`` without the targeted attack's target images (matched by their resolved path).
+
+    Targets are drawn from the held-out rows, so the clean test split holds them too: scored
+    as clean images they would count the attack's own images in clean accuracy (in favour of
+    whichever model resists the attack best).
+    """
+    if manifest is None or not manifest.targets:
+        return test
+    targets = {os.path.realpath(t.filepath) for t in manifest.targets}
+    keep = [i for i, path in enumerate(test.filepaths) if os.path.realpath(path) not in targets]
+    if not keep:
+        raise ValueError(
+            f"every image of {test.path} is a target of manifest {manifest.path}: pass the "
+            "held-out CSV the targets were drawn from, which holds clean images too"
+        )
+    return test.take(np.asarray(keep, dtype=np.int64))
 
 
 def _probe_training_rows(

@@ -235,7 +235,36 @@ def test_end_to_end_attack_success_follows_the_models_predictions(tiny) -> None:
     assert result["targeted"]["targets"] == 3
     backdoor = result["backdoor"]
     assert backdoor["success_rate"] == 1.0 and backdoor["trigger"] == "replace"
-    assert backdoor["images"] == int(np.sum(test.labels != predicted[0]))
+    assert backdoor["images"] == int(np.sum(test.labels[3:] != predicted[0]))
+
+
+def test_target_images_are_left_out_of_every_clean_figure(tiny) -> None:
+    """The targets are held-out test images: scoring them as clean images would count the
+    attacked images in clean accuracy, so zero-shot, the probe and the backdoor leave them out."""
+    loaded = load_openclip(tiny["plain"], tiny["model"])
+    classes = read_classes(tiny["dataset"] / "classes.json")
+    test = read_split(tiny["dataset"] / "test.csv", classes)
+    targets = [
+        {
+            "id": i,
+            "filepath": test.filepaths[i],
+            "label": int(test.labels[i]),
+            "adversarial_class": NAMES[(int(test.labels[i]) + 1) % len(NAMES)],
+            "adversarial_label": (int(test.labels[i]) + 1) % len(NAMES),
+        }
+        for i in (0, 2)
+    ]
+    data = EvalData.from_dataset_dir(tiny["dataset"], manifest=_manifest(tiny, targets, 0))
+    trigger = Replace(Path(test.filepaths[1]))
+    result = evaluate_model(loaded, data, EvalSettings(probe_limit=20), trigger=trigger)
+    assert result["zero_shot"]["images"] == len(test) - 2
+    assert result["zero_shot"]["targets_left_out"] == 2
+    assert result["linear_probe"]["test_images"] == len(test) - 2
+    assert result["backdoor"]["images"] == int(np.sum(np.delete(test.labels, [0, 2]) != 0))
+    assert any("2 target images" in note for note in result["notes"])
+    clean = evaluate_model(loaded, EvalData.from_dataset_dir(tiny["dataset"]), EvalSettings())
+    assert clean["zero_shot"]["images"] == len(test)
+    assert clean["zero_shot"]["targets_left_out"] == 0
 
 
 def test_evaluate_checkpoint_gives_the_same_json_for_both_checkpoint_forms(

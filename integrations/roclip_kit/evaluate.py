@@ -12,7 +12,7 @@ import csv
 import json
 import os
 import re
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Hashable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -193,13 +193,18 @@ class Backdoor:
 
 @dataclass(frozen=True)
 class Manifest:
-    """What was poisoned: poisoned CSV rows (row -> attack), targets and the backdoor."""
+    """What was poisoned: poisoned CSV rows (row -> attack), targets and the backdoor.
+
+    ``keys`` (``__key__`` -> attack) names poisoned samples of WebDataset shards, which have
+    no row index: a manifest entry gives ``"key"`` in place of ``"row"``.
+    """
 
     path: Path
     rows: dict[int, str]
     targets: list[Target]
     backdoor: Backdoor | None
     poisoned_csv: Path | None
+    keys: dict[str, str] = field(default_factory=dict)
 
 
 def read_manifest(path: Path | str, classes: ClassInfo) -> Manifest:
@@ -213,13 +218,15 @@ def read_manifest(path: Path | str, classes: ClassInfo) -> Manifest:
             "pass the manifest JSON that the kit's poisoning step wrote"
         )
     try:
-        rows = {int(r["row"]): str(r["attack"]) for r in data.get("rows") or []}
+        entries = data.get("rows") or []
+        rows = {int(r["row"]): str(r["attack"]) for r in entries if "key" not in r}
+        keys = {str(r["key"]): str(r["attack"]) for r in entries if "key" in r}
         targets = _read_targets(data.get("targeted"), classes, path)
         backdoor = _read_backdoor(data.get("backdoor"), classes, path)
     except (KeyError, TypeError) as err:
         raise ValueError(f"manifest {path} is missing an entry: {err!r}") from err
     poisoned = data.get("poisoned_csv")
-    return Manifest(path, rows, targets, backdoor, Path(poisoned) if poisoned else None)
+    return Manifest(path, rows, targets, backdoor, Path(poisoned) if poisoned else None, keys)
 
 
 def _class_label(classes: ClassInfo, label: Any, name: Any, where: str) -> int:
@@ -361,15 +368,16 @@ class DetectionScores:
 
 
 def detection_scores(
-    ranked: Sequence[int], poisoned: Collection[int], k: int | None = None
+    ranked: Sequence[Hashable], poisoned: Collection[Hashable], k: int | None = None
 ) -> DetectionScores:
     """Precision and recall of the top ``k`` ranked rows, and average precision.
 
-    ``ranked`` lists row indices, most suspicious first, each once (``-1``: a row of unknown
-    index, never a hit). ``k`` defaults to the number of poisoned rows and is capped at the
-    rows listed. Average precision is the mean over poisoned rows of the precision at the rank
-    where each is found, a poisoned row missing from the list counting 0: the files keep only
-    the top rows, so this is a lower bound of the AP over the full ranking.
+    ``ranked`` lists row indices (or WebDataset keys), most suspicious first, each once
+    (``-1`` or ``""``: a row of unknown index, never a hit). ``k`` defaults to the number of
+    poisoned rows and is capped at the rows listed. Average precision is the mean over
+    poisoned rows of the precision at the rank where each is found, a poisoned row missing
+    from the list counting 0: the files keep only the top rows, so this is a lower bound of
+    the AP over the full ranking.
     """
     poisoned = set(poisoned)
     if not poisoned:
@@ -389,42 +397,51 @@ def detection_scores(
 
 @dataclass(frozen=True)
 class SuspiciousRanking:
-    """Rows of a ``suspicious_epoch_N.csv`` by decreasing margin, with their captions."""
+    """Rows of a ``suspicious_epoch_N.csv`` by decreasing margin, with their captions.
+
+    ``keys`` are the WebDataset ``__key__`` of each row ("" for CSV rows, which have an index).
+    """
 
     path: Path
     epoch: int | None
     rows: list[int]
     captions: list[str]
+    keys: list[str] = field(default_factory=list)
 
 
 def read_suspicious(path: Path | str) -> SuspiciousRanking:
-    """Read a suspicious file (``index,caption,margin``) into a ranking.
+    """Read a suspicious file (``index,[key,]caption,margin``) into a ranking.
 
-    Rows are sorted by margin (highest first), ties by index, so the order of lines in the
-    file does not matter; a repeated index keeps its highest margin (a distributed sampler can
-    pad an epoch with repeats). Index ``-1`` (row unknown) stays, as a row that is never a hit.
+    Rows are sorted by margin (highest first), ties by index and key, so the order of lines in
+    the file does not matter; a repeated row (index, or key where the index is -1) keeps its
+    highest margin (a distributed sampler can pad an epoch with repeats). A row with neither
+    (index ``-1``, no key) stays, as a row that is never a hit.
     """
     path = require_file(path, "suspicious file")
     entries = _suspicious_entries(path)
-    entries.sort(key=lambda e: (-e[0], e[1]))
-    seen: set[int] = set()
-    rows, captions = [], []
-    for _, index, caption in entries:
-        if index >= 0 and index in seen:
+    entries.sort(key=lambda e: (-e[0], e[1], e[3]))
+    seen: set[int | str] = set()
+    rows, captions, keys = [], [], []
+    for _, index, caption, key in entries:
+        name: int | str | None = index if index >= 0 else (key or None)
+        if name is not None and name in seen:
             continue
-        seen.add(index)
+        seen.add(index if name is None else name)
         rows.append(index)
         captions.append(caption)
-    if rows and all(r < 0 for r in rows):
+        keys.append(key)
+    if rows and all(r < 0 for r in rows) and not any(keys):
         raise ValueError(
-            f"suspicious file {path} has no dataset row indices (all -1): the run's training "
-            "data were not a CSV dataset, so rows cannot be matched to the manifest"
+            f"suspicious file {path} has no dataset row indices (all -1) and no keys: the run's "
+            "training data were neither a CSV dataset nor WebDataset shards with keys, so rows "
+            "cannot be matched to the manifest"
         )
     match = SUSPICIOUS_PATTERN.search(path.name)
-    return SuspiciousRanking(path, int(match.group(1)) if match else None, rows, captions)
+    epoch = int(match.group(1)) if match else None
+    return SuspiciousRanking(path, epoch, rows, captions, keys)
 
 
-def _suspicious_entries(path: Path) -> list[tuple[float, int, str]]:
+def _suspicious_entries(path: Path) -> list[tuple[float, int, str, str]]:
     with path.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         columns = reader.fieldnames or []
@@ -436,7 +453,10 @@ def _suspicious_entries(path: Path) -> list[tuple[float, int, str]]:
                     "roclip-openclip-train"
                 )
         try:
-            return [(float(r["margin"]), int(r["index"]), r.get("caption") or "") for r in reader]
+            return [
+                (float(r["margin"]), int(r["index"]), r.get("caption") or "", r.get("key") or "")
+                for r in reader
+            ]
         except (TypeError, ValueError) as err:
             raise ValueError(f"suspicious file {path}: a row is not a number ({err})") from err
 
@@ -745,18 +765,23 @@ def linear_probe(
 def poison_detection(
     files: Sequence[Path], manifest: Manifest, k: int | None = None
 ) -> list[dict[str, Any]]:
-    """Detection scores of each suspicious file against the manifest's poisoned rows."""
+    """Detection scores of each suspicious file against the manifest's poisoned rows.
+
+    Rows are matched by CSV row index, or by WebDataset ``__key__`` when the manifest names
+    its poisoned samples by key.
+    """
     captions = _poisoned_captions(manifest)
     results = []
     for path in files:
         ranking = read_suspicious(path)
-        if captions is not None:
+        ranked, poisoned = _ranked_and_poisoned(ranking, manifest)
+        if captions is not None and not manifest.keys:
             _check_same_rows(ranking, captions, manifest)
-        scores = detection_scores(ranking.rows, manifest.rows, k)
-        top = set(ranking.rows[: scores.k])
+        scores = detection_scores(ranked, poisoned, k)
+        top = set(ranked[: scores.k])
         by_attack = {}
-        for attack in sorted(set(manifest.rows.values())):
-            rows = [r for r, a in manifest.rows.items() if a == attack]
+        for attack in sorted(set(poisoned.values())):
+            rows = [r for r, a in poisoned.items() if a == attack]
             by_attack[attack] = sum(r in top for r in rows) / len(rows)
         results.append(
             {
@@ -767,6 +792,20 @@ def poison_detection(
             }
         )
     return results
+
+
+def _ranked_and_poisoned(
+    ranking: SuspiciousRanking, manifest: Manifest
+) -> tuple[list[Hashable], dict[Hashable, str]]:
+    """The ranking's ids and the manifest's poisoned ids, both rows or both keys."""
+    if not manifest.keys:
+        return list(ranking.rows), dict(manifest.rows)
+    if not any(ranking.keys):
+        raise ValueError(
+            f"manifest {manifest.path} names poisoned samples by key but {ranking.path} has no "
+            "keys: pass the suspicious file of a run on the WebDataset shards the manifest lists"
+        )
+    return list(ranking.keys), dict(manifest.keys)
 
 
 def _poisoned_captions(manifest: Manifest) -> list[str] | None:
@@ -941,7 +980,7 @@ def _detection(
 ) -> list[dict[str, Any]] | None:
     if manifest is None or not data.suspicious:
         return None
-    if not manifest.rows:
+    if not manifest.rows and not manifest.keys:
         ctx.notes.append("detection skipped: the manifest lists no poisoned rows")
         return None
     return poison_detection(data.suspicious, manifest, ctx.settings.detection_k)

@@ -4,7 +4,9 @@
 ``evaluate`` and ``get_data`` by name, so the patches replace those names in that module
 (their home modules are untouched). ``get_dataset_fn`` is looked up at call time in
 ``open_clip_train.data``, so the training split's tokenizer and transform are wrapped there
-with the augmentation policy, and ``CsvDataset.__getitem__`` passes the row index to it.
+with the augmentation policy, and ``CsvDataset.__getitem__`` passes the row index to it. A
+WebDataset training pipeline is built with each sample's ``__key__`` and caption kept beside
+the batch (:class:`KeyedBatches`), for the per-sample history and the suspicious-rows CSV.
 Every patch is undone on exit. The RoCLIP state files are :mod:`roclip_openclip.state`'s.
 """
 
@@ -36,6 +38,7 @@ from roclip_plugin.augment import AugmentationPolicy, sample_index
 from roclip_plugin.distributed import all_gather_objects, all_reduce_sum
 from roclip_plugin.hookspecs import hookimpl
 from roclip_plugin.loss import DistInfo, MatchStats
+from roclip_plugin.risk import stable_ids
 
 log = logging.getLogger("roclip")
 SUSPICIOUS_TOP = 1000
@@ -68,12 +71,81 @@ class RecordingSampler:
         return getattr(self.sampler, name)
 
 
+class _KeepCaption:
+    """A pipeline stage: ``inner`` (OpenCLIP's ``map_dict``) after copying each raw caption.
+
+    The caption is tokenized by ``inner``; the copy under ``__caption__`` is what the
+    suspicious-rows CSV writes. A class, not a closure, so a spawned worker can pickle it.
+    """
+
+    def __init__(self, inner: Callable[[Iterator[dict]], Iterator[dict]]) -> None:
+        self.inner = inner
+
+    def __call__(self, source: Iterator[dict]) -> Iterator[dict]:
+        return self.inner(self._copy(source))
+
+    @staticmethod
+    def _copy(source: Iterator[dict]) -> Iterator[dict]:
+        for sample in source:
+            text = sample.get("text")
+            yield {**sample, "__caption__": text if isinstance(text, str) else ""}
+
+
+class KeyedWebDataset:
+    """``webdataset`` as OpenCLIP's training pipeline sees it, keeping key and caption.
+
+    Only the two calls of the pipeline's tail differ: ``map_dict`` also keeps the raw caption
+    and ``to_tuple`` adds ``__key__`` and the caption as two more columns, which
+    :class:`KeyedBatches` takes off each batch in the main process. Everything else is the
+    real module.
+    """
+
+    def __init__(self, wds: Any) -> None:
+        self._wds = wds
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._wds, name)
+
+    def map_dict(self, **functions: Any) -> Any:
+        return _KeepCaption(self._wds.map_dict(**functions))
+
+    def to_tuple(self, *fields: str) -> Any:
+        return self._wds.to_tuple(*fields, "__key__", "__caption__")
+
+
+class KeyedBatches:
+    """A training loader whose batches carry keys and captions: yields them without, in order.
+
+    The keys go to ``queue`` as ``(key, caption)`` when a batch reaches the training loop,
+    which is the order steps consume them (as :class:`RecordingSampler` does for CSV rows).
+    Attributes (``num_batches``, ``num_samples``) are the wrapped loader's.
+    """
+
+    def __init__(self, loader: Any, queue: deque[Any]) -> None:
+        self.loader = loader
+        self.queue = queue
+
+    def __iter__(self) -> Iterator[tuple[Any, Any]]:
+        for images, texts, keys, captions in self.loader:
+            self.queue.extend(zip(keys, captions, strict=True))
+            yield images, texts
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "loader":  # not set yet (copy, unpickling): avoid recursing
+            raise AttributeError(name)
+        return getattr(self.loader, name)
+
+
 class EpochReport:
     """Collects one epoch's matching statistics (a plugin on the defense's hooks)."""
 
     def __init__(self, margin_threshold: float) -> None:
         self.margin_threshold = margin_threshold
-        self.indices: deque[int] = deque()
+        # CSV: dataset row indices; WebDataset: (__key__, caption) pairs
+        self.indices: deque[Any] = deque()
         self.reset(matching=False)
 
     def reset(self, matching: bool) -> None:
@@ -83,9 +155,9 @@ class EpochReport:
         self.matched_sum = 0.0
         self.own_sum = 0.0
         self.suspicious = 0
-        self.top: list[tuple[float, int]] = []  # (margin, dataset index or -1)
+        self.top: list[tuple[float, int, str, str]] = []  # (margin, row or -1, key, caption)
         self.indices.clear()
-        self.step_rows: list[int] = []
+        self.step_rows: list[Any] = []
 
     def begin_step(self, batch: int) -> None:
         """Take the next ``batch`` sample indices: the rows of the step that starts now.
@@ -95,6 +167,25 @@ class EpochReport:
         after a plain step to an earlier batch).
         """
         self.step_rows = [self.indices.popleft() if self.indices else -1 for _ in range(batch)]
+
+    def step_ids(self) -> torch.Tensor | None:
+        """The step's stable sample ids: CSV rows, or the hashes of WebDataset keys.
+
+        None when any row of the step is unknown (the history then skips the step's rows).
+        """
+        rows = self.step_rows
+        if rows and all(isinstance(r, tuple) for r in rows):
+            return stable_ids([key for key, _ in rows])
+        if rows and all(isinstance(r, int) and r >= 0 for r in rows):
+            return torch.tensor(rows, dtype=torch.long)
+        return None
+
+    def _entry(self, position: int) -> tuple[int, str, str]:
+        """(row or -1, key, caption) of the step's row at ``position``."""
+        row = self.step_rows[position] if position < len(self.step_rows) else -1
+        if isinstance(row, tuple):
+            return -1, str(row[0]), str(row[1])
+        return int(row), "", ""
 
     def before_loss(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Forward pre-hook of the loss (OpenCLIP calls it with keywords).
@@ -107,9 +198,9 @@ class EpochReport:
             return
         features = kwargs["image_features"] if "image_features" in kwargs else args[0]
         self.begin_step(int(features.shape[0]))
-        if self.step_rows and min(self.step_rows) >= 0 and hasattr(module, "pending_ids"):
-            # the CSV rows are the samples' stable ids (the per-sample history is keyed by them)
-            module.pending_ids = torch.tensor(self.step_rows, dtype=torch.long)
+        ids = self.step_ids()
+        if ids is not None and hasattr(module, "pending_ids"):
+            module.pending_ids = ids  # the per-sample history is keyed by them
 
     @hookimpl
     def roclip_after_match(self, stats: MatchStats) -> None:
@@ -119,9 +210,8 @@ class EpochReport:
         self.own_sum += stats.own_similarity
         margins = stats.margins.detach().float().cpu()
         self.suspicious += int((margins > self.margin_threshold).sum())
-        rows = self.step_rows[: len(margins)] + [-1] * (len(margins) - len(self.step_rows))
-        merged = self.top + list(zip(margins.tolist(), rows, strict=True))
-        self.top = sorted(merged, reverse=True)[:SUSPICIOUS_TOP]
+        entries = [(m, *self._entry(i)) for i, m in enumerate(margins.tolist())]
+        self.top = sorted(self.top + entries, reverse=True)[:SUSPICIOUS_TOP]
 
     def summary(self) -> dict[str, float]:
         """Scalars for logs: means over matching steps of this rank."""
@@ -212,9 +302,26 @@ class OpenClipPatches:
                         kw["tokenizer"] = self.policy.tokenizer(kw["tokenizer"])
                 return build(args, preprocess_fn, is_train=is_train, **kw)
 
+            if is_webdataset(build):
+                return self._keyed_webdataset(build_with_roclip)
             return build_with_roclip
 
         return get_dataset_fn
+
+    def _keyed_webdataset(self, build: Callable[..., Any]) -> Callable[..., Any]:
+        """The WebDataset builder whose training loader also hands each sample's key over."""
+
+        def build_keyed(args: Any, preprocess_fn: Any, is_train: bool, **kw: Any) -> Any:
+            if not is_train:
+                return build(args, preprocess_fn, is_train=is_train, **kw)
+            import open_clip_train.data as oc_data
+
+            with _replaced(oc_data, "wds", KeyedWebDataset(oc_data.wds)):
+                info = build(args, preprocess_fn, is_train=is_train, **kw)
+            info.dataloader = KeyedBatches(info.dataloader, self.report.indices)
+            return info
+
+        return build_keyed
 
     def _get_data(self, original: Callable[..., dict[str, Any]]) -> Callable[..., Any]:
         def get_data(args: Any, *a: Any, **kw: Any) -> dict[str, Any]:
@@ -371,14 +478,34 @@ class OpenClipPatches:
 
             wandb.log({f"roclip/{k}": v for k, v in summary.items()} | {"epoch": epoch}, step=step)
 
-    def _write_suspicious(self, rows: list[tuple[float, int]], epoch: int, args: Any) -> None:
+    def _write_suspicious(
+        self, rows: list[tuple[float, int, str, str]], epoch: int, args: Any
+    ) -> None:
+        """The epoch's most suspicious rows: CSV row index, or WebDataset key, and caption."""
         path = Path(args.checkpoint_path) / f"suspicious_epoch_{epoch + 1}.csv"
         with path.open("w", newline="") as fh:
             writer = csv.writer(fh)
-            writer.writerow(["index", "caption", "margin"])
-            for margin, index in sorted(rows, reverse=True)[:SUSPICIOUS_TOP]:
-                caption = self.captions[index] if self.captions and index >= 0 else ""
-                writer.writerow([index, caption, f"{margin:.6f}"])
+            writer.writerow(["index", "key", "caption", "margin"])
+            for margin, index, key, caption in sorted(rows, reverse=True)[:SUSPICIOUS_TOP]:
+                if not caption and self.captions and index >= 0:
+                    caption = self.captions[index]
+                writer.writerow([index, key, caption, f"{margin:.6f}"])
+
+
+def is_webdataset(build: Callable[..., Any]) -> bool:
+    """Whether ``build`` (from OpenCLIP's ``get_dataset_fn``) is its WebDataset builder."""
+    return getattr(build, "__name__", "") == "get_wds_dataset"
+
+
+@contextlib.contextmanager
+def _replaced(module: Any, name: str, value: Any) -> Iterator[None]:
+    """``module.name`` is ``value`` inside the block (a build-time patch, undone at once)."""
+    original = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, original)
 
 
 def _indexed_getitem(original: Callable[[Any, int], Any]) -> Callable[[Any, int], Any]:

@@ -500,7 +500,8 @@ def test_torchrun_two_cpu_ranks_share_one_pool(setup) -> None:
 
 
 def test_webdataset_training_data(setup) -> None:
-    """WebDataset shards: RoCLIP trains; rows of the suspicious CSV carry no index (-1)."""
+    """WebDataset shards: RoCLIP trains; the suspicious CSV names each row by its ``__key__``
+    and caption (the shard has no row index: -1)."""
     import io
     import tarfile
 
@@ -525,6 +526,12 @@ def test_webdataset_training_data(setup) -> None:
     with suspicious.open() as fh:
         rows = list(csv.DictReader(fh))
     assert rows and {r["index"] for r in rows} == {"-1"}
+    with setup["data"].open() as fh:
+        titles = {f"{i:06d}": r["title"] for i, r in enumerate(csv.DictReader(fh, delimiter="\t"))}
+    assert all(titles[r["key"]] == r["caption"] for r in rows)
+    # the per-sample history needs ids: the keys give them (without, robust stops at step 1)
+    argv[argv.index("wds")] = "wds-robust"
+    assert main([*argv, "--roclip-preset", "robust"]) == 0
 
 
 def _fake_resume(setup: dict[str, Path], name: str, state: object) -> Path:
@@ -909,3 +916,46 @@ def test_the_csv_rows_of_a_step_become_its_sample_ids() -> None:
     loss.pending_ids = None
     report.before_loss(loss, (), {"image_features": torch.zeros(2, 4)})
     assert loss.pending_ids is None
+
+
+def test_the_webdataset_keys_of_a_step_become_its_sample_ids() -> None:
+    """A WebDataset step's ``__key__`` values are hashed to the history's ids, and the
+    suspicious rows keep key and caption (its row index is unknown: -1)."""
+    import torch
+    from roclip_openclip.patches import EpochReport
+
+    from roclip_plugin.loss import MatchStats
+    from roclip_plugin.risk import stable_ids
+
+    class _Loss:
+        call_in_step = 0
+        pending_ids = None
+
+    report = EpochReport(margin_threshold=0.2)
+    report.indices.extend([("a/001", "a cat"), ("a/002", "a dog"), ("b/001", "a car")])
+    loss = _Loss()
+    report.before_loss(loss, (), {"image_features": torch.zeros(2, 4)})
+    assert loss.pending_ids.tolist() == stable_ids(["a/001", "a/002"]).tolist()
+    margins = torch.tensor([0.25, 0.5])
+    stats = MatchStats(0, 0, 4, 8, 0.0, 0.0, margins, torch.zeros(2, dtype=torch.long))
+    report.roclip_after_match(stats)
+    assert report.top == [(0.5, -1, "a/002", "a dog"), (0.25, -1, "a/001", "a cat")]
+
+
+def test_keyed_batches_take_keys_off_each_batch_in_order() -> None:
+    from collections import deque
+
+    from roclip_openclip.patches import KeyedBatches
+
+    class _Loader(list):
+        num_batches = 2
+
+    loader = _Loader([("i0", "t0", ["k0", "k1"], ["c0", "c1"]), ("i1", "t1", ["k2"], ["c2"])])
+    queue: deque = deque()
+    batches = KeyedBatches(loader, queue)
+    assert batches.num_batches == 2 and len(batches) == 2
+    seen = []
+    for images, texts in batches:
+        seen.append((images, texts, list(queue)))
+    assert seen[0] == ("i0", "t0", [("k0", "c0"), ("k1", "c1")])
+    assert seen[1][2][-1] == ("k2", "c2")

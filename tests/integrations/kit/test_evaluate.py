@@ -211,7 +211,7 @@ def test_suspicious_rows_are_ranked_by_margin_and_repeats_keep_their_best(tmp_pa
 
 
 def test_suspicious_files_without_row_indices_or_columns_are_refused(tmp_path) -> None:
-    with pytest.raises(ValueError, match="not a CSV dataset"):
+    with pytest.raises(ValueError, match="no dataset row indices .all -1. and no keys"):
         read_suspicious(_write_suspicious(tmp_path / "s.csv", [(-1, "", 0.3)]))
     bad = tmp_path / "bad.csv"
     bad.write_text("row,score\n1,0.5\n")
@@ -271,6 +271,31 @@ def test_detection_refuses_a_file_from_a_run_on_another_csv(tmp_path) -> None:
     path = _write_suspicious(tmp_path / "s.csv", [(0, "something else", 0.5)])
     with pytest.raises(ValueError, match="not trained on the poisoned CSV"):
         poison_detection([path], manifest)
+
+
+def test_webdataset_runs_are_scored_against_a_manifest_of_keys(tmp_path) -> None:
+    """A WebDataset run's suspicious rows have no index (-1) but a ``__key__``: a manifest
+    that names its poisoned samples by key scores them; repeats of a key keep their best."""
+    classes = read_classes(_classes_file(tmp_path))
+    path = tmp_path / "manifest.json"
+    entries = [{"key": "s0/007", "attack": "backdoor"}, {"key": "s1/002", "attack": "targeted"}]
+    path.write_text(json.dumps({"format": MANIFEST_FORMAT, "rows": entries}))
+    manifest = read_manifest(path, classes)
+    assert manifest.keys == {"s0/007": "backdoor", "s1/002": "targeted"} and not manifest.rows
+    suspicious = tmp_path / "suspicious_epoch_2.csv"
+    with suspicious.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["index", "key", "caption", "margin"])
+        for key, margin in [("s1/002", 0.2), ("s0/007", 0.9), ("s0/001", 0.5), ("s0/007", 0.1)]:
+            writer.writerow([-1, key, "a caption", margin])
+    ranking = read_suspicious(suspicious)
+    assert ranking.keys == ["s0/007", "s0/001", "s1/002"] and ranking.rows == [-1, -1, -1]
+    [result] = poison_detection([suspicious], manifest)
+    assert (result["k"], result["hits"]) == (2, 1)
+    assert result["recall_by_attack"] == {"backdoor": 1.0, "targeted": 0.0}
+    csv_run = _write_suspicious(tmp_path / "suspicious_epoch_3.csv", [(4, "a caption", 0.5)])
+    with pytest.raises(ValueError, match="names poisoned samples by key"):
+        poison_detection([csv_run], manifest)
 
 
 # ---------------------------------------------------------------- input files

@@ -919,12 +919,22 @@ def without_targets(test: Split, manifest: Manifest | None) -> Split:
 
     Targets are drawn from the held-out rows, so the clean test split holds them too: scored
     as clean images they would count the attack's own images in clean accuracy (in favour of
-    whichever model resists the attack best).
+    whichever model resists the attack best). A target that is not an image of ``test`` means
+    the manifest was written for other data: refused, as its figures would be meaningless.
     """
     if manifest is None or not manifest.targets:
         return test
     targets = {os.path.realpath(t.filepath) for t in manifest.targets}
-    keep = [i for i, path in enumerate(test.filepaths) if os.path.realpath(path) not in targets]
+    resolved = [os.path.realpath(path) for path in test.filepaths]
+    missing = sorted(targets - set(resolved))
+    if missing:
+        raise ValueError(
+            f"manifest {manifest.path} (--manifest): {len(missing)} of its {len(targets)} target "
+            f"images (e.g. {missing[0]}) are not images of the test CSV {test.path}, so it was "
+            "written for other data; pass the manifest of the poisoned data whose held-out CSV "
+            "this is (or --test-csv that held-out CSV)"
+        )
+    keep = [i for i, path in enumerate(resolved) if path not in targets]
     if not keep:
         raise ValueError(
             f"every image of {test.path} is a target of manifest {manifest.path}: pass the "

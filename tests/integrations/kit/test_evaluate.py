@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from roclip_kit.evaluate import (
+    Split,
     average_templates,
     detection_scores,
     find_suspicious,
@@ -25,6 +26,7 @@ from roclip_kit.evaluate import (
     read_split,
     read_suspicious,
     select_rows,
+    without_targets,
     zero_shot_predict,
 )
 from roclip_kit.formats import MANIFEST_FORMAT
@@ -296,6 +298,26 @@ def test_webdataset_runs_are_scored_against_a_manifest_of_keys(tmp_path) -> None
     csv_run = _write_suspicious(tmp_path / "suspicious_epoch_3.csv", [(4, "a caption", 0.5)])
     with pytest.raises(ValueError, match="names poisoned samples by key"):
         poison_detection([csv_run], manifest)
+
+
+def _split(paths: list[str]) -> Split:
+    return Split(Path("test.csv"), paths, np.zeros(len(paths), np.int64), np.arange(len(paths)))
+
+
+def test_target_images_leave_the_clean_split_and_foreign_targets_are_refused(tmp_path) -> None:
+    images = []
+    for i in range(4):
+        images.append(tmp_path / f"{i}.png")
+        images[-1].write_bytes(b"")
+    test = _split([str(p) for p in images])
+    target = {"filepath": str(images[2]), "label": 0, "adversarial_label": 1}
+    path = _manifest(tmp_path, {}, targeted={"targets": [{"id": 2, **target}]})
+    manifest = read_manifest(path, read_classes(_classes_file(tmp_path)))
+    assert without_targets(test, manifest).filepaths == [str(images[i]) for i in (0, 1, 3)]
+    assert without_targets(test, None) is test
+    foreign = _split([str(images[0]), str(images[1])])  # a test CSV without the target image
+    with pytest.raises(ValueError, match="1 of its 1 target images .* other data"):
+        without_targets(foreign, manifest)
 
 
 # ---------------------------------------------------------------- input files

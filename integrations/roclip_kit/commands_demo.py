@@ -210,7 +210,10 @@ def results_table(results: dict[str, Any]) -> Table:
         "ASR: attack success rate. purity: matched captions of the image's class. detect: "
         "precision / recall of the most suspicious rows. s: training seconds."
         + _group_caption(results["runs"]),
-        box=box.SIMPLE_HEAD,  # no vertical rules: eight columns fit 80
+        box=box.SIMPLE_HEAD,  # no vertical rules and one space between columns: fits 80
+        padding=(0, 1),
+        collapse_padding=True,
+        pad_edge=False,
     )
     columns = (
         "run",
@@ -222,8 +225,9 @@ def results_table(results: dict[str, Any]) -> Table:
         "detect P/R",
         "s",
     )
-    for column in columns:
-        table.add_column(column, justify="left" if column == "run" else "right", no_wrap=True)
+    table.add_column("run", justify="left")  # the one column that wraps when 80 is tight
+    for column in columns[1:]:
+        table.add_column(column, justify="right", no_wrap=True, min_width=len(column))
     for run in results["runs"]:
         s = run["summary"]
         detect = "-"

@@ -14,13 +14,15 @@ from rich.progress import (
 
 
 def progress_bars(console: Console, *, elapsed: bool = False) -> Progress:
-    """Transient bars (description, bar, n/total, time) that vanish when the work is done.
+    """Transient bars (description, bar, n/total, time left) that vanish when the work is done.
 
-    ``elapsed`` shows the time spent instead of an estimate of the time left, for steps whose
-    units take uneven time (the demo's training runs).
+    ``elapsed`` also shows the time spent, for long steps (the demo's training runs) where the
+    estimate of the time left only settles after the first units.
     """
-    clock = TimeElapsedColumn() if elapsed else TimeRemainingColumn()
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), clock)
+    clocks = (TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn()) if elapsed else (
+        TimeRemainingColumn(),
+    )
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), *clocks)
     return Progress(*columns, console=console, transient=True)
 
 

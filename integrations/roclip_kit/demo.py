@@ -360,7 +360,7 @@ def _poison_train_evaluate(
         "wall_seconds": time.perf_counter() - start,
     }
     _write_json(out / RESULTS_FILE, results)
-    plot_attack_success(runs, out / PLOT_FILE, dataset.name, say=say)
+    plot_attack_success(runs, out / PLOT_FILE, dataset.name, say=say, eval_images=s.eval_limit)
     return results
 
 
@@ -573,24 +573,59 @@ def train_tensor_runs(
         f"training {', '.join(v[0] for v in variants)} ({train.epochs} epochs on {s.device}, "
         f"{min(jobs, len(specs))} at a time)"
     )
-    tasks = {}
-    if progress is not None:
-        tasks = {
-            spec.name: progress.add_task(f"train {spec.name}", total=train.epochs) for spec in specs
-        }
+    bars = RunBars(progress, [spec.name for spec in specs], train.epochs)
 
     def on_event(event: dict[str, Any]) -> None:
-        if event["run"] in tasks:
-            progress.advance(tasks[event["run"]])
-        say(_epoch_line(event))
+        bars.advance(event["run"])
+        if event.get("final_evaluation"):
+            bars.evaluating(event["run"])
+            say(f"{event['run']}: trained; final evaluation on the whole test split")
+        else:
+            say(_epoch_line(event))
 
-    results = run_specs(specs, jobs, on_event)
-    for task in tasks.values():
-        progress.remove_task(task)
+    results = run_specs(specs, jobs, on_event, lambda i, _: bars.advance(specs[i].name))
+    bars.close()
     figures = [_tensor_figures(r) for r in results]
     for f in figures:
         say(f"{f.name}: trained in {f.train_seconds:.0f} s ({f.pairs_per_second:.0f} pairs/s)")
     return figures
+
+
+class RunBars:
+    """A bar per run (its epochs, then its final evaluation) and one for the whole demo.
+
+    Each bar counts epochs plus one unit for the final evaluation, so the time-left estimate
+    of each run and of the whole demo covers the evaluation too. Without a progress display
+    (``progress`` None) every call does nothing.
+    """
+
+    def __init__(self, progress: Any, runs: list[str], epochs: int) -> None:
+        self.progress = progress
+        self.tasks: dict[str, Any] = {}
+        self.total: Any = None
+        if progress is None:
+            return
+        self.tasks = {run: progress.add_task(f"train {run}", total=epochs + 1) for run in runs}
+        if len(runs) > 1:
+            self.total = progress.add_task("whole demo", total=len(runs) * (epochs + 1))
+
+    def advance(self, run: str) -> None:
+        """One unit (an epoch or the final evaluation) of ``run`` is done."""
+        if run in self.tasks:
+            self.progress.advance(self.tasks[run])
+            if self.total is not None:
+                self.progress.advance(self.total)
+
+    def evaluating(self, run: str) -> None:
+        """``run`` has trained and its final evaluation started: its bar says so."""
+        if run in self.tasks:
+            self.progress.update(self.tasks[run], description=f"evaluate {run}")
+
+    def close(self) -> None:
+        """Remove every bar (the display is transient: the table follows)."""
+        for task in [*self.tasks.values(), self.total]:
+            if task is not None:
+                self.progress.remove_task(task)
 
 
 def _epoch_line(event: dict[str, Any]) -> str:
@@ -757,9 +792,17 @@ PURITY_COLOUR = (44, 160, 44)
 
 
 def plot_attack_success(
-    runs: list[RunFigures], path: Path, dataset: str, *, say: Say = print
+    runs: list[RunFigures],
+    path: Path,
+    dataset: str,
+    *,
+    say: Say = print,
+    eval_images: int | None = None,
 ) -> Path | None:
     """Attack success, clean zero-shot and matching purity per epoch; matching shaded.
+
+    ``eval_images``: the test images of each per-epoch check (the demo's ``eval_limit``; None:
+    the whole test split), written under the axis so the lines are not read as final figures.
 
     Without matplotlib the demo's figures are all in results.json already: the plot is
     skipped (an older one at ``path`` removed, so it is never taken for this run's) and
@@ -783,8 +826,13 @@ def plot_attack_success(
         if purity:
             series.append(Series(f"{run.name} matching purity", purity, False, PURITY_COLOUR))
     shaded = next((r.matching_epochs for r in runs if r.roclip), [])
+    checked = "all test images" if eval_images is None else f"{eval_images:,} test images"
     chart = Chart(
-        f"Poisoned {dataset}: attack success and clean accuracy", series, shaded, y_label=""
+        f"Poisoned {dataset}: attack success and clean accuracy",
+        series,
+        shaded,
+        x_label=f"epoch (each epoch checked on {checked})",
+        y_label="share of images",
     )
     try:
         return draw_chart(chart, path)

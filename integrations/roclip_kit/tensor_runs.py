@@ -96,7 +96,9 @@ def _epoch_figures(evaluation: Mapping[str, Any]) -> dict[str, Any]:
 def run_spec(spec: RunSpec, events: Any = None) -> dict[str, Any]:
     """Train and evaluate one run; returns its figures (JSON-able).
 
-    ``events`` (a queue, or None) receives ``{"run", "epoch", "epochs", ...}`` after each epoch.
+    ``events`` (a queue, or None) receives ``{"run", "epoch", "epochs", ...}`` after each epoch
+    and ``{"run", "final_evaluation": True}`` when the final evaluation starts (it takes about
+    as long as an epoch on a CPU, so a display can say what is going on).
     """
     from roclip_kit.evaluate import EvalData, EvalSettings, evaluate_model
     from roclip_kit.tensor_data import load_poisoned
@@ -135,6 +137,8 @@ def run_spec(spec: RunSpec, events: Any = None) -> dict[str, Any]:
         run_dir=spec.run_dir,
         on_epoch=on_epoch,
     )
+    if events is not None:
+        events.put({"run": spec.name, "final_evaluation": True})
     start = time.perf_counter()
     checkpoint = run.save(spec.run_dir / FINAL_CHECKPOINT)
     # a clean-only run's rows are not the manifest's: its suspicious files score nothing

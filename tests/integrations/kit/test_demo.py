@@ -129,6 +129,7 @@ def test_tensor_trainer_end_to_end_on_digits(tmp_path: Path, capsys) -> None:
     assert main(argv, pm=_pm()) == 0
     printed = capsys.readouterr().out
     assert "RoCLIP epoch 2 (matching): zero-shot" in printed and "matching purity" in printed
+    assert "RoCLIP: trained; final evaluation on the whole test split" in printed
     results = json.loads((out / RESULTS_FILE).read_text())
     assert results["poison"]["captions_per_target"] == [2, 3]
     assert results["settings"]["trainer"] == "tensor" and results["settings"]["jobs"] == 2
@@ -137,7 +138,8 @@ def test_tensor_trainer_end_to_end_on_digits(tmp_path: Path, capsys) -> None:
     assert sorted(roclip["matching"]) == ["2"] and 0.0 <= roclip["matching"]["2"]["purity"] <= 1
     for run in (clip, roclip):
         assert sorted(run["per_epoch"]) == ["1", "2", "3"]
-        assert run["final"]["zero_shot"]["images"] == 60
+        assert run["final"]["zero_shot"]["images"] == 60 - 4  # the 4 targets are left out
+        assert run["final"]["zero_shot"]["targets_left_out"] == 4
         assert sorted(run["summary"]["targeted_by_captions"]) == ["2", "3"]
         assert run["pairs_per_second"] > 0
     detection = roclip["final"]["detection"][-1]
@@ -146,26 +148,31 @@ def test_tensor_trainer_end_to_end_on_digits(tmp_path: Path, capsys) -> None:
     assert (out / PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_results_table_fits_80_columns() -> None:
+def test_results_table_fits_80_columns_and_cuts_no_cell() -> None:
+    """The widest figures a demo prints (every column filled, 100.0/100.0% detection, a
+    five-digit time, a long run name) fit 80 columns with no cell cut to an ellipsis."""
     results = {
-        "dataset": {"name": "mnist", "train": 10000},
-        "poison": {"poisoned_rows": 300, "targets": 8, "captions_per_target": 25,
-                   "backdoor_rate": 0.01},
+        "dataset": {"name": "fashion-mnist", "train": 60000},
+        "poison": {"poisoned_rows": 1060, "targets": 32, "captions_per_target": [10, 50],
+                   "backdoor_rate": 0.001},
         "runs": [
-            {"name": name, "roclip": roclip, "matching_epochs": epochs, "train_seconds": 123.4,
+            {"name": name, "roclip": roclip, "matching_epochs": epochs, "train_seconds": 12345.4,
              "summary": {"zero_shot": 0.9712, "linear_probe": 0.98, "targeted_asr": 0.875,
-                         "backdoor_asr": 1.0, "detection_precision": precision,
+                         "backdoor_asr": 1.0, "purity": purity, "detection_precision": precision,
                          "detection_recall": recall}}
-            for name, roclip, epochs, precision, recall in (
-                ("CLIP", False, [], None, None), ("RoCLIP", True, [5, 7, 9], 0.9, 0.95)
+            for name, roclip, epochs, purity, precision, recall in (
+                ("CLIP", False, [], None, None, None),
+                ("RoCLIP (robust)", True, [5, 7, 9], 0.932, 1.0, 1.0),
             )
         ],
     }  # fmt: skip
     console = Console(width=80, record=True)
     console.print(results_table(results))
     text = console.export_text()
-    assert "97.1%" in text and "87.5%" in text and "90.0/95.0%" in text
+    assert "97.1%" in text and "87.5%" in text and "100.0/100.0%" in text and "93.2%" in text
+    assert "12345" in text and "targeted" in text and "purity" in text
     assert "epochs 5, 7, 9" in text
+    assert "\u2026" not in text  # rich's ellipsis: a cut cell
     assert max(len(line) for line in text.splitlines()) <= 80
 
 
@@ -332,6 +339,9 @@ def test_demo_plot_shows_attack_success_zero_shot_and_purity(tmp_path: Path, mon
     assert labels["RoCLIP matching purity"].values == {2: 0.75}
     assert labels["CLIP targeted"].values == {1: pytest.approx(0.1), 2: pytest.approx(0.2)}
     assert list(chart.shaded_epochs) == [2]
+    assert chart.y_label == "share of images" and "all test images" in chart.x_label
+    demo.plot_attack_success(_plotted_runs(), tmp_path / PLOT_FILE, "digits", eval_images=1000)
+    assert "checked on 1,000 test images" in charts[-1].x_label
 
 
 def test_demo_without_matplotlib_skips_the_plot_and_says_how_to_get_it(
@@ -347,3 +357,26 @@ def test_demo_without_matplotlib_skips_the_plot_and_says_how_to_get_it(
     assert demo.plot_attack_success(_plotted_runs(), stale, "digits", say=said.append) is None
     assert not stale.exists()  # never taken for this run's
     assert len(said) == 1 and "pip install matplotlib" in said[0]
+
+
+def test_run_bars_count_each_runs_epochs_and_final_evaluation_and_the_whole_demo() -> None:
+    """The bars' time-left estimate covers the final evaluation: it is one more unit."""
+    import io
+
+    from rich.progress import Progress
+    from roclip_kit.demo import RunBars
+
+    progress = Progress(console=Console(file=io.StringIO()))
+    bars = RunBars(progress, ["CLIP", "RoCLIP"], epochs=3)
+    by_name = {task.description: task for task in progress.tasks}
+    assert by_name["train CLIP"].total == 4 and by_name["whole demo"].total == 8
+    for _ in range(3):
+        bars.advance("CLIP")
+    bars.evaluating("CLIP")
+    bars.advance("CLIP")
+    bars.advance("unknown run")  # an event of a run without a bar changes nothing
+    by_name = {task.description: task for task in progress.tasks}
+    assert by_name["evaluate CLIP"].completed == 4 and by_name["whole demo"].completed == 4
+    bars.close()
+    assert progress.tasks == []
+    RunBars(None, ["CLIP"], epochs=3).advance("CLIP")  # no display: nothing to do

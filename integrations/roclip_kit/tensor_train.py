@@ -77,9 +77,14 @@ class TensorTrainSettings:
         epochs: passes over the training rows.
         batch_size: pairs per step (the last incomplete batch of an epoch is dropped).
         lr: peak learning rate.
-        wd: weight decay of weight matrices (gains, biases, embeddings and the logit scale
-            get none, as in OpenCLIP).
+        wd: weight decay of every parameter OpenCLIP decays: those with 2 or more dimensions,
+            weight matrices and the token and positional embeddings included; gains, biases,
+            the ViT class embedding (1-D) and the logit scale get none (OpenCLIP's rule, so
+            runs compare with OpenCLIP's).
         warmup_steps: linear warm-up before the cosine decay.
+        grad_clip_norm: clip the global gradient norm to this before each optimiser step
+            (OpenCLIP's ``--grad-clip-norm``, ``roclip_torch.TrainSettings.grad_clip_norm``);
+            None does not clip, OpenCLIP's default.
         seed: model initialisation and data order (epoch ``e`` is shuffled with ``seed + e``,
             as ``DistributedSampler`` does, so a run's batches are those of
             :class:`roclip_torch.Trainer` with the same seed).
@@ -94,6 +99,7 @@ class TensorTrainSettings:
     lr: float = 1e-3
     wd: float = 0.1
     warmup_steps: int = 200
+    grad_clip_norm: float | None = None
     seed: int = 0
     device: str = "cpu"
     preset: str | Mapping[str, Any] = "tensor-cpu"
@@ -110,6 +116,8 @@ class TensorTrainSettings:
                 f"lr must be > 0, wd >= 0 and warmup_steps >= 0 (got {self.lr}, {self.wd}, "
                 f"{self.warmup_steps})"
             )
+        if self.grad_clip_norm is not None and not self.grad_clip_norm > 0:
+            raise ValueError(f"grad_clip_norm: {self.grad_clip_norm!r} must be None or > 0")
         model_cfg(self.preset, vocab_size=8)  # an unknown preset fails here
 
     @property
@@ -157,7 +165,13 @@ def make_tokenizer(data: PoisonedData, context_length: int) -> WordTokenizer:
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, wd: float) -> torch.optim.Optimizer:
-    """AdamW as OpenCLIP builds it: no decay on gains, biases, embeddings and the scale."""
+    """AdamW as OpenCLIP builds it (``training/main.py``'s ``exclude`` rule).
+
+    No decay for parameters with fewer than 2 dimensions (gains, biases, the ViT class
+    embedding) or whose name holds ``bn``, ``ln``, ``bias`` or ``logit_scale``; every other
+    parameter, the token and positional embeddings included, gets ``wd``. OpenCLIP's rule and
+    not a stricter one, so a run here compares with an OpenCLIP run of the same settings.
+    """
     decay, rest = [], []
     for name, param in model.named_parameters():
         skip = param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name
@@ -618,6 +632,8 @@ class _Loop:
             else:
                 loss = plain_clip_loss(self.model, images, tokens)
         loss.backward()
+        if self.settings.grad_clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip_norm)
         self.optimizer.step()
         self.scheduler.step()
         with torch.no_grad():

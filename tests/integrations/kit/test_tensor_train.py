@@ -9,9 +9,6 @@ import torch
 
 pytest.importorskip("open_clip")
 
-from roclip_kit.attacks import poison_dataset  # noqa: E402
-from roclip_kit.datasets import build_captioned_dataset  # noqa: E402
-from roclip_kit.tensor_data import load_poisoned  # noqa: E402
 from roclip_kit.tensor_train import (  # noqa: E402
     MEAN,
     STD,
@@ -31,6 +28,8 @@ from torch.utils.data import TensorDataset  # noqa: E402
 from roclip_plugin import RoClipConfig  # noqa: E402
 from roclip_plugin.pool import CaptionPool  # noqa: E402
 
+from .tiny import poisoned_digits  # noqa: E402
+
 TINY = {
     "embed_dim": 16,
     "vision_cfg": {"image_size": 32, "layers": 1, "width": 16, "head_width": 8, "patch_size": 8},
@@ -41,17 +40,7 @@ PLAIN = {"image_aug": "none", "text_aug": "none"}
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("tensor-train")
-    build_captioned_dataset("digits", root / "digits", seed=0, train_limit=160, test_limit=40)
-    poison_dataset(
-        root / "poisoned",
-        dataset_dir=root / "digits",
-        targets=2,
-        captions_per_target=4,
-        backdoor_count=4,
-        backdoor_class="seven",
-    )
-    return load_poisoned(root / "poisoned")
+    return poisoned_digits(tmp_path_factory.mktemp("tensor-train"))
 
 
 # The gradient norm of this run starts near 100 and ends near 1 (measured): a limit of 1 clips

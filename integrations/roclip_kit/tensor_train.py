@@ -77,9 +77,14 @@ class TensorTrainSettings:
         epochs: passes over the training rows.
         batch_size: pairs per step (the last incomplete batch of an epoch is dropped).
         lr: peak learning rate.
-        wd: weight decay of weight matrices (gains, biases, embeddings and the logit scale
-            get none, as in OpenCLIP).
+        wd: weight decay of every parameter OpenCLIP decays: those with 2 or more dimensions,
+            weight matrices and the token and positional embeddings included; gains, biases,
+            the ViT class embedding (1-D) and the logit scale get none (OpenCLIP's rule, so
+            runs compare with OpenCLIP's).
         warmup_steps: linear warm-up before the cosine decay.
+        grad_clip_norm: clip the global gradient norm to this before each optimiser step
+            (OpenCLIP's ``--grad-clip-norm``, ``roclip_torch.TrainSettings.grad_clip_norm``);
+            None does not clip, OpenCLIP's default.
         seed: model initialisation and data order (epoch ``e`` is shuffled with ``seed + e``,
             as ``DistributedSampler`` does, so a run's batches are those of
             :class:`roclip_torch.Trainer` with the same seed).
@@ -94,6 +99,7 @@ class TensorTrainSettings:
     lr: float = 1e-3
     wd: float = 0.1
     warmup_steps: int = 200
+    grad_clip_norm: float | None = None
     seed: int = 0
     device: str = "cpu"
     preset: str | Mapping[str, Any] = "tensor-cpu"
@@ -110,6 +116,8 @@ class TensorTrainSettings:
                 f"lr must be > 0, wd >= 0 and warmup_steps >= 0 (got {self.lr}, {self.wd}, "
                 f"{self.warmup_steps})"
             )
+        if self.grad_clip_norm is not None and not self.grad_clip_norm > 0:
+            raise ValueError(f"grad_clip_norm: {self.grad_clip_norm!r} must be None or > 0")
         model_cfg(self.preset, vocab_size=8)  # an unknown preset fails here
 
     @property
@@ -157,7 +165,13 @@ def make_tokenizer(data: PoisonedData, context_length: int) -> WordTokenizer:
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, wd: float) -> torch.optim.Optimizer:
-    """AdamW as OpenCLIP builds it: no decay on gains, biases, embeddings and the scale."""
+    """AdamW as OpenCLIP builds it (``training/main.py``'s ``exclude`` rule).
+
+    No decay for parameters with fewer than 2 dimensions (gains, biases, the ViT class
+    embedding) or whose name holds ``bn``, ``ln``, ``bias`` or ``logit_scale``; every other
+    parameter, the token and positional embeddings included, gets ``wd``. OpenCLIP's rule and
+    not a stricter one, so a run here compares with an OpenCLIP run of the same settings.
+    """
     decay, rest = [], []
     for name, param in model.named_parameters():
         skip = param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name
@@ -254,6 +268,30 @@ class MatchAudit:
         self.risk_counts = torch.zeros(3, dtype=torch.long)  # risky, risky & poisoned, poisoned
         self.risks: list[torch.Tensor] = []
         self.risk_rows: list[torch.Tensor] = []
+
+    def state_dict(self) -> dict[str, Any]:
+        """The pool mirror, for a checkpoint: a resumed run's figures need the rows it held.
+
+        Saved oldest caption first, as the pool saves its rows: a reloaded pool lays them out
+        from slot 0, not where they were, so physical slots would point at other captions.
+        """
+        if self.pool is None or self.slot_rows is None:
+            return {"rows": None, "in_sync": self.in_sync}
+        logical = self.pool.physical_slots(torch.arange(len(self.pool)))
+        return {"rows": self.slot_rows[logical].clone(), "in_sync": self.in_sync}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` into the mirror of :attr:`pool`, already restored.
+
+        The epoch's counts are not saved: they start afresh with every epoch.
+        """
+        rows = state["rows"]
+        self.in_sync = bool(state["in_sync"])
+        if rows is None or self.pool is None:
+            self.slot_rows = None
+            return
+        self.slot_rows = torch.full((self.pool.size,), -1, dtype=torch.long)
+        self.slot_rows[self.pool.physical_slots(torch.arange(len(rows)))] = rows
 
     @hookimpl
     def roclip_pool_updated(self, pool: CaptionPool, added: int) -> None:
@@ -465,6 +503,10 @@ def train_tensor(
     run_dir: Path | None = None,
     on_epoch: OnEpoch | None = None,
     on_step: Callable[[int], None] | None = None,
+    checkpoint_dir: Path | None = None,
+    resume: bool = False,
+    keep_last: int | None = None,
+    stop_after: int | None = None,
 ) -> TensorRun:
     """Train one CLIP model on ``data``; RoCLIP when ``roclip`` is given and ``defend``.
 
@@ -480,7 +522,16 @@ def train_tensor(
         on_epoch: called after each epoch with its record, the model and the tokenizer
             (evaluation); it must leave the model as it found it.
         on_step: called after each optimiser step with the steps done in the epoch.
+        checkpoint_dir: where ``epoch_<N>.pt`` goes after every epoch
+            (:mod:`roclip_kit.tensor_checkpoint`); None writes none.
+        resume: continue from the newest checkpoint of ``checkpoint_dir``, exactly (the same
+            weights, pool and per-epoch records as a run that never stopped); the checkpoint
+            must exist and belong to a run of the same settings, RoCLIP config and data.
+        keep_last: keep only this many newest checkpoints; None keeps all.
+        stop_after: stop once this many epochs are complete (a time-boxed job; the schedule
+            is still that of ``settings.epochs``); resume to go on.
     """
+    _check_run_options(checkpoint_dir, resume, stop_after)
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
     torch.manual_seed(settings.seed)
@@ -516,9 +567,20 @@ def train_tensor(
         )
         audit.pool = adapter.pool
     loop = _Loop(model, optimizer, scheduler, adapter, audit, settings)
-    records: list[EpochRecord] = []
-    suspicious: dict[int, Path] = {}
-    for epoch in range(settings.epochs):
+    checkpoints = None
+    if checkpoint_dir is not None:
+        from roclip_kit.tensor_checkpoint import TensorCheckpoints, run_identity
+
+        identity = run_identity(settings, roclip, defend, data.train.images, data.train.captions)
+        checkpoints = TensorCheckpoints(checkpoint_dir, identity, keep_last)
+    records = _resume(checkpoints, loop) if resume and checkpoints is not None else []
+    suspicious = {
+        r.epoch + 1: Path(r.audit["suspicious_file"])
+        for r in records
+        if "suspicious_file" in r.audit
+    }
+    end = settings.epochs if stop_after is None else min(stop_after, settings.epochs)
+    for epoch in range(len(records), end):
         record = loop.epoch(epoch, batches, len(data.train), steps, on_step)
         if record.matching and run_dir is not None:
             path = _write_suspicious(audit, data, run_dir, epoch)
@@ -528,6 +590,8 @@ def train_tensor(
         records.append(record)
         if on_epoch is not None:
             on_epoch(record, model, tokenizer)
+        if checkpoints is not None:  # after on_epoch: the RNG states are the next epoch's
+            checkpoints.save(epoch + 1, loop.state_dict(records))
     train_seconds = sum(r.seconds for r in records)
     return TensorRun(
         name=name,
@@ -536,11 +600,34 @@ def train_tensor(
         cfg=cfg,
         epochs=records,
         train_seconds=train_seconds,
-        pairs_per_second=steps * settings.batch_size * settings.epochs / max(train_seconds, 1e-9),
+        pairs_per_second=steps * settings.batch_size * len(records) / max(train_seconds, 1e-9),
         run_dir=run_dir,
         suspicious=suspicious,
         roclip_state=adapter.state_dict() if adapter is not None else None,
     )
+
+
+def _check_run_options(checkpoint_dir: Path | None, resume: bool, stop_after: int | None) -> None:
+    """Refuse, before any work, options that cannot go together."""
+    if resume and checkpoint_dir is None:
+        raise ValueError(
+            "train_tensor: resume=True needs checkpoint_dir, the folder of the run to continue"
+        )
+    if stop_after is not None and (isinstance(stop_after, bool) or stop_after < 1):
+        raise ValueError(f"train_tensor: stop_after={stop_after!r} must be None or >= 1")
+
+
+def _resume(checkpoints: Any, loop: _Loop) -> list[EpochRecord]:
+    """Restore the newest checkpoint into the run's objects; returns the epochs it completed.
+
+    The RNG states go last: building the run drew from them, the resumed epochs must not.
+    """
+    from roclip_plugin.distributed import set_rng_state
+
+    _, state = checkpoints.load_latest()
+    loop.load_state_dict(state)
+    set_rng_state(state["rng"])
+    return [EpochRecord(**record) for record in state["records"]]
 
 
 def _write_suspicious(
@@ -571,6 +658,26 @@ class _Loop:
         self.audit = audit
         self.settings = settings
         self.device = torch.device(settings.device)
+
+    def state_dict(self, records: list[EpochRecord]) -> dict[str, Any]:
+        """What the next epoch depends on, besides the RNG states (see ``tensor_checkpoint``)."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "roclip": None if self.adapter is None else self.adapter.state_dict(),
+            "audit": self.audit.state_dict(),
+            "records": [asdict(record) for record in records],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` (the checkpoint was checked to be this run's)."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.adapter is not None:
+            self.adapter.load_state_dict(state["roclip"])
+        self.audit.load_state_dict(state["audit"])
 
     def epoch(
         self,
@@ -618,6 +725,8 @@ class _Loop:
             else:
                 loss = plain_clip_loss(self.model, images, tokens)
         loss.backward()
+        if self.settings.grad_clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip_norm)
         self.optimizer.step()
         self.scheduler.step()
         with torch.no_grad():

@@ -9,9 +9,6 @@ import torch
 
 pytest.importorskip("open_clip")
 
-from roclip_kit.attacks import poison_dataset  # noqa: E402
-from roclip_kit.datasets import build_captioned_dataset  # noqa: E402
-from roclip_kit.tensor_data import load_poisoned  # noqa: E402
 from roclip_kit.tensor_train import (  # noqa: E402
     MEAN,
     STD,
@@ -31,6 +28,8 @@ from torch.utils.data import TensorDataset  # noqa: E402
 from roclip_plugin import RoClipConfig  # noqa: E402
 from roclip_plugin.pool import CaptionPool  # noqa: E402
 
+from .tiny import poisoned_digits  # noqa: E402
+
 TINY = {
     "embed_dim": 16,
     "vision_cfg": {"image_size": 32, "layers": 1, "width": 16, "head_width": 8, "patch_size": 8},
@@ -41,17 +40,13 @@ PLAIN = {"image_aug": "none", "text_aug": "none"}
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("tensor-train")
-    build_captioned_dataset("digits", root / "digits", seed=0, train_limit=160, test_limit=40)
-    poison_dataset(
-        root / "poisoned",
-        dataset_dir=root / "digits",
-        targets=2,
-        captions_per_target=4,
-        backdoor_count=4,
-        backdoor_class="seven",
-    )
-    return load_poisoned(root / "poisoned")
+    return poisoned_digits(tmp_path_factory.mktemp("tensor-train"))
+
+
+# The gradient norm of this run starts near 100 and ends near 1 (measured): a limit of 1 clips
+# most of its steps. A decay of 0.5 at lr 2e-3 shrinks the weights by 0.1% a step, far beyond
+# the comparison's tolerance. Either one missing from the tensor path fails the comparison.
+EQUIVALENCE = {"grad_clip_norm": 1.0, "wd": 0.5}
 
 
 def _settings(**changes) -> TensorTrainSettings:
@@ -59,37 +54,73 @@ def _settings(**changes) -> TensorTrainSettings:
     return TensorTrainSettings(preset=TINY, **{**base, **changes})
 
 
+def _openclip_adamw(model: torch.nn.Module, lr: float, wd: float) -> torch.optim.AdamW:
+    """AdamW with OpenCLIP's ``exclude`` rule (training/main.py), written out here.
+
+    Not the kit's ``make_optimizer``: the reference must not share the code it checks, or a
+    decay lost from the kit would be lost from both sides and the comparison still pass.
+    """
+
+    def exclude(name: str, p: torch.nn.Parameter) -> bool:
+        return p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+
+    named = list(model.named_parameters())
+    groups = [
+        {"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0},
+        {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": wd},
+    ]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6)
+
+
 def _trainer_run(data, settings: TensorTrainSettings, config: RoClipConfig):
     """The same run through roclip_torch.Trainer, on a TensorDataset of the same inputs."""
     torch.manual_seed(settings.seed)
     tokenizer = make_tokenizer(data, TINY["text_cfg"]["context_length"])
     model = build_model(model_cfg(TINY, tokenizer.vocab_size))
-    optimizer = make_optimizer(model, settings.lr, settings.wd)
+    optimizer = _openclip_adamw(model, settings.lr, settings.wd)
     steps = len(data.train) // settings.batch_size
     scheduler = cosine_schedule(optimizer, settings.warmup_steps, steps * settings.epochs)
     mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
     images = (data.train.images.float().div_(255.0) - mean) / std
     dataset = TensorDataset(images, tokenizer(data.train.captions))
     train = TrainSettings(
-        epochs=settings.epochs, batch_size=settings.batch_size, seed=settings.seed, progress=False
+        epochs=settings.epochs,
+        batch_size=settings.batch_size,
+        seed=settings.seed,
+        grad_clip_norm=settings.grad_clip_norm,
+        progress=False,
     )
     trainer = Trainer(model, optimizer, dataset, train, roclip=config, scheduler=scheduler)
     return model, trainer.fit(), trainer.adapter
 
 
+def _differences(run, model: torch.nn.Module, losses: list[float], pool: torch.Tensor) -> list:
+    """What differs between a tensor run and a reference beyond the comparison's tolerance."""
+    found = [] if [r.loss for r in run.epochs] == pytest.approx(losses, rel=1e-6) else ["loss"]
+    if not torch.allclose(run.roclip_state["pool"]["features"], pool, atol=1e-6):
+        found.append("pool")
+    for (name, a), b in zip(
+        run.model.state_dict().items(), model.state_dict().values(), strict=True
+    ):
+        if not torch.allclose(a, b, atol=1e-6):
+            found.append(name)
+    return found
+
+
 def test_same_losses_pool_and_weights_as_roclip_torch_trainer(data) -> None:
-    settings = _settings()
+    """Clipping and decay included: the Trainer is given both, the tensor path must apply both."""
+    settings = _settings(**EQUIVALENCE)
     config = RoClipConfig(pool_size=48, first_rematch_epoch=1, rematch_every=1, **PLAIN)
     run = train_tensor(data, settings, config)
     model, history, adapter = _trainer_run(data, settings, config)
     assert [r.matching for r in run.epochs] == [s.matching for s in history] == [0, 1, 1]
-    assert [r.loss for r in run.epochs] == pytest.approx([s.loss for s in history], rel=1e-6)
     assert [r.matching_steps for r in run.epochs] == [s.matching_steps for s in history]
-    assert torch.allclose(run.roclip_state["pool"]["features"], adapter.pool.features(), atol=1e-6)
-    for (name, a), b in zip(
-        run.model.state_dict().items(), model.state_dict().values(), strict=True
-    ):
-        assert torch.allclose(a, b, atol=1e-6), name
+    losses, pool = [s.loss for s in history], adapter.pool.features()
+    assert _differences(run, model, losses, pool) == []
+    # The comparison can see each of them: without it, the same run is out of tolerance.
+    for missing in ({"grad_clip_norm": None}, {"wd": 0.0}):
+        without = train_tensor(data, _settings(**{**EQUIVALENCE, **missing}), config)
+        assert "loss" in _differences(without, model, losses, pool), missing
 
 
 def test_clip_loss_is_the_plain_step_of_roclip(data) -> None:
@@ -143,6 +174,8 @@ def test_an_unknown_preset_and_bad_sizes_are_refused() -> None:
         TensorTrainSettings(preset="huge")
     with pytest.raises(ValueError, match="--batch-size"):
         TensorTrainSettings(batch_size=0)
+    with pytest.raises(ValueError, match="grad_clip_norm: 0.0 must be None or > 0"):
+        TensorTrainSettings(grad_clip_norm=0.0)
 
 
 class _Stats:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -38,3 +39,21 @@ def run_roclip(argv: list[str]) -> Any:
     pm = get_plugin_manager(autoload=False)
     pm.register(roclip_kit.plugin)
     return run_command(lambda a: main(a, pm=pm), argv)
+
+
+def poisoned_digits(root: Path) -> Any:
+    """160 digit pairs (2 targeted captions of 4, 4 backdoored) in memory: a tensor-path run."""
+    from roclip_kit.attacks import poison_dataset
+    from roclip_kit.datasets import build_captioned_dataset
+    from roclip_kit.tensor_data import load_poisoned
+
+    build_captioned_dataset("digits", root / "digits", seed=0, train_limit=160, test_limit=40)
+    poison_dataset(
+        root / "poisoned",
+        dataset_dir=root / "digits",
+        targets=2,
+        captions_per_target=4,
+        backdoor_count=4,
+        backdoor_class="seven",
+    )
+    return load_poisoned(root / "poisoned")

@@ -19,6 +19,8 @@ Layout of ``out`` (reruns reuse the dataset and replace the rest)::
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 import time
 from collections.abc import Callable, Mapping
@@ -326,10 +328,37 @@ def run_demo(settings: DemoSettings, *, say: Say = print, progress: Any = None) 
     out = check_replaceable(Path(s.out), "--out", "roclip demo", OUT_ENTRIES, lambda _: True)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    dataset = build_data(s, out / "data" / s.dataset, say=say, progress=progress)
+    folder = data_folder(s, out)
+    dataset = build_data(s, folder, say=say, progress=progress)
     with keeping(out, RESULT_ENTRIES):  # a failure from here on restores the last results
         results = _poison_train_evaluate(s, out, dataset, start, say=say, progress=progress)
+    drop_other_data(folder)  # the results that used them are replaced now
     return results
+
+
+def data_folder(s: DemoSettings, out: Path) -> Path:
+    """The data cache for ``s``'s build options: one folder per set of options.
+
+    A rerun with other options builds into a new folder, so the previous results (put back if
+    the rerun fails) still point at images that exist; :func:`drop_other_data` removes the
+    folders of other options once a rerun has succeeded.
+    """
+    options = {
+        "dataset": s.dataset,
+        "seed": s.seed,
+        "train_limit": s.train_limit,
+        "test_limit": s.test_limit,
+        "attribute_rate": s.attribute_rate,
+    }
+    key = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:10]
+    return out / "data" / f"{s.dataset}-{key}"
+
+
+def drop_other_data(folder: Path) -> None:
+    """Remove the data caches beside ``folder`` (those of other options; ``data/`` is ours)."""
+    for other in folder.parent.iterdir():
+        if other != folder and other.is_dir() and not other.name.startswith("."):
+            shutil.rmtree(other)
 
 
 def _poison_train_evaluate(

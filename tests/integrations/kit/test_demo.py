@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -380,3 +381,43 @@ def test_run_bars_count_each_runs_epochs_and_final_evaluation_and_the_whole_demo
     bars.close()
     assert progress.tasks == []
     RunBars(None, ["CLIP"], epochs=3).advance("CLIP")  # no display: nothing to do
+
+
+def test_a_failed_rerun_with_other_data_options_leaves_the_earlier_images(
+    tmp_path, monkeypatch
+) -> None:
+    """Other data options build into their own cache folder: when that rerun fails, the
+    results put back still point at images that exist; a rerun that succeeds drops the rest."""
+    import roclip_kit.demo
+    from roclip_kit.demo import data_folder, run_demo
+
+    out = tmp_path / "demo"
+    first = DemoSettings(out=out, dataset="digits", epochs=1, train_limit=100)
+    second = replace(first, train_limit=50)
+    assert data_folder(first, out) != data_folder(second, out)
+    assert data_folder(first, out) == data_folder(replace(first, epochs=3), out)
+    old_image = data_folder(first, out) / "images" / "0.png"
+    old_image.parent.mkdir(parents=True)
+    old_image.write_text("old image")
+    (out / "poisoned").mkdir()
+    (out / "poisoned" / "train.csv").write_text(f"filepath\n{old_image}\n")
+
+    class Info:
+        name, train_count, test_count, classes = "digits", 10, 5, ["a"]
+
+    def build(s, folder, **kw):
+        folder.mkdir(parents=True, exist_ok=True)
+        return Info()
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(roclip_kit.demo, "build_data", build)
+    monkeypatch.setattr(roclip_kit.demo, "_poison_train_evaluate", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_demo(second)
+    assert old_image.read_text() == "old image"
+    assert (out / "poisoned" / "train.csv").read_text().endswith(f"{old_image}\n")
+    monkeypatch.setattr(roclip_kit.demo, "_poison_train_evaluate", lambda *a, **k: {})
+    run_demo(second)
+    assert not old_image.exists() and len(list((out / "data").iterdir())) == 1

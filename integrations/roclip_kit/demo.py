@@ -330,10 +330,41 @@ def run_demo(settings: DemoSettings, *, say: Say = print, progress: Any = None) 
     start = time.perf_counter()
     folder = data_folder(s, out)
     dataset = build_data(s, folder, say=say, progress=progress)
+    if "pool_size" not in settings.roclip_flags:  # the scale's: fit it to this data
+        s = fit_pool(s, config, epoch_pairs(s, dataset.train_count), say=say)
     with keeping(out, RESULT_ENTRIES):  # a failure from here on restores the last results
         results = _poison_train_evaluate(s, out, dataset, start, say=say, progress=progress)
     drop_other_data(folder)  # the results that used them are replaced now
     return results
+
+
+def epoch_pairs(s: DemoSettings, train_count: int) -> int:
+    """Training pairs of an epoch once poisoned: targeted rows are added, backdoors replace."""
+    from roclip_kit.attacks import caption_counts
+
+    targets = int(s.targets or 0)
+    return train_count + (sum(caption_counts(s.captions_per_target, targets)) if targets else 0)
+
+
+def fit_pool(s: DemoSettings, config: Any, pairs: int, *, say: Say = print) -> DemoSettings:
+    """``s`` with the scale's pool lowered where it would hold too much of an epoch.
+
+    The scales are sized for the full datasets; on a small one (digits, or a ``--train-limit``)
+    the same pool would hold most of an epoch, handing images their own captions back (the
+    warning of :func:`roclip_plugin.checks.pool_share_message`). The pool becomes the largest
+    power of two within the limit; a pool the user gave is never changed.
+    """
+    from roclip_plugin.checks import POOL_SHARE_LIMIT, pool_share_message
+
+    if pool_share_message(config, pairs) is None:
+        return s
+    size = 1 << max(int(POOL_SHARE_LIMIT * pairs), 1).bit_length() - 1
+    say(
+        f"pool size {size}: the scale's {config.pool_size} would hold "
+        f"{config.pool_size / pairs:.0%} of this data's {pairs} training pairs per epoch "
+        "(--roclip-pool-size sets it)"
+    )
+    return replace(s, roclip_flags={**s.roclip_flags, "pool_size": size})
 
 
 def data_folder(s: DemoSettings, out: Path) -> Path:

@@ -421,3 +421,23 @@ def test_a_failed_rerun_with_other_data_options_leaves_the_earlier_images(
     monkeypatch.setattr(roclip_kit.demo, "_poison_train_evaluate", lambda *a, **k: {})
     run_demo(second)
     assert not old_image.exists() and len(list((out / "data").iterdir())) == 1
+
+
+def test_the_scales_pool_is_fitted_to_a_small_dataset_and_a_given_pool_is_kept() -> None:
+    """Digits at the cpu scale: 1,347 images plus 960 targeted rows; the scale's 4,096-caption
+    pool would be 178% of an epoch (a warning, and images matched to their own captions)."""
+    from roclip_kit.demo import epoch_pairs, fit_pool
+    from roclip_plugin.checks import pool_share_message
+    from roclip_plugin.config import RoClipConfig
+
+    s = DemoSettings(dataset="digits").resolved()
+    pairs = epoch_pairs(s, 1347)
+    assert pairs == 1347 + 16 * 10 + 16 * 50
+    config = RoClipConfig.from_preset("default", pool_size=s.roclip_flags["pool_size"])
+    assert pool_share_message(config, pairs) is not None
+    said: list[str] = []
+    fitted = fit_pool(s, config, pairs, say=said.append)
+    size = fitted.roclip_flags["pool_size"]
+    assert size == 128 and pool_share_message(replace(config, pool_size=size), pairs) is None
+    assert said and "pool size 128" in said[0] and "--roclip-pool-size" in said[0]
+    assert fit_pool(s, config, 100_000, say=said.append) is s  # a pool that fits is kept

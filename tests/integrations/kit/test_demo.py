@@ -427,6 +427,7 @@ def test_the_scales_pool_is_fitted_to_a_small_dataset_and_a_given_pool_is_kept()
     """Digits at the cpu scale: 1,347 images plus 960 targeted rows; the scale's 4,096-caption
     pool would be 178% of an epoch (a warning, and images matched to their own captions)."""
     from roclip_kit.demo import epoch_pairs, fit_pool
+
     from roclip_plugin.checks import pool_share_message
     from roclip_plugin.config import RoClipConfig
 

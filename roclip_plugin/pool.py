@@ -184,8 +184,15 @@ class CaptionPool:
         self._count = min(self.size, self._count + n)
 
     def _allocate(self, dim: int, device: torch.device | None) -> None:
+        """Make the buffer, once its width is known; a buffer larger than the memory of its
+        device is refused first, naming the size that fits (every entry point builds its pool
+        here, so none can start a 256 GB allocation or swap the machine)."""
+        from roclip_plugin import checks
+
+        target = torch.device(device) if device is not None else torch.device("cpu")
+        checks.check_pool_fits(self.size, dim, checks.device_memory_bytes(str(target)))
         self.dim = dim
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.device = target
         self._buffer = torch.zeros(self.size, dim, dtype=torch.float32, device=self.device)
 
     def follow(self, device: torch.device) -> None:

@@ -638,3 +638,18 @@ def test_numpy_and_tensor_sizes_are_integers() -> None:
 
     pool = CaptionPool(np.int64(4), dim=torch.tensor(3))
     assert (pool.size, pool.dim) == (4, 3) and type(pool.size) is int
+
+
+def test_a_pool_larger_than_its_devices_memory_is_refused_before_it_is_allocated(
+    monkeypatch,
+) -> None:
+    """Every entry point builds its buffer here: a pool of 2**24 x 32 float32 (2 GiB) on a
+    device of 1 GiB fails at its first captions, naming the flag and the size that fits."""
+    from roclip_plugin import checks
+
+    monkeypatch.setattr(checks, "device_memory_bytes", lambda device=None: 2**30)
+    pool = CaptionPool(2**24)
+    with pytest.raises(ValueError, match=r"--roclip-pool-size 16777216: .* 2\.0 GiB .* 8388608"):
+        pool.enqueue(torch.randn(4, 32))
+    assert len(pool) == 0 and pool.dim is None
+    CaptionPool(2**20).enqueue(torch.randn(4, 32))  # 128 MiB of 1 GiB: allowed

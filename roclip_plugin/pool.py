@@ -186,7 +186,8 @@ class CaptionPool:
     def _allocate(self, dim: int, device: torch.device | None) -> None:
         """Make the buffer, once its width is known; a buffer larger than the memory of its
         device is refused first, naming the size that fits (every entry point builds its pool
-        here, so none can start a 256 GB allocation or swap the machine)."""
+        here, so none can start a 256 GB allocation or swap the machine).
+        """
         from roclip_plugin import checks
 
         target = torch.device(device) if device is not None else torch.device("cpu")

@@ -184,9 +184,11 @@ class CaptionPool:
         self._count = min(self.size, self._count + n)
 
     def _allocate(self, dim: int, device: torch.device | None) -> None:
-        """Make the buffer, once its width is known; a buffer larger than the memory of its
-        device is refused first, naming the size that fits (every entry point builds its pool
-        here, so none can start a 256 GB allocation or swap the machine).
+        """Make the buffer, once its width is known.
+
+        A buffer larger than the memory of its device is refused first, naming the size that
+        fits: every entry point builds its pool here, so none can start a 256 GB allocation or
+        drive the machine into swap.
         """
         from roclip_plugin import checks
 

@@ -328,6 +328,94 @@ def purity_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+# -- the default decision (issue 21): does the candidate beat the incumbent everywhere? ------------
+
+ASR_KEYS = ("targeted_asr", "backdoor_asr")
+
+
+def _mean(rows: list[dict[str, Any]], key: str) -> float | None:
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return statistics.mean(values) if values else None
+
+
+def _seeds(rows: list[dict[str, Any]], variant: str) -> dict[int, dict[str, Any]]:
+    return {r["seed"]: r for r in rows if r["variant"] == variant}
+
+
+def cell_verdict(
+    rows: list[dict[str, Any]], candidate: str, incumbent: str
+) -> dict[str, Any] | None:
+    """One (dataset, rate): means over the seeds both variants ran, each ASR read at its floor.
+
+    The floor is the ``floor`` variant (trained without the poisoned rows): an attack success
+    below it is what the trigger or target scores when nothing was learned from the poison, so
+    two figures under the floor are a tie, not a win (Fashion-MNIST's blended trigger alone
+    turns a third of the test images into the target class). Zero-shot is compared as measured.
+    Returns None where the two variants share no seed.
+    """
+    cand, inc = _seeds(rows, candidate), _seeds(rows, incumbent)
+    seeds = sorted(set(cand) & set(inc))
+    if not seeds:
+        return None
+    floor = [r for r in rows if r["variant"] == "floor"]
+    out: dict[str, Any] = {"seeds": seeds, "floor_seeds": sorted(r["seed"] for r in floor)}
+    wins = []
+    for key in ASR_KEYS:
+        base = _mean(floor, key)
+        c = statistics.mean(cand[s][key] for s in seeds)
+        i = statistics.mean(inc[s][key] for s in seeds)
+        c_read, i_read = (c, i) if base is None else (max(c, base), max(i, base))
+        out[key] = {"candidate": c, "incumbent": i, "floor": base}
+        wins.append(c_read <= i_read)
+    zs_c = statistics.mean(cand[s]["zero_shot"] for s in seeds)
+    zs_i = statistics.mean(inc[s]["zero_shot"] for s in seeds)
+    out["zero_shot"] = {"candidate": zs_c, "incumbent": zs_i}
+    wins.append(zs_c >= zs_i)
+    out["beats"] = all(wins)
+    return out
+
+
+def verdict_table(
+    rows: list[dict[str, Any]], candidate: str = "robust", incumbent: str = "roclip"
+) -> tuple[str, bool]:
+    """Markdown: the candidate against the incumbent per (dataset, rate), and the verdict.
+
+    The default changes only where the candidate is no worse on every figure in every cell the
+    grid holds (issue 21's rule); the table says how many seeds each cell's means hold.
+    """
+    cells = sorted({(r["dataset"], r["rate"]) for r in rows})
+    lines = [
+        f"| dataset | backdoor | seeds | targeted {candidate} / {incumbent} / floor "
+        f"| backdoor {candidate} / {incumbent} / floor | zero-shot {candidate} / {incumbent} "
+        f"| {candidate} no worse |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    verdicts = []
+    for dataset, rate in cells:
+        v = cell_verdict(
+            [r for r in rows if (r["dataset"], r["rate"]) == (dataset, rate)], candidate, incumbent
+        )
+        if v is None:
+            continue
+        verdicts.append(v["beats"])
+        asr = [
+            " / ".join(
+                "-" if x is None else f"{100 * x:.1f}"
+                for x in (v[k]["candidate"], v[k]["incumbent"], v[k]["floor"])
+            )
+            for k in ASR_KEYS
+        ]
+        zs = f"{100 * v['zero_shot']['candidate']:.1f} / {100 * v['zero_shot']['incumbent']:.1f}"
+        seeds = ",".join(map(str, v["seeds"]))
+        floors = ",".join(map(str, v["floor_seeds"])) or "none"
+        lines.append(
+            f"| {dataset} | {100 * rate:g}% | {seeds} (floor {floors}) | {asr[0]} | {asr[1]} "
+            f"| {zs} | {'yes' if v['beats'] else 'no'} |"
+        )
+    ok = bool(verdicts) and all(verdicts)
+    return "\n".join(lines), ok
+
+
 def device_name(device: str, jobs: int) -> str:
     """The device, and how the runs shared it."""
     runs = f"{jobs} run(s) at a time"
@@ -393,7 +481,13 @@ def report(out: Path) -> int:
         raise SystemExit(f"--report: no saved runs in {out / 'runs'}; run the grid first")
     rows = [json.loads(path.read_text()) for path in paths]
     header = f"{len(rows)} saved runs in {out / 'runs'} (each run's device is in {out}/log.txt)"
-    text = table(rows) + "\n\n" + purity_table(rows)
+    verdict, ok = verdict_table(rows)
+    decision = (
+        "robust beats roclip in every cell: it can be the default"
+        if ok
+        else "robust does not beat roclip in every cell: the default stays"
+    )
+    text = "\n\n".join([table(rows), purity_table(rows), verdict, decision])
     print(header)
     print(text)
     (out / "report.md").write_text(f"{header}\n\n{text}\n")

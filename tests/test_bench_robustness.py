@@ -68,3 +68,33 @@ def test_report_tables_every_saved_run_with_mean_and_spread(
 def test_report_without_saved_runs_says_what_to_do(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match=r"no saved runs in .*run the grid first"):
         br.main(["--out", str(tmp_path), "--report"])
+
+
+def test_verdict_reads_attack_success_at_its_floor() -> None:
+    """Two figures under the floor tie; a candidate lower only below the floor does not win."""
+    rows = [
+        _row(0, "robust", 0.80, targeted=0.0, backdoor=0.30),
+        _row(0, "roclip", 0.80, targeted=0.2, backdoor=0.10),
+        _row(0, "floor", 0.80, targeted=0.0, backdoor=0.35),
+    ]
+    verdict = br.cell_verdict(rows, "robust", "roclip")
+    assert verdict is not None and verdict["beats"]  # 30% and 10% both read as the 35% floor
+    rows[2]["backdoor_asr"] = 0.05  # with a lower floor, 30% against 10% is a loss
+    assert not br.cell_verdict(rows, "robust", "roclip")["beats"]
+
+
+def test_verdict_compares_means_over_shared_seeds_and_zero_shot_as_measured() -> None:
+    rows = [
+        _row(0, "robust", 0.80, targeted=0.0, backdoor=0.0),
+        _row(1, "robust", 0.70, targeted=0.0, backdoor=0.0),
+        _row(0, "roclip", 0.76, targeted=0.5, backdoor=0.5),
+        _row(1, "roclip", 0.75, targeted=0.5, backdoor=0.5),
+        _row(2, "roclip", 0.10, targeted=0.5, backdoor=0.5),  # no robust seed 2: left out
+    ]
+    verdict = br.cell_verdict(rows, "robust", "roclip")
+    assert verdict["seeds"] == [0, 1]
+    assert verdict["zero_shot"]["incumbent"] == pytest.approx(0.755)
+    assert not verdict["beats"]  # 75.0 against 75.5: lower zero-shot, however small
+    table, ok = br.verdict_table(rows)
+    assert not ok and "| mnist | 0.1% | 0,1 (floor none) |" in table and table.endswith("| no |")
+    assert br.cell_verdict(rows[2:], "robust", "roclip") is None

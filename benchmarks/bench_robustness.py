@@ -29,6 +29,7 @@ Variants (``--variants``), on top of the scale's RoCLIP settings:
     python benchmarks/bench_robustness.py --device cuda --jobs 6 --out robustness-gpu
     python benchmarks/bench_robustness.py --quick --out /tmp/rb          # a check of the script
     python benchmarks/bench_robustness.py --out robustness --report      # the table so far
+    python benchmarks/bench_robustness.py --trigger wanet --rates 0.001 --variants clip robust
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from roclip_kit.demo import DemoSettings, build_data, poison
+from roclip_kit.demo import TRIGGER_KINDS, DemoSettings, build_data, poison
 from roclip_kit.tensor_runs import RunsFailed, RunSpec, default_threads, run_specs
 from roclip_kit.tensor_train import TensorTrainSettings
 
@@ -103,11 +104,19 @@ class Cell:
     dataset: str
     seed: int
     rate: float
+    trigger: str | None = None  # None: the scale's (blend)
 
     @property
     def key(self) -> str:
-        """File-name key of the cell."""
-        return f"{self.dataset}-s{self.seed}-r{self.rate:g}"
+        """File-name key of the cell (the trigger only where it is not the scale's)."""
+        tail = f"-{self.trigger}" if self.trigger else ""
+        return f"{self.dataset}-s{self.seed}-r{self.rate:g}{tail}"
+
+
+def label(row: dict[str, Any]) -> str:
+    """A row's dataset as the tables name it: with its trigger where it is not the scale's."""
+    trigger = row.get("trigger")
+    return f"{row['dataset']} ({trigger})" if trigger else row["dataset"]
 
 
 def parse_extra(items: list[str]) -> dict[str, tuple[dict[str, Any], bool]]:
@@ -147,13 +156,16 @@ def plan(args: argparse.Namespace, base: DemoSettings) -> list[tuple[Cell, str]]
                     names += [v for v in args.ablations if v not in names]
                 if rate in args.beyond_rates:
                     names += [v for v in args.beyond if v not in names]
-                jobs += [(Cell(dataset, seed, rate), name) for name in names]
+                cell = Cell(dataset, seed, rate, args.trigger)
+                jobs += [(cell, name) for name in names]
     return jobs
 
 
 def prepare(cell: Cell, base: DemoSettings, out: Path) -> tuple[DemoSettings, Any]:
     """The cell's captioned dataset (shared by its seeds' rates) and its poisoned copy."""
-    s = replace(base, dataset=cell.dataset, seed=cell.seed, backdoor_rate=cell.rate).resolved()
+    s = replace(
+        base, dataset=cell.dataset, seed=cell.seed, backdoor_rate=cell.rate, trigger=cell.trigger
+    ).resolved()
     data = build_data(s, out / "data" / f"{cell.dataset}-s{cell.seed}", say=_log)
     return s, poison(s, data, out / "poisoned" / cell.key, say=_log)
 
@@ -185,7 +197,8 @@ def spec_for(
         run_dir=out / "work" / cell.key / name,
         eval_limit=s.eval_limit,
         eval_seed=cell.seed,
-        extra={"dataset": cell.dataset, "seed": cell.seed, "rate": cell.rate},
+        extra={"dataset": cell.dataset, "seed": cell.seed, "rate": cell.rate}
+        | ({"trigger": cell.trigger} if cell.trigger else {}),
         clean_only=name in CLEAN_ONLY,
     )
 
@@ -274,15 +287,13 @@ def table(rows: list[dict[str, Any]]) -> str:
     columns = columns_for(rows)
     order = {name: i for i, name in enumerate(VARIANTS)}
     keys = sorted(
-        {(r["dataset"], r["rate"], r["variant"]) for r in rows},
+        {(label(r), r["rate"], r["variant"]) for r in rows},
         key=lambda k: (k[0], k[1], order.get(k[2], len(order)), k[2]),
     )
     header = "| dataset | backdoor | variant | seeds | " + " | ".join(c[1] for c in columns) + " |"
     lines = [header, "|" + " --- |" * (4 + len(columns))]
     for dataset, rate, variant in keys:
-        group = [
-            r for r in rows if (r["dataset"], r["rate"], r["variant"]) == (dataset, rate, variant)
-        ]
+        group = [r for r in rows if (label(r), r["rate"], r["variant"]) == (dataset, rate, variant)]
         cells = [
             _cell_text([r[k] for r in group if r.get(k) is not None], k == "train_seconds")
             for k, _ in columns
@@ -305,7 +316,7 @@ def purity_table(rows: list[dict[str, Any]]) -> str:
     groups: dict[tuple[str, float, str], list[dict[str, Any]]] = {}
     for r in rows:
         if r.get("purity_by_epoch"):
-            groups.setdefault((r["dataset"], r["rate"], r["variant"]), []).append(r)
+            groups.setdefault((label(r), r["rate"], r["variant"]), []).append(r)
     lines = [
         "| dataset | backdoor | variant | seeds | matching epoch (1-based): purity / zero-shot |",
         "| --- | --- | --- | --- | --- |",
@@ -383,7 +394,7 @@ def verdict_table(
     The default changes only where the candidate is no worse on every figure in every cell the
     grid holds (issue 21's rule); the table says how many seeds each cell's means hold.
     """
-    cells = sorted({(r["dataset"], r["rate"]) for r in rows})
+    cells = sorted({(label(r), r["rate"]) for r in rows})
     lines = [
         f"| dataset | backdoor | seeds | targeted {candidate} / {incumbent} / floor "
         f"| backdoor {candidate} / {incumbent} / floor | zero-shot {candidate} / {incumbent} "
@@ -393,7 +404,7 @@ def verdict_table(
     verdicts = []
     for dataset, rate in cells:
         v = cell_verdict(
-            [r for r in rows if (r["dataset"], r["rate"]) == (dataset, rate)], candidate, incumbent
+            [r for r in rows if (label(r), r["rate"]) == (dataset, rate)], candidate, incumbent
         )
         if v is None:
             continue
@@ -444,6 +455,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--beyond-rates", nargs="*", type=float, default=[0.001, 0.01])
     parser.add_argument("--extra", nargs="*", default=[], help="NAME:field=value,... variants")
+    parser.add_argument(
+        "--trigger",
+        choices=TRIGGER_KINDS,
+        help="the backdoor's trigger (default: the scale's, blend); its runs are saved and "
+        "tabled apart",
+    )
     parser.add_argument("--epochs", type=int, help="(default: the scale's)")
     parser.add_argument("--jobs", type=int, help="runs at once (default: the scale's)")
     parser.add_argument("--scale", default=None, help="demo scale (default: cpu, or gpu on cuda)")

@@ -98,3 +98,15 @@ def test_verdict_compares_means_over_shared_seeds_and_zero_shot_as_measured() ->
     table, ok = br.verdict_table(rows)
     assert not ok and "| mnist | 0.1% | 0,1 (floor none) |" in table and table.endswith("| no |")
     assert br.cell_verdict(rows[2:], "robust", "roclip") is None
+
+
+def test_another_trigger_is_saved_and_tabled_apart(tmp_path: Path) -> None:
+    args = br.parse_args(["--trigger", "wanet", "--datasets", "mnist", "--seeds", "0"])
+    args.rates, args.ablations, args.beyond = [0.001], [], []
+    cells = {cell for cell, _ in br.plan(args, br.base_settings(args))}
+    assert [c.key for c in cells] == ["mnist-s0-r0.001-wanet"]
+    blend, wanet = _row(0, "clip", 0.9), _row(0, "clip", 0.5) | {"trigger": "wanet"}
+    lines = [line for line in br.table([blend, wanet]).splitlines() if "| clip |" in line]
+    assert [line.split(" | ")[0] for line in lines] == ["| mnist", "| mnist (wanet)"]
+    with pytest.raises(SystemExit):
+        br.parse_args(["--trigger", "stripes"])

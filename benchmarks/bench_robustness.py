@@ -11,8 +11,9 @@ paper's). Every run is evaluated after every epoch and in full after the last, b
 It prints one JSON line per finished run, then a markdown table of means and standard
 deviations over seeds, and writes ``results.md`` and ``summary.json`` into ``--out``. Each run's
 figures are kept in ``--out/runs/*.json`` as soon as it finishes, so a stopped grid resumes
-where it stopped (finished runs are not trained again). Nothing is asserted: it reports what it
-measured, with the device and the date.
+where it stopped (finished runs are not trained again), and a run stopped mid-way continues
+from its last finished epoch (``--out/work/<cell>/<variant>/checkpoints``). Nothing is
+asserted: it reports what it measured, with the device and the date.
 
 Variants (``--variants``), on top of the scale's RoCLIP settings:
   clip           plain CLIP, no augmentation
@@ -200,6 +201,7 @@ def spec_for(
         extra={"dataset": cell.dataset, "seed": cell.seed, "rate": cell.rate}
         | ({"trigger": cell.trigger} if cell.trigger else {}),
         clean_only=name in CLEAN_ONLY,
+        resumable=True,  # a run stopped mid-way (session end, crash) continues from its epoch
     )
 
 

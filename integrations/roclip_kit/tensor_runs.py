@@ -15,8 +15,10 @@ test image, the linear probe, attack success, poison detection from the run's ow
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import queue
+import shutil
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -50,6 +52,10 @@ class RunSpec:
         eval_seed: seed of the evaluation's subsets.
         clean_only: train on the clean rows only (the poisoned ones removed by the manifest):
             the floor an attack's success is read against.
+        resumable: keep the newest epoch checkpoint and the per-epoch figures in ``run_dir``
+            while the run trains, and continue from them when the same spec runs again (a
+            benchmark grid outlives the session that started it); both are removed once the
+            run has finished. False trains from scratch, as the demo does.
     """
 
     name: str
@@ -64,6 +70,7 @@ class RunSpec:
     eval_seed: int = 0
     extra: Mapping[str, Any] = field(default_factory=dict)
     clean_only: bool = False
+    resumable: bool = False
 
     @property
     def roclip(self) -> bool:
@@ -112,8 +119,12 @@ def run_spec(spec: RunSpec, events: Any = None) -> dict[str, Any]:
         backdoor_limit=spec.eval_limit,
         seed=spec.eval_seed,
     )
-    per_epoch: dict[int, dict[str, Any]] = {}
-    eval_seconds = [0.0]
+    saved = _Progress(spec.run_dir) if spec.resumable else None
+    per_epoch: dict[int, dict[str, Any]] = saved.figures() if saved else {}
+    eval_seconds = [saved.eval_seconds() if saved else 0.0]
+    if events is not None:  # a resumed run's bars start where it stopped
+        for epoch, figures in sorted(per_epoch.items()):
+            events.put({"run": spec.name, "epoch": epoch, **figures})
 
     def on_epoch(record: Any, model: Any, tokenizer: Any) -> None:
         start = time.perf_counter()
@@ -125,6 +136,8 @@ def run_spec(spec: RunSpec, events: Any = None) -> dict[str, Any]:
         model.train()
         eval_seconds[0] += time.perf_counter() - start
         per_epoch[record.epoch + 1] = {**figures, **_record_figures(record)}
+        if saved is not None:
+            saved.write(per_epoch, eval_seconds[0])
         if events is not None:
             events.put({"run": spec.name, "epoch": record.epoch + 1, **per_epoch[record.epoch + 1]})
 
@@ -136,6 +149,7 @@ def run_spec(spec: RunSpec, events: Any = None) -> dict[str, Any]:
         name=spec.name,
         run_dir=spec.run_dir,
         on_epoch=on_epoch,
+        **(saved.train_options() if saved else {}),
     )
     if events is not None:
         events.put({"run": spec.name, "final_evaluation": True})
@@ -155,6 +169,8 @@ def run_spec(spec: RunSpec, events: Any = None) -> dict[str, Any]:
     )
     final = evaluate_model(loaded, final_data, full)
     eval_seconds[0] += time.perf_counter() - start
+    if saved is not None:
+        saved.clear()
     return {
         "name": spec.name,
         "roclip": spec.roclip,
@@ -173,6 +189,67 @@ def run_spec(spec: RunSpec, events: Any = None) -> dict[str, Any]:
         "settings": {k: v for k, v in asdict(spec.train).items() if k != "preset"}
         | {"preset": spec.train.preset if isinstance(spec.train.preset, str) else "custom"},
     }
+
+
+class _Progress:
+    """A resumable run's state between sessions: the newest checkpoint and its epochs' figures.
+
+    Their evaluation ran in the session that trained them, and the checkpoint holds the
+    weights, not the figures.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.checkpoints = run_dir / "checkpoints"
+        self.path = run_dir / "per_epoch.json"
+
+    def train_options(self) -> dict[str, Any]:
+        """``train_tensor``'s options: checkpoint every epoch, keep one, resume if one exists."""
+        from roclip_torch.checkpoint import latest_checkpoint
+
+        return {
+            "checkpoint_dir": self.checkpoints,
+            "keep_last": 1,
+            "resume": latest_checkpoint(self.checkpoints) is not None,
+        }
+
+    def _completed(self) -> int:
+        from roclip_torch.checkpoint import list_checkpoints
+
+        found = list_checkpoints(self.checkpoints)
+        return found[-1][0] if found else 0
+
+    def _saved(self) -> dict[str, Any]:
+        if not self._completed() or not self.path.is_file():
+            return {}
+        return json.loads(self.path.read_text())
+
+    def figures(self) -> dict[int, dict[str, Any]]:
+        """The per-epoch figures of the epochs the newest checkpoint holds.
+
+        An epoch is evaluated before its checkpoint is written: figures of an epoch past the
+        checkpoint belong to an epoch that trains again on resume, and are dropped.
+        """
+        done = self._completed()
+        saved = self._saved().get("per_epoch", {})
+        return {int(k): v for k, v in saved.items() if int(k) <= done}
+
+    def eval_seconds(self) -> float:
+        return float(self._saved().get("eval_seconds", 0.0))
+
+    def write(self, per_epoch: Mapping[int, Any], eval_seconds: float) -> None:
+        """Called after each epoch's evaluation, before the epoch's checkpoint is written."""
+        from roclip_plugin.io import atomic_write_text
+
+        body = {
+            "per_epoch": {str(k): v for k, v in per_epoch.items()},
+            "eval_seconds": eval_seconds,
+        }
+        atomic_write_text(self.path, json.dumps(body))
+
+    def clear(self) -> None:
+        """A finished run's figures are in its result: its resume state goes."""
+        shutil.rmtree(self.checkpoints, ignore_errors=True)
+        self.path.unlink(missing_ok=True)
 
 
 def _alignment(state: Mapping[str, Any] | None) -> dict[int, float]:

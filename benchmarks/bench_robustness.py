@@ -19,7 +19,7 @@ Variants (``--variants``), on top of the scale's RoCLIP settings:
   clip           plain CLIP, no augmentation
   aug-only       CLIP with RoCLIP's augmentation (image and caption), no matching
   match-only     RoCLIP's matching without augmentation
-  roclip         RoCLIP, the demo's documented settings (augmentation and matching)
+  roclip         RoCLIP as the paper runs it (the paper preset at the scale's schedule)
   reference      the authors' semantics (--roclip-preset reference: match from the second
                  epoch every K, pool updated in matching epochs only), same pool and images
   every-epoch    matching every epoch after the warm-up (--roclip-rematch-every 1)
@@ -54,15 +54,16 @@ from roclip_kit.tensor_train import TensorTrainSettings
 
 from roclip_plugin.config import preset_name
 
-_DROP = {"match_action": "drop", "first_rematch_epoch": 0, "rematch_every": 1}
+_DROP = {"preset": "paper", "match_action": "drop", "first_rematch_epoch": 0, "rematch_every": 1}
 VARIANTS: dict[str, tuple[dict[str, Any] | None, bool]] = {
     "clip": (None, True),
-    "aug-only": ({}, False),
-    "match-only": ({"image_aug": "none", "text_aug": "none"}, True),
-    "roclip": ({}, True),
+    "aug-only": ({"preset": "paper"}, False),
+    "match-only": ({"preset": "paper", "image_aug": "none", "text_aug": "none"}, True),
+    # the paper's configuration by name, whatever the default preset is (saved runs keep it)
+    "roclip": ({"preset": "paper"}, True),
     "reference": ({"preset": "reference"}, True),
-    "every-epoch": ({"rematch_every": 1}, True),
-    "adaptive": ({"schedule": "adaptive", "first_rematch_epoch": 2}, True),
+    "every-epoch": ({"preset": "paper", "rematch_every": 1}, True),
+    "adaptive": ({"preset": "paper", "schedule": "adaptive", "first_rematch_epoch": 2}, True),
     # Beyond the paper (docs/config.md): every epoch from the first, leave out of the loss the
     # share of each batch whose own caption fits worst next to their nearest pool caption.
     "drop10": (_DROP | {"match_fraction": 0.1}, True),

@@ -17,7 +17,7 @@ order, each in its own child process under its own time budget:
                   plain step (goal: < 5%)
   6 gpu_tests     the ``gpu``-marked tests (``pytest -m gpu``)
   7 robustness    ``bench_robustness --device cuda`` on the tensor path: captioned MNIST and
-                  Fashion-MNIST, CLIP / RoCLIP / reference / every-epoch / adaptive, backdoor
+                  Fashion-MNIST, CLIP / paper / robust / SafeCLIP / floor, backdoor
                   at 0.1% and 1%; seed 0 first, then as many more seeds (up to 3) as the time
                   left fits; it gets whatever parts 0-6 left, never more than 8 minutes
 
@@ -82,7 +82,7 @@ AUGMENT_GOAL_PCT = 5.0
 GRID_DATASETS = ("mnist", "fashion-mnist")
 GRID_SEEDS = (0, 1, 2)
 GRID_RATES = (0.001, 0.01)
-GRID_VARIANTS = ("clip", "roclip", "reference", "every-epoch", "adaptive")
+GRID_VARIANTS = ("clip", "roclip", "robust", "safeclip", "floor")
 DATA_ENV = {"ROCLIP_MNIST_DIR": "mnist", "ROCLIP_FASHION_MNIST_DIR": "fashion-mnist"}
 OUT_FILES = ("evidence.jsonl", "summary.json", "evidence.md", "log.txt")
 

@@ -122,6 +122,16 @@ def check_drop(args: argparse.Namespace) -> None:
         raise ValueError(f"--drop-count must be 0 or more, got {args.drop_count}")
 
 
+def check_drop_size(args: argparse.Namespace, rows: int) -> None:
+    """Refuse a drop that leaves no row: OpenCLIP cannot train on a header alone."""
+    drop = drop_size(rows, args.drop_fraction, args.drop_count)
+    if args.drop_count is not None and drop >= rows:
+        raise ValueError(
+            f"--drop-count {args.drop_count} drops every one of the {rows} rows of the CSV; "
+            "give fewer (or --drop-fraction)"
+        )
+
+
 def check_args(args: argparse.Namespace) -> tuple[ScanSettings, Path]:
     """Every check that needs no model: flags, files, the output folder."""
     out = check_output_dir(args.out, "--out")
@@ -147,6 +157,7 @@ def run_scan(args: argparse.Namespace, console: Console) -> int:
     """Scan, print the top of the ranking and the report, write the outputs."""
     settings, csv_path = check_args(args)
     pairs = read_pairs(csv_path)
+    check_drop_size(args, len(pairs))
     poisoned = poisoned_by_attack(args.manifest, pairs) if args.manifest else None
     model, quick_gelu = resolve_model(args)
     console.print(f"Scanning [bold]{len(pairs)}[/bold] pairs of {csv_path} with {args.checkpoint}")

@@ -156,6 +156,7 @@ def test_resume_refuses_another_checkpoint(setup, tmp_path) -> None:
         (["--manifest", "missing.json"], "--manifest"),
         (["--device", "nonsense"], "--device"),
         (["--batch-size", "0"], "--batch-size"),
+        (["--drop-count", "100000"], "--drop-count"),
     ],
 )
 def test_bad_input_is_one_line_naming_the_flag(setup, tmp_path, extra, flag) -> None:

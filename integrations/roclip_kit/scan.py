@@ -254,7 +254,10 @@ def poisoned_by_attack(manifest: Path | str, pairs: Pairs) -> dict[str, np.ndarr
     """
     from roclip_kit.attacks import load_manifest
 
-    data = load_manifest(manifest)
+    try:
+        data = load_manifest(manifest)
+    except ValueError as err:
+        raise ValueError(f"--manifest: {err}; pass the manifest.json of the poisoned CSV") from None
     masks = {kind: np.zeros(len(pairs), dtype=bool) for kind in ATTACKS}
     key_rows = {k: i for i, k in enumerate(pairs.keys or [])}
     for entry in data.get("rows") or []:

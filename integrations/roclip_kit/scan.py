@@ -208,8 +208,13 @@ def scan_pairs(
     advance = progress("embedding pairs", todo) if progress and todo else None
     embed_pairs(loaded, pairs, store, batch_size=batch_size, progress=advance)
     embedded = time.perf_counter()
+    # one step, shown with its elapsed time: the exact all-pairs searches take tens of seconds
+    # at 60,000 pairs on a CPU, and a silent terminal looks stuck
+    scored = progress("scoring (exact neighbour search)", 1) if progress else None
     images, captions = store.load()
     scores = score_embeddings(images, captions, settings)
+    if scored is not None:
+        scored(1)
     done = time.perf_counter()
     return ScanResult(pairs, scores, settings, embedded - started, done - embedded, todo, notes)
 

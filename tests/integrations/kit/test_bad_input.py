@@ -295,7 +295,7 @@ def _scan_flags(world: dict[str, Path]) -> dict[str, st.SearchStrategy[str]]:
         "--manifest": _paths(world, "empty", "missing", "dir", "not-json", "not-manifest"),
         "--out": _paths(world, "empty", "file", "under-file"),
         "--drop-fraction": bad_reals(0.0, 1.0, high_open=True),
-        "--drop-count": bad_ints(0, 200),  # 200 or more drops every one of the 106 rows
+        "--drop-count": bad_ints(0, 200),  # above 200: every one of the 106 rows
         "--drop-by": not_in(DETECTORS),
         "--k": bad_ints(1),
         "--reference-size": bad_ints(0),

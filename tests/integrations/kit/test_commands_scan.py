@@ -179,3 +179,26 @@ def test_a_manifest_of_another_csv_is_refused(setup, tmp_path) -> None:
     path.write_text(json.dumps(manifest))
     result = _scan(setup, tmp_path / "out", "--manifest", str(path))
     assert_refused(result, "--manifest")
+
+
+def test_the_api_reports_progress_per_batch_and_the_scoring_step(setup, tmp_path) -> None:
+    from roclip_kit.models import load_openclip
+    from roclip_kit.scan import scan_pairs
+
+    loaded = load_openclip(setup["checkpoint"], f"local-dir:{setup['root'] / 'tiny'}")
+    pairs = read_pairs(setup["dataset"] / "train.csv")
+    seen: dict[str, list[int]] = {}
+
+    def progress(description: str, total: int):
+        seen[description] = [total]
+        return seen[description].append
+
+    result = scan_pairs(
+        loaded, pairs, tmp_path / "emb", chunk_size=100, batch_size=32, progress=progress
+    )
+    embedding = seen["embedding pairs"]
+    assert embedding[0] == len(pairs) == sum(embedding[1:])
+    assert max(embedding[1:]) == 32  # per batch, not per chunk
+    assert seen["scoring (exact neighbour search)"] == [1, 1]
+    assert result.embedded == len(pairs) and result.pairs_per_second > 0
+    assert set(result.scores) == set(DETECTORS)

@@ -46,6 +46,8 @@ from roclip_plugin.io import check_output_dir, require_file
 from roclip_plugin.scan import DETECTORS, ScanSettings
 from roclip_plugin.validation import check_device, path_arg
 
+TOP_SHOWN = 10
+
 
 def add_scan_command(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``scan`` sub-command to ``subparsers`` (from ``add_subparsers``)."""
@@ -200,6 +202,7 @@ def write_outputs(
         )
     report = report_dict(result, detection)
     written += list(write_report(out, report))
+    console.print(top_table(result, args.drop_by))
     if detection is not None:
         console.print(detection_table(detection))
     rate = result.pairs_per_second
@@ -211,6 +214,18 @@ def write_outputs(
         console.print(f"[dim]note: {note}[/dim]")
     for path in written:
         console.print(f"wrote {path}")
+
+
+def top_table(result: ScanResult, by: str, count: int = TOP_SHOWN) -> Table:
+    """The most suspicious pairs, so a first look needs no spreadsheet."""
+    table = Table(title=f"most suspicious pairs by {by} (all of them in {SCORES_CSV})")
+    table.add_column("row", justify="right")
+    table.add_column("caption", overflow="ellipsis", no_wrap=True, max_width=60)
+    table.add_column(by, justify="right")
+    for row in ranked_rows(result.scores, by)[:count]:
+        key = result.pairs.keys[row] if result.pairs.keys else str(row)
+        table.add_row(key, result.pairs.captions[row], f"{result.scores[by][row]:.4g}")
+    return table
 
 
 def detection_table(detection: dict[str, Any]) -> Table:

@@ -93,6 +93,8 @@ def test_scan_with_a_manifest_reports_detection_and_filters(setup, tmp_path) -> 
     assert report["detection"]["targeted"]["targeted"]["auroc"] > 0.9
     assert "| targeted |" in (out / "report.md").read_text()
     assert "poison detection" in result.output and "pairs/s" in result.output
+    assert "most suspicious pairs by combined" in result.output
+    assert rows[0]["caption"][:20] in result.output
 
     kept = read_pairs(out / "train_filtered.csv")
     dropped = {int(r["row"]) for r in rows[:20]}

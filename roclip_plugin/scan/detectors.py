@@ -102,14 +102,14 @@ class Density:
 
 
 def local_dimension(distances: np.ndarray, cap: float) -> np.ndarray:
-    """Maximum-likelihood local intrinsic dimensionality from sorted k-NN distances.
+    """Maximum-likelihood local intrinsic dimensionality from k-NN distances.
 
-    ``k / sum_i log(d_k / d_i)`` (Levina-Bickel, Amsaleg et al.). Capped at ``cap`` (the
-    embedding's dimension, which no local dimension exceeds): equal distances, duplicates
-    above all, would otherwise give infinity.
+    ``k / sum_i log(d_k / d_i)`` (Levina-Bickel, Amsaleg et al.), ``d_k`` the largest. Capped
+    at ``cap`` (the embedding's dimension, which no local dimension exceeds): equal distances,
+    duplicates above all, would otherwise give infinity.
     """
     d = np.maximum(distances, DISTANCE_FLOOR)
-    spread = np.log(d[:, -1:] / d).sum(axis=1)
+    spread = np.log(d.max(axis=1, keepdims=True) / d).sum(axis=1)
     k = distances.shape[1]
     with np.errstate(divide="ignore"):
         lid = np.where(spread > 0, k / np.maximum(spread, 1e-300), np.inf)
@@ -130,12 +130,21 @@ def density_scores(
     neighbours' k-distances and local dimensions that SLOF and DAO compare with.
     """
     own = nearest(reference, reference, k, query_ids=reference_rows, bank_ids=reference_rows)
-    own_kdist = np.maximum(own.distance[:, -1], DISTANCE_FLOOR)
+    own_kdist = k_distance(own)
     lid = local_dimension(own.distance, cap=float(images.shape[1]))
     found = nearest(images, reference, k, query_ids=query_rows, bank_ids=reference_rows)
-    kdist = np.maximum(found.distance[:, -1], DISTANCE_FLOOR)
+    kdist = k_distance(found)
     slof = kdist / own_kdist[found.index].mean(axis=1)
     return Density(kdist, slof, log_dao(kdist, found, own_kdist, lid))
+
+
+def k_distance(found: Neighbours) -> np.ndarray:
+    """The distance to the k-th neighbour, floored (ratios and logs follow).
+
+    The largest of the k float64 distances rather than the last column: faiss orders by the
+    float32 cosine, which may rank two near-equal neighbours the other way round.
+    """
+    return np.maximum(found.distance.max(axis=1), DISTANCE_FLOOR)
 
 
 def log_dao(

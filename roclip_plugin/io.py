@@ -42,12 +42,21 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
 
     A failure mid-write (a full disk, an interrupt) leaves the previous file as it was.
     """
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` beside ``path``, then rename it over ``path``.
+
+    For files a later run trusts as complete (a scan's embedding chunks and its progress
+    record): a stop mid-write leaves either the previous file or none, never a torn one.
+    """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = _temp_beside(target)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):

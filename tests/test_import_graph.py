@@ -158,3 +158,25 @@ def test_the_risk_room_imports_only_the_pool_from_the_core() -> None:
     reached = {t for name in risk for t in graph[name] if not t.startswith("roclip_plugin.risk")}
     allowed = {"roclip_plugin", "roclip_plugin.pool", "roclip_plugin.distributed"}
     assert reached <= allowed, reached
+
+
+def _top_level_imports(path: Path) -> set[str]:
+    """The top-level package of every module ``path`` imports (type-only imports left out)."""
+    names: set[str] = set()
+    for node in _imports(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_the_scan_room_imports_no_integration_and_no_open_clip() -> None:
+    """``roclip_plugin.scan`` scores embeddings it is given: embedding with a model is the
+    kit's part, so the core's scan runs (and is tested) without OpenCLIP or the adapters."""
+    files = sorted((CORE / "scan").rglob("*.py"))
+    assert len(files) >= 5
+    reached = set().union(*(_top_level_imports(path) for path in files))
+    forbidden = {"open_clip", "roclip_kit", "roclip_openclip", "roclip_torch"}
+    assert not reached & forbidden, reached & forbidden
+    assert {"faiss", "numpy", "roclip_plugin"} <= reached  # the rule sees real imports

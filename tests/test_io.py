@@ -76,3 +76,23 @@ def test_atomic_writes_follow_the_umask_like_any_other_output(tmp_path: Path, um
     assert stat.S_IMODE(plain.stat().st_mode) == want  # what open() does
     assert stat.S_IMODE(text.stat().st_mode) == want
     assert stat.S_IMODE(state.stat().st_mode) == want
+
+
+def test_atomic_write_bytes_replaces_whole_and_keeps_the_old_file_on_failure(
+    tmp_path: Path, monkeypatch
+) -> None:
+    from roclip_plugin import io as rio
+
+    path = rio.atomic_write_bytes(tmp_path / "sub" / "chunk.npy", b"\x00\x01old")
+    assert path.read_bytes() == b"\x00\x01old"
+    rio.atomic_write_bytes(path, b"new")
+    assert path.read_bytes() == b"new"
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(rio.os, "replace", broken_replace)
+    with pytest.raises(OSError, match="disk full"):
+        rio.atomic_write_bytes(path, b"torn")
+    assert path.read_bytes() == b"new"
+    assert [p.name for p in path.parent.iterdir()] == ["chunk.npy"]

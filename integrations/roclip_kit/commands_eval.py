@@ -50,7 +50,7 @@ def add_eval_command(subparsers: Any) -> argparse.ArgumentParser:
         "poison manifest also attack success and how well RoCLIP's suspicious rows find the "
         "poison. See docs/evaluation.md.",
     )
-    _model_arguments(parser)
+    add_model_arguments(parser)
     _data_arguments(parser)
     _limit_arguments(parser)
     parser.add_argument("--json", type=path_arg, metavar="OUT", help="also write results as JSON")
@@ -58,7 +58,12 @@ def add_eval_command(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
-def _model_arguments(parser: argparse.ArgumentParser) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--checkpoint``, ``--model``, ``--force-quick-gelu``, ``--device``, ``--batch-size``.
+
+    Shared by every command that loads a checkpoint (``eval``, ``scan``), so a model is named
+    the same way everywhere; :func:`resolve_model` reads them back.
+    """
     group = parser.add_argument_group("model")
     group.add_argument(
         "--checkpoint", type=path_arg, required=True, help="OpenCLIP checkpoint (epoch_N.pt)"
@@ -170,20 +175,7 @@ def run_eval(args: argparse.Namespace, console: Console) -> int:
     data = resolve_data(args)
     check_json_is_not_an_input(json_path, args.checkpoint, data)
     load_classes(data.classes)  # readable, and no class named twice
-    params = run_params(args.checkpoint)
-    model = args.model or params.get("model")
-    if not model and read_tensor_checkpoint(Path(args.checkpoint)) is not None:
-        model = "(the checkpoint's own)"
-    if not model:
-        raise ValueError(
-            f"--model is needed: no params.txt was found for checkpoint {args.checkpoint} "
-            "(pass the --model the run was trained with, or local-dir:<dir>)"
-        )
-    if args.model:
-        check_model_name(args.model)
-    quick_gelu = args.force_quick_gelu
-    if quick_gelu is None:
-        quick_gelu = params.get("force_quick_gelu") == "True"
+    model, quick_gelu = resolve_model(args)
     console.print(f"Evaluating [bold]{args.checkpoint}[/bold] (model {model})")
     try:
         with _progress(console) as progress:
@@ -205,6 +197,30 @@ def run_eval(args: argparse.Namespace, console: Console) -> int:
         atomic_write_text(json_path, json.dumps(result, indent=2) + "\n")
         console.print(f"wrote {json_path}")
     return 0
+
+
+def resolve_model(args: argparse.Namespace) -> tuple[str, bool]:
+    """The model name and quick-GELU setting of ``--checkpoint``: flags, else its run's files.
+
+    OpenCLIP's ``params.txt`` two folders above the checkpoint names the model and its
+    ``force_quick_gelu``; a kit checkpoint carries its own model. A checkpoint with neither
+    needs ``--model``, refused here, before anything is loaded.
+    """
+    params = run_params(args.checkpoint)
+    model = args.model or params.get("model")
+    if not model and read_tensor_checkpoint(Path(args.checkpoint)) is not None:
+        model = "(the checkpoint's own)"
+    if not model:
+        raise ValueError(
+            f"--model is needed: no params.txt was found for checkpoint {args.checkpoint} "
+            "(pass the --model the run was trained with, or local-dir:<dir>)"
+        )
+    if args.model:
+        check_model_name(args.model)
+    quick_gelu = args.force_quick_gelu
+    if quick_gelu is None:
+        quick_gelu = params.get("force_quick_gelu") == "True"
+    return model, quick_gelu
 
 
 def check_json_is_not_an_input(json_path: Path | None, checkpoint: Path, data: EvalData) -> None:

@@ -137,7 +137,7 @@ def read_split(path: Path | str, classes: ClassInfo, what: str = "CSV file") -> 
     with path.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh, delimiter=CSV_SEPARATOR)
         columns = reader.fieldnames or []
-        _require_columns(path, columns, (IMAGE_KEY, LABEL_KEY))
+        require_columns(path, columns, (IMAGE_KEY, LABEL_KEY))
         filepaths, labels = [], []
         for row, record in enumerate(reader):
             filepaths.append(resolve_image(record[IMAGE_KEY] or "", path))
@@ -161,7 +161,8 @@ def resolve_image(value: str, csv_path: Path) -> str:
     return str(beside) if beside.is_file() else value
 
 
-def _require_columns(path: Path, columns: Sequence[str], wanted: Sequence[str]) -> None:
+def require_columns(path: Path, columns: Sequence[str], wanted: Sequence[str]) -> None:
+    """Refuse a CSV without the ``wanted`` columns, or one that is not tab-separated, naming it."""
     if len(columns) == 1 and "," in columns[0]:
         raise ValueError(
             f"{path} is not tab-separated (header {columns[0]!r}); the kit's CSVs use tabs, "
@@ -179,7 +180,7 @@ def read_captions(path: Path) -> list[str]:
     """The caption column of a training CSV, by data row."""
     with path.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh, delimiter=CSV_SEPARATOR)
-        _require_columns(path, reader.fieldnames or [], (CAPTION_KEY,))
+        require_columns(path, reader.fieldnames or [], (CAPTION_KEY,))
         return [record[CAPTION_KEY] for record in reader]
 
 

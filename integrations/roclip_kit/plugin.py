@@ -1,8 +1,9 @@
 """The kit's ``roclip`` sub-commands, added through the ``roclip_add_commands`` hook.
 
 Registered in the ``roclip`` entry-point group (pyproject.toml), so installing the package gives
-``roclip demo``, ``roclip data``, ``roclip poison`` and ``roclip eval`` while the core never
-imports the kit. The kit needs the ``kit`` extra (Pillow, OpenCLIP, scikit-learn); without it
+``roclip demo``, ``roclip data``, ``roclip poison``, ``roclip eval`` and ``roclip scan`` while
+the core never imports the kit. The kit needs the ``kit`` extra (Pillow, OpenCLIP,
+scikit-learn, faiss); without it
 the commands still appear and say how to install what is missing, and the core's own commands
 (``roclip smoke``, ``roclip flags``) keep working.
 """
@@ -19,16 +20,18 @@ COMMANDS = {
     "data": "Build a captioned image dataset (MNIST, Fashion-MNIST, digits) offline.",
     "poison": "Write a poisoned copy of a CSV dataset (targeted, backdoor) and its manifest.",
     "eval": "Score a checkpoint: clean accuracy, attack success, poison detection.",
+    "scan": "Rank a dataset's pairs by how poisoned they look; report; write a filtered CSV.",
 }
 
 
 @hookimpl
 def roclip_add_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``demo``, ``data``, ``poison`` and ``eval`` to the ``roclip`` command."""
+    """Add ``demo``, ``data``, ``poison``, ``eval`` and ``scan`` to the ``roclip`` command."""
     try:
         from roclip_kit.commands_data import add_data_command, add_poison_command
         from roclip_kit.commands_demo import add_demo_command
         from roclip_kit.commands_eval import add_eval_command
+        from roclip_kit.commands_scan import add_scan_command
     except ImportError as err:  # an optional dependency of the kit is not installed
         _add_unavailable(subparsers, err)
         return
@@ -36,6 +39,7 @@ def roclip_add_commands(subparsers: argparse._SubParsersAction) -> None:
     add_data_command(subparsers)
     add_poison_command(subparsers)
     add_eval_command(subparsers)
+    add_scan_command(subparsers)
 
 
 def _add_unavailable(subparsers: argparse._SubParsersAction, err: ImportError) -> None:

@@ -1,8 +1,9 @@
-"""Hostile input, generated, for the kit's commands: ``roclip data``, ``poison``, ``eval`` and
-``demo``. Every bad value of every flag exits 2 with one error line naming the flag, never a
-traceback, and changes no file of an existing output (an earlier build, an earlier poisoned
-set, an earlier results JSON, an earlier demo). The work itself never starts: the expensive
-step of each command is replaced by a function that fails the test if it is reached.
+"""Hostile input, generated, for the kit's commands: ``roclip data``, ``poison``, ``eval``,
+``scan`` and ``demo``. Every bad value of every flag exits 2 with one error line naming the
+flag, never a traceback, and changes no file of an existing output (an earlier build, an
+earlier poisoned set, an earlier results JSON, an earlier demo). The work itself never starts:
+the expensive step of each command is replaced by a function that fails the test if it is
+reached.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from hypothesis import strategies as st
 pytest.importorskip("open_clip")
 pytest.importorskip("sklearn")
 
+import roclip_kit.commands_scan  # noqa: E402
 import roclip_kit.datasets  # noqa: E402
 import roclip_kit.demo  # noqa: E402
 import roclip_kit.evaluate  # noqa: E402
@@ -274,6 +276,50 @@ def test_eval_refuses_every_bad_value(flag, data, world, monkeypatch) -> None:
     argv = ["eval", "--checkpoint", str(world["checkpoint"]), "--model",
             f"local-dir:{world['model']}", "--dataset", str(world["poisoned"]), "--json",
             str(world["json"]), *needs, f"{flag}={value}"]  # fmt: skip
+    _check(world, argv, flag)
+
+
+# -- roclip scan ---------------------------------------------------------------------------
+
+
+def _scan_flags(world: dict[str, Path]) -> dict[str, st.SearchStrategy[str]]:
+    from roclip_plugin.scan import DETECTORS
+
+    return {
+        "--checkpoint": _paths(world, "empty", "missing", "dir", "state"),
+        "--model": st.sampled_from(["bogus-model", "hf-hub:x/y", "local-dir:/no/such"]),
+        "--device": DEVICES,
+        "--batch-size": bad_ints(1),
+        "--dataset": _paths(world, "empty", "missing", "file"),
+        "--csv": _paths(world, "empty", "missing", "dir"),
+        "--manifest": _paths(world, "empty", "missing", "dir", "not-json", "not-manifest"),
+        "--out": _paths(world, "empty", "file", "under-file"),
+        "--drop-fraction": bad_reals(0.0, 1.0, high_open=True),
+        "--drop-count": bad_ints(0, 200),  # above 200: every one of the 106 rows
+        "--drop-by": not_in(DETECTORS),
+        "--k": bad_ints(1),
+        "--reference-size": bad_ints(0),
+        "--seed": bad_ints(0),
+        "--chunk-size": bad_ints(1),
+    }
+
+
+SCAN_FLAGS = [
+    "--checkpoint", "--model", "--device", "--batch-size", "--dataset", "--csv", "--manifest",
+    "--out", "--drop-fraction", "--drop-count", "--drop-by", "--k", "--reference-size", "--seed",
+    "--chunk-size",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("flag", SCAN_FLAGS)
+@SETTINGS
+@given(data=st.data())
+def test_scan_refuses_every_bad_value(flag, data, world, monkeypatch) -> None:
+    monkeypatch.setattr(roclip_kit.commands_scan, "load_openclip", _never)
+    value = data.draw(_scan_flags(world)[flag], label=flag)
+    argv = ["scan", "--checkpoint", str(world["checkpoint"]), "--model",
+            f"local-dir:{world['model']}", "--dataset", str(world["poisoned"]), "--out",
+            str(world["root"] / "scan-out"), f"{flag}={value}"]  # fmt: skip
     _check(world, argv, flag)
 
 

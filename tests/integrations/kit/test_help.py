@@ -21,7 +21,7 @@ def _parser():
     return build_parser(pm)
 
 
-@pytest.mark.parametrize("command", ["data", "poison", "eval", "demo"])
+@pytest.mark.parametrize("command", ["data", "poison", "eval", "demo", "scan"])
 def test_plain_defaults_are_the_defaults_used(command) -> None:
     assert_help_shows_defaults(subcommand(_parser(), command))
 

@@ -11,7 +11,7 @@ def test_kit_commands_join_the_roclip_command() -> None:
     pm.register(roclip_kit.plugin)
     parser = build_parser(pm)
     commands = next(a for a in parser._actions if a.dest == "command").choices
-    assert {"smoke", "flags", "demo", "data", "poison", "eval"} <= set(commands)
+    assert {"smoke", "flags", "demo", "data", "poison", "eval", "scan"} <= set(commands)
     args = parser.parse_args(["demo", "--dataset", "digits", "--roclip-pool-size", "64"])
     assert args.run.__name__ == "run_demo_command"
     assert args.roclip_pool_size == 64

@@ -1,0 +1,148 @@
+"""Embeddings of a scan on disk: chunked ``.npy`` files and a progress record, for resuming.
+
+Embedding is the slow part of a scan (the model reads every image); a stopped scan must not
+start again from zero. Each chunk of ``chunk_size`` pairs is written as two ``.npy`` files
+(images, captions), then ``progress.json`` lists it as done; both writes are atomic, so a
+chunk is either listed and whole or redone. ``progress.json`` also records what was embedded
+(``identity``: the data and the model, as the caller describes them), so a resume against
+other data or another checkpoint is refused instead of mixing embeddings of two models.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from roclip_plugin.io import atomic_write_bytes, atomic_write_text
+
+STORE_FORMAT = "roclip-scan-embeddings/1"
+PROGRESS_FILE = "progress.json"
+
+
+class EmbeddingStore:
+    """A folder of embedding chunks of ``total`` pairs, ``chunk_size`` pairs a chunk.
+
+    Use :meth:`create` for a new scan and :meth:`resume` to continue one; then write each
+    chunk in :meth:`missing` and :meth:`load` the whole.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        total: int,
+        chunk_size: int,
+        identity: dict[str, Any],
+        done: set[int] | None = None,
+    ) -> None:
+        if total < 1 or chunk_size < 1:
+            raise ValueError(
+                f"a store needs total >= 1 and chunk_size >= 1 ({total}, {chunk_size})"
+            )
+        self.folder = Path(folder)
+        self.total = total
+        self.chunk_size = chunk_size
+        self.identity = identity
+        self.done: set[int] = set(done or ())
+
+    @property
+    def chunks(self) -> int:
+        """How many chunks the pairs make."""
+        return -(-self.total // self.chunk_size)
+
+    def rows(self, chunk: int) -> range:
+        """The pairs of ``chunk``."""
+        start = chunk * self.chunk_size
+        return range(start, min(start + self.chunk_size, self.total))
+
+    def missing(self) -> list[int]:
+        """Chunks still to embed, in order."""
+        return [c for c in range(self.chunks) if c not in self.done]
+
+    @classmethod
+    def create(
+        cls, folder: Path | str, total: int, chunk_size: int, identity: dict[str, Any]
+    ) -> EmbeddingStore:
+        """A new, empty store; an existing one in ``folder`` is refused (resume it instead)."""
+        folder = Path(folder)
+        if (folder / PROGRESS_FILE).exists():
+            raise ValueError(
+                f"{folder} holds a scan's embeddings already: add --resume to continue it, or "
+                "choose another --out"
+            )
+        store = cls(folder, total, chunk_size, identity)
+        store._save_progress()
+        return store
+
+    @classmethod
+    def resume(
+        cls, folder: Path | str, total: int, chunk_size: int, identity: dict[str, Any]
+    ) -> EmbeddingStore:
+        """The store in ``folder``, checked to be of the same pairs, chunking and model.
+
+        A folder without a progress record starts a new store.
+        """
+        folder = Path(folder)
+        path = folder / PROGRESS_FILE
+        if not path.exists():
+            return cls.create(folder, total, chunk_size, identity)
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(
+                f"{path} cannot be read ({err}); delete {folder} and scan again"
+            ) from None
+        wanted = {
+            "format": STORE_FORMAT,
+            "total": total,
+            "chunk_size": chunk_size,
+            "identity": identity,
+        }
+        for key, value in wanted.items():
+            if record.get(key) != value:
+                raise ValueError(
+                    f"--resume: {path} records {key} {record.get(key)!r}, this scan has "
+                    f"{value!r}; it is another scan's: rerun it with the same data, model and "
+                    "--chunk-size, or choose another --out"
+                )
+        return cls(folder, total, chunk_size, identity, set(record.get("done") or []))
+
+    def _chunk_path(self, chunk: int, side: str) -> Path:
+        return self.folder / f"{side}_{chunk:06d}.npy"
+
+    def write(self, chunk: int, images: np.ndarray, captions: np.ndarray) -> None:
+        """Save one chunk's embeddings (float32), then record it as done."""
+        expected = len(self.rows(chunk))
+        for side, values in (("images", images), ("captions", captions)):
+            if len(values) != expected:
+                raise ValueError(f"chunk {chunk}: {len(values)} {side} rows, expected {expected}")
+            buffer = io.BytesIO()
+            np.save(buffer, np.ascontiguousarray(values, dtype=np.float32))
+            atomic_write_bytes(self._chunk_path(chunk, side), buffer.getvalue())
+        self.done.add(chunk)
+        self._save_progress()
+
+    def _save_progress(self) -> None:
+        record = {
+            "format": STORE_FORMAT,
+            "total": self.total,
+            "chunk_size": self.chunk_size,
+            "identity": self.identity,
+            "done": sorted(self.done),
+        }
+        atomic_write_text(self.folder / PROGRESS_FILE, json.dumps(record, indent=1) + "\n")
+
+    def load(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every pair's image and caption embeddings, ``[total, dim]`` each (all chunks done)."""
+        if self.missing():
+            raise ValueError(
+                f"{self.folder}: {len(self.missing())} of {self.chunks} chunks not embedded yet"
+            )
+        sides = []
+        for side in ("images", "captions"):
+            parts = [np.load(self._chunk_path(c, side)) for c in range(self.chunks)]
+            sides.append(np.concatenate(parts))
+        return sides[0], sides[1]

@@ -1,0 +1,126 @@
+"""Each detector's mechanics on constructed embeddings: what it ranks first, and what not."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from roclip_plugin.scan import (
+    DETECTORS,
+    ScanSettings,
+    auroc,
+    density_scores,
+    score_embeddings,
+    top_rows,
+)
+from roclip_plugin.scan.detectors import local_dimension
+
+from .data import planted, unit
+
+
+@pytest.fixture(scope="module")
+def data():
+    return planted()
+
+
+@pytest.fixture(scope="module")
+def scores(data):
+    return score_embeddings(data.images, data.captions, ScanSettings(k=16, reference_size=None))
+
+
+def test_every_detector_scores_every_pair(data, scores) -> None:
+    assert set(scores) == set(DETECTORS)
+    for name, values in scores.items():
+        assert values.shape == (len(data.images),), name
+        assert np.isfinite(values).all(), name
+
+
+@pytest.mark.parametrize("detector", ["kdist", "dao"])
+def test_a_dense_planted_cluster_is_ranked_first_by_density(data, scores, detector) -> None:
+    count = int(data.backdoor.sum())
+    assert set(top_rows(scores[detector], count)) == set(np.flatnonzero(data.backdoor))
+    assert auroc(scores[detector], data.backdoor) == 1.0
+
+
+def test_slof_ranks_the_cluster_high_but_its_neighbours_share_its_sparsity(data, scores) -> None:
+    """The cluster's own members are its nearest reference images: their k-distances are as
+    large as its own, so SLOF's ratio is diluted; DAO's dimension correction is not."""
+    assert 0.85 < auroc(scores["slof"], data.backdoor) < auroc(scores["dao"], data.backdoor)
+
+
+def test_the_targeted_score_ranks_the_repeated_images_first(data, scores) -> None:
+    count = int(data.targeted.sum())
+    top = top_rows(scores["targeted"], count)
+    assert set(top) == set(np.flatnonzero(data.targeted))
+    clean = ~(data.backdoor | data.targeted)
+    for kind in (data.targeted, data.backdoor):
+        assert auroc(scores["combined"][clean | kind], kind[clean | kind]) > 0.95
+
+
+def test_mismatched_captions_score_high_on_cosine_and_margin(data, scores) -> None:
+    clean = ~(data.backdoor | data.targeted)
+    for detector in ("cosine", "margin"):
+        poisoned_vs_clean = data.targeted[clean | data.targeted]
+        assert auroc(scores[detector][clean | data.targeted], poisoned_vs_clean) > 0.95
+
+
+def test_a_cluster_larger_than_k_hides_in_a_full_reference_but_not_in_a_small_one() -> None:
+    """The local-density paper's limit: with more poisons than k in the reference, the cluster
+    looks normal; a reference sample holding few of them finds it again."""
+    big = planted(seed=3, clean=1200, backdoor=60, targets=0)
+    full = score_embeddings(big.images, big.captions, ScanSettings(reference_size=None))
+    small = score_embeddings(big.images, big.captions, ScanSettings(reference_size=200, seed=1))
+    assert auroc(full["kdist"], big.backdoor) < 0.2
+    assert auroc(small["kdist"], big.backdoor) > 0.99
+    assert auroc(small["dao"], big.backdoor) > 0.99
+
+
+@settings(max_examples=8, deadline=None)
+@given(st.randoms(use_true_random=False))
+def test_scores_do_not_depend_on_row_order(random) -> None:
+    data = planted(seed=4, clean=150, backdoor=6, targets=1, copies=5)
+    order = np.array(random.sample(range(len(data.images)), len(data.images)))
+    setting = ScanSettings(k=8, reference_size=None)
+    base = score_embeddings(data.images, data.captions, setting)
+    moved = score_embeddings(data.images[order], data.captions[order], setting)
+    for name in DETECTORS:  # float32 search: near-ties at the k-th neighbour may swap
+        assert np.allclose(moved[name], base[name][order], rtol=1e-4, atol=1e-4), name
+
+
+def test_dao_stays_finite_where_the_plain_ratio_overflows() -> None:
+    rng = np.random.default_rng(5)
+    dim = 400  # local dimensions up to 400: ratio ** lid leaves float64's range
+    reference = unit(rng.normal(size=(60, dim)))
+    far = unit(rng.normal(size=(1, dim)))
+    rows = np.arange(60)
+    found = density_scores(far, reference, 8, query_rows=np.array([-1]), reference_rows=rows)
+    assert np.isfinite(found.dao).all()
+
+
+def test_local_dimension_of_duplicates_is_capped() -> None:
+    assert local_dimension(np.zeros((1, 4)), cap=64.0).tolist() == [64.0]
+    spread = np.array([[1.0, 2.0, 4.0, 8.0]])
+    assert local_dimension(spread, cap=64.0)[0] == pytest.approx(4 / (6 * np.log(2)))
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("k", 0, "k must be an integer >= 1"),
+        ("reference_size", 1, "reference_size must be None or an integer >= 2"),
+        ("duplicate_quantile", 1.0, "duplicate_quantile must be in"),
+        ("seed", -1, "seed must be a non-negative integer"),
+    ],
+)
+def test_bad_settings_name_the_field(field, value, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        ScanSettings(**{field: value})
+
+
+def test_a_k_beyond_the_reference_and_mismatched_shapes_are_refused(data) -> None:
+    with pytest.raises(ValueError, match="lower k or raise reference_size"):
+        score_embeddings(data.images, data.captions, ScanSettings(k=16, reference_size=10))
+    with pytest.raises(ValueError, match="row i of both must be pair i"):
+        score_embeddings(data.images, data.captions[:-1])

@@ -507,10 +507,11 @@ def bad_flag_values(
     """``(argv words, must be refused)`` for one flag, drawn from its parser entry.
 
     Wrong kinds and empty values must be refused; odd values may run. A list option
-    (``nargs="*"``) may legitimately be given empty, so its empty spellings may run too.
+    (``nargs="*"``) may legitimately be given empty, and so may an option whose default is
+    empty (OpenCLIP's ``--pretrained ''``), so their empty spellings may run too.
     """
     wrong = wrong_kind_values(action).map(lambda value: ([f"{flag}={value}"], True))
-    empty_refused = action.nargs != "*"
+    empty_refused = action.nargs != "*" and action.default != ""
     empty = empty_values(flag).map(lambda words: (words, empty_refused))
     odd = odd_values(action).map(lambda value: ([f"{flag}={value}"], False))
     return st.one_of(wrong, empty, odd)

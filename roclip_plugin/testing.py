@@ -415,3 +415,125 @@ def bad_input_settings(max_examples: int = 5) -> Any:
         derandomize=True,
         suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
     )
+
+
+# -- fuzzing every flag of a command ------------------------------------------------------------
+#
+# The refusal helpers above test the bad values someone thought of for each flag. The fuzz
+# below reads a command's parser instead, so a flag added tomorrow is fuzzed without anyone
+# writing a strategy for it: values of the wrong kind for its type (text for an integer, a
+# word outside its choices), empty values in every spelling a shell produces, and odd values
+# (NaN, huge numbers, blanks) that the flag may accept or refuse but must never crash on.
+
+EMPTY_SPELLINGS = ("{flag}=", "{flag}=--", "{flag} --", "{flag} ")
+NON_FINITE = ("nan", "inf", "-inf", "NaN", "+inf")
+
+
+def value_flags(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """Every option of ``parser`` that takes a value, by its first long flag.
+
+    Switches (``--roclip``, ``--no-linear-probe``), ``--help`` and ``--version`` take none, so
+    there is no value to get wrong; options with ``nargs`` ``*``/``+`` are kept (an empty or
+    malformed list is a bad value too).
+    """
+    flags = {}
+    for action in parser._actions:
+        if not action.option_strings or action.nargs == 0 or action.help == argparse.SUPPRESS:
+            continue
+        longs = [s for s in action.option_strings if s.startswith("--")]
+        flags[(longs or action.option_strings)[0]] = action
+    return flags
+
+
+def _type_name(action: argparse.Action) -> str:
+    kind = action.type
+    return getattr(kind, "__name__", "") if kind is not None else ""
+
+
+def empty_spellings(flag: str) -> list[list[str]]:
+    """``flag`` given no value, as argv words: ``--f=``, ``--f=--``, ``--f --``, ``--f ''``.
+
+    argparse stores ``--f=--`` as an empty list without calling the flag's type, and ``--f=``
+    as an empty string that only some types refuse: both must still be refused by name. A list
+    so a test can try every spelling of every flag, not a sample.
+    """
+    return [form.format(flag=flag).split(" ") for form in EMPTY_SPELLINGS]
+
+
+def empty_values(flag: str) -> st.SearchStrategy[list[str]]:
+    """One of :func:`empty_spellings`, for a fuzz that mixes them with other bad values."""
+    return st.sampled_from(empty_spellings(flag))
+
+
+def wrong_kind_values(action: argparse.Action) -> st.SearchStrategy[str]:
+    """Values of the wrong kind for ``action``'s type or choices: no flag may accept one.
+
+    Integers get text that is not an integer, numbers text that is not a number (and NaN and
+    infinities: no flag of this project means anything by them), choices a word outside
+    them. Other types (paths, names, lists) get a blank; empty values are drawn separately.
+    """
+    if action.choices is not None:
+        return not_in([str(choice) for choice in action.choices]).filter(bool)
+    name = _type_name(action)
+    if action.type is int:
+        return st.sampled_from([t for t in NON_INTEGERS if t not in ("", "--")])
+    if action.type is float:
+        return st.sampled_from([t for t in (*NON_NUMBERS, *NON_FINITE) if t not in ("", "--")])
+    if name == "path_arg":
+        return st.sampled_from(["", " ", "\t"])
+    return st.nothing()
+
+
+def odd_values(action: argparse.Action) -> st.SearchStrategy[str]:
+    """Values ``action`` may accept or refuse, but must never crash on.
+
+    Huge and negative integers, NaN and extreme floats, blank, control and non-ASCII text:
+    the edge of every range and the characters a shell lets through.
+    """
+    text = st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=8).filter(
+        lambda t: not t.startswith("-") and "\x00" not in t
+    )
+    numbers = (
+        st.integers(-(2**70), 2**70).map(str)
+        | st.floats(allow_nan=True, allow_infinity=True).map(repr)
+        | st.sampled_from(["0", "-0", "1e309", "-1", "9" * 30, "0.0", "1_000"])
+    )
+    return numbers | text
+
+
+def bad_flag_values(
+    action: argparse.Action, flag: str
+) -> st.SearchStrategy[tuple[list[str], bool]]:
+    """``(argv words, must be refused)`` for one flag, drawn from its parser entry.
+
+    Wrong kinds and empty values must be refused; odd values may run. A list option
+    (``nargs="*"``) may legitimately be given empty, and so may an option whose default is
+    empty (OpenCLIP's ``--pretrained ''``), so their empty spellings may run too.
+    """
+    wrong = wrong_kind_values(action).map(lambda value: ([f"{flag}={value}"], True))
+    empty_refused = action.nargs != "*" and action.default != ""
+    empty = empty_values(flag).map(lambda words: (words, empty_refused))
+    odd = odd_values(action).map(lambda value: ([f"{flag}={value}"], False))
+    return st.one_of(wrong, empty, odd)
+
+
+def assert_clean_exit(result: CommandResult, flag: str) -> None:
+    """Exit 0 or 2 and no traceback; an exit 2 has exactly one ``error:`` line naming ``flag``.
+
+    The contract of a fuzzed flag whose value may be valid: a command either runs (here: it
+    reaches the stubbed-out work and reports 0) or refuses clearly.
+    """
+    shown = result.output[-2000:]
+    assert "Traceback" not in result.output, f"a traceback for {flag}:\n{shown}"
+    assert result.code in (0, 2), f"exit code {result.code} for {flag}, expected 0 or 2:\n{shown}"
+    if result.code == 2:
+        assert_refused(result, flag)
+
+
+def fuzz_settings(max_examples: int) -> Any:
+    """Hypothesis settings of the flag fuzz: ``bad_input_settings`` with its own budget.
+
+    The CI variant draws a few examples per flag (derandomized, the same every run); the slow
+    variant (``pytest -m slow``) draws many, still derandomized so a failure reproduces.
+    """
+    return bad_input_settings(max_examples)

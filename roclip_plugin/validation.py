@@ -339,11 +339,35 @@ def path_arg(text: str) -> Path:
     return Path(text)
 
 
-def check_parsed(parser: argparse.ArgumentParser, namespace: argparse.Namespace) -> None:
-    """Refuse ``--flag=--``, which argparse (3.11) stores as ``[]`` without calling its type.
+def empty_value_error(parser: argparse.ArgumentParser, namespace: argparse.Namespace) -> str | None:
+    """The message for the first option of ``parser`` given no value in ``namespace``, or None.
 
-    ``--seed=--`` would otherwise reach the command as an empty list and end in a traceback
-    (``'<' not supported between 'list' and 'int'``). Walks the parser and the sub-command's.
+    argparse (3.11) stores ``--seed=--`` as ``[]`` without calling the flag's type, and
+    ``--name=`` or ``--name ''`` as ``""``: either reached the command as a value (``--seed=--``
+    ended in ``'<' not supported between 'list' and 'int'``, ``--logs=`` wrote into the current
+    folder). An option whose value is empty while its default is not was given empty by the
+    user; options whose default is empty (OpenCLIP's ``--pretrained ''``) keep it.
+    """
+    for action in parser._actions:
+        if not action.option_strings or action.nargs in (0, "*"):
+            continue
+        value = getattr(namespace, action.dest, None)
+        if value == action.default:
+            continue
+        values = value if isinstance(action, argparse._AppendAction) else [value]
+        for item in values or ():
+            items = item if isinstance(item, list) and action.nargs not in (None, "?") else [item]
+            if item == [] or any(isinstance(i, str) and not i for i in items):
+                got = "--" if item == [] else ""
+                return f"argument {'/'.join(action.option_strings)}: expected a value, got '{got}'"
+    return None
+
+
+def check_parsed(parser: argparse.ArgumentParser, namespace: argparse.Namespace) -> None:
+    """Refuse an option given no value (``--flag=--``, ``--flag=``): see ``empty_value_error``.
+
+    Walks the parser and the chosen sub-command's, and exits 2 through ``parser.error`` with
+    one line naming the flag, as argparse does for its own errors.
     """
     parsers = [parser]
     while parsers:
@@ -353,12 +377,6 @@ def check_parsed(parser: argparse.ArgumentParser, namespace: argparse.Namespace)
                 chosen = getattr(namespace, action.dest, None)
                 if chosen in action.choices:
                     parsers.append(action.choices[chosen])
-                continue
-            if not action.option_strings or action.nargs not in (None, "?"):
-                continue
-            value = getattr(namespace, action.dest, None)
-            values = value if isinstance(action, argparse._AppendAction) else [value]
-            if any(isinstance(v, list) and not v for v in values or ()):
-                current.error(
-                    f"argument {'/'.join(action.option_strings)}: expected a value, got '--'"
-                )
+        message = empty_value_error(current, namespace)
+        if message:
+            current.error(message)

@@ -113,8 +113,13 @@ class Table:
 
 
 def load_classes(path: Path) -> list[str]:
-    """Class names by label from a classes.json (its ``classes`` list)."""
-    require_file(path, f"classes file (--classes or --dataset DIR/{CLASSES_FILE})")
+    """Class names by label from a classes.json (its ``classes`` list).
+
+    Every refusal names the flags the file came from (``--classes``, or ``--dataset``'s
+    folder), so a user who passed a wrong file sees which flag to change.
+    """
+    where = f"--classes or --dataset DIR/{CLASSES_FILE}"
+    require_file(path, f"classes file ({where})")
     try:
         data = json.loads(path.read_text(encoding="utf-8-sig"))
     except ValueError as err:
@@ -122,8 +127,8 @@ def load_classes(path: Path) -> list[str]:
     classes = data.get("classes") if isinstance(data, dict) else None
     if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
         raise ValueError(
-            f'classes file {path} needs a "classes" key holding the class names by label, '
-            'e.g. {"classes": ["cat", "dog"]}'
+            f'classes file {path} ({where}) needs a "classes" key holding the class names by '
+            'label, e.g. {"classes": ["cat", "dog"]}'
         )
     check_unique_names(classes, path)
     return classes

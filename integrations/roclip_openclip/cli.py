@@ -18,7 +18,12 @@ from typing import Any
 
 import pluggy
 
-from roclip_openclip.preflight import check_openclip_values, embed_dim
+from roclip_openclip.preflight import (
+    check_finite_numbers,
+    check_openclip_values,
+    embed_dim,
+    strict_aug_cfg,
+)
 from roclip_plugin import RoClipConfig, get_plugin_manager
 from roclip_plugin.augment import build_policy
 from roclip_plugin.checks import check_pool_fits, device_memory_bytes
@@ -26,7 +31,7 @@ from roclip_plugin.config import FLAG_PREFIX, add_argparse_args, config_from_nam
 from roclip_plugin.io import StateError, detach_stdout
 from roclip_plugin.matching import check_matcher_settings
 from roclip_plugin.siglip import SIGLIP_DIST_IMPLS
-from roclip_plugin.validation import check_parsed
+from roclip_plugin.validation import check_parsed, empty_value_error
 
 SUPPORTED = ((2, 26), (4, 0))  # open_clip_torch versions: [2.26, 4.0)
 log = logging.getLogger("roclip")
@@ -75,6 +80,50 @@ def build_parser(pm: pluggy.PluginManager) -> argparse.ArgumentParser:
     add_argparse_args(group)
     pm.hook.roclip_add_options(parser=group)
     return parser
+
+
+class _Captured(Exception):
+    """Stops OpenCLIP's ``parse_args`` once its parser is built (see :func:`openclip_parser`)."""
+
+    def __init__(self, parser: argparse.ArgumentParser) -> None:
+        super().__init__("parser captured")
+        self.parser = parser
+
+
+def openclip_parser() -> argparse.ArgumentParser:
+    """OpenCLIP's own argument parser, as ``open_clip_train.params.parse_args`` builds it.
+
+    OpenCLIP builds its parser inside ``parse_args`` and keeps no handle on it, yet the checks
+    of empty and non-finite values need its flags (their types, defaults and names), and so
+    does the flag fuzz. The parser is taken at the moment ``parse_args`` would parse, so every
+    flag of the installed OpenCLIP is there and nothing is parsed.
+    """
+    from open_clip_train import params
+
+    original = argparse.ArgumentParser.parse_args
+
+    def capture(self: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> Any:
+        raise _Captured(self)
+
+    argparse.ArgumentParser.parse_args = capture  # type: ignore[method-assign]
+    try:
+        params.parse_args([])
+    except _Captured as captured:
+        return captured.parser
+    finally:
+        argparse.ArgumentParser.parse_args = original  # type: ignore[method-assign]
+    raise UsageError("open_clip_train.params.parse_args built no parser; is OpenCLIP supported?")
+
+
+def refuse_empty_values(args: Any) -> None:
+    """Refuse an OpenCLIP flag given no value (``--seed=--``, ``--logs=``), naming it.
+
+    OpenCLIP's parser stores such values as ``[]`` or ``""`` and trains with them: ``--seed=--``
+    started a run. With or without ``--roclip``, since an empty value is never meant.
+    """
+    message = empty_value_error(openclip_parser(), args)
+    if message:
+        raise UsageError(message)
 
 
 def check_openclip_args(args: Any) -> None:
@@ -240,7 +289,11 @@ def _main(argv: list[str]) -> int:
     import open_clip_train.main as oc_main
     from open_clip_train.params import parse_args
 
-    openclip_args = parse_args(rest)
+    with strict_aug_cfg():
+        # argparse alone first: parse_args's own step after parsing (the model's default
+        # optimizer settings) would crash on an empty --model before the check could run
+        refuse_empty_values(openclip_parser().parse_args(rest))
+        openclip_args = parse_args(rest)
     warn_cpu_precision(openclip_args)
     if not roclip_args.roclip:
         given = [a.split("=")[0] for a in argv if a.startswith(FLAG_PREFIX)]
@@ -252,7 +305,8 @@ def _main(argv: list[str]) -> int:
     try:
         config = config_from_namespace(roclip_args)
         check_matcher_settings(config)
-        check_openclip_values(openclip_args)
+        check_openclip_values(openclip_args)  # before: its --lr message says > 0 too
+        check_finite_numbers(openclip_parser(), openclip_args)
         memory = device_memory_bytes(str(getattr(openclip_args, "device", "cuda")))
         check_pool_fits(config.pool_size, embed_dim(openclip_args), memory)
     except ValueError as err:

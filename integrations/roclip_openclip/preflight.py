@@ -9,12 +9,18 @@ fails in a second with one line naming the flag; every function raises ``ValueEr
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import csv
 import difflib
 import json
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from roclip_plugin.validation import check_device
 
 REMOTE_PREFIXES = ("hf-hub:",)
 LOCAL_PREFIX = "local-dir:"
@@ -22,10 +28,73 @@ LOCAL_PREFIX = "local-dir:"
 
 def check_openclip_values(args: Any) -> None:
     """Every check of this module, in flag order; the first failure raises ``ValueError``."""
+    check_device_flag(args)
     check_counts(args)
     check_learning_rate(args)
     check_model_name(args)
     check_train_data(args)
+
+
+def check_device_flag(args: Any) -> None:
+    """``--device`` must be a torch device this machine has (OpenCLIP's default is cuda).
+
+    OpenCLIP hands the text to ``torch.device``: ``--device 0`` or ``--device gpu`` ended in
+    torch's ``RuntimeError`` traceback, and ``cuda`` without a GPU fell back to the CPU with a
+    warning lost in the log. Refused here, with the fix (``--device cpu``).
+    """
+    check_device(str(getattr(args, "device", "cuda")), "--device")
+
+
+def check_finite_numbers(parser: argparse.ArgumentParser, args: Any) -> None:
+    """Every number flag of OpenCLIP's ``parser`` must be finite (``--wd nan`` trained on NaN).
+
+    Read from the parser, so a float flag OpenCLIP adds later is checked too.
+    """
+    for action in parser._actions:
+        if action.type is not float or not action.option_strings:
+            continue
+        value = getattr(args, action.dest, None)
+        values = value if isinstance(value, list | tuple) else [value]
+        for number in values:
+            if isinstance(number, float) and not math.isfinite(number):
+                flag = action.option_strings[-1]
+                raise ValueError(f"{flag} {number}: must be a finite number")
+
+
+@contextlib.contextmanager
+def strict_aug_cfg() -> Iterator[None]:
+    """While OpenCLIP parses, refuse ``--aug-cfg`` words that are not ``KEY=VALUE``.
+
+    OpenCLIP's ``ParseKwargs`` unpacks ``value.split('=')`` into two names, so ``--aug-cfg
+    word`` (or ``a=b=c``) ended in a ``ValueError`` traceback from inside argparse. An
+    ``argparse.ArgumentError`` raised there instead becomes argparse's own one-line usage
+    error naming the flag (exit 2).
+    """
+    from open_clip_train import params
+
+    original = params.ParseKwargs.__call__
+
+    def checked(
+        self: argparse.Action,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        for word in values or ():
+            key, sep, rest = str(word).partition("=")
+            if not sep or not key or "=" in rest:
+                raise argparse.ArgumentError(
+                    self,
+                    f"expected KEY=VALUE words (e.g. --aug-cfg scale='(0.9,1.0)'), got {word!r}",
+                )
+        original(self, parser, namespace, values, option_string)
+
+    params.ParseKwargs.__call__ = checked  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        params.ParseKwargs.__call__ = original  # type: ignore[method-assign]
 
 
 def check_counts(args: Any) -> None:
@@ -75,8 +144,7 @@ def check_model_name(args: Any) -> None:
         close = difflib.get_close_matches(name, known, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise ValueError(
-            f"--model {name!r} is not an OpenCLIP model{hint}; open_clip.list_models() lists "
-            "them"
+            f"--model {name!r} is not an OpenCLIP model{hint}; open_clip.list_models() lists them"
         )
 
 
@@ -126,6 +194,7 @@ def check_train_data(args: Any) -> None:
         raise ValueError(
             f"--train-data {path} cannot be read ({err.strerror or err}); check its permissions"
         ) from None
+    check_columns(args, path)
     world = _world_size()
     per_process = rows // world
     if per_process < args.batch_size:
@@ -135,6 +204,38 @@ def check_train_data(args: Any) -> None:
             f"--train-data {path}{where}: OpenCLIP drops the incomplete batch and would train "
             f"on nothing; lower --batch-size to at most {max(per_process, 1)}"
         )
+
+
+def check_columns(args: Any, path: Path) -> None:
+    """The CSV's header must hold ``--csv-img-key`` and ``--csv-caption-key``.
+
+    OpenCLIP finds out only when its loader is built, in a ``KeyError`` traceback that names
+    neither flag. Read with ``--csv-separator`` as OpenCLIP reads it, so a wrong separator
+    (one column holding the whole header) is caught here too, and named.
+    """
+    separator = str(getattr(args, "csv_separator", "\t"))
+    try:
+        with path.open(encoding="utf-8", errors="replace", newline="") as fh:
+            header = next((line for line in fh if line.strip()), "").rstrip("\r\n")
+    except OSError:
+        return  # unreadable: the row count above says so
+    if len(separator) == 1:
+        columns = next(csv.reader([header], delimiter=separator), [])
+    else:
+        columns = header.split(separator)
+    columns = [column.strip() for column in columns]
+    for flag, dest, default in (
+        ("--csv-img-key", "csv_img_key", "filepath"),
+        ("--csv-caption-key", "csv_caption_key", "title"),
+    ):
+        key = str(getattr(args, dest, default))
+        if key not in columns:
+            shown = ", ".join(repr(c) for c in columns[:8]) or "none"
+            raise ValueError(
+                f"{flag} {key}: --train-data {path} has no column {key!r} (its columns: "
+                f"{shown}); set {flag} to the right column, and check --csv-separator "
+                f"{separator!r}"
+            )
 
 
 def _world_size() -> int:

@@ -99,6 +99,12 @@ KINDS = {
     "roclip-openclip-train --roclip ... --name rn50-roclip-from10 --resume "
     "logs/rn50-roclip/checkpoints/epoch_10.pt": "external",
     "roclip-openclip-train --roclip ... --name rn50-roclip --resume latest": "external",
+    # docs/scan.md (a trained checkpoint and a poisoned dataset of the user's)
+    "roclip scan --checkpoint logs/clip/checkpoints/epoch_12.pt --dataset poisoned --manifest "
+    "poisoned/manifest.json --out scan --drop-fraction 0.02": "external",
+    "roclip-openclip-train --train-data scan/train_filtered.csv ...": "external",
+    "roclip scan --checkpoint runs/clip/final.pt --csv data/train.csv --out scan --drop-count "
+    "500": "external",
     # docs/results.md
     "python benchmarks/bench_robustness.py --out robustness-cpu --datasets mnist fashion-mnist "
     "--seeds 0 1 2 --rates 0.001 --variants clip roclip --ablations --beyond": "slow",

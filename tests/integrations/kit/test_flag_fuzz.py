@@ -1,5 +1,6 @@
 """Fuzz of every flag of the kit's ``roclip`` commands (``demo``, ``data``, ``poison``,
-``eval``), read from their parsers, so a flag added to one is fuzzed without a new strategy.
+``eval``, ``scan``), read from their parsers, so a flag added to one is fuzzed without a new
+strategy.
 
 Each example gives one flag a value drawn from its parser entry (roclip_plugin.testing:
 ``bad_flag_values``), a bad ``--roclip-*`` value, or a bad file: missing, a classes JSON
@@ -22,6 +23,7 @@ pytest.importorskip("open_clip")
 pytest.importorskip("sklearn")
 
 import roclip_kit.attacks  # noqa: E402
+import roclip_kit.commands_scan  # noqa: E402
 import roclip_kit.datasets  # noqa: E402
 import roclip_kit.demo  # noqa: E402
 import roclip_kit.evaluate  # noqa: E402
@@ -53,11 +55,13 @@ STUBS = {  # the first step of each command's work, after every check
     "poison": (roclip_kit.attacks, "replacing"),
     "eval": (roclip_kit.evaluate, "load_openclip"),
     "demo": (roclip_kit.demo, "build_data"),
+    "scan": (roclip_kit.commands_scan, "load_openclip"),
 }
 INPUT_FILES = {  # flags naming a file or folder the command reads: missing ones are bad
     "poison": ("--dataset", "--csv", "--classes", "--test-csv"),
     "eval": ("--checkpoint", "--dataset", "--test-csv", "--train-csv", "--classes",
              "--manifest", "--suspicious", "--run-dir"),
+    "scan": ("--checkpoint", "--dataset", "--csv", "--manifest"),
 }  # fmt: skip
 CSV_FLAGS = {"--csv", "--test-csv", "--train-csv"}
 
@@ -90,6 +94,10 @@ def _base(world: dict[str, Path], command: str) -> list[str]:
         return ["eval", "--checkpoint", str(world["checkpoint"]), "--model",
                 f"local-dir:{world['model']}", "--dataset", str(world["poisoned"]), "--json",
                 str(world["json"])]  # fmt: skip
+    if command == "scan":
+        return ["scan", "--checkpoint", str(world["checkpoint"]), "--model",
+                f"local-dir:{world['model']}", "--dataset", str(world["poisoned"]), "--out",
+                str(world["root"] / "scan")]  # fmt: skip
     return ["demo", "--dataset", "digits", "--out", str(world["demo"])]
 
 
@@ -139,6 +147,8 @@ def _fuzz(command: str, flag: str, data, world, bad_files) -> None:
     argv = [*_base(world, command), *words]
     if flag == "--csv" and command == "poison":  # --csv replaces --dataset: not both
         argv = [*argv[:1], *argv[3:], "--classes", str(world["data"] / "classes.json")]
+    if flag == "--csv" and command == "scan":
+        argv = [word for word in argv if word not in ("--dataset", str(world["poisoned"]))]
     before = snapshot(world["root"])
     result = _run(argv)
     if refused:

@@ -258,20 +258,34 @@ class Trainer:
         task = progress.add_task(f"epoch {epoch}", total=len(self.loader), info="")
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         steps = 0
+        ids = self.epoch_sample_ids()
+        size = self.settings.batch_size
         for images, texts in self.loader:
-            loss = self.train_step(images, texts)
+            loss = self.train_step(images, texts, ids[steps * size : (steps + 1) * size])
             loss_sum += loss.detach().double()
             steps += 1
             self._show_step(progress, task, loss, epoch, steps)
         progress.remove_task(task)
         return self._summarize(epoch, matching, loss_sum, steps)
 
-    def train_step(self, images: Any, texts: Any) -> torch.Tensor:
+    def epoch_sample_ids(self) -> torch.Tensor:
+        """The dataset indices of this rank's epoch, in the order its batches come.
+
+        The sampler is seeded by epoch, so listing it again gives the order the loader draws,
+        and the loader keeps that order whatever its workers: batch ``b`` holds entries
+        ``b * batch_size`` onwards. They are the per-sample history's ids (the ``robust``
+        preset): the same sample keeps its id on every rank, epoch and resume.
+        """
+        return torch.tensor(list(iter(self.sampler)), dtype=torch.int64)
+
+    def train_step(
+        self, images: Any, texts: Any, sample_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Forward, RoCLIP loss, backward, clip, optimiser and scheduler step, clamp."""
         images, texts = _to_device(images, self.device), _to_device(texts, self.device)
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.settings.amp):
-            loss = self.adapter.step(images, texts)
+            loss = self.adapter.step(images, texts, sample_ids=sample_ids)
         loss.backward()
         if self.settings.grad_clip_norm is not None:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip_norm)

@@ -147,8 +147,10 @@ class HistoryScorer:
         """Per-row values of this rank's rows (see :class:`RiskScorer`)."""
         if batch.ids is None:
             raise ValueError(
-                "the history risk score needs stable sample ids: pass sample_ids= to the "
-                "loss (or defense.set_sample_ids(ids) before it); see docs/risk.md"
+                "the history risk score (the robust preset's) needs stable sample ids: pass "
+                "sample_ids= to the loss (or defense.set_sample_ids(ids) before it), or use "
+                "--roclip-risk-score margin (risk_score='margin': no memory across epochs) or "
+                "--roclip-preset paper; see docs/risk.md"
             )
         return batch.own_cosine()
 

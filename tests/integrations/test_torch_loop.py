@@ -659,3 +659,24 @@ def test_trainer_warns_when_the_defense_would_be_off_or_ineffective() -> None:
     assert any("never matches" in m and "--roclip-first-rematch-epoch" in m for m in messages)
     assert any("(--roclip-pool-size 128) holds 50% of an epoch's 256" in m for m in messages)
     assert [h.matching for h in history] == [False, False]
+
+
+def test_the_trainer_gives_each_row_its_dataset_index_as_sample_id(tmp_path: Path) -> None:
+    """The robust preset's per-sample history needs ids: the Trainer passes dataset indices."""
+    trainer = make_run(None, RoClipConfig.from_preset("robust", pool_size=64), epochs=2)
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    step = trainer.adapter.step
+
+    def recording_step(images, texts, sample_ids=None):
+        seen.append((images.detach().clone(), sample_ids))
+        return step(images, texts, sample_ids=sample_ids)
+
+    trainer.adapter.step = recording_step
+    summaries = trainer.fit()
+    data = DigitCaptions(256)
+    assert len(seen) == 2 * (256 // 32) and summaries[1].matching
+    for images, ids in seen:
+        assert ids is not None and ids.dtype == torch.int64
+        assert torch.equal(images, data.images[ids])
+    epoch_one = torch.cat([ids for _, ids in seen[8:]])
+    assert sorted(epoch_one.tolist()) == list(range(256))  # each row once, under its own id

@@ -85,8 +85,10 @@ def test_the_history_score_without_ids_says_how_to_give_them() -> None:
     defense = _defense()
     defense.start_epoch(0)
     img, txt, _ = _batch(0)
-    with pytest.raises(ValueError, match="sample_ids"):
+    with pytest.raises(ValueError, match="sample_ids") as info:
         defense.compute_loss(img, txt, SCALE)
+    assert "--roclip-risk-score margin" in str(info.value)  # and the way out without ids
+    assert "--roclip-preset paper" in str(info.value)
 
 
 def test_unimodal_warmup_links_nothing_across_modalities() -> None:

@@ -284,7 +284,7 @@ def train(
                 logits = scale * img @ txt.T
                 loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
             else:
-                loss = defense.compute_loss(img, txt, scale)
+                loss = defense.compute_loss(img, txt, scale, sample_ids=idx)
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -165,9 +165,9 @@ def test_matching_epochs_follow_the_schedule_under_bf16_autocast(tmp_path: Path)
     batches: list[torch.Tensor] = []
     step = trainer.adapter.step
 
-    def record(images, texts):
+    def record(images, texts, sample_ids=None):
         batches.append(images.clone())
-        return step(images, texts)
+        return step(images, texts, sample_ids=sample_ids)
 
     trainer.adapter.loss, trainer.adapter.step = spy, record
     history = trainer.fit()

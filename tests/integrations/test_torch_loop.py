@@ -158,9 +158,9 @@ def test_matching_epochs_follow_the_schedule_under_bf16_autocast(tmp_path: Path)
     seen_dtypes = set()
     loss = trainer.adapter.loss
 
-    def spy(image_features, text_features, logit_scale=None):
+    def spy(image_features, text_features, logit_scale=None, sample_ids=None):
         seen_dtypes.add(image_features.dtype)
-        return loss(image_features, text_features, logit_scale)
+        return loss(image_features, text_features, logit_scale, sample_ids=sample_ids)
 
     batches: list[torch.Tensor] = []
     step = trainer.adapter.step

@@ -201,6 +201,26 @@ def test_the_api_reports_progress_per_batch_and_the_scoring_step(setup, tmp_path
     embedding = seen["embedding pairs"]
     assert embedding[0] == len(pairs) == sum(embedding[1:])
     assert max(embedding[1:]) == 32  # per batch, not per chunk
-    assert seen["scoring (exact neighbour search)"] == [1, 1]
+    assert seen["scoring (neighbour search)"] == [1, 1]
     assert result.embedded == len(pairs) and result.pairs_per_second > 0
     assert set(result.scores) == set(DETECTORS)
+
+
+def test_each_distinct_caption_is_encoded_once_and_lands_on_every_row(setup, monkeypatch) -> None:
+    import roclip_kit.scan as kit_scan
+    from roclip_kit.evaluate import encode_texts
+    from roclip_kit.models import load_openclip
+
+    loaded = load_openclip(setup["checkpoint"], f"local-dir:{setup['root'] / 'tiny'}")
+    captions = ["a seven", "a two", "a seven", "a one", "a two", "a seven"]
+    encoded: list[str] = []
+
+    def counting(model, texts, **kwargs):
+        encoded.extend(texts)
+        return encode_texts(model, texts, **kwargs)
+
+    monkeypatch.setattr(kit_scan, "encode_texts", counting)
+    features = kit_scan.encode_distinct(loaded, captions)
+    assert sorted(encoded) == ["a one", "a seven", "a two"]
+    expected = encode_texts(loaded, captions).numpy()
+    assert np.allclose(features, expected, atol=1e-6)

@@ -24,9 +24,11 @@ each pair's image and caption (row ``i`` of both is pair ``i``).
   targeted attack pairs one image with tens of captions of another class. Weighted sum over
   the image's nearest images of the whole dataset of caption agreement, each weighted by how
   close to a duplicate the image is.
-- ``combined``: the higher of the normalised ranks of ``dao`` and ``targeted`` (the smaller
-  empirical p-value): one list that catches both attacks, each at the strength of its own
-  detector. A rank mean halved each attack's signal (measured in docs/scan.md).
+- ``combined``: the highest of the normalised ranks of ``dao``, ``targeted`` and ``cosine``
+  (the smallest empirical p-value): one list in which each kind of poison is caught at the
+  strength of the detector that sees it: ``dao`` a learned backdoor's sparse cluster,
+  ``targeted`` repeated images, ``cosine`` a caption the model did not learn to fit. A rank
+  mean of ``dao`` and ``targeted`` halved each attack's signal (measured in docs/scan.md).
 """
 
 from __future__ import annotations
@@ -291,5 +293,5 @@ def score_embeddings(
             seed=settings.seed,
         ),
     }
-    scores["combined"] = rank_max([scores["dao"], scores["targeted"]])
+    scores["combined"] = rank_max([scores["dao"], scores["targeted"], scores["cosine"]])
     return scores

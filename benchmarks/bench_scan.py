@@ -30,7 +30,13 @@ from typing import Any
 import torch
 from roclip_kit.demo import DemoSettings, build_data, poison
 from roclip_kit.models import LoadedModel, load_openclip
-from roclip_kit.scan import detection_report, poisoned_by_attack, read_pairs, scan_pairs
+from roclip_kit.scan import (
+    detection_report,
+    poisoned_by_attack,
+    read_pairs,
+    scan_pairs,
+    use_threads,
+)
 from roclip_kit.tensor_data import load_poisoned
 from roclip_kit.tensor_train import TensorTrainSettings, loaded_model, train_tensor
 
@@ -51,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--k", type=int, default=ScanSettings().k)
     parser.add_argument("--reference-size", type=int, default=ScanSettings().reference_size)
     parser.add_argument("--batch-size", type=int, default=512, help="images per forward pass")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="CPU threads (0: the libraries' defaults)"
+    )
     parser.add_argument("--quick", action="store_true", help="toy sizes: a check of the script")
     return parser.parse_args(argv)
 
@@ -158,6 +167,7 @@ def _log(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    use_threads(args.threads)
     if args.quick:
         args.datasets, args.rates = ["digits"], [0.05]
     cells = [scan_cell(args, d, r) for d in args.datasets for r in args.rates]

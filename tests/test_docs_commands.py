@@ -105,6 +105,8 @@ KINDS = {
     "roclip-openclip-train --train-data scan/train_filtered.csv ...": "external",
     "roclip scan --checkpoint runs/clip/final.pt --csv data/train.csv --out scan --drop-count "
     "500": "external",
+    "roclip scan --checkpoint runs/clip/final.pt --shards '/data/laion/{00000..00009}.tar' --out "
+    "scan --drop-fraction 0.001 --threads 1": "external",
     # docs/results.md
     "python benchmarks/bench_robustness.py --out robustness-cpu --datasets mnist fashion-mnist "
     "--seeds 0 1 2 --rates 0.001 --variants clip roclip --ablations --beyond": "slow",

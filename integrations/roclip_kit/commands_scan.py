@@ -27,6 +27,7 @@ from roclip_kit.scan import (
     EMBEDDINGS_DIR,
     FILTERED_CSV,
     HISTOGRAM_PNG,
+    KEPT_KEYS,
     SCORES_CSV,
     ScanResult,
     dataset_csv,
@@ -36,9 +37,12 @@ from roclip_kit.scan import (
     poisoned_by_attack,
     ranked_rows,
     read_pairs,
+    read_shard_pairs,
     report_dict,
     scan_pairs,
+    use_threads,
     write_filtered_csv,
+    write_kept_keys,
     write_report,
     write_scores_csv,
 )
@@ -63,6 +67,12 @@ def add_scan_command(subparsers: Any) -> argparse.ArgumentParser:
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", type=path_arg, metavar="DIR", help="scan DIR/train.csv")
     data.add_argument("--csv", type=path_arg, help="an OpenCLIP CSV to scan (filepath, title)")
+    data.add_argument(
+        "--shards",
+        metavar="SPEC",
+        help="WebDataset shards to scan, e.g. '/data/{00000..00009}.tar' (rows keyed by "
+        "__key__; the filter's output is the kept keys)",
+    )
     data.add_argument("--manifest", type=path_arg, help="poison manifest: AUROC and precision@k")
     out = parser.add_argument_group("output")
     out.add_argument("--out", type=path_arg, required=True, help="output folder")
@@ -88,6 +98,13 @@ def add_scan_command(subparsers: Any) -> argparse.ArgumentParser:
     )
     scan.add_argument("--seed", type=int, default=0, help="draws the reference (default: 0)")
     scan.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="CPU threads of the model and the searches; 0: the libraries' defaults. On a "
+        "shared, busy machine 1 is much faster (docs/scan.md)",
+    )
+    scan.add_argument(
         "--chunk-size",
         type=int,
         default=DEFAULT_CHUNK_SIZE,
@@ -99,7 +116,8 @@ def add_scan_command(subparsers: Any) -> argparse.ArgumentParser:
 
 def settings_from_args(args: argparse.Namespace) -> ScanSettings:
     """The detectors' settings; a bad value is refused naming its flag."""
-    for flag, low in (("k", 1), ("reference_size", 0), ("seed", 0), ("chunk_size", 1)):
+    checks = (("k", 1), ("reference_size", 0), ("seed", 0), ("chunk_size", 1), ("threads", 0))
+    for flag, low in checks:
         value = getattr(args, flag)
         if value < low:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least {low} (got {value})")
@@ -134,7 +152,18 @@ def check_drop_size(args: argparse.Namespace, rows: int) -> None:
         )
 
 
-def check_args(args: argparse.Namespace) -> tuple[ScanSettings, Path]:
+def data_source(args: argparse.Namespace) -> Path | str:
+    """The data to scan: a CSV path (``--csv``, ``--dataset``) or a shard spec (``--shards``)."""
+    if args.shards is None:
+        return dataset_csv(args.dataset, args.csv)
+    if args.dataset is not None or args.csv is not None:
+        raise ValueError("--shards and --dataset/--csv both given: scan one of them")
+    if not args.shards.strip():
+        raise ValueError("--shards is empty: give shards like '/data/{00000..00009}.tar'")
+    return str(args.shards)
+
+
+def check_args(args: argparse.Namespace) -> tuple[ScanSettings, Path | str]:
     """Every check that needs no model: flags, files, the output folder."""
     out = check_output_dir(args.out, "--out")
     check_device(args.device)
@@ -143,7 +172,7 @@ def check_args(args: argparse.Namespace) -> tuple[ScanSettings, Path]:
     settings = settings_from_args(args)
     check_drop(args)
     check_checkpoint_path(args.checkpoint)
-    csv_path = dataset_csv(args.dataset, args.csv)
+    source = data_source(args)
     if args.manifest is not None:
         require_file(args.manifest, "--manifest")
     embeddings = out / EMBEDDINGS_DIR / "progress.json"
@@ -152,22 +181,25 @@ def check_args(args: argparse.Namespace) -> tuple[ScanSettings, Path]:
             f"--out {out} holds a scan already: add --resume to continue it, or choose "
             "another --out"
         )
-    return settings, csv_path
+    return settings, source
 
 
 def run_scan(args: argparse.Namespace, console: Console) -> int:
     """Scan, print the top of the ranking and the report, write the outputs."""
-    settings, csv_path = check_args(args)
-    pairs = read_pairs(csv_path)
+    settings, source = check_args(args)
+    pairs = read_pairs(source) if isinstance(source, Path) else read_shard_pairs(source)
     check_drop_size(args, len(pairs))
     poisoned = poisoned_by_attack(args.manifest, pairs) if args.manifest else None
     model, quick_gelu = resolve_model(args)
-    console.print(f"Scanning [bold]{len(pairs)}[/bold] pairs of {csv_path} with {args.checkpoint}")
+    console.print(
+        f"Scanning [bold]{len(pairs)}[/bold] pairs of {pairs.source} with {args.checkpoint}"
+    )
     try:
         loaded = load_openclip(args.checkpoint, model, args.device, force_quick_gelu=quick_gelu)
     except ImportError as err:
         raise ValueError(str(err)) from err
     out = Path(args.out)
+    use_threads(args.threads)
     with _progress(console) as progress:
         result = scan_pairs(
             loaded,
@@ -186,7 +218,7 @@ def run_scan(args: argparse.Namespace, console: Console) -> int:
 def write_outputs(
     args: argparse.Namespace, console: Console, result: ScanResult, poisoned: Any
 ) -> None:
-    """Scores CSV, report (with detection or histograms) and the filtered CSV."""
+    """Scores CSV, report (with detection or histograms), the filtered CSV and the kept keys."""
     out = Path(args.out)
     written = [write_scores_csv(out / SCORES_CSV, result, args.drop_by)]
     detection = detection_report(result.scores, poisoned) if poisoned is not None else None
@@ -195,9 +227,12 @@ def write_outputs(
     drop = drop_size(len(result.pairs), args.drop_fraction, args.drop_count)
     if args.drop_fraction is not None or args.drop_count is not None:
         rows = ranked_rows(result.scores, args.drop_by)[:drop]
-        written.append(write_filtered_csv(result.pairs.csv, out / FILTERED_CSV, rows))
+        if result.pairs.csv is not None:
+            written.append(write_filtered_csv(result.pairs.csv, out / FILTERED_CSV, rows))
+        written.append(write_kept_keys(out / KEPT_KEYS, result.pairs, rows))
+        kept = FILTERED_CSV if result.pairs.csv is not None else KEPT_KEYS
         result.notes.append(
-            f"{FILTERED_CSV}: {len(result.pairs) - drop} rows kept, the {drop} highest by "
+            f"{kept}: {len(result.pairs) - drop} rows kept, the {drop} highest by "
             f"{args.drop_by} dropped"
         )
     report = report_dict(result, detection)
@@ -223,7 +258,7 @@ def top_table(result: ScanResult, by: str, count: int = TOP_SHOWN) -> Table:
     table.add_column("caption", overflow="ellipsis", no_wrap=True, max_width=60)
     table.add_column(by, justify="right")
     for row in ranked_rows(result.scores, by)[:count]:
-        key = result.pairs.keys[row] if result.pairs.keys else str(row)
+        key = result.pairs.key_of(row)
         table.add_row(key, result.pairs.captions[row], f"{result.scores[by][row]:.4g}")
     return table
 

@@ -1,12 +1,14 @@
 """Scan a dataset for poisoned pairs with a trained model (``roclip scan``, docs/scan.md).
 
-The kit's half of the scan: read the dataset's pairs (OpenCLIP's CSV, or the kit's data
-directory whose ``train.csv`` it is), embed each pair once with a checkpoint, chunk by chunk
-into a resumable store (:class:`roclip_plugin.scan.EmbeddingStore`), score every pair with the
-core's detectors (:func:`roclip_plugin.scan.score_embeddings`) and write what a user acts on:
-the ranked pairs, a report (AUROC and precision@k against a poison manifest, or score
-histograms without one) and a copy of the CSV without the top-ranked rows that OpenCLIP can
-train on directly. Models load as ``roclip eval`` loads them (:mod:`roclip_kit.models`).
+The kit's half of the scan: read the dataset's pairs (OpenCLIP's CSV, the kit's data
+directory whose ``train.csv`` it is, or WebDataset shards, :mod:`roclip_kit.shards`), embed
+each pair once with a checkpoint, chunk by chunk into a resumable store
+(:class:`roclip_plugin.scan.EmbeddingStore`), score every pair with the core's detectors
+(:func:`roclip_plugin.scan.score_embeddings`) and write what a user acts on: the ranked pairs,
+a report (AUROC and precision@k against a poison manifest, or score histograms without one),
+a copy of the CSV without the top-ranked rows that OpenCLIP can train on directly, and the
+keys (or rows) kept, one a line. Models load as ``roclip eval`` loads them
+(:mod:`roclip_kit.models`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import csv
 import hashlib
 import json
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,25 +45,54 @@ REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 HISTOGRAM_PNG = "histograms.png"
 FILTERED_CSV = "train_filtered.csv"
+KEPT_KEYS = "kept_keys.txt"
 ATTACKS = ("backdoor", "targeted")
 DEFAULT_CHUNK_SIZE = 4096
 
 
 @dataclass(frozen=True)
 class Pairs:
-    """The image-caption pairs of one CSV, by data row (the header is not a row)."""
+    """The image-caption pairs of one CSV (by data row: the header is not a row) or of shards.
 
-    csv: Path
+    For shards, ``csv`` is None, ``shards`` the expanded shard list, ``keys`` every sample's
+    ``__key__`` and ``filepaths`` each sample's shard (what a message names); the images are
+    streamed from the shards while embedding.
+    """
+
+    csv: Path | None
     filepaths: list[str]
     captions: list[str]
     keys: list[str] | None = None  # the __key__ column, when there is one
+    shards: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return len(self.captions)
 
+    @property
+    def source(self) -> str:
+        """What was scanned, as the report names it: the CSV, or the shards' first and count."""
+        if self.csv is not None:
+            return str(self.csv)
+        return f"{self.shards[0]} and {len(self.shards) - 1} more shard(s)"
+
     def where(self, row: int) -> str:
-        """How a message names a row: its data row of the CSV."""
+        """How a message names a row: its data row of the CSV, or its key and shard."""
+        if self.csv is None and self.keys is not None:
+            return f"sample {self.keys[row]} of {self.filepaths[row]}"
         return f"data row {row} of {self.csv}"
+
+    def key_of(self, row: int) -> str:
+        """The row's ``__key__``, or its row number where the data has no keys."""
+        return self.keys[row] if self.keys is not None else str(row)
+
+
+def read_shard_pairs(spec: str) -> Pairs:
+    """The samples of WebDataset shards (``'/data/{00000..00009}.tar'``), keyed by ``__key__``."""
+    from roclip_kit.shards import keys_and_captions, shard_urls
+
+    urls = shard_urls(spec)
+    keys, captions, where = keys_and_captions(urls)
+    return Pairs(None, where, captions, keys, tuple(urls))
 
 
 def dataset_csv(dataset: Path | None, csv_path: Path | None) -> Path:
@@ -96,7 +127,12 @@ def read_pairs(path: Path | str) -> Pairs:
 
 
 def check_images(pairs: Pairs) -> None:
-    """Fail before any embedding on the first image file that does not exist, naming its row."""
+    """Fail before any embedding on the first image file that does not exist, naming its row.
+
+    Shards were checked when read (every sample has an image member).
+    """
+    if pairs.shards:
+        return
     for row, image in enumerate(pairs.filepaths):
         if not Path(image).is_file():
             raise ValueError(
@@ -112,16 +148,42 @@ def identity(pairs: Pairs, checkpoint: Path | str, model: str) -> dict[str, Any]
     path, size and modification time (hashing gigabytes of weights to resume would cost what
     the resume saves).
     """
-    digest = hashlib.sha256(pairs.csv.read_bytes()).hexdigest()
     stat = Path(checkpoint).stat()
     return {
-        "csv_sha256": digest,
+        **data_identity(pairs),
         "rows": len(pairs),
         "checkpoint": str(Path(checkpoint).resolve()),
         "checkpoint_bytes": stat.st_size,
         "checkpoint_mtime_ns": stat.st_mtime_ns,
         "model": model,
     }
+
+
+def data_identity(pairs: Pairs) -> dict[str, Any]:
+    """The data by content: the CSV's SHA-256, or the shards' keys and captions and sizes.
+
+    Reading every image again to hash the shards would cost half an embedding pass; the keys,
+    captions and each local shard's size catch a changed, added or removed sample.
+    """
+    if pairs.csv is not None:
+        return {"csv_sha256": hashlib.sha256(pairs.csv.read_bytes()).hexdigest()}
+    digest = hashlib.sha256()
+    for key, caption in zip(pairs.keys or [], pairs.captions, strict=True):
+        digest.update(f"{key}\t{caption}\n".encode())
+    sizes = [Path(u).stat().st_size if Path(u).is_file() else None for u in pairs.shards]
+    return {"shards": list(pairs.shards), "shard_bytes": sizes, "samples": digest.hexdigest()}
+
+
+def chunk_images(pairs: Pairs, store: EmbeddingStore) -> Iterator[tuple[range, list[Any]]]:
+    """The rows and image sources (paths, or bytes streamed from shards) of each missing chunk."""
+    chunks = [store.rows(c) for c in store.missing()]
+    if pairs.shards:
+        from roclip_kit.shards import stream_chunks
+
+        yield from stream_chunks(pairs.shards, pairs.keys or [], chunks)
+        return
+    for rows in chunks:
+        yield rows, pairs.filepaths[rows.start : rows.stop]
 
 
 def embed_pairs(
@@ -136,17 +198,29 @@ def embed_pairs(
 
     ``progress`` is advanced by the images of each batch.
     """
-    for chunk in store.missing():
-        rows = store.rows(chunk)
+    for rows, sources in chunk_images(pairs, store):
+        chunk = rows.start // store.chunk_size
         images = encode_images(
             loaded,
-            pairs.filepaths[rows.start : rows.stop],
+            sources,
             batch_size=batch_size,
             progress=progress,  # per batch: the time left settles within seconds
             where=lambda i, start=rows.start: pairs.where(start + i),
         )
-        texts = encode_texts(loaded, pairs.captions[rows.start : rows.stop], batch_size=256)
-        store.write(chunk, images.numpy(), texts.numpy())
+        texts = encode_distinct(loaded, pairs.captions[rows.start : rows.stop])
+        store.write(chunk, images.numpy(), texts)
+
+
+def encode_distinct(loaded: LoadedModel, captions: Sequence[str]) -> np.ndarray:
+    """Caption embeddings, each distinct caption of the chunk encoded once.
+
+    Templated captions repeat (the benchmark's 60,960 captions hold 11,907 distinct ones), and
+    the text tower is a fifth of the embedding time; a chunk's duplicates cost nothing. Per
+    chunk, not per dataset, so the memory stays bounded on web data whose captions are unique.
+    """
+    distinct, inverse = np.unique(np.asarray(captions, dtype=object), return_inverse=True)
+    features = encode_texts(loaded, [str(c) for c in distinct], batch_size=256).numpy()
+    return features[inverse.reshape(-1)]
 
 
 @dataclass
@@ -208,15 +282,31 @@ def scan_pairs(
     advance = progress("embedding pairs", todo) if progress and todo else None
     embed_pairs(loaded, pairs, store, batch_size=batch_size, progress=advance)
     embedded = time.perf_counter()
-    # one step, shown with its elapsed time: the exact all-pairs searches take tens of seconds
-    # at 60,000 pairs on a CPU, and a silent terminal looks stuck
-    scored = progress("scoring (exact neighbour search)", 1) if progress else None
+    # one step, shown with its elapsed time: the neighbour searches take seconds to minutes
+    # (60,000 pairs: about 7 s on two loaded cores), and a silent terminal looks stuck
+    scored = progress("scoring (neighbour search)", 1) if progress else None
     images, captions = store.load()
     scores = score_embeddings(images, captions, settings)
     if scored is not None:
         scored(1)
     done = time.perf_counter()
     return ScanResult(pairs, scores, settings, embedded - started, done - embedded, todo, notes)
+
+
+def use_threads(threads: int) -> None:
+    """Run torch's and faiss's CPU work on ``threads`` threads (0: leave their defaults).
+
+    Both default to one thread per core and spin while they wait for each other; on a
+    machine whose cores are busy with other work, those threads wait on each other instead of
+    computing (measured: 142 s to embed 60,000 pairs on two busy cores with two threads, 23 s
+    with one).
+    """
+    if threads:
+        import faiss
+        import torch
+
+        torch.set_num_threads(threads)
+        faiss.omp_set_num_threads(threads)
 
 
 # ---------------------------------------------------------------- outputs
@@ -236,7 +326,7 @@ def write_scores_csv(path: Path, result: ScanResult, by: str = "combined") -> Pa
     pairs, scores = result.pairs, result.scores
     lines = [["rank", "row", "key", "caption", *DETECTORS]]
     for rank, row in enumerate(ranked_rows(scores, by), 1):
-        key = pairs.keys[row] if pairs.keys is not None else ""
+        key = pairs.keys[row] if pairs.keys is not None else ""  # no key: the row says it
         values = [f"{scores[name][row]:.6g}" for name in DETECTORS]
         lines.append([str(rank), str(row), key, pairs.captions[row], *values])
     return atomic_write_text(path, _tsv(lines))
@@ -272,7 +362,7 @@ def poisoned_by_attack(manifest: Path | str, pairs: Pairs) -> dict[str, np.ndarr
         row = int(entry["row"]) if "key" not in entry else key_rows.get(str(entry["key"]), -1)
         if not 0 <= row < len(pairs):
             raise ValueError(
-                f"--manifest {manifest} lists {entry} which is not a row of {pairs.csv} "
+                f"--manifest {manifest} lists {entry} which is not a row of {pairs.source} "
                 f"({len(pairs)} rows): pass the manifest written with this CSV"
             )
         masks[kind][row] = True
@@ -369,18 +459,33 @@ def write_filtered_csv(source: Path, target: Path, drop: np.ndarray) -> Path:
     return atomic_write_text(target, _tsv(kept))
 
 
+def write_kept_keys(target: Path, pairs: Pairs, drop: np.ndarray) -> Path:
+    """The ``__key__`` (or data row, where there are no keys) of each kept pair, one a line.
+
+    In dataset order. For shards this is the filter's output (a tar cannot drop a sample in
+    place): a loader keeps the samples whose key is listed.
+    """
+    dropped = np.zeros(len(pairs), dtype=bool)
+    dropped[np.asarray(drop, dtype=np.int64)] = True
+    lines = [pairs.key_of(row) for row in np.flatnonzero(~dropped)]
+    return atomic_write_text(target, "".join(f"{line}\n" for line in lines))
+
+
 def report_dict(result: ScanResult, detection: dict[str, Any] | None) -> dict[str, Any]:
     """The JSON report: inputs, settings, cost, and detection figures when a manifest was given."""
     s = result.settings
     return {
-        "csv": str(result.pairs.csv),
+        "csv": result.pairs.source,
         "rows": len(result.pairs),
         "settings": {
             "k": s.k,
             "reference_size": s.reference_size,
             "seed": s.seed,
             "duplicate_quantile": s.duplicate_quantile,
+            "caption_sample": s.caption_sample,
+            "exact_limit": s.exact_limit,
         },
+        "threads": torch_threads(),
         "embed_seconds": round(result.embed_seconds, 3),
         "score_seconds": round(result.score_seconds, 3),
         "pairs_embedded": result.embedded,
@@ -388,6 +493,13 @@ def report_dict(result: ScanResult, detection: dict[str, Any] | None) -> dict[st
         "detection": detection,
         "notes": result.notes,
     }
+
+
+def torch_threads() -> int:
+    """The CPU threads torch computes with, recorded beside the timings they explain."""
+    import torch
+
+    return torch.get_num_threads()
 
 
 def write_report(folder: Path, report: Mapping[str, Any]) -> tuple[Path, Path]:

@@ -1,7 +1,7 @@
 """Scan a dataset for poisoned pairs after the fact, from its embeddings (``roclip scan``).
 
 The core of the scan: detectors over given L2-normalised image and caption embeddings
-(:mod:`.detectors`), exact neighbour search with faiss (:mod:`.neighbours`), ranks and the
+(:mod:`.detectors`), neighbour search with faiss (:mod:`.neighbours`), ranks and the
 metrics that judge them (:mod:`.ranks`), and the chunked, resumable store of embeddings on
 disk (:mod:`.store`). Embedding a dataset with a model is the kit's part
 (``roclip_kit.scan``); nothing here imports OpenCLIP or an integration. docs/scan.md.
@@ -17,8 +17,15 @@ from roclip_plugin.scan.detectors import (
     score_embeddings,
     targeted_score,
 )
-from roclip_plugin.scan.neighbours import nearest
-from roclip_plugin.scan.ranks import auroc, average_ranks, precision_at_k, rank_mean, top_rows
+from roclip_plugin.scan.neighbours import nearest, search_index
+from roclip_plugin.scan.ranks import (
+    auroc,
+    average_ranks,
+    precision_at_k,
+    rank_max,
+    rank_mean,
+    top_rows,
+)
 from roclip_plugin.scan.store import EmbeddingStore
 
 __all__ = [
@@ -32,9 +39,11 @@ __all__ = [
     "margin_score",
     "nearest",
     "precision_at_k",
+    "rank_max",
     "rank_mean",
     "reference_rows",
     "score_embeddings",
+    "search_index",
     "targeted_score",
     "top_rows",
 ]

@@ -7,7 +7,10 @@ each pair's image and caption (row ``i`` of both is pair ``i``).
 - ``cosine``: minus the pair's own image-caption cosine. A caption that does not describe its
   image fits it badly, unless the model already learned the poison.
 - ``margin``: the best *other* caption's cosine minus the own caption's (RoCLIP's signal
-  after the fact): positive when another caption of the dataset fits the image better.
+  after the fact): positive when another caption of the dataset fits the image better. The
+  other captions are the dataset's distinct ones (a template repeated on thousands of rows is
+  one candidate, so the search is exact at a fraction of the cost), a seeded sample of them
+  beyond ``caption_sample``.
 - ``kdist``: distance of the image to its ``k``-th nearest reference image. Backdoored images
   sit in a tight cluster of their own, away from clean images; against a reference holding
   few of them (fewer than ``k``) their neighbourhood is sparse.
@@ -21,8 +24,11 @@ each pair's image and caption (row ``i`` of both is pair ``i``).
   targeted attack pairs one image with tens of captions of another class. Weighted sum over
   the image's nearest images of the whole dataset of caption agreement, each weighted by how
   close to a duplicate the image is.
-- ``combined``: the mean of the normalised ranks of ``dao`` and ``targeted``: one list that
-  catches both attacks without either score's scale dominating.
+- ``combined``: the highest of the normalised ranks of ``dao``, ``targeted`` and ``cosine``
+  (the smallest empirical p-value): one list in which each kind of poison is caught at the
+  strength of the detector that sees it: ``dao`` a learned backdoor's sparse cluster,
+  ``targeted`` repeated images, ``cosine`` a caption the model did not learn to fit. A rank
+  mean of ``dao`` and ``targeted`` halved each attack's signal (measured in docs/scan.md).
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from roclip_plugin.scan.neighbours import Neighbours, as_rows, nearest
-from roclip_plugin.scan.ranks import rank_mean
+from roclip_plugin.scan.ranks import rank_max
 
 DETECTORS = ("cosine", "margin", "kdist", "slof", "dao", "targeted", "combined")
 DISTANCE_FLOOR = 1e-6  # duplicates are at distance 0: logs and ratios need a floor
@@ -51,13 +57,21 @@ class ScanSettings:
             ``k``: at 1,024 a 1% backdoor puts about 10 there.
         duplicate_quantile: the targeted score's duplicate scale is this quantile of the
             dataset's nearest-image distances: closer than it counts as a (near-)duplicate.
-        seed: draws the reference.
+        seed: draws the reference, the caption sample and an IVF's training sample.
+        caption_sample: the margin compares each image with at most this many distinct
+            captions, drawn at random beyond it (None: all). Exact while the dataset has no
+            more distinct captions; at web scale, the all-captions search would be quadratic.
+        exact_limit: the targeted score's all-images search is exact (flat) up to this many
+            rows, above it an IVF index that finds (near-)duplicates but may swap far
+            neighbours (None: always exact). The search grows with the square of the rows.
     """
 
     k: int = 16
     reference_size: int | None = 1024
     duplicate_quantile: float = 0.05
     seed: int = 0
+    caption_sample: int | None = 100_000
+    exact_limit: int | None = 20_000
 
     def __post_init__(self) -> None:
         """Refuse settings that cannot score, naming the field."""
@@ -70,6 +84,12 @@ class ScanSettings:
             raise ValueError(f"duplicate_quantile must be in (0, 1), got {self.duplicate_quantile}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        for name in ("caption_sample", "exact_limit"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 2
+            ):
+                raise ValueError(f"{name} must be None or an integer >= 2, got {value!r}")
 
 
 def cosine_score(images: np.ndarray, captions: np.ndarray) -> np.ndarray:
@@ -77,11 +97,39 @@ def cosine_score(images: np.ndarray, captions: np.ndarray) -> np.ndarray:
     return -np.einsum("nd,nd->n", images, captions, dtype=np.float64)
 
 
-def margin_score(images: np.ndarray, captions: np.ndarray) -> np.ndarray:
-    """The best other caption's cosine minus the own caption's, for each image."""
+def margin_score(
+    images: np.ndarray, captions: np.ndarray, sample: int | None = None, seed: int = 0
+) -> np.ndarray:
+    """The best other caption's cosine minus the own caption's, for each image.
+
+    Searched among the distinct caption vectors: the same as every caption of the dataset
+    (a caption held by other rows too is another row's caption, so it stays a candidate; one
+    held by this row alone is left out), at the cost of the distinct ones. Beyond ``sample``
+    distinct captions, a seeded sample of them (the margin is then a lower bound).
+    """
+    bank, bank_ids = distinct_captions(captions, sample, seed)
     rows = np.arange(len(images))
-    best = nearest(images, captions, 1, query_ids=rows, bank_ids=rows).similarity[:, 0]
+    best = nearest(images, bank, 1, query_ids=rows, bank_ids=bank_ids).similarity[:, 0]
     return best.astype(np.float64) + cosine_score(images, captions)
+
+
+def distinct_captions(
+    captions: np.ndarray, sample: int | None, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct caption vectors and, for each, the row to leave out when it is searched.
+
+    A vector held by one row carries that row's id (it is that row's own caption, not
+    another's); one held by several rows carries -1, a row no query has.
+    """
+    rows = np.ascontiguousarray(captions)
+    as_bytes = rows.view(np.dtype((np.void, rows.dtype.itemsize * rows.shape[1]))).ravel()
+    # one opaque bytes value a row: a 1-D sort, ten times faster than np.unique(axis=0)
+    _, first, counts = np.unique(as_bytes, return_index=True, return_counts=True)
+    unique, ids = rows[first], np.where(counts == 1, first, -1)
+    if sample is not None and len(unique) > sample:
+        keep = np.sort(np.random.default_rng(seed).choice(len(unique), sample, replace=False))
+        unique, ids = unique[keep], ids[keep]
+    return unique, ids
 
 
 def reference_rows(count: int, settings: ScanSettings) -> np.ndarray:
@@ -160,7 +208,13 @@ def log_dao(
 
 
 def targeted_score(
-    images: np.ndarray, captions: np.ndarray, k: int, duplicate_quantile: float
+    images: np.ndarray,
+    captions: np.ndarray,
+    k: int,
+    duplicate_quantile: float,
+    *,
+    exact_limit: int | None = None,
+    seed: int = 0,
 ) -> np.ndarray:
     """Caption agreement among an image's near-duplicates, over the whole dataset.
 
@@ -168,11 +222,14 @@ def targeted_score(
     so no copy of a target is missed by sampling): ``exp(-d_ij / h) * max(cos(c_i, c_j), 0)``,
     summed. ``h`` is the ``duplicate_quantile`` of the nearest-image distances: duplicates
     weigh about 1, ordinary neighbours next to nothing, so a target image repeated with tens
-    of same-class captions stands out, whatever the model's scale of distances.
+    of same-class captions stands out, whatever the model's scale of distances. Above
+    ``exact_limit`` rows the search is an IVF index's (:func:`.neighbours.search_index`).
     """
     rows = np.arange(len(images))
     k = min(k, len(images) - 1)
-    found = nearest(images, images, k, query_ids=rows, bank_ids=rows)
+    found = nearest(
+        images, images, k, query_ids=rows, bank_ids=rows, exact_limit=exact_limit, seed=seed
+    )
     distance = found.distance
     scale = max(float(np.quantile(distance[:, 0], duplicate_quantile)), DISTANCE_FLOOR)
     weight = np.exp(-distance / scale)
@@ -223,11 +280,18 @@ def score_embeddings(
     )
     scores = {
         "cosine": cosine_score(images, captions),
-        "margin": margin_score(images, captions),
+        "margin": margin_score(images, captions, settings.caption_sample, settings.seed),
         "kdist": density.kdist,
         "slof": density.slof,
         "dao": density.dao,
-        "targeted": targeted_score(images, captions, settings.k, settings.duplicate_quantile),
+        "targeted": targeted_score(
+            images,
+            captions,
+            settings.k,
+            settings.duplicate_quantile,
+            exact_limit=settings.exact_limit,
+            seed=settings.seed,
+        ),
     }
-    scores["combined"] = rank_mean([scores["dao"], scores["targeted"]])
+    scores["combined"] = rank_max([scores["dao"], scores["targeted"], scores["cosine"]])
     return scores

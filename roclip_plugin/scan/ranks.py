@@ -27,6 +27,20 @@ def rank_mean(scores: Sequence[np.ndarray]) -> np.ndarray:
     return np.mean([average_ranks(s) / n for s in scores], axis=0)
 
 
+def rank_max(scores: Sequence[np.ndarray]) -> np.ndarray:
+    """The highest of each score's ranks scaled to (0, 1]: suspicious when *any* score says so.
+
+    One minus a scaled rank is the row's empirical p-value under that score, so this is the
+    smallest p-value over the scores. Each attack is caught by one score and looks ordinary
+    to the others; a mean would halve its signal (a backdoor at the top of ``dao`` but in
+    the middle of ``targeted`` lands among thousands of clean rows), the maximum keeps it.
+    """
+    if not scores:
+        raise ValueError("rank_max needs at least one score")
+    n = len(scores[0])
+    return np.max([average_ranks(s) / n for s in scores], axis=0)
+
+
 def auroc(scores: np.ndarray, positive: np.ndarray) -> float | None:
     """Area under the ROC curve of ``scores`` for ``positive`` rows (None: one class only).
 

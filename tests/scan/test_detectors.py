@@ -15,7 +15,7 @@ from roclip_plugin.scan import (
     score_embeddings,
     top_rows,
 )
-from roclip_plugin.scan.detectors import local_dimension
+from roclip_plugin.scan.detectors import local_dimension, margin_score
 
 from .data import planted, unit
 
@@ -112,6 +112,8 @@ def test_local_dimension_of_duplicates_is_capped() -> None:
         ("reference_size", 1, "reference_size must be None or an integer >= 2"),
         ("duplicate_quantile", 1.0, "duplicate_quantile must be in"),
         ("seed", -1, "seed must be a non-negative integer"),
+        ("caption_sample", 1, "caption_sample must be None or an integer >= 2"),
+        ("exact_limit", True, "exact_limit must be None or an integer >= 2"),
     ],
 )
 def test_bad_settings_name_the_field(field, value, message) -> None:
@@ -124,3 +126,21 @@ def test_a_k_beyond_the_reference_and_mismatched_shapes_are_refused(data) -> Non
         score_embeddings(data.images, data.captions, ScanSettings(k=16, reference_size=10))
     with pytest.raises(ValueError, match="row i of both must be pair i"):
         score_embeddings(data.images, data.captions[:-1])
+
+
+def test_the_margin_over_distinct_captions_equals_the_all_rows_search() -> None:
+    """A caption shared with another row stays a candidate; one held by the row alone does not."""
+    rng = np.random.default_rng(6)
+    images = unit(rng.normal(size=(40, 8)))
+    captions = unit(rng.normal(size=(40, 8)))
+    captions[10:20] = captions[10]  # a template on ten rows
+    captions[25] = images[25]  # a caption that fits only its own image
+    brute = images @ captions.T
+    np.fill_diagonal(brute, -np.inf)
+    expected = brute.max(axis=1) - np.einsum("nd,nd->n", images, captions)
+    assert np.allclose(margin_score(images, captions), expected, atol=1e-6)
+    margins = margin_score(images, captions)
+    assert margins[12] >= 0.0  # its template on row 13 is another row's caption
+    assert margins[25] < 0.0  # its own caption, on no other row, is not a candidate
+    sampled = margin_score(images, captions, sample=5, seed=1)
+    assert np.all(sampled <= expected + 1e-6)  # fewer candidates: a lower bound

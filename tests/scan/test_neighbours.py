@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import faiss
 import numpy as np
 import pytest
 
-from roclip_plugin.scan import nearest
+from roclip_plugin.scan import nearest, search_index
 
 from .data import unit
 
@@ -41,3 +42,21 @@ def test_bad_inputs_are_refused() -> None:
     broken[0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN or inf"):
         nearest(broken, bank, 1)
+
+
+def test_above_the_exact_limit_an_ivf_index_still_finds_every_duplicate() -> None:
+    """IVF search (more rows than ``exact_limit``) may swap far neighbours, never a copy."""
+    rng = np.random.default_rng(3)
+    bank = unit(rng.normal(size=(3000, 8)))
+    bank[100:110] = bank[100]  # ten copies of one image: each other's nearest neighbours
+    rows = np.arange(len(bank))
+    assert isinstance(search_index(bank, exact_limit=2999), faiss.IndexIVFFlat)
+    assert isinstance(search_index(bank, exact_limit=3000), faiss.IndexFlatIP)
+    found = nearest(bank, bank, 9, query_ids=rows, bank_ids=rows, exact_limit=1000)
+    for row in range(100, 110):
+        assert set(found.index[row]) == set(range(100, 110)) - {row}
+    exact = nearest(bank, bank, 9, query_ids=rows, bank_ids=rows)
+    agree = np.mean(
+        [len(set(a) & set(b)) / 9 for a, b in zip(found.index, exact.index, strict=True)]
+    )
+    assert agree > 0.9

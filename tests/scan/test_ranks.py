@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from roclip_plugin.scan import auroc, average_ranks, precision_at_k, rank_mean, top_rows
+from roclip_plugin.scan import auroc, average_ranks, precision_at_k, rank_max, rank_mean, top_rows
 
 
 def test_average_ranks_share_ties() -> None:
@@ -52,3 +52,14 @@ def test_rank_mean_ignores_scale() -> None:
     combined = rank_mean([a, 1000 * a[::-1]])
     assert np.allclose(combined, combined[0])
     assert rank_mean([a, a * 1e6]).tolist() == pytest.approx([1 / 3, 2 / 3, 1.0])
+
+
+def test_rank_max_keeps_a_row_that_only_one_score_ranks_first() -> None:
+    """Row 0 tops score a and sits mid-table on b: the maximum keeps it first, a mean does not."""
+    a = np.array([9.0, 1.0, 2.0, 3.0, 4.0])
+    b = np.array([1.0, 5.0, 2.0, 8.0, 3.0]) * 1000
+    assert top_rows(rank_max([a, b]), 2).tolist() == [0, 3]
+    assert rank_max([a, b])[0] == 1.0
+    assert rank_mean([a, b]).argmax() != 0
+    with pytest.raises(ValueError, match="at least one score"):
+        rank_max([])

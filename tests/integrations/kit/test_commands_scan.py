@@ -115,6 +115,91 @@ def test_without_a_manifest_the_report_has_histograms(setup, tmp_path) -> None:
     assert len(read_pairs(out / "train_filtered.csv")) == n - int(np.ceil(0.1 * n))
 
 
+def test_the_kept_keys_list_the_rows_the_filter_kept(setup, tmp_path) -> None:
+    out = tmp_path / "keys"
+    assert _scan(setup, out, "--drop-count", "7").code == 0
+    with (out / "scores.csv").open(newline="") as fh:
+        dropped = {r["row"] for r in list(csv.DictReader(fh, delimiter="\t"))[:7]}
+    n = len(read_pairs(setup["dataset"] / "train.csv"))
+    kept = (out / "kept_keys.txt").read_text().splitlines()
+    assert kept == [str(row) for row in range(n) if str(row) not in dropped]  # no __key__: rows
+
+
+def _shards(setup, folder: Path, per_shard: int = 150) -> tuple[str, list[str]]:
+    """The poisoned CSV's pairs as WebDataset shards (png + txt, keyed by row), in row order."""
+    import webdataset as wds
+
+    pairs = read_pairs(setup["dataset"] / "train.csv")
+    folder.mkdir()
+    keys = [f"sample{row:05d}" for row in range(len(pairs))]
+    for shard, start in enumerate(range(0, len(pairs), per_shard)):
+        with wds.TarWriter(str(folder / f"part-{shard}.tar")) as sink:
+            for row in range(start, min(start + per_shard, len(pairs))):
+                image = Path(pairs.filepaths[row]).read_bytes()
+                sink.write({"__key__": keys[row], "png": image, "txt": pairs.captions[row]})
+    last = -(-len(pairs) // per_shard) - 1
+    return str(folder / f"part-{{0..{last}}}.tar"), keys
+
+
+def test_shards_scan_to_the_csvs_scores_and_keep_keys(setup, tmp_path, monkeypatch) -> None:
+    """The same pairs as shards embed to the same scores; the filter writes kept keys only."""
+    spec, keys = _shards(setup, tmp_path / "shards")
+    from_csv = tmp_path / "csv"
+    assert _scan(setup, from_csv).code == 0
+    base = ["scan", "--checkpoint", str(setup["checkpoint"]), "--shards", spec]
+    manifest = json.loads(setup["manifest"].read_text())
+    for entry in manifest["rows"]:  # name the poisoned rows by key, as a shards manifest does
+        entry["key"] = keys[entry.pop("row")]
+    (tmp_path / "keyed.json").write_text(json.dumps(manifest))
+    extra = ["--chunk-size", "64", "--k", "8", "--drop-count", "12"]
+    out = tmp_path / "from-shards"
+    real_write = EmbeddingStore.write
+
+    def stop_after_one(self, chunk, images, captions):
+        if len(self.done) == 1:
+            raise KeyboardInterrupt
+        real_write(self, chunk, images, captions)
+
+    monkeypatch.setattr(EmbeddingStore, "write", stop_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        run_roclip([*base, "--out", str(out), *extra])
+    monkeypatch.undo()
+    argv = [
+        *base,
+        "--out",
+        str(out),
+        *extra,
+        "--resume",
+        "--manifest",
+        str(tmp_path / "keyed.json"),
+    ]
+    result = run_roclip(argv)
+    assert result.code == 0, result.output
+    assert "resumed: 64 of" in result.output
+
+    with (out / "scores.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh, delimiter="\t"))
+    assert all(r["key"] == keys[int(r["row"])] for r in rows)
+    assert _ranking(out) == _ranking(from_csv)
+    report = json.loads((out / "report.json").read_text())
+    assert report["detection"]["targeted"]["targeted"]["k"] == 12
+    assert not (out / "train_filtered.csv").exists()
+    dropped = {r["key"] for r in rows[:12]}
+    assert (out / "kept_keys.txt").read_text().splitlines() == [k for k in keys if k not in dropped]
+
+
+def test_bad_shards_are_refused_naming_the_flag(setup, tmp_path) -> None:
+    spec, _ = _shards(setup, tmp_path / "shards")
+    base = ["scan", "--checkpoint", str(setup["checkpoint"]), "--out", str(tmp_path / "o")]
+    missing = spec.replace("part-{0", "part-{5")
+    assert_refused(run_roclip([*base, "--shards", missing]), "--shards")
+    both = [*base, "--shards", spec, "--dataset", str(setup["dataset"])]
+    assert_refused(run_roclip(both), "--shards")
+    (tmp_path / "junk.tar").write_bytes(b"not a tar file at all" * 40)
+    assert_refused(run_roclip([*base, "--shards", str(tmp_path / "junk.tar")]), "--shards")
+    assert not (tmp_path / "o" / "embeddings").exists()
+
+
 def test_a_stopped_scan_resumes_to_the_same_ranking(setup, tmp_path, monkeypatch) -> None:
     whole = tmp_path / "whole"
     assert _scan(setup, whole).code == 0
@@ -201,6 +286,26 @@ def test_the_api_reports_progress_per_batch_and_the_scoring_step(setup, tmp_path
     embedding = seen["embedding pairs"]
     assert embedding[0] == len(pairs) == sum(embedding[1:])
     assert max(embedding[1:]) == 32  # per batch, not per chunk
-    assert seen["scoring (exact neighbour search)"] == [1, 1]
+    assert seen["scoring (neighbour search)"] == [1, 1]
     assert result.embedded == len(pairs) and result.pairs_per_second > 0
     assert set(result.scores) == set(DETECTORS)
+
+
+def test_each_distinct_caption_is_encoded_once_and_lands_on_every_row(setup, monkeypatch) -> None:
+    import roclip_kit.scan as kit_scan
+    from roclip_kit.evaluate import encode_texts
+    from roclip_kit.models import load_openclip
+
+    loaded = load_openclip(setup["checkpoint"], f"local-dir:{setup['root'] / 'tiny'}")
+    captions = ["a seven", "a two", "a seven", "a one", "a two", "a seven"]
+    encoded: list[str] = []
+
+    def counting(model, texts, **kwargs):
+        encoded.extend(texts)
+        return encode_texts(model, texts, **kwargs)
+
+    monkeypatch.setattr(kit_scan, "encode_texts", counting)
+    features = kit_scan.encode_distinct(loaded, captions)
+    assert sorted(encoded) == ["a one", "a seven", "a two"]
+    expected = encode_texts(loaded, captions).numpy()
+    assert np.allclose(features, expected, atol=1e-6)

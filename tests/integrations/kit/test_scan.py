@@ -104,3 +104,19 @@ def test_scores_csv_is_ranked_and_the_report_is_json(tmp_path) -> None:
     report = report_dict(result, None)
     assert report["pairs_per_second"] == pytest.approx(2.0)
     assert json.loads(json.dumps(report))["settings"]["k"] == 16
+
+
+def test_threads_are_set_for_torch_and_faiss_and_zero_keeps_the_defaults() -> None:
+    import faiss
+    import torch
+    from roclip_kit.scan import use_threads
+
+    before = torch.get_num_threads(), faiss.omp_get_max_threads()
+    try:
+        use_threads(0)
+        assert (torch.get_num_threads(), faiss.omp_get_max_threads()) == before
+        use_threads(1)
+        assert (torch.get_num_threads(), faiss.omp_get_max_threads()) == (1, 1)
+    finally:
+        torch.set_num_threads(before[0])
+        faiss.omp_set_num_threads(before[1])

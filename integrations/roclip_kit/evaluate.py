@@ -375,7 +375,8 @@ def detection_scores(
 
     ``ranked`` lists row indices (or WebDataset keys), most suspicious first, each once
     (``-1`` or ``""``: a row of unknown index, never a hit). ``k`` defaults to the number of
-    poisoned rows and is capped at the rows listed. Average precision is the mean over
+    poisoned rows and is capped at the rows listed (an empty list finds nothing: every figure
+    is 0, as a defense that flagged no row found no poison). Average precision is the mean over
     poisoned rows of the precision at the rank where each is found, a poisoned row missing
     from the list counting 0: the files keep only the top rows, so this is a lower bound of
     the AP over the full ranking.
@@ -383,8 +384,8 @@ def detection_scores(
     poisoned = set(poisoned)
     if not poisoned:
         raise ValueError("the manifest lists no poisoned rows: there is nothing to detect")
-    if not ranked:
-        raise ValueError("the suspicious file lists no rows")
+    if not ranked:  # nothing flagged (e.g. no step judged a pair risky): nothing found
+        return DetectionScores(0, 0, len(poisoned), 0, 0.0, 0.0, 0.0)
     if k is not None and k < 1:
         raise ValueError(f"k must be at least 1 (got {k})")
     k = min(len(poisoned) if k is None else k, len(ranked))

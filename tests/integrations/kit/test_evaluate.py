@@ -165,6 +165,12 @@ def test_detection_k_is_capped_at_the_rows_listed_and_unknown_rows_never_hit() -
         detection_scores([1], poisoned={1}, k=0)
 
 
+def test_a_file_that_flags_no_row_finds_nothing() -> None:
+    scores = detection_scores([], poisoned={4, 6})
+    assert (scores.k, scores.hits, scores.listed, scores.poisoned) == (0, 0, 0, 2)
+    assert (scores.precision, scores.recall, scores.average_precision) == (0.0, 0.0, 0.0)
+
+
 def test_a_perfect_ranking_scores_one() -> None:
     scores = detection_scores([3, 1, 8, 0, 2], poisoned={1, 3, 8})
     assert (scores.precision, scores.recall, scores.average_precision) == (1.0, 1.0, 1.0)

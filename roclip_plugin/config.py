@@ -47,10 +47,10 @@ class RoClipConfig:
         metadata=_meta("Caption pool capacity in embeddings (the authors' default is 21845)."),
     )
     rematch_every: int = field(
-        default=2, metadata=_meta("Period K: a matching epoch every K epochs (or step blocks).")
+        default=1, metadata=_meta("Period K: a matching epoch every K epochs (or step blocks).")
     )
     first_rematch_epoch: int | None = field(
-        default=5,
+        default=1,
         metadata=_meta(
             "0-based index of the first matching epoch; 'none' uses the authors' numbering "
             "(1-based epochs matching when epoch % K == 0, i.e. first = K-1)."
@@ -97,7 +97,7 @@ class RoClipConfig:
         ),
     )
     match_fraction: float = field(
-        default=1.0,
+        default=0.1,
         metadata=_meta(
             "Share of a defended (matching) step's pairs judged risky and acted on "
             "(match_action): 1 with match (the paper) re-pairs every image with its nearest "
@@ -106,7 +106,7 @@ class RoClipConfig:
         ),
     )
     match_action: str = field(
-        default="match",
+        default="drop",
         metadata=_meta(
             "What a defended step does with the pairs judged risky: match pairs their images "
             "with their nearest pool caption (RoCLIP); drop leaves them out of the step's "
@@ -117,7 +117,7 @@ class RoClipConfig:
         ),
     )
     risk_score: str = field(
-        default="margin",
+        default="history",
         metadata=_meta(
             "How risky each pair is, by registered name: margin (nearest pool caption's fit "
             "minus the own caption's), cosine (the pair's own cosine, low is risky), history "
@@ -424,7 +424,7 @@ ROBUST: dict[str, Any] = {
     "match_action": "drop",
     "match_fraction": 0.1,
 }
-DEFAULT_PRESET = "paper"
+DEFAULT_PRESET = "robust"
 PRESET_FIELDS: dict[str, dict[str, Any]] = {
     "paper": PAPER,
     "reference": REFERENCE,

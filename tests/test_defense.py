@@ -34,11 +34,13 @@ def _train(defense: RoClipDefense, epochs: range, steps: int = 4) -> list[float]
 @pytest.mark.parametrize(
     "config",
     [
-        RoClipConfig(pool_size=10, first_rematch_epoch=1, rematch_every=2),
+        RoClipConfig.from_preset("paper", pool_size=10, first_rematch_epoch=1, rematch_every=2),
         RoClipConfig.from_preset("reference", pool_size=7),
-        RoClipConfig(pool_size=9, first_rematch_epoch=0, period_steps=3, rematch_every=2),
-        RoClipConfig(
-            pool_size=8, schedule="adaptive", adaptive_threshold=0.3, first_rematch_epoch=1
+        RoClipConfig.from_preset(
+            "paper", pool_size=9, first_rematch_epoch=0, period_steps=3, rematch_every=2
+        ),
+        RoClipConfig.from_preset(
+            "paper", pool_size=8, schedule="adaptive", adaptive_threshold=0.3, first_rematch_epoch=1
         ),
     ],
     ids=["periodic", "reference", "per-step", "adaptive"],
@@ -61,7 +63,9 @@ def test_resume_is_exact(tmp_path: Path, config: RoClipConfig) -> None:
 
 
 def test_schedule_drives_matching_epochs() -> None:
-    defense = _make(RoClipConfig(pool_size=16, first_rematch_epoch=2, rematch_every=2))
+    defense = _make(
+        RoClipConfig.from_preset("paper", pool_size=16, first_rematch_epoch=2, rematch_every=2)
+    )
     assert [defense.start_epoch(e) for e in range(7)] == [
         False,
         False,
@@ -87,7 +91,9 @@ def test_reference_preset_numbering_and_pool_policy() -> None:
 
 def test_per_step_schedule_switches_inside_an_epoch() -> None:
     defense = _make(
-        RoClipConfig(pool_size=64, period_steps=2, first_rematch_epoch=1, rematch_every=2)
+        RoClipConfig.from_preset(
+            "paper", pool_size=64, period_steps=2, first_rematch_epoch=1, rematch_every=2
+        )
     )
     defense.start_epoch(0)
     flags = []
@@ -99,7 +105,8 @@ def test_per_step_schedule_switches_inside_an_epoch() -> None:
 
 
 def test_adaptive_start_waits_for_alignment() -> None:
-    config = RoClipConfig(
+    config = RoClipConfig.from_preset(
+        "paper",
         pool_size=32,
         schedule="adaptive",
         adaptive_threshold=0.99,
@@ -122,7 +129,7 @@ def test_adaptive_start_waits_for_alignment() -> None:
 
 
 def test_warmup_fraction_uses_run_length() -> None:
-    config = RoClipConfig(pool_size=8, warmup_fraction=0.5, rematch_every=1)
+    config = RoClipConfig.from_preset("paper", pool_size=8, warmup_fraction=0.5, rematch_every=1)
     defense = _make(config, total_epochs=6)
     assert [defense.start_epoch(e) for e in range(6)] == [False] * 3 + [True] * 3
     with pytest.raises(ValueError, match="--roclip-warmup-fraction needs the run length"):
@@ -130,28 +137,28 @@ def test_warmup_fraction_uses_run_length() -> None:
 
 
 def test_load_warns_on_changed_settings(tmp_path: Path) -> None:
-    a = _make(RoClipConfig(pool_size=8, rematch_every=2))
+    a = _make(RoClipConfig.from_preset("paper", pool_size=8, rematch_every=2))
     a.save(tmp_path / "s.pt")
-    b = _make(RoClipConfig(pool_size=8, rematch_every=3))
+    b = _make(RoClipConfig.from_preset("paper", pool_size=8, rematch_every=3))
     with pytest.warns(RuntimeWarning, match="rematch_every: 2 -> 3"):
         b.load(tmp_path / "s.pt")
 
 
 def test_load_errors_name_the_problem(tmp_path: Path) -> None:
-    d = _make(RoClipConfig(pool_size=8))
+    d = _make(RoClipConfig.from_preset("paper", pool_size=8))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         d.load(tmp_path / "missing.pt")
     state = d.state_dict()
     state["version"] = 99
     with pytest.raises(ValueError, match="state version 99 is not supported"):
         d.load_state_dict(state)
-    other = _make(RoClipConfig(pool_size=9))
+    other = _make(RoClipConfig.from_preset("paper", pool_size=9))
     with pytest.raises(ValueError, match="resume with the same --roclip-pool-size"):
         other.load_state_dict(d.state_dict())
 
 
 def test_save_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    d = _make(RoClipConfig(pool_size=8))
+    d = _make(RoClipConfig.from_preset("paper", pool_size=8))
     path = d.save(tmp_path / "s.pt")
     before = path.read_bytes()
 
@@ -166,22 +173,30 @@ def test_save_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def test_state_is_saved_on_cpu_and_loads_into_a_fresh_defense(tmp_path: Path) -> None:
-    d = _make(RoClipConfig(pool_size=8))
+    d = _make(RoClipConfig.from_preset("paper", pool_size=8))
     d.start_epoch(0)
     d.compute_loss(*_batch(0, 0), torch.tensor(5.0))
     state = d.state_dict()
     assert state["pool"]["features"].device.type == "cpu"
-    e = RoClipDefense(RoClipConfig(pool_size=8), plugin_manager=get_plugin_manager(), device="cpu")
+    e = RoClipDefense(
+        RoClipConfig.from_preset("paper", pool_size=8),
+        plugin_manager=get_plugin_manager(),
+        device="cpu",
+    )
     e.load_state_dict(state)
     assert torch.equal(e.pool.features(), d.pool.features())
 
 
 @pytest.mark.gpu
 def test_state_round_trip_cpu_to_cuda() -> None:
-    d = _make(RoClipConfig(pool_size=8))
+    d = _make(RoClipConfig.from_preset("paper", pool_size=8))
     d.start_epoch(0)
     d.compute_loss(*_batch(0, 0), torch.tensor(5.0))
-    e = RoClipDefense(RoClipConfig(pool_size=8), plugin_manager=get_plugin_manager(), device="cuda")
+    e = RoClipDefense(
+        RoClipConfig.from_preset("paper", pool_size=8),
+        plugin_manager=get_plugin_manager(),
+        device="cuda",
+    )
     e.load_state_dict(d.state_dict())
     assert e.pool.features().device.type == "cuda"
     assert torch.equal(e.pool.features().cpu(), d.pool.features())
@@ -189,10 +204,10 @@ def test_state_round_trip_cpu_to_cuda() -> None:
 
 @pytest.mark.gpu
 def test_restored_pool_follows_the_features_to_cuda() -> None:
-    d = _make(RoClipConfig(pool_size=8))
+    d = _make(RoClipConfig.from_preset("paper", pool_size=8))
     d.start_epoch(0)
     d.compute_loss(*_batch(0, 0), torch.tensor(5.0))
-    e = _make(RoClipConfig(pool_size=8))
+    e = _make(RoClipConfig.from_preset("paper", pool_size=8))
     e.load_state_dict(d.state_dict())  # no device given: restored on the CPU
     e.start_epoch(0)
     img, txt = (t.cuda() for t in _batch(0, 1))
@@ -203,7 +218,7 @@ def test_restored_pool_follows_the_features_to_cuda() -> None:
 def test_state_without_an_entry_names_it() -> None:
     from roclip_plugin.io import StateError
 
-    d = _make(RoClipConfig(pool_size=8))
+    d = _make(RoClipConfig.from_preset("paper", pool_size=8))
     state = d.state_dict()
     del state["pool"]
     with pytest.raises(StateError, match="RoCLIP state lacks 'pool'"):
@@ -219,13 +234,13 @@ def test_corrupt_state_files_name_the_path(tmp_path: Path, content: bytes) -> No
     path = tmp_path / "broken.roclip"
     path.write_bytes(content)
     with pytest.raises(StateError, match=r"RoCLIP state file .*broken\.roclip (is empty|cannot)"):
-        _make(RoClipConfig(pool_size=8)).load(path)
+        _make(RoClipConfig.from_preset("paper", pool_size=8)).load(path)
 
 
 def test_truncated_state_file_names_the_path(tmp_path: Path) -> None:
     from roclip_plugin.io import StateError
 
-    d = _make(RoClipConfig(pool_size=8))
+    d = _make(RoClipConfig.from_preset("paper", pool_size=8))
     path = d.save(tmp_path / "s.roclip")
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(StateError, match=r"s\.roclip cannot be read .*truncated, corrupt"):
@@ -246,7 +261,9 @@ def test_step_blocks_on_epoch_boundaries_start_each_epoch_with_its_own_block() -
     pm = get_plugin_manager()
     starts = EpochStarts()
     pm.register(starts)
-    config = RoClipConfig(pool_size=64, period_steps=5, first_rematch_epoch=1, rematch_every=2)
+    config = RoClipConfig.from_preset(
+        "paper", pool_size=64, period_steps=5, first_rematch_epoch=1, rematch_every=2
+    )
     defense = RoClipDefense(
         config, plugin_manager=pm, dist_info=DistInfo(), total_epochs=4, steps_per_epoch=5
     )
@@ -264,12 +281,32 @@ def test_step_blocks_on_epoch_boundaries_start_each_epoch_with_its_own_block() -
 @pytest.mark.parametrize(
     ("config", "epochs", "steps", "flag"),
     [
-        (RoClipConfig(), 5, None, "--roclip-first-rematch-epoch"),
-        (RoClipConfig(first_rematch_epoch=50), 10, None, "--roclip-first-rematch-epoch"),
-        (RoClipConfig(first_rematch_epoch=3, period_steps=10), 2, 10, "--roclip-period-steps"),
+        (RoClipConfig.from_preset("paper"), 5, None, "--roclip-first-rematch-epoch"),
+        (
+            RoClipConfig.from_preset("paper", first_rematch_epoch=50),
+            10,
+            None,
+            "--roclip-first-rematch-epoch",
+        ),
+        (
+            RoClipConfig.from_preset("paper", first_rematch_epoch=3, period_steps=10),
+            2,
+            10,
+            "--roclip-period-steps",
+        ),
         (RoClipConfig.from_preset("reference", rematch_every=4), 3, None, "--roclip-rematch-every"),
-        (RoClipConfig(schedule="adaptive", first_rematch_epoch=0), 1, None, "adaptive"),
-        (RoClipConfig(schedule="ramp", first_rematch_epoch=4), 4, None, "ramp"),
+        (
+            RoClipConfig.from_preset("paper", schedule="adaptive", first_rematch_epoch=0),
+            1,
+            None,
+            "adaptive",
+        ),
+        (
+            RoClipConfig.from_preset("paper", schedule="ramp", first_rematch_epoch=4),
+            4,
+            None,
+            "ramp",
+        ),
     ],
     ids=["default-5-epochs", "first-50", "step-blocks", "reference", "adaptive", "ramp"],
 )
@@ -288,11 +325,11 @@ def test_a_run_without_a_matching_unit_warns_with_the_flag_to_change(
 @pytest.mark.parametrize(
     "config",
     [
-        RoClipConfig(),
-        RoClipConfig(schedule="ramp"),
-        RoClipConfig(schedule="adaptive", first_rematch_epoch=0),
+        RoClipConfig.from_preset("paper"),
+        RoClipConfig.from_preset("paper", schedule="ramp"),
+        RoClipConfig.from_preset("paper", schedule="adaptive", first_rematch_epoch=0),
         RoClipConfig.from_preset("reference"),
-        RoClipConfig(period_steps=10, first_rematch_epoch=11),
+        RoClipConfig.from_preset("paper", period_steps=10, first_rematch_epoch=11),
     ],
 )
 def test_a_run_with_a_matching_unit_is_quiet(config: RoClipConfig) -> None:
@@ -311,19 +348,25 @@ class AlwaysMatch:
 def test_a_plugin_schedule_is_not_second_guessed() -> None:
     pm = get_plugin_manager()
     pm.register(AlwaysMatch())
-    defense = RoClipDefense(RoClipConfig(), plugin_manager=pm, dist_info=DistInfo(), total_epochs=2)
+    defense = RoClipDefense(
+        RoClipConfig.from_preset("paper"), plugin_manager=pm, dist_info=DistInfo(), total_epochs=2
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert defense.start_epoch(0)
 
 
 def test_a_pool_larger_than_a_share_of_the_epoch_warns() -> None:
-    defense = _make(RoClipConfig(pool_size=128), total_epochs=10, samples_per_epoch=256)
+    defense = _make(
+        RoClipConfig.from_preset("paper", pool_size=128), total_epochs=10, samples_per_epoch=256
+    )
     with pytest.warns(RuntimeWarning, match=r"pool \(--roclip-pool-size 128\) holds 50%") as rec:
         defense.start_epoch(0)
     message = str(rec[0].message)
     assert "own caption" in message and "about 2%" in message and "at most 25" in message
-    quiet = _make(RoClipConfig(pool_size=25), total_epochs=10, samples_per_epoch=256)
+    quiet = _make(
+        RoClipConfig.from_preset("paper", pool_size=25), total_epochs=10, samples_per_epoch=256
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         quiet.start_epoch(0)
@@ -334,7 +377,9 @@ def test_a_pool_larger_than_a_share_of_the_epoch_warns() -> None:
 
 def _half_accumulated_step() -> RoClipDefense:
     """A defense with accum_freq 2 after the first of its step's two loss calls."""
-    defense = RoClipDefense(RoClipConfig(pool_size=16), accum_freq=2, dist_info=DistInfo())
+    defense = RoClipDefense(
+        RoClipConfig.from_preset("paper", pool_size=16), accum_freq=2, dist_info=DistInfo()
+    )
     defense.start_epoch(0)
     img = F.normalize(torch.randn(4, 8), dim=-1)
     defense.compute_loss(img, img.clone(), torch.tensor(10.0))

@@ -20,7 +20,9 @@ BATCH = 8  # global batch; each rank takes BATCH // WORLD rows
 DIM = 6
 STEPS_PER_EPOCH = 3
 EPOCHS = 3
-CONFIG = RoClipConfig(pool_size=20, rematch_every=1, first_rematch_epoch=1, schedule="periodic")
+CONFIG = RoClipConfig.from_preset(
+    "paper", pool_size=20, rematch_every=1, first_rematch_epoch=1, schedule="periodic"
+)
 
 
 def _global_batch(epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -51,7 +51,9 @@ def _defense(*plugins: object, **config: object) -> RoClipDefense:
     pm = get_plugin_manager()
     for plugin in plugins:
         pm.register(plugin)
-    cfg = RoClipConfig(**{"pool_size": 32, "first_rematch_epoch": 1, "rematch_every": 1, **config})
+    cfg = RoClipConfig.from_preset(
+        "paper", **{"pool_size": 32, "first_rematch_epoch": 1, "rematch_every": 1, **config}
+    )
     return RoClipDefense(cfg, plugin_manager=pm)
 
 
@@ -79,7 +81,7 @@ def test_roclip_configure() -> None:
     options = argparse.Namespace(x=1)
     pm = get_plugin_manager()
     pm.register(Plugin())
-    cfg = RoClipConfig(pool_size=9)
+    cfg = RoClipConfig.from_preset("paper", pool_size=9)
     RoClipDefense(cfg, plugin_manager=pm, options=options)
     assert seen == [(cfg, options)]
 
@@ -150,11 +152,11 @@ def test_roclip_register_augmentations() -> None:
     registry = collect_augmentations(pm)
     assert registry.names("text") == ["eda", "none", "shout"]
     assert registry.names("image") == ["none", "roclip", "roclip-small"]
-    assert registry.build("text", "shout", RoClipConfig())("a cat") == "A CAT"
-    assert registry.build("text", "none", RoClipConfig())("a cat") == "A CAT"
-    assert registry.build("image", "none", RoClipConfig())(5) == 5
+    assert registry.build("text", "shout", RoClipConfig.from_preset("paper"))("a cat") == "A CAT"
+    assert registry.build("text", "none", RoClipConfig.from_preset("paper"))("a cat") == "A CAT"
+    assert registry.build("image", "none", RoClipConfig.from_preset("paper"))(5) == 5
     with pytest.raises(ValueError, match="--roclip-text-aug: unknown text augmentation 'x'"):
-        registry.build("text", "x", RoClipConfig())
+        registry.build("text", "x", RoClipConfig.from_preset("paper"))
 
 
 def test_duplicate_augmentation_name_needs_replace() -> None:
@@ -321,7 +323,7 @@ def test_roclip_register_risk_scorers() -> None:
     pm.register(Plugin())
     factories = collect_scorers(pm)
     assert {"cos2", "cosine", "history", "density", "margin"} <= set(factories)
-    assert isinstance(factories["margin"](RoClipConfig()), CosineScorer)
+    assert isinstance(factories["margin"](RoClipConfig.from_preset("paper")), CosineScorer)
 
     class Clash:
         @hookimpl

@@ -132,7 +132,9 @@ def test_an_unknown_dist_impl_is_refused() -> None:
 
 
 def test_the_defense_trains_the_sigmoid_loss_when_asked() -> None:
-    defense = RoClipDefense(RoClipConfig(pool_size=16), siglip=True, dist_info=DistInfo())
+    defense = RoClipDefense(
+        RoClipConfig.from_preset("paper", pool_size=16), siglip=True, dist_info=DistInfo()
+    )
     assert isinstance(defense.loss, RoClipSigLipLoss)
     img, txt = _features(6, 4, 8)
     defense.start_epoch(0)

@@ -30,7 +30,7 @@ SCRIPT = textwrap.dedent(
     from test_torch_loop import make_run
 
     pm = roclip_plugin.get_plugin_manager()
-    config = RoClipConfig(
+    config = RoClipConfig.from_preset("paper",
         pool_size=64, first_rematch_epoch=1, rematch_every=1, suspicious_margin=0.05
     )
     make_run(None, config, epochs=2, n=128, plugin_manager=pm).fit()

@@ -110,7 +110,9 @@ def _differences(run, model: torch.nn.Module, losses: list[float], pool: torch.T
 def test_same_losses_pool_and_weights_as_roclip_torch_trainer(data) -> None:
     """Clipping and decay included: the Trainer is given both, the tensor path must apply both."""
     settings = _settings(**EQUIVALENCE)
-    config = RoClipConfig(pool_size=48, first_rematch_epoch=1, rematch_every=1, **PLAIN)
+    config = RoClipConfig.from_preset(
+        "paper", pool_size=48, first_rematch_epoch=1, rematch_every=1, **PLAIN
+    )
     run = train_tensor(data, settings, config)
     model, history, adapter = _trainer_run(data, settings, config)
     assert [r.matching for r in run.epochs] == [s.matching for s in history] == [0, 1, 1]
@@ -125,7 +127,9 @@ def test_same_losses_pool_and_weights_as_roclip_torch_trainer(data) -> None:
 
 def test_clip_loss_is_the_plain_step_of_roclip(data) -> None:
     settings = _settings(epochs=1)
-    never = RoClipConfig(pool_size=48, first_rematch_epoch=None, rematch_every=50, **PLAIN)
+    never = RoClipConfig.from_preset(
+        "paper", pool_size=48, first_rematch_epoch=None, rematch_every=50, **PLAIN
+    )
     clip = train_tensor(data, settings, None)
     with pytest.warns(RuntimeWarning, match="never matches"):
         plain = train_tensor(data, settings, never)
@@ -135,7 +139,9 @@ def test_clip_loss_is_the_plain_step_of_roclip(data) -> None:
 
 def test_augmentation_alone_changes_the_batches_but_builds_no_pool(data) -> None:
     settings = _settings(epochs=1)
-    config = RoClipConfig(pool_size=48, image_aug="roclip-small", text_aug="eda")
+    config = RoClipConfig.from_preset(
+        "paper", pool_size=48, image_aug="roclip-small", text_aug="eda"
+    )
     clip = train_tensor(data, settings, None)
     augmented = train_tensor(data, settings, config, defend=False)
     assert augmented.roclip_state is None
@@ -149,7 +155,9 @@ def test_data_order_is_distributed_samplers() -> None:
 
 
 def test_suspicious_files_are_written_for_matching_epochs(data, tmp_path: Path) -> None:
-    config = RoClipConfig(pool_size=48, first_rematch_epoch=1, rematch_every=2, **PLAIN)
+    config = RoClipConfig.from_preset(
+        "paper", pool_size=48, first_rematch_epoch=1, rematch_every=2, **PLAIN
+    )
     run = train_tensor(data, _settings(), config, run_dir=tmp_path)
     assert run.matching_epochs == [2] and sorted(run.suspicious) == [2]
     lines = run.suspicious[2].read_text().splitlines()

@@ -153,7 +153,9 @@ def rich_console() -> Console:
 
 def test_matching_epochs_follow_the_schedule_under_bf16_autocast(tmp_path: Path) -> None:
     console = rich_console()
-    config = RoClipConfig(pool_size=128, first_rematch_epoch=2, rematch_every=2)
+    config = RoClipConfig.from_preset(
+        "paper", pool_size=128, first_rematch_epoch=2, rematch_every=2
+    )
     trainer = make_run(tmp_path, config, epochs=4, console=console, amp=True, grad_clip_norm=1.0)
     seen_dtypes = set()
     loss = trainer.adapter.loss
@@ -198,7 +200,9 @@ def test_matching_epochs_follow_the_schedule_under_bf16_autocast(tmp_path: Path)
 
 def test_training_learns_the_digits(tmp_path: Path) -> None:
     # Plain CLIP epochs first, then matching ones (the warm-up the method needs).
-    config = RoClipConfig(pool_size=256, first_rematch_epoch=3, rematch_every=1)
+    config = RoClipConfig.from_preset(
+        "paper", pool_size=256, first_rematch_epoch=3, rematch_every=1
+    )
     trainer = make_run(None, config, epochs=5, n=512)
     before = zero_shot_accuracy(trainer.module, trainer.loader.dataset)
     history = trainer.fit()
@@ -228,7 +232,7 @@ def deterministic():
 
 @pytest.mark.usefixtures("deterministic")
 def test_resume_is_exact(tmp_path: Path) -> None:
-    config = RoClipConfig(pool_size=96, first_rematch_epoch=2, rematch_every=1)
+    config = RoClipConfig.from_preset("paper", pool_size=96, first_rematch_epoch=2, rematch_every=1)
     straight = make_run(tmp_path / "straight", config, epochs=4, grad_clip_norm=1.0)
     want = straight.fit()
 
@@ -254,7 +258,7 @@ def test_resume_is_exact(tmp_path: Path) -> None:
 
 def test_resume_restores_rng_state(tmp_path: Path) -> None:
     """Without the saved RNG, dropout in epochs 3-4 would draw differently: prove it matters."""
-    config = RoClipConfig(pool_size=64, first_rematch_epoch=10)
+    config = RoClipConfig.from_preset("paper", pool_size=64, first_rematch_epoch=10)
     first = make_run(tmp_path, config, epochs=3)
     first.fit(stop_after=2)
     torch.manual_seed(999)
@@ -275,7 +279,9 @@ def test_settings_are_validated() -> None:
 
 def test_dataset_smaller_than_a_batch_is_an_error() -> None:
     with pytest.raises(ValueError, match="no full batch of 64"):
-        make_run(None, RoClipConfig(pool_size=8), epochs=1, n=32, batch_size=64)
+        make_run(
+            None, RoClipConfig.from_preset("paper", pool_size=8), epochs=1, n=32, batch_size=64
+        )
 
 
 @pytest.mark.parametrize("where", ["under-a-file", "read-only"])
@@ -296,7 +302,7 @@ def test_a_checkpoint_dir_that_cannot_be_written_is_refused_before_the_first_ste
         )
         reason = "is not writable"
     with pytest.raises(ValueError, match=f"TrainSettings.checkpoint_dir {target}.*{reason}"):
-        make_run(target, RoClipConfig(pool_size=8), epochs=1, n=64)
+        make_run(target, RoClipConfig.from_preset("paper", pool_size=8), epochs=1, n=64)
 
 
 # -- the adapter ---------------------------------------------------------------------------
@@ -309,7 +315,10 @@ def _plain_infonce(img: torch.Tensor, txt: torch.Tensor, scale: float) -> torch.
 
 
 def _adapter(**kw) -> RoClipAdapter:
-    config = kw.pop("config", RoClipConfig(pool_size=64, first_rematch_epoch=1, rematch_every=1))
+    config = kw.pop(
+        "config",
+        RoClipConfig.from_preset("paper", pool_size=64, first_rematch_epoch=1, rematch_every=1),
+    )
     return RoClipAdapter(config, plugin_manager=get_plugin_manager(), dist_info=DistInfo(), **kw)
 
 
@@ -471,7 +480,9 @@ def test_checkpoint_helpers_round_trip(tmp_path: Path) -> None:
 
 
 def test_epoch_start_adopts_or_checks_the_loop_step() -> None:
-    config = RoClipConfig(pool_size=16, first_rematch_epoch=0, rematch_every=2, period_steps=4)
+    config = RoClipConfig.from_preset(
+        "paper", pool_size=16, first_rematch_epoch=0, rematch_every=2, period_steps=4
+    )
     fresh = _adapter(config=config)
     # resumed from a checkpoint without RoCLIP state, at global step 4: block 1 (plain)
     assert fresh.epoch_start(3, step=4) is False
@@ -531,7 +542,7 @@ class _HookLog:
 
 
 def test_the_same_hooks_fire_as_when_driving_the_core_directly() -> None:
-    config = RoClipConfig(pool_size=20, first_rematch_epoch=1, rematch_every=1)
+    config = RoClipConfig.from_preset("paper", pool_size=20, first_rematch_epoch=1, rematch_every=1)
     g = torch.Generator().manual_seed(0)
 
     def batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -579,7 +590,7 @@ def test_restored_pool_follows_the_features_to_the_gpu() -> None:
 
 @pytest.mark.gpu
 def test_trainer_on_cuda_with_bf16(tmp_path: Path) -> None:
-    config = RoClipConfig(pool_size=64, first_rematch_epoch=1, rematch_every=1)
+    config = RoClipConfig.from_preset("paper", pool_size=64, first_rematch_epoch=1, rematch_every=1)
     torch.manual_seed(0)
     model = TwoTower().cuda()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -632,7 +643,9 @@ def test_package_never_imports_open_clip() -> None:
 
 
 def test_adapter_augmentation_policy_follows_the_epoch() -> None:
-    adapter = _adapter(config=RoClipConfig(text_aug="eda", eda_synonyms="off", seed=3))
+    adapter = _adapter(
+        config=RoClipConfig.from_preset("paper", text_aug="eda", eda_synonyms="off", seed=3)
+    )
     policy = adapter.augmentation
     assert adapter.augmentation is policy  # built once
     caption = "a small photo of the handwritten digit seven"
@@ -646,13 +659,13 @@ def test_adapter_augmentation_policy_follows_the_epoch() -> None:
 
 
 def test_adapter_augmentation_none_leaves_captions_alone() -> None:
-    adapter = _adapter(config=RoClipConfig(text_aug="none", image_aug="none"))
+    adapter = _adapter(config=RoClipConfig.from_preset("paper", text_aug="none", image_aug="none"))
     assert adapter.augmentation.text("a cat", index=0) == "a cat"
 
 
 def test_trainer_warns_when_the_defense_would_be_off_or_ineffective() -> None:
     """2 epochs with the default first matching epoch 5; a pool of half an epoch's pairs."""
-    trainer = make_run(None, RoClipConfig(pool_size=128), epochs=2)
+    trainer = make_run(None, RoClipConfig.from_preset("paper", pool_size=128), epochs=2)
     with pytest.warns(RuntimeWarning) as record:
         history = trainer.fit()
     messages = [str(w.message) for w in record if w.category is RuntimeWarning]

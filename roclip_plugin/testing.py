@@ -317,8 +317,13 @@ def bad_roclip_values() -> dict[str, st.SearchStrategy[str]]:
         "period_steps": bad_ints(0, int32),
         "pool_update": not_in(c.POOL_UPDATES),
         "match_fraction": bad_reals(0.0, 1.0, low_open=True),
-        # drop with the default match_fraction 1 would leave nothing to train on
-        "match_action": not_in(c.MATCH_ACTIONS) | st.sampled_from(("drop", "unimodal", "weight")),
+        # with a match_fraction of 1 (the paper's), drop would leave nothing to train on
+        "match_action": not_in(c.MATCH_ACTIONS)
+        | (
+            st.sampled_from(("drop", "unimodal", "weight"))
+            if RoClipConfig().match_fraction >= 1
+            else st.nothing()
+        ),
         "duplicate_matches": not_in(c.DUPLICATE_MATCHES),
         "precision": not_in(c.PRECISIONS),
         "matcher": not_in(c.MATCHERS),

@@ -55,8 +55,8 @@ BAD_VALUES: list[tuple[str, Any, str]] = [
     ("warmup_fraction", "0.5", "[0.0, 1.0)"),
     ("schedule", "cosine", "periodic, ramp, adaptive"),
     ("schedule", "", "periodic, ramp, adaptive"),
-    ("ramp_final_every", 0, "[1, 2]"),
-    ("ramp_final_every", 3, "[1, 2]"),
+    ("ramp_final_every", 0, "[1, 1]"),  # up to rematch_every, 1 by default
+    ("ramp_final_every", 2, "[1, 1]"),
     ("adaptive_threshold", 0.0, "(0.0, 1.0]"),
     ("adaptive_threshold", 1.5, "(0.0, 1.0]"),
     ("adaptive_threshold", -0.2, "(0.0, 1.0]"),
@@ -191,15 +191,25 @@ def test_config_strategy_covers_every_field() -> None:
 
 
 def test_defaults_are_valid_and_documented_values() -> None:
+    """The default is the robust preset: the history split from the second epoch on."""
     cfg = RoClipConfig()
+    assert cfg == RoClipConfig.from_preset("robust")
     assert cfg.pool_size == 21845
-    assert cfg.rematch_every == 2
-    assert cfg.first_rematch_epoch == 5
+    assert cfg.rematch_every == 1
+    assert cfg.first_rematch_epoch == 1
+    assert (cfg.risk_score, cfg.risk_split) == ("history", "fixed")
+    assert (cfg.match_action, cfg.match_fraction) == ("drop", 0.1)
     assert cfg.schedule == "periodic"
     assert cfg.pool_update == "every_step"
     assert cfg.precision == "fp32"
     assert cfg.matcher == "torch"
-    assert cfg.resolved_first_epoch() == 5
+    assert cfg.resolved_first_epoch() == 1
+
+
+def test_the_paper_preset_keeps_the_papers_schedule_and_matching() -> None:
+    cfg = RoClipConfig.from_preset("paper")
+    assert (cfg.first_rematch_epoch, cfg.rematch_every) == (5, 2)
+    assert (cfg.match_action, cfg.match_fraction, cfg.risk_score) == ("match", 1.0, "margin")
 
 
 def test_every_field_has_a_bad_value_case() -> None:
@@ -581,7 +591,7 @@ def test_help_texts_hold_no_argparse_escapes() -> None:
 
 def test_drop_needs_a_match_fraction_below_one() -> None:
     with pytest.raises(ValueError, match="--roclip-match-fraction below 1"):
-        RoClipConfig(match_action="drop")
+        RoClipConfig(match_action="drop", match_fraction=1.0)
     assert RoClipConfig(match_action="drop", match_fraction=0.2).match_action == "drop"
 
 

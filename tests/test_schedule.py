@@ -49,8 +49,9 @@ def test_matching_units_of_periodic_config(first: int | None, every: int, total:
 
 
 def test_default_config_schedule() -> None:
-    # defaults: K = 2, first matching epoch 5 (0-based)
-    assert matching_units(RoClipConfig(), 12) == [5, 7, 9, 11]
+    # the default (robust): every epoch from the second; the paper's: K = 2 from epoch 5
+    assert matching_units(RoClipConfig(), 12) == list(range(1, 12))
+    assert matching_units(RoClipConfig.from_preset("paper"), 12) == [5, 7, 9, 11]
 
 
 @given(every=st.integers(1, 30), epochs=st.integers(1, 150))

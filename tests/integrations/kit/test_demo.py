@@ -22,10 +22,14 @@ from roclip_plugin.cli import main  # noqa: E402
 
 
 def test_scale_fills_only_what_is_not_given() -> None:
+    # the default preset (robust) keeps its own schedule: only the augmentation is scaled
     s = DemoSettings(epochs=3, roclip_flags={"pool_size": 64}).resolved()
     cpu = SCALES["cpu"]
     assert s.epochs == 3 and s.train_limit == cpu["train_limit"] and s.model == cpu["model"]
-    assert s.roclip_flags == {
+    assert s.roclip_flags == {"pool_size": 64, "image_aug": cpu["image_aug"]}
+    paper = DemoSettings(epochs=3, roclip_flags={"preset": "paper", "pool_size": 64}).resolved()
+    assert paper.roclip_flags == {
+        "preset": "paper",
         "pool_size": 64,
         "first_rematch_epoch": cpu["first_rematch_epoch"],
         "rematch_every": cpu["rematch_every"],

@@ -105,8 +105,10 @@ def _ckpt(setup: dict[str, Path], name: str, epoch: int) -> Path:
     return setup["root"] / "logs" / name / "checkpoints" / f"epoch_{epoch}.pt"
 
 
-ROCLIP = [
+ROCLIP = [  # the paper's matching: these tests follow its pool and matching epochs
     "--roclip",
+    "--roclip-preset",
+    "paper",
     "--roclip-rematch-every",
     "2",
     "--roclip-first-rematch-epoch",
@@ -657,9 +659,10 @@ def test_step_blocks_on_epoch_boundaries_log_and_report_the_right_epochs(setup) 
 
 
 def test_a_run_that_never_matches_says_so(setup) -> None:
-    """The default preset's first matching epoch is 5: a 2-epoch run would only augment."""
+    """The paper's first matching epoch is 5: a 2-epoch run would only augment."""
+    argv = _argv(setup, "never", 2, "--roclip", "--roclip-preset", "paper", "--roclip-pool-size", "8")
     with pytest.warns(RuntimeWarning, match="never matches") as record:
-        assert main(_argv(setup, "never", 2, "--roclip", "--roclip-pool-size", "8")) == 0
+        assert main(argv) == 0
     assert "--roclip-first-rematch-epoch" in str(record[0].message)
     log = _log(setup, "never")
     assert "RoCLIP never matches in this run" in log and "at most 1" in log

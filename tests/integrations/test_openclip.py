@@ -660,7 +660,8 @@ def test_step_blocks_on_epoch_boundaries_log_and_report_the_right_epochs(setup) 
 
 def test_a_run_that_never_matches_says_so(setup) -> None:
     """The paper's first matching epoch is 5: a 2-epoch run would only augment."""
-    argv = _argv(setup, "never", 2, "--roclip", "--roclip-preset", "paper", "--roclip-pool-size", "8")
+    paper = ["--roclip", "--roclip-preset", "paper", "--roclip-pool-size", "8"]
+    argv = _argv(setup, "never", 2, *paper)
     with pytest.warns(RuntimeWarning, match="never matches") as record:
         assert main(argv) == 0
     assert "--roclip-first-rematch-epoch" in str(record[0].message)

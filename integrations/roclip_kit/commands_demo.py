@@ -20,13 +20,13 @@ from roclip_kit.demo import (
     DATASETS,
     PLOT_FILE,
     RESULTS_FILE,
-    SCALED_FLAGS,
     SCALES,
     TRAINERS,
     TRIGGER_KINDS,
     DemoSettings,
     run_demo,
     scale_text,
+    scaled_flags,
 )
 from roclip_plugin.config import RoClipConfig, add_argparse_args, config_from_namespace
 from roclip_plugin.matching import check_matcher_settings
@@ -125,7 +125,8 @@ def add_demo_command(subparsers: Any) -> argparse.ArgumentParser:
     add_argparse_args(
         group,
         default_text={
-            key: f"the scale's: {scale_text(key, getattr(base, key))}" for key in SCALED_FLAGS
+            key: f"the scale's: {scale_text(key, getattr(base, key))}"
+            for key in scaled_flags(None)
         },
     )
     parser.set_defaults(run=run_demo_command)

@@ -126,6 +126,16 @@ OPENCLIP_SCALES: dict[str, dict[str, Any]] = {
     },
 }
 SCALED_FLAGS = ("pool_size", "first_rematch_epoch", "rematch_every", "image_aug")
+
+
+def scaled_flags(preset: str | None) -> tuple[str, ...]:
+    """The RoCLIP flags a scale sets for ``preset`` (None: the default preset).
+
+    The scale's schedule suits the paper's preset at the scale's run length; the other presets
+    keep their own schedule, and only the pool size and the augmentation are scaled.
+    """
+    return SCALED_FLAGS if preset_name(preset) == "paper" else ("pool_size", "image_aug")
+
 # What a demo run writes into --out besides the dataset cache (data/): a rerun replaces these
 # together, and a failed rerun puts the previous ones back (see roclip_kit.outputs.keeping).
 RESULT_ENTRIES = ("poisoned", "runs", RESULTS_FILE, PLOT_FILE)
@@ -254,12 +264,7 @@ class DemoSettings:
             for key in defaults
             if key in self.__dataclass_fields__ and getattr(self, key) is None
         }
-        # The scale's pool size and schedule suit the paper's preset at its run length; the
-        # other presets keep their own schedule (only the pool size and the augmentation are
-        # scaled).
-        scaled = SCALED_FLAGS
-        if preset_name(self.roclip_flags.get("preset")) != "paper":
-            scaled = ("pool_size", "image_aug")
+        scaled = scaled_flags(self.roclip_flags.get("preset"))
         flags = {
             key: defaults[key] for key in scaled if key in defaults and key not in self.roclip_flags
         }

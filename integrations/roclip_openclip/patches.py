@@ -37,7 +37,7 @@ from roclip_plugin import RoClipConfig, RoClipDefense
 from roclip_plugin.augment import AugmentationPolicy, sample_index
 from roclip_plugin.distributed import all_gather_objects, all_reduce_sum
 from roclip_plugin.hookspecs import hookimpl
-from roclip_plugin.loss import DistInfo, MatchStats
+from roclip_plugin.loss import DistInfo, MatchStats, RiskStats
 from roclip_plugin.risk import stable_ids
 
 log = logging.getLogger("roclip")
@@ -211,6 +211,21 @@ class EpochReport:
         margins = stats.margins.detach().float().cpu()
         self.suspicious += int((margins > self.margin_threshold).sum())
         entries = [(m, *self._entry(i)) for i, m in enumerate(margins.tolist())]
+        self.top = sorted(self.top + entries, reverse=True)[:SUSPICIOUS_TOP]
+
+    @hookimpl
+    def roclip_after_risk(self, stats: RiskStats) -> None:
+        """Rank the rows by their risk where no caption is matched (drop, unimodal, weight).
+
+        Those steps report no margins: the split's own risk is what says which pairs the
+        defense held for poison, so the suspicious-rows CSV lists the riskiest rows (its
+        ``margin`` column then holds the risk) and the count is the risky rows.
+        """
+        if stats.action == "match":
+            return  # roclip_after_match ranks matched steps by their margins
+        self.suspicious += int(stats.risky.sum())
+        risks = stats.risk.detach().float().cpu().tolist()
+        entries = [(r, *self._entry(i)) for i, r in enumerate(risks)]
         self.top = sorted(self.top + entries, reverse=True)[:SUSPICIOUS_TOP]
 
     def summary(self) -> dict[str, float]:

@@ -128,8 +128,9 @@ def test_tensor_trainer_end_to_end_on_digits(tmp_path: Path, capsys) -> None:
         "demo", "--dataset", "digits", "--out", str(out), "--train-limit", "300",
         "--test-limit", "60", "--epochs", "3", "--batch-size", "32", "--targets", "4",
         "--captions-per-target", "2,3", "--backdoor-rate", "0.05", "--backdoor-class", "seven",
-        "--roclip-first-rematch-epoch", "1", "--roclip-rematch-every", "2",
-        "--roclip-pool-size", "64", "--jobs", "2", "--eval-limit", "40",
+        "--roclip-preset", "paper", "--roclip-first-rematch-epoch", "1",
+        "--roclip-rematch-every", "2", "--roclip-pool-size", "64", "--jobs", "2",
+        "--eval-limit", "40",
     ]  # fmt: skip
     assert main(argv, pm=_pm()) == 0
     printed = capsys.readouterr().out
@@ -438,7 +439,10 @@ def test_the_scales_pool_is_fitted_to_a_small_dataset_and_a_given_pool_is_kept()
     s = DemoSettings(dataset="digits").resolved()
     pairs = epoch_pairs(s, 1347)
     assert pairs == 1347 + 16 * 10 + 16 * 50
-    config = RoClipConfig.from_preset("default", pool_size=s.roclip_flags["pool_size"])
+    # the paper's matching is what a large pool harms (drop never hands a caption back)
+    s = DemoSettings(dataset="digits", roclip_flags={"preset": "paper"}).resolved()
+    pairs = epoch_pairs(s, 1347)
+    config = RoClipConfig.from_preset("paper", pool_size=s.roclip_flags["pool_size"])
     assert pool_share_message(config, pairs) is not None
     said: list[str] = []
     fitted = fit_pool(s, config, pairs, say=said.append)

@@ -7,7 +7,7 @@ import re
 
 import pytest
 import roclip_kit.plugin
-from roclip_kit.demo import OPENCLIP_SCALES, SCALED_FLAGS, SCALES, DemoSettings
+from roclip_kit.demo import OPENCLIP_SCALES, SCALES, DemoSettings, scaled_flags
 
 from roclip_plugin import RoClipConfig, get_plugin_manager
 from roclip_plugin.cli import build_parser
@@ -64,7 +64,7 @@ def test_demo_roclip_help_is_what_each_scale_runs() -> None:
         if not flag.startswith("--roclip-") or flag == "--roclip-preset":
             continue
         name = field_from_flag(flag)
-        if name not in SCALED_FLAGS:
+        if name not in scaled_flags(None):
             assert text == as_shown(getattr(base, name)), flag
             continue
         values = _per_scale(text.removeprefix("the scale's: "))

@@ -19,6 +19,8 @@ def test_demo_runs_and_writes_results(tmp_path: Path, capsys) -> None:
         "1500",
         "--json",
         str(out),
+        "--roclip-preset",
+        "paper",
         "--roclip-first-rematch-epoch",
         "1",
     ]
@@ -170,6 +172,7 @@ def test_os_errors_of_a_command_are_one_line(capsys, monkeypatch) -> None:
 
 def test_smoke_warns_when_the_defense_would_be_off_or_ineffective(capsys) -> None:
     argv = ["smoke", "--epochs", "2", "--train", "600", "--roclip-pool-size", "4096"]
+    argv += ["--roclip-preset", "paper"]  # its first matching epoch is 5
     assert main(argv) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "warning: RoCLIP never matches in this run" in out

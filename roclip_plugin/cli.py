@@ -100,7 +100,7 @@ def build_parser(pm: pluggy.PluginManager | None = None) -> argparse.ArgumentPar
         "--preset",
         default="default",
         choices=PRESETS,
-        help="whose values to list: default (the paper preset today), paper, reference (the "
+        help="whose values to list: default (the robust preset), paper, reference (the "
         "authors' semantics), safeclip or robust (default: %(default)s)",
     )
     flags.set_defaults(run=_flags)

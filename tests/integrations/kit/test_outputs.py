@@ -161,7 +161,7 @@ def test_non_image_target_is_refused(dataset, tmp_path, capsys) -> None:
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--separator", ""], "--separator '': give one character"),
+        (["--separator", ""], "argument --separator: expected a value, got ''"),
         (["--separator", "ab"], "--separator 'ab': give one character"),
         (["--trigger", "wanet", "--wanet-strength", "inf"], "wanet strength must be a positive"),
         (["--trigger", "wanet", "--wanet-strength", "50"], "--wanet-strength 50.0 moves pixels"),

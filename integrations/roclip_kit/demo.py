@@ -694,14 +694,19 @@ class RunBars:
 
 
 def _epoch_line(event: dict[str, Any]) -> str:
-    """``RoCLIP epoch 6 (matching): zero-shot 91.2%, targeted 3.1%, backdoor 0.4%, ...``."""
+    """``RoCLIP epoch 6 (matching): zero-shot 91.2%, targeted 3.1%, backdoor 0.4%, ...``.
+
+    A defended epoch of a preset that does not match (``robust`` drops) reads ``(defended)``.
+    """
     parts = [f"zero-shot {_pct(event.get('zero_shot'))}"]
     for key, label in (("targeted_asr", "targeted"), ("backdoor_asr", "backdoor")):
         if event.get(key) is not None:
             parts.append(f"{label} {_pct(event[key])}")
     if event.get("purity") is not None:
         parts.append(f"matching purity {_pct(event['purity'])}")
-    kind = " (matching)" if event.get("matching") else ""
+    kind = ""
+    if event.get("matching"):  # drop, unimodal and weight re-pair no caption
+        kind = " (matching)" if event.get("action", "match") == "match" else " (defended)"
     return f"{event['run']} epoch {event['epoch']}{kind}: " + ", ".join(parts)
 
 

@@ -119,12 +119,14 @@ def run_spec(spec: RunSpec, events: Any = None) -> dict[str, Any]:
         backdoor_limit=spec.eval_limit,
         seed=spec.eval_seed,
     )
+    # what a defended epoch does to its risky pairs: the display says "matching" or "defended"
+    action = spec.config().match_action if spec.roclip else None
     saved = _Progress(spec.run_dir) if spec.resumable else None
     per_epoch: dict[int, dict[str, Any]] = saved.figures() if saved else {}
     eval_seconds = [saved.eval_seconds() if saved else 0.0]
     if events is not None:  # a resumed run's bars start where it stopped
         for epoch, figures in sorted(per_epoch.items()):
-            events.put({"run": spec.name, "epoch": epoch, **figures})
+            events.put({"run": spec.name, "epoch": epoch, "action": action} | figures)
 
     def on_epoch(record: Any, model: Any, tokenizer: Any) -> None:
         start = time.perf_counter()
@@ -139,7 +141,10 @@ def run_spec(spec: RunSpec, events: Any = None) -> dict[str, Any]:
         if saved is not None:
             saved.write(per_epoch, eval_seconds[0])
         if events is not None:
-            events.put({"run": spec.name, "epoch": record.epoch + 1, **per_epoch[record.epoch + 1]})
+            events.put(
+                {"run": spec.name, "epoch": record.epoch + 1, "action": action}
+                | per_epoch[record.epoch + 1]
+            )
 
     run = train_tensor(
         data.without_poison() if spec.clean_only else data,

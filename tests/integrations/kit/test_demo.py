@@ -450,3 +450,17 @@ def test_the_scales_pool_is_fitted_to_a_small_dataset_and_a_given_pool_is_kept()
     assert size == 128 and pool_share_message(replace(config, pool_size=size), pairs) is None
     assert said and "pool size 128" in said[0] and "--roclip-pool-size" in said[0]
     assert fit_pool(s, config, 100_000, say=said.append) is s  # a pool that fits is kept
+
+
+def test_a_preset_that_drops_says_defended_not_matched() -> None:
+    """robust re-pairs no caption: its epochs and table say "defended"; paper's say "matched"."""
+    from roclip_kit.commands_demo import _defended_verb
+    from roclip_kit.demo import _epoch_line
+
+    line = {"run": "RoCLIP", "epoch": 2, "zero_shot": 0.5, "matching": True}
+    assert "epoch 2 (defended):" in _epoch_line(line | {"action": "drop"})
+    assert "epoch 2 (matching):" in _epoch_line(line | {"action": "match"})
+    assert "(" not in _epoch_line(line | {"matching": False, "action": "drop"}).split(":")[0]
+    robust = {"settings": {"roclip_flags": {"pool_size": 64}}}  # the default preset
+    paper = {"settings": {"roclip_flags": {"preset": "paper", "pool_size": 64}}}
+    assert (_defended_verb(robust), _defended_verb(paper)) == ("defended", "matched")

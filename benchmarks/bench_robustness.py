@@ -50,7 +50,6 @@ from typing import Any
 import torch
 from roclip_kit.demo import TRIGGER_KINDS, DemoSettings, build_data, poison
 from roclip_kit.tensor_runs import RunsFailed, RunSpec, default_threads, run_specs
-from roclip_kit.tensor_train import TensorTrainSettings
 
 from roclip_plugin.config import preset_name
 
@@ -180,15 +179,7 @@ def spec_for(
     cell: Cell, name: str, s: DemoSettings, poisoned: Any, variants: dict, out: Path, jobs: int
 ) -> RunSpec:
     flags, defend = variants[name]
-    train = TensorTrainSettings(
-        epochs=int(s.epochs or 1),
-        batch_size=int(s.batch_size or 1),
-        lr=float(s.lr or 1e-3),
-        seed=cell.seed,
-        device=s.device,
-        preset=str(s.model),
-        threads=default_threads(jobs) if s.device == "cpu" else None,
-    )
+    train = s.train_settings(default_threads(jobs) if s.device == "cpu" else None)
     return RunSpec(
         name=name,
         dataset_dir=poisoned.out_dir,

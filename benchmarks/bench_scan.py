@@ -38,7 +38,7 @@ from roclip_kit.scan import (
     use_threads,
 )
 from roclip_kit.tensor_data import load_poisoned
-from roclip_kit.tensor_train import TensorTrainSettings, loaded_model, train_tensor
+from roclip_kit.tensor_train import loaded_model, train_tensor
 
 from roclip_plugin.scan import DETECTORS, ScanSettings
 
@@ -90,15 +90,7 @@ def model_for(
     if args.checkpoint is not None:
         return load_openclip(args.checkpoint, "(kit checkpoint)", args.device), None
     data = load_poisoned(dataset_dir)
-    train = TensorTrainSettings(
-        epochs=int(s.epochs or 1),
-        batch_size=int(s.batch_size or 1),
-        lr=float(s.lr or 1e-3),
-        seed=s.seed,
-        device=s.device,
-        preset=str(s.model),
-    )
-    run = train_tensor(data, train, None, name="clip")
+    run = train_tensor(data, s.train_settings(), None, name="clip")
     path = run.save(folder / "clip.pt")
     _log(f"plain CLIP trained in {run.train_seconds:.0f} s, saved as {path}")
     loaded = loaded_model(

@@ -256,6 +256,24 @@ class DemoSettings:
             )
         return self
 
+    def train_settings(self, threads: int | None = None) -> Any:
+        """The tensor path's training settings of these (resolved) settings.
+
+        The one place a demo, benchmark or scan run gets its recipe (epochs, batch, learning
+        rate, seed, device, model), so the three cannot drift apart.
+        """
+        from roclip_kit.tensor_train import TensorTrainSettings
+
+        return TensorTrainSettings(
+            epochs=int(self.epochs or 1),
+            batch_size=int(self.batch_size or 1),
+            lr=float(self.lr or 1e-3),
+            seed=self.seed,
+            device=self.device,
+            preset=str(self.model),
+            threads=threads,
+        )
+
     def resolved(self) -> DemoSettings:
         """A copy with every size taken from the scale where not given."""
         defaults = self.scale_table()
@@ -604,18 +622,9 @@ def train_tensor_runs(
         progress: an optional rich progress display (a bar per run).
     """
     from roclip_kit.tensor_runs import RunSpec, default_threads, run_specs
-    from roclip_kit.tensor_train import TensorTrainSettings
 
     jobs = int(s.jobs or 1)
-    train = TensorTrainSettings(
-        epochs=int(s.epochs or 1),
-        batch_size=int(s.batch_size or 1),
-        lr=float(s.lr or 1e-3),
-        seed=s.seed,
-        device=s.device,
-        preset=str(s.model),
-        threads=default_threads(jobs) if s.device == "cpu" else None,
-    )
+    train = s.train_settings(default_threads(jobs) if s.device == "cpu" else None)
     specs = []
     for name, flags, defend in variants:
         run_dir = out / "runs" / _folder_name(name)

@@ -153,14 +153,7 @@ def test_shards_scan_to_the_csvs_scores_and_keep_keys(setup, tmp_path, monkeypat
     (tmp_path / "keyed.json").write_text(json.dumps(manifest))
     extra = ["--chunk-size", "64", "--k", "8", "--drop-count", "12"]
     out = tmp_path / "from-shards"
-    real_write = EmbeddingStore.write
-
-    def stop_after_one(self, chunk, images, captions):
-        if len(self.done) == 1:
-            raise KeyboardInterrupt
-        real_write(self, chunk, images, captions)
-
-    monkeypatch.setattr(EmbeddingStore, "write", stop_after_one)
+    _stop_after(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
         run_roclip([*base, "--out", str(out), *extra])
     monkeypatch.undo()
@@ -200,18 +193,23 @@ def test_bad_shards_are_refused_naming_the_flag(setup, tmp_path) -> None:
     assert not (tmp_path / "o" / "embeddings").exists()
 
 
+def _stop_after(monkeypatch: pytest.MonkeyPatch, chunks: int) -> None:
+    """Interrupt the scan (KeyboardInterrupt) once ``chunks`` chunks are on disk."""
+    real_write = EmbeddingStore.write
+
+    def stop(self, chunk, images, captions):
+        if len(self.done) == chunks:
+            raise KeyboardInterrupt
+        real_write(self, chunk, images, captions)
+
+    monkeypatch.setattr(EmbeddingStore, "write", stop)
+
+
 def test_a_stopped_scan_resumes_to_the_same_ranking(setup, tmp_path, monkeypatch) -> None:
     whole = tmp_path / "whole"
     assert _scan(setup, whole).code == 0
     stopped = tmp_path / "stopped"
-    real_write = EmbeddingStore.write
-
-    def stop_after_two(self, chunk, images, captions):
-        if len(self.done) == 2:
-            raise KeyboardInterrupt
-        real_write(self, chunk, images, captions)
-
-    monkeypatch.setattr(EmbeddingStore, "write", stop_after_two)
+    _stop_after(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         _scan(setup, stopped)
     monkeypatch.undo()

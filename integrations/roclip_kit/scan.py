@@ -285,8 +285,8 @@ def scan_pairs(
     # one step, shown with its elapsed time: the neighbour searches take seconds to minutes
     # (60,000 pairs: about 7 s on two loaded cores), and a silent terminal looks stuck
     scored = progress("scoring (neighbour search)", 1) if progress else None
-    images, captions = store.load()
-    scores = score_embeddings(images, captions, settings)
+    images, captions = store.load(mapped=True)  # read in place, block by block
+    scores = score_embeddings(images, captions, settings, scratch=store.folder)
     if scored is not None:
         scored(1)
     done = time.perf_counter()
@@ -484,6 +484,7 @@ def report_dict(result: ScanResult, detection: dict[str, Any] | None) -> dict[st
             "duplicate_quantile": s.duplicate_quantile,
             "caption_sample": s.caption_sample,
             "exact_limit": s.exact_limit,
+            "block": s.block,
         },
         "threads": torch_threads(),
         "embed_seconds": round(result.embed_seconds, 3),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -135,14 +136,42 @@ class EmbeddingStore:
         }
         atomic_write_text(self.folder / PROGRESS_FILE, json.dumps(record, indent=1) + "\n")
 
-    def load(self) -> tuple[np.ndarray, np.ndarray]:
-        """Every pair's image and caption embeddings, ``[total, dim]`` each (all chunks done)."""
+    def load(self, mapped: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Every pair's image and caption embeddings, ``[total, dim]`` each (all chunks done).
+
+        ``mapped``: join the chunks on disk into ``images.npy`` and ``captions.npy`` (a chunk
+        at a time, each read as a memory map) and return read-only memory maps of the two, so
+        that scoring reads the embeddings in place instead of holding them: the memory of the
+        join is one chunk, its disk the embeddings' size once more.
+        """
         if self.missing():
             raise ValueError(
                 f"{self.folder}: {len(self.missing())} of {self.chunks} chunks not embedded yet"
             )
+        if mapped:
+            return self._joined("images"), self._joined("captions")
         sides = []
         for side in ("images", "captions"):
             parts = [np.load(self._chunk_path(c, side)) for c in range(self.chunks)]
             sides.append(np.concatenate(parts))
         return sides[0], sides[1]
+
+    def _joined(self, side: str) -> np.ndarray:
+        """The chunks of ``side`` copied into one ``.npy`` file, opened as a memory map."""
+        target = self.folder / f"{side}.npy"
+        partial = self.folder / f"{side}.npy.partial"
+        dim = np.load(self._chunk_path(0, side), mmap_mode="r").shape[1]
+        joined = np.lib.format.open_memmap(partial, "w+", np.float32, (self.total, dim))
+        for chunk in range(self.chunks):
+            rows = self.rows(chunk)
+            part = np.load(self._chunk_path(chunk, side), mmap_mode="r")
+            if part.shape != (len(rows), dim):
+                raise ValueError(
+                    f"{self._chunk_path(chunk, side)} holds {part.shape}, expected "
+                    f"{(len(rows), dim)}; delete {self.folder} and scan again"
+                )
+            joined[rows.start : rows.stop] = part
+        joined.flush()
+        del joined
+        os.replace(partial, target)  # a stop mid-join leaves no half-written target
+        return np.load(target, mmap_mode="r")

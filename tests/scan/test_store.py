@@ -67,3 +67,18 @@ def test_loading_an_unfinished_store_and_a_wrong_chunk_are_refused(tmp_path: Pat
         store.load()
     record = json.loads((tmp_path / "new" / "progress.json").read_text())
     assert record["done"] == [] and record["identity"] == IDENTITY
+
+
+def test_a_mapped_load_reads_the_same_embeddings_from_one_file_a_side(tmp_path: Path) -> None:
+    data = planted(seed=9)
+    store = EmbeddingStore.create(tmp_path, len(data.images), 128, IDENTITY)
+    _fill(store, data.images, data.captions, stop=None)
+    images, captions = store.load(mapped=True)
+    assert isinstance(images, np.memmap) and not images.flags.writeable
+    assert np.array_equal(images, data.images) and np.array_equal(captions, data.captions)
+    assert sorted(p.name for p in tmp_path.glob("*s.npy")) == ["captions.npy", "images.npy"]
+    settings = ScanSettings(reference_size=300, seed=2, block=50)
+    mapped = score_embeddings(images, captions, settings, scratch=tmp_path)
+    in_memory = score_embeddings(data.images, data.captions, settings)
+    for name, values in in_memory.items():
+        assert np.array_equal(mapped[name], values), name

@@ -6,6 +6,10 @@ start again from zero. Each chunk of ``chunk_size`` pairs is written as two ``.n
 chunk is either listed and whole or redone. ``progress.json`` also records what was embedded
 (``identity``: the data and the model, as the caller describes them), so a resume against
 other data or another checkpoint is refused instead of mixing embeddings of two models.
+
+Several processes (torchrun's ranks) may fill one store: each is a *writer* with its own
+progress file (``progress.json`` for writer 0, ``progress.<writer>.json`` for the others), so
+no two processes ever write one file; opening the store merges what every file lists as done.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from roclip_plugin.io import atomic_write_bytes, atomic_write_text
 
 STORE_FORMAT = "roclip-scan-embeddings/1"
 PROGRESS_FILE = "progress.json"
+WRITER_PROGRESS = "progress.*.json"  # the other writers' records
 
 
 class EmbeddingStore:
@@ -38,6 +43,7 @@ class EmbeddingStore:
         chunk_size: int,
         identity: dict[str, Any],
         done: set[int] | None = None,
+        writer: int = 0,
     ) -> None:
         if total < 1 or chunk_size < 1:
             raise ValueError(
@@ -48,6 +54,7 @@ class EmbeddingStore:
         self.chunk_size = chunk_size
         self.identity = identity
         self.done: set[int] = set(done or ())
+        self.writer = writer
 
     @property
     def chunks(self) -> int:
@@ -74,22 +81,39 @@ class EmbeddingStore:
                 f"{folder} holds a scan's embeddings already: add --resume to continue it, or "
                 "choose another --out"
             )
+        for stale in folder.glob(WRITER_PROGRESS):  # of an unfinished store with no record
+            stale.unlink()
         store = cls(folder, total, chunk_size, identity)
         store._save_progress()
         return store
 
     @classmethod
     def resume(
-        cls, folder: Path | str, total: int, chunk_size: int, identity: dict[str, Any]
+        cls,
+        folder: Path | str,
+        total: int,
+        chunk_size: int,
+        identity: dict[str, Any],
+        writer: int = 0,
     ) -> EmbeddingStore:
         """The store in ``folder``, checked to be of the same pairs, chunking and model.
 
-        A folder without a progress record starts a new store.
+        A folder without a progress record starts a new store (writer 0 only: the others
+        join the store writer 0 made). The chunks done are those every writer's file lists.
         """
         folder = Path(folder)
         path = folder / PROGRESS_FILE
-        if not path.exists():
+        if not path.exists() and writer == 0:
             return cls.create(folder, total, chunk_size, identity)
+        done: set[int] = set()
+        for record in (path, *sorted(folder.glob(WRITER_PROGRESS))):
+            done |= cls._read_done(record, total, chunk_size, identity)
+        return cls(folder, total, chunk_size, identity, done, writer)
+
+    @staticmethod
+    def _read_done(path: Path, total: int, chunk_size: int, identity: dict[str, Any]) -> set[int]:
+        """The chunks ``path`` lists as done, once its record is checked to be this scan's."""
+        folder = path.parent
         try:
             record = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as err:
@@ -109,7 +133,7 @@ class EmbeddingStore:
                     f"{value!r}; it is another scan's: rerun it with the same data, model and "
                     "--chunk-size, or choose another --out"
                 )
-        return cls(folder, total, chunk_size, identity, set(record.get("done") or []))
+        return set(record.get("done") or [])
 
     def _chunk_path(self, chunk: int, side: str) -> Path:
         return self.folder / f"{side}_{chunk:06d}.npy"
@@ -134,7 +158,8 @@ class EmbeddingStore:
             "identity": self.identity,
             "done": sorted(self.done),
         }
-        atomic_write_text(self.folder / PROGRESS_FILE, json.dumps(record, indent=1) + "\n")
+        name = PROGRESS_FILE if self.writer == 0 else f"progress.{self.writer}.json"
+        atomic_write_text(self.folder / name, json.dumps(record, indent=1) + "\n")
 
     def load(self, mapped: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Every pair's image and caption embeddings, ``[total, dim]`` each (all chunks done).

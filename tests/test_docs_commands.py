@@ -107,6 +107,10 @@ KINDS = {
     "500": "external",
     "roclip scan --checkpoint runs/clip/final.pt --shards '/data/laion/{00000..00009}.tar' --out "
     "scan --drop-fraction 0.001 --threads 1": "external",
+    "roclip scan --checkpoint checkpoints/epoch_10.pt --model ViT-B-32 --csv data/train.csv "
+    "--out scan": "external",
+    "torchrun --nproc-per-node 4 -m roclip_plugin.cli scan --checkpoint runs/clip/final.pt "
+    "--shards '/data/laion/{00000..00099}.tar' --out scan --threads 1": "external",
     # docs/results.md
     "python benchmarks/bench_robustness.py --out robustness-cpu --datasets mnist fashion-mnist "
     "--seeds 0 1 2 --rates 0.001 --variants clip roclip --ablations --beyond": "slow",

@@ -240,6 +240,8 @@ def parse_doc_command(words: list[str]) -> None:
     words = [w for w in words if w != "..."]
     if words[0] == "export":
         return  # a launcher's variable: nothing to parse
+    if words[0] == "torchrun" and "roclip_plugin.cli" in words:  # `roclip` on every rank
+        words = ["roclip", *words[words.index("roclip_plugin.cli") + 1 :]]
     openclip = _openclip_argv(words)
     if openclip is not None:
         from roclip_openclip.cli import build_parser, openclip_parser

@@ -107,6 +107,10 @@ KINDS = {
     "500": "external",
     "roclip scan --checkpoint runs/clip/final.pt --shards '/data/laion/{00000..00009}.tar' --out "
     "scan --drop-fraction 0.001 --threads 1": "external",
+    "roclip scan --checkpoint checkpoints/epoch_10.pt --model ViT-B-32 --csv data/train.csv "
+    "--out scan": "external",
+    "torchrun --nproc-per-node 4 -m roclip_plugin.cli scan --checkpoint runs/clip/final.pt "
+    "--shards '/data/laion/{00000..00099}.tar' --out scan --threads 1": "external",
     # docs/results.md
     "python benchmarks/bench_robustness.py --out robustness-cpu --datasets mnist fashion-mnist "
     "--seeds 0 1 2 --rates 0.001 --variants clip roclip --ablations --beyond": "slow",
@@ -236,6 +240,8 @@ def parse_doc_command(words: list[str]) -> None:
     words = [w for w in words if w != "..."]
     if words[0] == "export":
         return  # a launcher's variable: nothing to parse
+    if words[0] == "torchrun" and "roclip_plugin.cli" in words:  # `roclip` on every rank
+        words = ["roclip", *words[words.index("roclip_plugin.cli") + 1 :]]
     openclip = _openclip_argv(words)
     if openclip is not None:
         from roclip_openclip.cli import build_parser, openclip_parser

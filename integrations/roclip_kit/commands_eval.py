@@ -29,8 +29,10 @@ from roclip_kit.evaluate import (
     find_suspicious,
 )
 from roclip_kit.models import (
+    TRAINER_MODEL_HINT,
     check_checkpoint_path,
     check_model_name,
+    is_trainer_checkpoint,
     read_tensor_checkpoint,
     run_params,
 )
@@ -210,6 +212,10 @@ def resolve_model(args: argparse.Namespace) -> tuple[str, bool]:
     model = args.model or params.get("model")
     if not model and read_tensor_checkpoint(Path(args.checkpoint)) is not None:
         model = "(the checkpoint's own)"
+    if not model and is_trainer_checkpoint(args.checkpoint):
+        raise ValueError(
+            f"--model is needed for checkpoint {args.checkpoint}. {TRAINER_MODEL_HINT}"
+        )
     if not model:
         raise ValueError(
             f"--model is needed: no params.txt was found for checkpoint {args.checkpoint} "

@@ -29,6 +29,7 @@ from roclip_kit.scan import (
     HISTOGRAM_PNG,
     KEPT_KEYS,
     SCORES_CSV,
+    Ranks,
     ScanResult,
     dataset_csv,
     detection_report,
@@ -184,23 +185,57 @@ def check_args(args: argparse.Namespace) -> tuple[ScanSettings, Path | str]:
     return settings, source
 
 
+@contextmanager
+def process_group() -> Iterator[Ranks]:
+    """The scan's ranks: torchrun's (``WORLD_SIZE`` > 1 in the environment), else one process.
+
+    Under torchrun a gloo group is started (the ranks only wait for each other and share a
+    folder, so the CPU backend serves whatever device embeds) and ended on the way out.
+    """
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1") or "1")
+    if world <= 1:
+        yield Ranks()
+        return
+    import torch.distributed as dist
+
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("gloo")
+    try:
+        yield Ranks(dist.get_rank(), dist.get_world_size(), dist.barrier)
+    finally:
+        if started:
+            dist.destroy_process_group()
+
+
 def run_scan(args: argparse.Namespace, console: Console) -> int:
-    """Scan, print the top of the ranking and the report, write the outputs."""
+    """Scan (split over torchrun's processes, if any), print the report, write the outputs."""
+    with process_group() as ranks:
+        return scan_as(args, console, ranks)
+
+
+def scan_as(args: argparse.Namespace, console: Console, ranks: Ranks) -> int:
+    """One process's part: every rank embeds its chunks, rank 0 scores and writes."""
     settings, source = check_args(args)
     pairs = read_pairs(source) if isinstance(source, Path) else read_shard_pairs(source)
     check_drop_size(args, len(pairs))
     poisoned = poisoned_by_attack(args.manifest, pairs) if args.manifest else None
     model, quick_gelu = resolve_model(args)
-    console.print(
-        f"Scanning [bold]{len(pairs)}[/bold] pairs of {pairs.source} with {args.checkpoint}"
-    )
+    if ranks.rank == 0:
+        console.print(
+            f"Scanning [bold]{len(pairs)}[/bold] pairs of {pairs.source} with {args.checkpoint}"
+            + (f" in {ranks.world} processes" if ranks.world > 1 else "")
+        )
     try:
         loaded = load_openclip(args.checkpoint, model, args.device, force_quick_gelu=quick_gelu)
     except ImportError as err:
         raise ValueError(str(err)) from err
     out = Path(args.out)
     use_threads(args.threads)
-    with _progress(console) as progress:
+    ranks.barrier()  # every rank checked --out before rank 0 makes the store there
+    with _progress(console, show=ranks.rank == 0) as progress:
         result = scan_pairs(
             loaded,
             pairs,
@@ -210,8 +245,10 @@ def run_scan(args: argparse.Namespace, console: Console) -> int:
             chunk_size=args.chunk_size,
             batch_size=args.batch_size,
             progress=progress,
+            ranks=ranks,
         )
-    write_outputs(args, console, result, poisoned)
+    if result is not None:  # rank 0: the others only embed
+        write_outputs(args, console, result, poisoned)
     return 0
 
 
@@ -279,8 +316,11 @@ def detection_table(detection: dict[str, Any]) -> Table:
 
 
 @contextmanager
-def _progress(console: Console) -> Iterator[ProgressFactory]:
-    """Bars with the time left; each step of the scan gets its own."""
+def _progress(console: Console, show: bool = True) -> Iterator[ProgressFactory | None]:
+    """Bars with the time left; each step of the scan gets its own (none unless ``show``)."""
+    if not show:
+        yield None
+        return
     with progress_bars(console, elapsed=True) as bars:
 
         def start(description: str, total: int) -> Any:

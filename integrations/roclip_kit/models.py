@@ -82,7 +82,12 @@ def load_openclip(
             force_quick_gelu=force_quick_gelu,
         )
         tokenizer = open_clip.get_tokenizer(model)
-    _load_into(net, state, checkpoint, model)
+    try:
+        _load_into(net, state, checkpoint, model)
+    except ValueError as err:
+        if not is_trainer_checkpoint(checkpoint):
+            raise
+        raise ValueError(f"{err}. {TRAINER_MODEL_HINT}") from None
     net.to(device).eval()
     return LoadedModel(net, preprocess, tokenizer, model, checkpoint, device, epoch)
 
@@ -189,10 +194,19 @@ def check_checkpoint_path(checkpoint: Path | str) -> Path:
 
 
 def read_state_dict(checkpoint: Path) -> tuple[dict[str, torch.Tensor], int | None]:
-    """The model weights in ``checkpoint`` without wrapper prefixes, and its epoch if saved."""
+    """The model weights in ``checkpoint`` without wrapper prefixes, and its epoch if saved.
+
+    ``checkpoint``: OpenCLIP's ``epoch_N.pt``, a bare state dict, or a ``roclip_torch``
+    Trainer checkpoint (its ``"model"`` entry: the weights of whatever model it trained).
+    """
     checkpoint = check_checkpoint_path(checkpoint)
     raw = _torch_load(checkpoint)
     epoch = None
+    if isinstance(raw, dict) and raw.get("format") == trainer_format():
+        epoch = (
+            raw.get("completed_epochs") if isinstance(raw.get("completed_epochs"), int) else None
+        )
+        raw = raw.get("model")
     if isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict):
         epoch = raw.get("epoch") if isinstance(raw.get("epoch"), int) else None
         raw = raw["state_dict"]
@@ -208,6 +222,61 @@ def read_state_dict(checkpoint: Path) -> tuple[dict[str, torch.Tensor], int | No
     return strip_prefixes(raw), epoch
 
 
+TRAINER_MODEL_HINT = (
+    "A roclip_torch Trainer checkpoint holds the weights of the model it trained, not its "
+    "architecture: pass --model NAME, the OpenCLIP architecture those weights are of (e.g. "
+    "ViT-B-32, or local-dir:<dir> for a folder with open_clip_config.json). A model that is "
+    "no OpenCLIP architecture cannot be rebuilt here: embed the pairs with it into a "
+    "roclip_plugin.scan.EmbeddingStore and score them with score_embeddings (docs/scan.md)"
+)
+
+
+def trainer_format() -> str:
+    """The ``"format"`` of a ``roclip_torch`` Trainer checkpoint (``roclip_torch.loop``)."""
+    from roclip_torch.loop import CHECKPOINT_FORMAT
+
+    return CHECKPOINT_FORMAT
+
+
+def is_trainer_checkpoint(checkpoint: Path | str) -> bool:
+    """Whether ``checkpoint`` is a ``roclip_torch`` Trainer checkpoint (False if unreadable)."""
+    path = Path(checkpoint)
+    if not path.is_file() or path.suffix == ".safetensors":
+        return False
+    return _trainer_or_none(path) is not None
+
+
+def _trainer_or_none(checkpoint: Path) -> dict[str, Any] | None:
+    """The Trainer checkpoint in ``checkpoint``, or None for any other (or unreadable) file."""
+    try:
+        raw = _load_trainer(checkpoint)
+    except Exception:  # not one: the caller reports the first loader's error
+        return None
+    return raw if isinstance(raw, dict) and raw.get("format") == trainer_format() else None
+
+
+def _load_trainer(checkpoint: Path) -> Any:
+    """``torch.load`` with the safe loader, allowing the NumPy pieces of saved RNG states.
+
+    A Trainer checkpoint keeps NumPy's RNG state (an array and its dtype) for exact resumes,
+    which the plain safe loader refuses; these few classes rebuild arrays, nothing else.
+    """
+    import numpy as np
+
+    allowed = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), _numpy_reconstruct()]
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(checkpoint, map_location="cpu", weights_only=True)
+
+
+def _numpy_reconstruct() -> Any:
+    """NumPy's array unpickler (``numpy._core`` from NumPy 2, ``numpy.core`` before)."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # NumPy 1
+        from numpy.core.multiarray import _reconstruct
+    return _reconstruct
+
+
 def _torch_load(checkpoint: Path) -> Any:
     if checkpoint.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -216,6 +285,9 @@ def _torch_load(checkpoint: Path) -> Any:
     try:
         return torch.load(checkpoint, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling errors have no common base class across versions
+        trainer = _trainer_or_none(checkpoint)
+        if trainer is not None:
+            return trainer
         # the first line only: torch's weights_only errors run to a page of internals
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ValueError(

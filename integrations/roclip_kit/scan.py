@@ -174,9 +174,14 @@ def data_identity(pairs: Pairs) -> dict[str, Any]:
     return {"shards": list(pairs.shards), "shard_bytes": sizes, "samples": digest.hexdigest()}
 
 
-def chunk_images(pairs: Pairs, store: EmbeddingStore) -> Iterator[tuple[range, list[Any]]]:
-    """The rows and image sources (paths, or bytes streamed from shards) of each missing chunk."""
-    chunks = [store.rows(c) for c in store.missing()]
+def chunk_images(
+    pairs: Pairs, store: EmbeddingStore, todo: Sequence[int] | None = None
+) -> Iterator[tuple[range, list[Any]]]:
+    """The rows and image sources (paths, or bytes streamed from shards) of each chunk to embed.
+
+    ``todo``: the chunks, ascending (default: every missing one).
+    """
+    chunks = [store.rows(c) for c in (store.missing() if todo is None else todo)]
     if pairs.shards:
         from roclip_kit.shards import stream_chunks
 
@@ -193,12 +198,13 @@ def embed_pairs(
     *,
     batch_size: int = 64,
     progress: Advance | None = None,
+    todo: Sequence[int] | None = None,
 ) -> None:
-    """Embed every chunk the store is missing; each is on disk before the next starts.
+    """Embed the chunks ``todo`` (default: every missing one); each is on disk before the next.
 
     ``progress`` is advanced by the images of each batch.
     """
-    for rows, sources in chunk_images(pairs, store):
+    for rows, sources in chunk_images(pairs, store, todo):
         chunk = rows.start // store.chunk_size
         images = encode_images(
             loaded,
@@ -221,6 +227,23 @@ def encode_distinct(loaded: LoadedModel, captions: Sequence[str]) -> np.ndarray:
     distinct, inverse = np.unique(np.asarray(captions, dtype=object), return_inverse=True)
     features = encode_texts(loaded, [str(c) for c in distinct], batch_size=256).numpy()
     return features[inverse.reshape(-1)]
+
+
+def _no_barrier() -> None:
+    """One process waits for no other."""
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """A process's place among the processes of one scan (torchrun's ranks).
+
+    Rank ``r`` of ``world`` embeds the missing chunks ``r, r + world, ...`` into the shared
+    store; after ``barrier`` (every rank has written its chunks) rank 0 alone scores.
+    """
+
+    rank: int = 0
+    world: int = 1
+    barrier: Callable[[], None] = _no_barrier
 
 
 @dataclass
@@ -254,7 +277,8 @@ def scan_pairs(
     batch_size: int = 64,
     progress: Callable[[str, int], Advance] | None = None,
     identity_of: Mapping[str, Any] | None = None,
-) -> ScanResult:
+    ranks: Ranks | None = None,
+) -> ScanResult | None:
     """Embed ``pairs`` with ``loaded`` into ``folder`` (resumable), then score them.
 
     Args:
@@ -268,29 +292,59 @@ def scan_pairs(
         batch_size: images per forward pass.
         progress: ``progress(description, total)`` returns a callback advanced per chunk.
         identity_of: what the embeddings depend on (default: the CSV and the checkpoint).
+        ranks: this process's share of a scan split over processes (default: all of it).
+
+    Returns:
+        The scores; None on a rank other than 0, which only embeds.
     """
-    settings = settings or ScanSettings()
+    settings, ranks = settings or ScanSettings(), ranks or Ranks()
     check_images(pairs)
     ident = dict(identity_of or identity(pairs, loaded.checkpoint, loaded.name))
-    opener = EmbeddingStore.resume if resume else EmbeddingStore.create
-    store = opener(Path(folder), len(pairs), chunk_size, ident)
-    todo = sum(len(store.rows(c)) for c in store.missing())
+    store = open_store(Path(folder), len(pairs), chunk_size, ident, resume=resume, ranks=ranks)
+    missing = store.missing()
+    mine = missing[ranks.rank :: ranks.world]
+    todo = sum(len(store.rows(c)) for c in mine)
     notes = []
-    if resume and todo < len(pairs):
-        notes.append(f"resumed: {len(pairs) - todo} of {len(pairs)} pairs already embedded")
+    if resume and len(missing) < store.chunks:
+        done = len(pairs) - sum(len(store.rows(c)) for c in missing)
+        notes.append(f"resumed: {done} of {len(pairs)} pairs already embedded")
     started = time.perf_counter()
     advance = progress("embedding pairs", todo) if progress and todo else None
-    embed_pairs(loaded, pairs, store, batch_size=batch_size, progress=advance)
+    embed_pairs(loaded, pairs, store, batch_size=batch_size, progress=advance, todo=mine)
+    ranks.barrier()  # every rank's chunks are on disk
+    if ranks.rank != 0:
+        return None
+    if ranks.world > 1:
+        store = EmbeddingStore.resume(store.folder, len(pairs), chunk_size, ident)
+        notes.append(f"embedded by {ranks.world} processes")
     embedded = time.perf_counter()
     # one step, shown with its elapsed time: the neighbour searches take seconds to minutes
     # (60,000 pairs: about 7 s on two loaded cores), and a silent terminal looks stuck
     scored = progress("scoring (neighbour search)", 1) if progress else None
-    images, captions = store.load()
-    scores = score_embeddings(images, captions, settings)
+    images, captions = store.load(mapped=True)  # read in place, block by block
+    scores = score_embeddings(images, captions, settings, scratch=store.folder)
     if scored is not None:
         scored(1)
     done = time.perf_counter()
     return ScanResult(pairs, scores, settings, embedded - started, done - embedded, todo, notes)
+
+
+def open_store(
+    folder: Path, total: int, chunk_size: int, ident: dict[str, Any], *, resume: bool, ranks: Ranks
+) -> EmbeddingStore:
+    """The store of this scan: rank 0 creates (or resumes) it, then the other ranks join it.
+
+    Every rank reads the same record after the barrier, so all agree on the missing chunks
+    before any writes one.
+    """
+    if ranks.rank == 0:
+        opener = EmbeddingStore.resume if resume else EmbeddingStore.create
+        store = opener(folder, total, chunk_size, ident)
+    ranks.barrier()
+    if ranks.rank != 0:
+        store = EmbeddingStore.resume(folder, total, chunk_size, ident, writer=ranks.rank)
+    ranks.barrier()  # nobody writes a chunk before every rank has read the record
+    return store
 
 
 def use_threads(threads: int) -> None:
@@ -484,6 +538,7 @@ def report_dict(result: ScanResult, detection: dict[str, Any] | None) -> dict[st
             "duplicate_quantile": s.duplicate_quantile,
             "caption_sample": s.caption_sample,
             "exact_limit": s.exact_limit,
+            "block": s.block,
         },
         "threads": torch_threads(),
         "embed_seconds": round(result.embed_seconds, 3),

@@ -33,11 +33,24 @@ each pair's image and caption (row ``i`` of both is pair ``i``).
 
 from __future__ import annotations
 
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from roclip_plugin.scan.neighbours import Neighbours, as_rows, nearest
+from roclip_plugin.scan.distinct import distinct_rows
+from roclip_plugin.scan.neighbours import (
+    Neighbours,
+    as_rows,
+    build_bank,
+    check_k,
+    nearest,
+    row_blocks,
+    search,
+)
 from roclip_plugin.scan.ranks import rank_max
 
 DETECTORS = ("cosine", "margin", "kdist", "slof", "dao", "targeted", "combined")
@@ -64,6 +77,9 @@ class ScanSettings:
         exact_limit: the targeted score's all-images search is exact (flat) up to this many
             rows, above it an IVF index that finds (near-)duplicates but may swap far
             neighbours (None: always exact). The search grows with the square of the rows.
+        block: query rows scored at once (None: all). Each detector holds its bank (the
+            reference, the distinct captions, the all-images index) and one block's neighbour
+            tables, never one per row of the dataset; the scores are the same for any block.
     """
 
     k: int = 16
@@ -72,6 +88,7 @@ class ScanSettings:
     seed: int = 0
     caption_sample: int | None = 100_000
     exact_limit: int | None = 20_000
+    block: int | None = 65_536
 
     def __post_init__(self) -> None:
         """Refuse settings that cannot score, naming the field."""
@@ -84,6 +101,11 @@ class ScanSettings:
             raise ValueError(f"duplicate_quantile must be in (0, 1), got {self.duplicate_quantile}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        block = self.block
+        if block is not None and (
+            isinstance(block, bool) or not isinstance(block, int) or block < 1
+        ):
+            raise ValueError(f"block must be None or an integer >= 1, got {block!r}")
         for name in ("caption_sample", "exact_limit"):
             value = getattr(self, name)
             if value is not None and (
@@ -92,13 +114,21 @@ class ScanSettings:
                 raise ValueError(f"{name} must be None or an integer >= 2, got {value!r}")
 
 
-def cosine_score(images: np.ndarray, captions: np.ndarray) -> np.ndarray:
-    """Minus each pair's own image-caption cosine."""
-    return -np.einsum("nd,nd->n", images, captions, dtype=np.float64)
+def cosine_score(images: np.ndarray, captions: np.ndarray, block: int | None = None) -> np.ndarray:
+    """Minus each pair's own image-caption cosine (``block`` rows at a time)."""
+    out = np.empty(len(images), dtype=np.float64)
+    for part in row_blocks(len(images), block):
+        out[part] = -np.einsum("nd,nd->n", images[part], captions[part], dtype=np.float64)
+    return out
 
 
 def margin_score(
-    images: np.ndarray, captions: np.ndarray, sample: int | None = None, seed: int = 0
+    images: np.ndarray,
+    captions: np.ndarray,
+    sample: int | None = None,
+    seed: int = 0,
+    *,
+    block: int | None = None,
 ) -> np.ndarray:
     """The best other caption's cosine minus the own caption's, for each image.
 
@@ -107,29 +137,32 @@ def margin_score(
     held by this row alone is left out), at the cost of the distinct ones. Beyond ``sample``
     distinct captions, a seeded sample of them (the margin is then a lower bound).
     """
-    bank, bank_ids = distinct_captions(captions, sample, seed)
-    rows = np.arange(len(images))
-    best = nearest(images, bank, 1, query_ids=rows, bank_ids=bank_ids).similarity[:, 0]
-    return best.astype(np.float64) + cosine_score(images, captions)
+    bank, bank_ids = distinct_captions(captions, sample, seed, block)
+    built = build_bank(bank, ids=bank_ids)
+    check_k(1, len(bank), bool((bank_ids >= 0).any()))
+    out = np.empty(len(images), dtype=np.float64)
+    for part in row_blocks(len(images), block):
+        rows = np.arange(part.start, part.stop)
+        best = search(built, images[part], 1, query_ids=rows).similarity[:, 0]
+        out[part] = best.astype(np.float64) + cosine_score(images[part], captions[part])
+    return out
 
 
 def distinct_captions(
-    captions: np.ndarray, sample: int | None, seed: int
+    captions: np.ndarray, sample: int | None, seed: int, block: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """The distinct caption vectors and, for each, the row to leave out when it is searched.
 
     A vector held by one row carries that row's id (it is that row's own caption, not
-    another's); one held by several rows carries -1, a row no query has.
+    another's); one held by several rows carries -1, a row no query has. In hash order
+    (:mod:`.distinct`: no copy of every caption), a seeded sample beyond ``sample``.
     """
-    rows = np.ascontiguousarray(captions)
-    as_bytes = rows.view(np.dtype((np.void, rows.dtype.itemsize * rows.shape[1]))).ravel()
-    # one opaque bytes value a row: a 1-D sort, ten times faster than np.unique(axis=0)
-    _, first, counts = np.unique(as_bytes, return_index=True, return_counts=True)
-    unique, ids = rows[first], np.where(counts == 1, first, -1)
-    if sample is not None and len(unique) > sample:
-        keep = np.sort(np.random.default_rng(seed).choice(len(unique), sample, replace=False))
-        unique, ids = unique[keep], ids[keep]
-    return unique, ids
+    first, counts = distinct_rows(captions, block)
+    ids = np.where(counts == 1, first, -1)
+    if sample is not None and len(first) > sample:
+        keep = np.sort(np.random.default_rng(seed).choice(len(first), sample, replace=False))
+        first, ids = first[keep], ids[keep]
+    return np.ascontiguousarray(captions[first], dtype=np.float32), ids
 
 
 def reference_rows(count: int, settings: ScanSettings) -> np.ndarray:
@@ -171,19 +204,27 @@ def density_scores(
     *,
     query_rows: np.ndarray,
     reference_rows: np.ndarray,
+    block: int | None = None,
 ) -> Density:
     """k-distance, SLOF and log-DAO of each query image against the reference images.
 
     The reference's own neighbourhoods (each reference image against the others) give the
-    neighbours' k-distances and local dimensions that SLOF and DAO compare with.
+    neighbours' k-distances and local dimensions that SLOF and DAO compare with. The queries
+    are searched ``block`` rows at a time against the one reference index.
     """
     own = nearest(reference, reference, k, query_ids=reference_rows, bank_ids=reference_rows)
     own_kdist = k_distance(own)
     lid = local_dimension(own.distance, cap=float(images.shape[1]))
-    found = nearest(images, reference, k, query_ids=query_rows, bank_ids=reference_rows)
-    kdist = k_distance(found)
-    slof = kdist / own_kdist[found.index].mean(axis=1)
-    return Density(kdist, slof, log_dao(kdist, found, own_kdist, lid))
+    built = build_bank(reference, ids=reference_rows)
+    query_rows = np.asarray(query_rows)
+    check_k(k, len(reference), bool(np.isin(query_rows, reference_rows).any()))
+    kdist, slof, dao = (np.empty(len(images), dtype=np.float64) for _ in range(3))
+    for part in row_blocks(len(images), block):
+        found = search(built, images[part], k, query_ids=query_rows[part])
+        kdist[part] = k_distance(found)
+        slof[part] = kdist[part] / own_kdist[found.index].mean(axis=1)
+        dao[part] = log_dao(kdist[part], found, own_kdist, lid)
+    return Density(kdist, slof, dao)
 
 
 def k_distance(found: Neighbours) -> np.ndarray:
@@ -215,6 +256,8 @@ def targeted_score(
     *,
     exact_limit: int | None = None,
     seed: int = 0,
+    block: int | None = None,
+    scratch: Path | str | None = None,
 ) -> np.ndarray:
     """Caption agreement among an image's near-duplicates, over the whole dataset.
 
@@ -224,42 +267,83 @@ def targeted_score(
     weigh about 1, ordinary neighbours next to nothing, so a target image repeated with tens
     of same-class captions stands out, whatever the model's scale of distances. Above
     ``exact_limit`` rows the search is an IVF index's (:func:`.neighbours.search_index`).
+
+    ``h`` needs every row's nearest distance before any row is weighed, so the neighbours'
+    distances and agreements are kept between the two passes: in memory, or with ``scratch``
+    in ``.npy`` memory maps there (16 bytes a neighbour), read back block by block.
     """
-    rows = np.arange(len(images))
-    k = min(k, len(images) - 1)
-    found = nearest(
-        images, images, k, query_ids=rows, bank_ids=rows, exact_limit=exact_limit, seed=seed
-    )
-    distance = found.distance
-    scale = max(float(np.quantile(distance[:, 0], duplicate_quantile)), DISTANCE_FLOOR)
-    weight = np.exp(-distance / scale)
-    agreement = neighbour_agreement(captions, found.index)
-    return (weight * np.clip(agreement, 0.0, None)).sum(axis=1)
+    n = len(images)
+    rows = np.arange(n)
+    k = min(k, n - 1)
+    check_k(k, n, True)
+    built = build_bank(images, ids=rows, exact_limit=exact_limit, seed=seed)
+    with neighbour_tables(n, k, scratch) as (distance, agreement):
+        for part in row_blocks(n, block):
+            found = search(built, images[part], k, query_ids=rows[part])
+            distance[part] = found.distance
+            together = neighbour_agreement(captions, found.index, offset=part.start)
+            agreement[part] = np.clip(together, 0.0, None)
+        nearest_distance = np.asarray(distance[:, 0], dtype=np.float64)
+        scale = max(float(np.quantile(nearest_distance, duplicate_quantile)), DISTANCE_FLOOR)
+        out = np.empty(n, dtype=np.float64)
+        for part in row_blocks(n, block):
+            out[part] = (np.exp(-distance[part] / scale) * agreement[part]).sum(axis=1)
+    return out
 
 
-def neighbour_agreement(captions: np.ndarray, index: np.ndarray, block: int = 8192) -> np.ndarray:
-    """``cos(c_i, c_j)`` for each row ``i`` and its neighbours ``j = index[i]``, in blocks.
+@contextmanager
+def neighbour_tables(
+    rows: int, k: int, scratch: Path | str | None
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Two float64 ``[rows, k]`` tables: arrays, or memory maps in ``scratch`` removed after."""
+    if scratch is None:
+        yield np.empty((rows, k)), np.empty((rows, k))
+        return
+    Path(scratch).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=scratch, prefix="targeted-") as folder:
+        tables = [
+            np.lib.format.open_memmap(Path(folder) / f"{name}.npy", "w+", np.float64, (rows, k))
+            for name in ("distance", "agreement")
+        ]
+        try:
+            yield tables[0], tables[1]
+        finally:
+            del tables  # the maps close before their folder goes
+
+
+def neighbour_agreement(
+    captions: np.ndarray, index: np.ndarray, block: int = 8192, offset: int = 0
+) -> np.ndarray:
+    """``cos(c_i, c_j)`` for each row ``i`` and its neighbours ``j = index[i - offset]``.
 
     Gathering every neighbour's caption at once would hold ``n * k * dim`` floats (250 MB for
-    60,000 pairs); blocks keep it to a few MB.
+    60,000 pairs); blocks keep it to a few MB. ``offset``: the dataset row of ``index[0]``.
     """
     out = np.empty(index.shape, dtype=np.float64)
     for start in range(0, len(index), block):
         rows = slice(start, start + block)
+        own = captions[offset + start : offset + min(start + block, len(index))]
         gathered = captions[index[rows]]
-        out[rows] = np.einsum("nd,nkd->nk", captions[rows], gathered, dtype=np.float64)
+        out[rows] = np.einsum("nd,nkd->nk", own, gathered, dtype=np.float64)
     return out
 
 
 def score_embeddings(
-    images: np.ndarray, captions: np.ndarray, settings: ScanSettings | None = None
+    images: np.ndarray,
+    captions: np.ndarray,
+    settings: ScanSettings | None = None,
+    *,
+    scratch: Path | str | None = None,
 ) -> dict[str, np.ndarray]:
     """Every detector's score of every pair (``DETECTORS``, higher = more suspicious).
 
     Args:
-        images: ``[n, dim]`` L2-normalised image embeddings.
+        images: ``[n, dim]`` L2-normalised image embeddings; a float32 memory map (what
+            :meth:`.store.EmbeddingStore.load` returns) is read in place, block by block.
         captions: ``[n, dim]`` L2-normalised caption embeddings of the same pairs.
-        settings: ``k``, the reference and its seed (default :class:`ScanSettings`).
+        settings: ``k``, the reference and its seed, the query block (default
+            :class:`ScanSettings`).
+        scratch: a folder for the targeted score's neighbour tables (None: in memory).
     """
     settings = settings or ScanSettings()
     images, captions = as_rows(images, "image embeddings"), as_rows(captions, "captions")
@@ -268,19 +352,22 @@ def score_embeddings(
             f"image embeddings {images.shape} and caption embeddings {captions.shape} differ: "
             "row i of both must be pair i"
         )
-    n = len(images)
+    n, block = len(images), settings.block
     ref = reference_rows(n, settings)
     if settings.k > len(ref) - 1:
         raise ValueError(
             f"k={settings.k} needs a reference of more than {settings.k} images; the dataset "
             f"gives {len(ref)}: lower k or raise reference_size"
         )
+    reference = np.ascontiguousarray(images[ref])  # in memory: every block searches it
+    rows = np.arange(n)
     density = density_scores(
-        images, images[ref], settings.k, query_rows=np.arange(n), reference_rows=ref
+        images, reference, settings.k, query_rows=rows, reference_rows=ref, block=block
     )
+    caption_sample, seed = settings.caption_sample, settings.seed
     scores = {
-        "cosine": cosine_score(images, captions),
-        "margin": margin_score(images, captions, settings.caption_sample, settings.seed),
+        "cosine": cosine_score(images, captions, block),
+        "margin": margin_score(images, captions, caption_sample, seed, block=block),
         "kdist": density.kdist,
         "slof": density.slof,
         "dao": density.dao,
@@ -290,7 +377,9 @@ def score_embeddings(
             settings.k,
             settings.duplicate_quantile,
             exact_limit=settings.exact_limit,
-            seed=settings.seed,
+            seed=seed,
+            block=block,
+            scratch=scratch,
         ),
     }
     scores["combined"] = rank_max([scores["dao"], scores["targeted"], scores["cosine"]])

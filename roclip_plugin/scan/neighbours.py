@@ -54,14 +54,25 @@ def exact_distances(
     return out
 
 
-def as_rows(matrix: np.ndarray, what: str) -> np.ndarray:
-    """``matrix`` as a C-contiguous float32 ``[n, dim]`` array, the layout faiss reads."""
+def as_rows(matrix: np.ndarray, what: str, block: int = 65_536) -> np.ndarray:
+    """``matrix`` as a C-contiguous float32 ``[n, dim]`` array, the layout faiss reads.
+
+    A float32 memory map stays one (no copy): scoring reads the store's files in place. The
+    finiteness check runs in blocks, so it never holds a ``[n, dim]`` mask.
+    """
     array = np.ascontiguousarray(matrix, dtype=np.float32)
     if array.ndim != 2 or array.shape[0] == 0 or array.shape[1] == 0:
         raise ValueError(f"{what}: expected a non-empty [rows, dim] matrix, got {array.shape}")
-    if not np.isfinite(array).all():
-        raise ValueError(f"{what}: holds NaN or inf values; re-embed with a finite model")
+    for start in range(0, len(array), block):
+        if not np.isfinite(array[start : start + block]).all():
+            raise ValueError(f"{what}: holds NaN or inf values; re-embed with a finite model")
     return array
+
+
+def row_blocks(count: int, block: int | None) -> list[slice]:
+    """``range(count)`` cut into slices of ``block`` rows (None: one slice of all)."""
+    step = count if block is None else max(1, block)
+    return [slice(start, min(start + step, count)) for start in range(0, count, step)]
 
 
 def search_index(bank: np.ndarray, exact_limit: int | None = None, seed: int = 0) -> Any:
@@ -83,6 +94,40 @@ def search_index(bank: np.ndarray, exact_limit: int | None = None, seed: int = 0
     index.add(bank)
     index.nprobe = min(IVF_PROBES, cells)
     return index
+
+
+@dataclass(frozen=True)
+class Bank:
+    """Rows to search, built into a faiss index once and searched block by block.
+
+    ``rows`` is kept for the exact distances (a memory map is read in place); ``ids`` are
+    the rows' dataset rows, so a query never finds its own row.
+    """
+
+    index: Any
+    rows: np.ndarray
+    ids: np.ndarray | None = None
+
+
+def build_bank(
+    bank: np.ndarray,
+    *,
+    ids: np.ndarray | None = None,
+    exact_limit: int | None = None,
+    seed: int = 0,
+) -> Bank:
+    """``bank`` indexed for :func:`search` (flat up to ``exact_limit`` rows, else IVF)."""
+    rows = as_rows(bank, "bank")
+    return Bank(
+        search_index(rows, exact_limit, seed), rows, None if ids is None else np.asarray(ids)
+    )
+
+
+def check_k(k: int, bank_rows: int, shared: bool) -> None:
+    """Refuse ``k`` beyond the bank's rows (less the query's own, where it is in the bank)."""
+    available = bank_rows - (1 if shared else 0)
+    if not 1 <= k <= available:
+        raise ValueError(f"k={k} neighbours asked of a bank of {available} other rows")
 
 
 def nearest(
@@ -107,23 +152,35 @@ def nearest(
         exact_limit: banks of more rows are searched with an IVF index (None: always exact).
         seed: draws the IVF's training sample.
     """
-    queries, bank = as_rows(queries, "queries"), as_rows(bank, "bank")
+    queries = as_rows(queries, "queries")
     exclude = query_ids is not None and bank_ids is not None
     shared = exclude and bool(np.isin(np.asarray(query_ids), np.asarray(bank_ids)).any())
-    available = len(bank) - (1 if shared else 0)
-    if not 1 <= k <= available:
-        raise ValueError(f"k={k} neighbours asked of a bank of {available} other rows")
-    index = search_index(bank, exact_limit, seed)
-    wanted = min(k + 1, len(bank)) if exclude else k
+    check_k(k, len(bank), shared)
+    built = build_bank(bank, ids=bank_ids if exclude else None, exact_limit=exact_limit, seed=seed)
+    return search(built, queries, k, query_ids=query_ids if exclude else None)
+
+
+def search(
+    bank: Bank, queries: np.ndarray, k: int, *, query_ids: np.ndarray | None = None
+) -> Neighbours:
+    """The ``k`` most similar rows of a built bank for each query (one block of queries).
+
+    With ``query_ids`` (and the bank's ids), a bank row of the query's own row is skipped.
+    Callers check ``k`` (:func:`check_k`) once for all blocks.
+    """
+    queries = as_rows(queries, "queries")
+    exclude = query_ids is not None and bank.ids is not None
+    index = bank.index
+    wanted = min(k + 1, len(bank.rows)) if exclude else k
     similarity, position = index.search(queries, wanted)
     if (position < 0).any():  # an IVF's probed cells held fewer than k rows: search them all
         index.nprobe = index.nlist
         similarity, position = index.search(queries, wanted)
     if exclude:
-        own = np.asarray(bank_ids)[position] == np.asarray(query_ids)[:, None]
+        own = bank.ids[position] == np.asarray(query_ids)[:, None]
         keep = np.argsort(own, axis=1, kind="stable")[:, :k]  # own row last, order kept
         position = np.take_along_axis(position, keep, axis=1)
         similarity = np.take_along_axis(similarity, keep, axis=1)
     position = position.astype(np.int64)
-    distance = exact_distances(queries, bank, position)
+    distance = exact_distances(queries, bank.rows, position)
     return Neighbours(position, similarity.astype(np.float32), distance)

@@ -6,12 +6,17 @@ start again from zero. Each chunk of ``chunk_size`` pairs is written as two ``.n
 chunk is either listed and whole or redone. ``progress.json`` also records what was embedded
 (``identity``: the data and the model, as the caller describes them), so a resume against
 other data or another checkpoint is refused instead of mixing embeddings of two models.
+
+Several processes (torchrun's ranks) may fill one store: each is a *writer* with its own
+progress file (``progress.json`` for writer 0, ``progress.<writer>.json`` for the others), so
+no two processes ever write one file; opening the store merges what every file lists as done.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +26,7 @@ from roclip_plugin.io import atomic_write_bytes, atomic_write_text
 
 STORE_FORMAT = "roclip-scan-embeddings/1"
 PROGRESS_FILE = "progress.json"
+WRITER_PROGRESS = "progress.*.json"  # the other writers' records
 
 
 class EmbeddingStore:
@@ -37,6 +43,7 @@ class EmbeddingStore:
         chunk_size: int,
         identity: dict[str, Any],
         done: set[int] | None = None,
+        writer: int = 0,
     ) -> None:
         if total < 1 or chunk_size < 1:
             raise ValueError(
@@ -47,6 +54,7 @@ class EmbeddingStore:
         self.chunk_size = chunk_size
         self.identity = identity
         self.done: set[int] = set(done or ())
+        self.writer = writer
 
     @property
     def chunks(self) -> int:
@@ -73,22 +81,39 @@ class EmbeddingStore:
                 f"{folder} holds a scan's embeddings already: add --resume to continue it, or "
                 "choose another --out"
             )
+        for stale in folder.glob(WRITER_PROGRESS):  # of an unfinished store with no record
+            stale.unlink()
         store = cls(folder, total, chunk_size, identity)
         store._save_progress()
         return store
 
     @classmethod
     def resume(
-        cls, folder: Path | str, total: int, chunk_size: int, identity: dict[str, Any]
+        cls,
+        folder: Path | str,
+        total: int,
+        chunk_size: int,
+        identity: dict[str, Any],
+        writer: int = 0,
     ) -> EmbeddingStore:
         """The store in ``folder``, checked to be of the same pairs, chunking and model.
 
-        A folder without a progress record starts a new store.
+        A folder without a progress record starts a new store (writer 0 only: the others
+        join the store writer 0 made). The chunks done are those every writer's file lists.
         """
         folder = Path(folder)
         path = folder / PROGRESS_FILE
-        if not path.exists():
+        if not path.exists() and writer == 0:
             return cls.create(folder, total, chunk_size, identity)
+        done: set[int] = set()
+        for record in (path, *sorted(folder.glob(WRITER_PROGRESS))):
+            done |= cls._read_done(record, total, chunk_size, identity)
+        return cls(folder, total, chunk_size, identity, done, writer)
+
+    @staticmethod
+    def _read_done(path: Path, total: int, chunk_size: int, identity: dict[str, Any]) -> set[int]:
+        """The chunks ``path`` lists as done, once its record is checked to be this scan's."""
+        folder = path.parent
         try:
             record = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as err:
@@ -108,7 +133,7 @@ class EmbeddingStore:
                     f"{value!r}; it is another scan's: rerun it with the same data, model and "
                     "--chunk-size, or choose another --out"
                 )
-        return cls(folder, total, chunk_size, identity, set(record.get("done") or []))
+        return set(record.get("done") or [])
 
     def _chunk_path(self, chunk: int, side: str) -> Path:
         return self.folder / f"{side}_{chunk:06d}.npy"
@@ -133,16 +158,45 @@ class EmbeddingStore:
             "identity": self.identity,
             "done": sorted(self.done),
         }
-        atomic_write_text(self.folder / PROGRESS_FILE, json.dumps(record, indent=1) + "\n")
+        name = PROGRESS_FILE if self.writer == 0 else f"progress.{self.writer}.json"
+        atomic_write_text(self.folder / name, json.dumps(record, indent=1) + "\n")
 
-    def load(self) -> tuple[np.ndarray, np.ndarray]:
-        """Every pair's image and caption embeddings, ``[total, dim]`` each (all chunks done)."""
+    def load(self, mapped: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Every pair's image and caption embeddings, ``[total, dim]`` each (all chunks done).
+
+        ``mapped``: join the chunks on disk into ``images.npy`` and ``captions.npy`` (a chunk
+        at a time, each read as a memory map) and return read-only memory maps of the two, so
+        that scoring reads the embeddings in place instead of holding them: the memory of the
+        join is one chunk, its disk the embeddings' size once more.
+        """
         if self.missing():
             raise ValueError(
                 f"{self.folder}: {len(self.missing())} of {self.chunks} chunks not embedded yet"
             )
+        if mapped:
+            return self._joined("images"), self._joined("captions")
         sides = []
         for side in ("images", "captions"):
             parts = [np.load(self._chunk_path(c, side)) for c in range(self.chunks)]
             sides.append(np.concatenate(parts))
         return sides[0], sides[1]
+
+    def _joined(self, side: str) -> np.ndarray:
+        """The chunks of ``side`` copied into one ``.npy`` file, opened as a memory map."""
+        target = self.folder / f"{side}.npy"
+        partial = self.folder / f"{side}.npy.partial"
+        dim = np.load(self._chunk_path(0, side), mmap_mode="r").shape[1]
+        joined = np.lib.format.open_memmap(partial, "w+", np.float32, (self.total, dim))
+        for chunk in range(self.chunks):
+            rows = self.rows(chunk)
+            part = np.load(self._chunk_path(chunk, side), mmap_mode="r")
+            if part.shape != (len(rows), dim):
+                raise ValueError(
+                    f"{self._chunk_path(chunk, side)} holds {part.shape}, expected "
+                    f"{(len(rows), dim)}; delete {self.folder} and scan again"
+                )
+            joined[rows.start : rows.stop] = part
+        joined.flush()
+        del joined
+        os.replace(partial, target)  # a stop mid-join leaves no half-written target
+        return np.load(target, mmap_mode="r")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -114,6 +116,7 @@ def test_local_dimension_of_duplicates_is_capped() -> None:
         ("seed", -1, "seed must be a non-negative integer"),
         ("caption_sample", 1, "caption_sample must be None or an integer >= 2"),
         ("exact_limit", True, "exact_limit must be None or an integer >= 2"),
+        ("block", 0, "block must be None or an integer >= 1"),
     ],
 )
 def test_bad_settings_name_the_field(field, value, message) -> None:
@@ -144,3 +147,40 @@ def test_the_margin_over_distinct_captions_equals_the_all_rows_search() -> None:
     assert margins[25] < 0.0  # its own caption, on no other row, is not a candidate
     sampled = margin_score(images, captions, sample=5, seed=1)
     assert np.all(sampled <= expected + 1e-6)  # fewer candidates: a lower bound
+
+
+@pytest.mark.parametrize(
+    "base",
+    [
+        ScanSettings(k=8, reference_size=300, seed=1),
+        ScanSettings(k=8, reference_size=None, exact_limit=200, caption_sample=None),
+        ScanSettings(k=8, reference_size=300, caption_sample=40),
+    ],
+    ids=["exact", "ivf", "caption-sample"],
+)
+def test_scores_in_blocks_equal_the_scores_of_all_rows_at_once(base, tmp_path) -> None:
+    """Bounded memory changes no score: each row's figures come from the same searches."""
+    data = planted(seed=7, clean=700, backdoor=15, targets=2, copies=12)
+    captions = data.captions.copy()
+    captions[100:160] = captions[100]  # a template: the margin's distinct captions matter
+    whole = score_embeddings(data.images, captions, replace(base, block=None))
+    blocked = score_embeddings(
+        data.images, captions, replace(base, block=37), scratch=tmp_path / "scratch"
+    )
+    for name in DETECTORS:
+        assert np.array_equal(blocked[name], whole[name]), name
+    assert list((tmp_path / "scratch").iterdir()) == []  # the spilled tables are removed
+
+
+def test_distinct_rows_survive_a_hash_collision(monkeypatch) -> None:
+    from roclip_plugin.scan import distinct
+
+    rng = np.random.default_rng(8)
+    rows = unit(rng.normal(size=(30, 4)))
+    rows[10:15] = rows[10]
+    expected = distinct.distinct_rows(rows, block=7)
+    monkeypatch.setattr(distinct, "row_hashes", lambda r, b: np.zeros(len(r), np.uint64))
+    first, counts = distinct.distinct_rows(rows, block=7)  # every row "collides"
+    pairs = sorted(zip(first.tolist(), counts.tolist(), strict=True))
+    assert pairs == sorted(zip(expected[0].tolist(), expected[1].tolist(), strict=True))
+    assert len(first) == 26 and counts.max() == 5

@@ -67,3 +67,43 @@ def test_loading_an_unfinished_store_and_a_wrong_chunk_are_refused(tmp_path: Pat
         store.load()
     record = json.loads((tmp_path / "new" / "progress.json").read_text())
     assert record["done"] == [] and record["identity"] == IDENTITY
+
+
+def test_a_mapped_load_reads_the_same_embeddings_from_one_file_a_side(tmp_path: Path) -> None:
+    data = planted(seed=9)
+    store = EmbeddingStore.create(tmp_path, len(data.images), 128, IDENTITY)
+    _fill(store, data.images, data.captions, stop=None)
+    images, captions = store.load(mapped=True)
+    assert isinstance(images, np.memmap) and not images.flags.writeable
+    assert np.array_equal(images, data.images) and np.array_equal(captions, data.captions)
+    assert sorted(p.name for p in tmp_path.glob("*s.npy")) == ["captions.npy", "images.npy"]
+    settings = ScanSettings(reference_size=300, seed=2, block=50)
+    mapped = score_embeddings(images, captions, settings, scratch=tmp_path)
+    in_memory = score_embeddings(data.images, data.captions, settings)
+    for name, values in in_memory.items():
+        assert np.array_equal(mapped[name], values), name
+
+
+def test_writers_keep_their_own_progress_files_and_a_reopened_store_merges_them(
+    tmp_path: Path,
+) -> None:
+    data = planted(seed=10)
+    n = len(data.images)
+    first = EmbeddingStore.create(tmp_path, n, 100, IDENTITY)
+    second = EmbeddingStore.resume(tmp_path, n, 100, IDENTITY, writer=1)
+    for store, chunks in ((first, first.missing()[0::2]), (second, second.missing()[1::2])):
+        for chunk in chunks:
+            rows = store.rows(chunk)
+            store.write(
+                chunk, data.images[rows.start : rows.stop], data.captions[rows.start : rows.stop]
+            )
+    assert json.loads((tmp_path / "progress.1.json").read_text())["done"] == [1, 3, 5]
+    merged = EmbeddingStore.resume(tmp_path, n, 100, IDENTITY)
+    assert merged.missing() == [] and np.array_equal(merged.load()[1], data.captions)
+    record = tmp_path / "progress.1.json"
+    record.write_text(record.read_text().replace('"chunk_size": 100', '"chunk_size": 7'))
+    with pytest.raises(ValueError, match=r"progress.1.json records chunk_size 7"):
+        EmbeddingStore.resume(tmp_path, n, 100, IDENTITY)
+    (tmp_path / "progress.json").unlink()  # no record: a new store, stale writers' files gone
+    EmbeddingStore.create(tmp_path, n, 100, IDENTITY)
+    assert not record.exists()

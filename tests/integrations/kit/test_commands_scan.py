@@ -307,3 +307,31 @@ def test_each_distinct_caption_is_encoded_once_and_lands_on_every_row(setup, mon
     assert sorted(encoded) == ["a one", "a seven", "a two"]
     expected = encode_texts(loaded, captions).numpy()
     assert np.allclose(features, expected, atol=1e-6)
+
+
+def test_a_trainer_checkpoint_scans_with_the_model_named(setup, tmp_path) -> None:
+    """A roclip_torch Trainer checkpoint of the tiny model's weights scans as its OpenCLIP
+    checkpoint does, given --model; without it, the refusal names --model and the fix."""
+    from roclip_torch import Trainer, TrainSettings
+
+    model = f"local-dir:{setup['root'] / 'tiny'}"
+    net = open_clip.create_model(model, load_weights=False)
+    net.load_state_dict(torch.load(setup["checkpoint"], weights_only=True)["state_dict"])
+    tokens = open_clip.get_tokenizer(model)(["a seven"] * 16)
+    data = list(zip(torch.zeros(16, 3, 32, 32), tokens, strict=True))
+    settings = TrainSettings(epochs=1, batch_size=16, checkpoint_dir=tmp_path / "ck")
+    trainer = Trainer(net, torch.optim.SGD(net.parameters(), lr=0.0), data, settings)
+    checkpoint = trainer.save_checkpoint()  # epoch_0.pt: the weights as they are
+    assert checkpoint is not None and checkpoint.name == "epoch_0.pt"
+
+    argv = ["scan", "--checkpoint", str(checkpoint), "--dataset", str(setup["dataset"])]
+    argv += ["--chunk-size", "64", "--k", "8"]
+    refused = run_roclip([*argv, "--out", str(tmp_path / "no-model")])
+    assert_refused(refused, "--model")
+    assert "roclip_torch Trainer checkpoint" in refused.output
+    assert_refused(run_roclip([*argv, "--model", "RN50", "--out", str(tmp_path / "rn")]), "--model")
+
+    result = run_roclip([*argv, "--model", model, "--out", str(tmp_path / "trainer")])
+    assert result.code == 0, result.output
+    assert _scan(setup, tmp_path / "openclip").code == 0
+    assert _ranking(tmp_path / "trainer") == _ranking(tmp_path / "openclip")

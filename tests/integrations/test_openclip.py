@@ -741,6 +741,21 @@ def test_every_dataset_type_trains_with_roclip(setup, dataset_type, augment) -> 
     assert re.findall(r"RoCLIP epoch 0 rank 0: matching=True pool=\d+/64", _log(setup, name))
 
 
+def test_the_default_defends_on_synthetic_data(setup) -> None:
+    """``--roclip`` alone (the robust preset) on OpenCLIP's synthetic dataset, which has no CSV
+    rows: the sampler's indices are the sample ids, so the history score (which refuses a step
+    without ids) defends the second epoch."""
+    name = "type-synthetic-default"
+    argv = _argv(setup, name, 2, "--roclip", "--roclip-pool-size", "64")
+    argv[argv.index("csv")] = "synthetic"
+    del argv[argv.index("--train-data") : argv.index("--train-data") + 2]
+    argv += ["--train-num-samples", "48"]
+    assert main(argv) == 0
+    log = _log(setup, name)
+    assert re.findall(r"RoCLIP epoch 0 rank 0: matching=False", log)
+    assert re.findall(r"RoCLIP epoch 1 rank 0: matching=True pool=64/64", log)
+
+
 def _local_model(setup, name: str, cfg: dict) -> str:
     folder = setup["root"] / name
     folder.mkdir(exist_ok=True)

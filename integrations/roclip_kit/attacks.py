@@ -8,7 +8,7 @@ user's own data. The output directory holds:
   place and their exact text (relative image paths stay relative); backdoored rows are changed
   in place; targeted rows are appended at the end (OpenCLIP shuffles every epoch, so their
   place does not matter, and every clean row keeps its index).
-- ``manifest.json``: what was poisoned (format ``roclip-poison/1``, see :mod:`roclip_kit.formats`).
+- ``manifest.json``: what was poisoned (format ``roclip-poison/1``, see :mod:`roclip_kit.files`).
 - ``images/backdoor/``: the triggered copies of the backdoored images.
 - ``classes.json`` and, when known, ``test.csv``: copies, so the output is itself a dataset
   directory (``--dataset OUT``) for training and evaluation.
@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from roclip_kit.formats import (
+from roclip_kit.files import (
     CAPTION_KEY,
     CLASSES_FILE,
     CSV_SEPARATOR,
@@ -42,6 +42,8 @@ from roclip_kit.formats import (
     TEST_CSV,
     TRAIN_CSV,
     Target,
+    existing_image,
+    load_classes,
     read_image,
 )
 from roclip_kit.outputs import check_replaceable, replacing
@@ -112,45 +114,6 @@ class Table:
         return self.rows[row][self.index(key)]
 
 
-def load_classes(path: Path) -> list[str]:
-    """Class names by label from a classes.json (its ``classes`` list).
-
-    Every refusal names the flags the file came from (``--classes``, or ``--dataset``'s
-    folder), so a user who passed a wrong file sees which flag to change.
-    """
-    where = f"--classes or --dataset DIR/{CLASSES_FILE}"
-    require_file(path, f"classes file ({where})")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
-    except ValueError as err:
-        raise ValueError(f"classes file {path} (--classes) is not valid JSON: {err}") from None
-    classes = data.get("classes") if isinstance(data, dict) else None
-    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
-        raise ValueError(
-            f'classes file {path} ({where}) needs a "classes" key holding the class names by '
-            'label, e.g. {"classes": ["cat", "dog"]}'
-        )
-    check_unique_names(classes, path)
-    return classes
-
-
-def check_unique_names(classes: list[str], path: Path) -> None:
-    """Refuse a class named twice (in any case).
-
-    CSV labels are read by name in any case, so the second label could never be written or
-    read, and zero-shot would score one class against itself.
-    """
-    seen: dict[str, int] = {}
-    for label, name in enumerate(classes):
-        key = name.strip().lower()
-        if key in seen:
-            raise ValueError(
-                f"classes file {path} names {name!r} twice (labels {seen[key]} and {label}); "
-                "give every class a distinct name (--classes)"
-            )
-        seen[key] = label
-
-
 def _parse_label(value: str, classes: list[str], where: str) -> int:
     """A label cell as a class index: an integer index or a class name (any case)."""
     text = value.strip()
@@ -216,19 +179,6 @@ def _check_header(path: Path, header: list[str], columns: Columns) -> None:
                     else ""
                 )
             )
-
-
-def resolve_image(value: str, csv_path: Path) -> Path:
-    """An image path from a CSV: absolute, or relative to the working directory or the CSV."""
-    path = Path(value).expanduser()
-    if path.is_absolute():
-        candidates = [path]
-    else:
-        candidates = [Path.cwd() / path, csv_path.parent / path]
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate.resolve()
-    raise ValueError(f"{csv_path}: image {value!r} not found (looked at {candidates[0]})")
 
 
 # ---------------------------------------------------------------- choosing
@@ -412,7 +362,7 @@ def _stamp(
     paths = {}
     for row in rows:
         where = f"{table.path}, data row {row}"
-        source = resolve_image(table.cell(row, table.columns.image), table.path)
+        source = existing_image(table.cell(row, table.columns.image), table.path)
         image = read_image(source, where)
         check_trigger_fits(trigger, image.width, image.height, where)
         name = f"row-{row:07d}.png"
@@ -680,7 +630,7 @@ def _targeted(
             "result would be mostly poison, not a poisoned dataset; lower either"
         )
     for (test_row, adv), n in zip(chosen, counts, strict=True):
-        image = resolve_image(test.cell(test_row, job.train.columns.image), test.path)
+        image = existing_image(test.cell(test_row, job.train.columns.image), test.path)
         read_image(image, f"{test.path}, data row {test_row}, a target")
         path = str(image)
         targets.append(Target(test_row, path, int(test.labels[test_row]), adv, n))
@@ -766,15 +716,3 @@ def _finish(
         [r["row"] for r in rows if r["attack"] == "backdoor"],
         list(job.notes),
     )
-
-
-def load_manifest(path: str | Path) -> dict[str, Any]:
-    """Read a poison manifest, checking its format tag."""
-    path = require_file(path, "manifest")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
-    except ValueError as err:
-        raise ValueError(f"manifest {path} is not valid JSON: {err}") from None
-    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
-        raise ValueError(f"{path} is not a poison manifest (format {MANIFEST_FORMAT!r})")
-    return data

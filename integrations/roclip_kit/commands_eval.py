@@ -19,7 +19,6 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from roclip_kit.attacks import load_classes
 from roclip_kit.console import percent, progress_bars
 from roclip_kit.evaluate import (
     EvalData,
@@ -28,6 +27,7 @@ from roclip_kit.evaluate import (
     evaluate_checkpoint,
     find_suspicious,
 )
+from roclip_kit.files import load_classes
 from roclip_kit.models import (
     check_checkpoint_path,
     check_model_name,

@@ -5,7 +5,7 @@ into classification. Each image is therefore rendered with visual attributes (st
 background, size and position on the canvas) and its caption names them together with one of
 several synonyms of the class, in one of several sentence templates. Everything is drawn from
 ``seed``; the attributes of a source image do not depend on the limits, so a small build is a
-subset of a large one. The output is the captioned dataset directory of :mod:`roclip_kit.formats`.
+subset of a large one. The output is the captioned dataset directory of :mod:`roclip_kit.files`.
 
 Sources (nothing is downloaded):
 
@@ -35,7 +35,7 @@ from typing import Any, BinaryIO
 import numpy as np
 from PIL import Image
 
-from roclip_kit.formats import (
+from roclip_kit.files import (
     CAPTION_KEY,
     CLASSES_FILE,
     CSV_SEPARATOR,

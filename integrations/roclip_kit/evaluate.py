@@ -9,7 +9,6 @@ allow and returns a JSON-able dict. Exact definitions are in docs/evaluation.md.
 from __future__ import annotations
 
 import csv
-import json
 import os
 import re
 from collections.abc import Callable, Collection, Hashable, Sequence
@@ -21,18 +20,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from roclip_kit.formats import (
-    CAPTION_KEY,
+from roclip_kit.files import (
     CLASSES_FILE,
-    CSV_SEPARATOR,
-    IMAGE_KEY,
-    LABEL_KEY,
-    MANIFEST_FORMAT,
     TEST_CSV,
     TRAIN_CSV,
+    Backdoor,
+    ClassInfo,
+    Manifest,
+    Split,
     Target,
     Trigger,
+    read_captions,
+    read_classes,
     read_image,
+    read_manifest,
+    read_split,
 )
 from roclip_kit.models import LoadedModel, load_openclip
 from roclip_plugin.io import require_file
@@ -43,236 +45,6 @@ ProgressFactory = Callable[[str, int], Advance]
 
 SUSPICIOUS_PATTERN = re.compile(r"suspicious_epoch_(\d+)\.csv$")
 DETECTION_MISMATCH_LIMIT = 0.1  # share of captions that may differ from the poisoned CSV
-
-
-# ---------------------------------------------------------------- input files
-
-
-@dataclass(frozen=True)
-class ClassInfo:
-    """Class names by label and the zero-shot prompt templates (each with one ``{}``)."""
-
-    names: list[str]
-    templates: list[str]
-    path: Path
-
-    def label_of(self, value: str, where: str) -> int:
-        """A label cell (class index or class name) as an index; ``where`` names the cell."""
-        text = value.strip()
-        lowered = [name.lower() for name in self.names]
-        if text.lstrip("-").isdigit():
-            label = int(text)
-            if 0 <= label < len(self.names):
-                return label
-        elif text.lower() in lowered:
-            return lowered.index(text.lower())
-        raise ValueError(
-            f"{where}: unknown class {value!r}: a label is a class index 0..{len(self.names) - 1}"
-            f" or a class name listed in {self.path}"
-        )
-
-
-def read_classes(path: Path | str, templates: Sequence[str] | None = None) -> ClassInfo:
-    """Read ``classes.json``; ``templates`` replaces its templates when given."""
-    path = Path(path)
-    data = _read_json(path, "classes file (--classes or --dataset DIR/classes.json)")
-    names = data.get("classes") if isinstance(data, dict) else None
-    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
-        raise ValueError(
-            f'{path} has no "classes" list of class names (the class name of each label, '
-            "in label order)"
-        )
-    chosen = list(templates) if templates else data.get("templates")
-    if not isinstance(chosen, list) or not chosen:
-        raise ValueError(
-            f'{path} has no "templates" list; add prompts such as "a photo of a {{}}." or '
-            "pass --template"
-        )
-    for template in chosen:
-        if not isinstance(template, str) or template.count("{}") != 1:
-            raise ValueError(
-                f"template {template!r} (from {path} or --template) must contain exactly one "
-                "{} where the class name goes"
-            )
-    return ClassInfo(list(names), list(chosen), path)
-
-
-def _read_json(path: Path, what: str) -> Any:
-    require_file(path, what)
-    try:
-        return json.loads(path.read_text(encoding="utf-8-sig"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{what} {path} is not valid JSON: {err}") from err
-
-
-@dataclass(frozen=True)
-class Split:
-    """Image paths and labels of a CSV; ``rows`` are their 0-based data rows in that CSV."""
-
-    path: Path
-    filepaths: list[str]
-    labels: np.ndarray
-    rows: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.filepaths)
-
-    def take(self, positions: np.ndarray) -> Split:
-        """The items at ``positions`` (indices into this split, not CSV rows)."""
-        return Split(
-            self.path,
-            [self.filepaths[i] for i in positions],
-            self.labels[positions],
-            self.rows[positions],
-        )
-
-
-def read_split(path: Path | str, classes: ClassInfo, what: str = "CSV file") -> Split:
-    """Read a tab-separated CSV with ``filepath`` and ``label`` columns (OpenCLIP's format).
-
-    ``what`` names the file and its flag in messages (``test CSV (--test-csv ...)``).
-    """
-    path = require_file(path, what)
-    # utf-8-sig: a byte-order mark is not part of the first column's name
-    with path.open(newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh, delimiter=CSV_SEPARATOR)
-        columns = reader.fieldnames or []
-        require_columns(path, columns, (IMAGE_KEY, LABEL_KEY))
-        filepaths, labels = [], []
-        for row, record in enumerate(reader):
-            filepaths.append(resolve_image(record[IMAGE_KEY] or "", path))
-            labels.append(classes.label_of(record[LABEL_KEY] or "", f"{path} row {row}"))
-    if not filepaths:
-        raise ValueError(f"CSV file {path} has a header but no rows")
-    n = len(filepaths)
-    return Split(path, filepaths, np.asarray(labels, np.int64), np.arange(n, dtype=np.int64))
-
-
-def resolve_image(value: str, csv_path: Path) -> str:
-    """An image path of a CSV: absolute, or relative to the working directory or to the CSV.
-
-    OpenCLIP reads relative paths from the working directory; the CSV's folder is tried too so
-    a dataset directory can be moved. A missing file is kept as written, to be reported.
-    """
-    path = Path(value).expanduser()
-    if path.is_absolute() or path.is_file():
-        return str(path)
-    beside = csv_path.parent / path
-    return str(beside) if beside.is_file() else value
-
-
-def require_columns(path: Path, columns: Sequence[str], wanted: Sequence[str]) -> None:
-    """Refuse a CSV without the ``wanted`` columns, or one that is not tab-separated, naming it."""
-    if len(columns) == 1 and "," in columns[0]:
-        raise ValueError(
-            f"{path} is not tab-separated (header {columns[0]!r}); the kit's CSVs use tabs, "
-            "like OpenCLIP's default --csv-separator"
-        )
-    for column in wanted:
-        if column not in columns:
-            hint = " (the class index or class name of each row)" if column == LABEL_KEY else ""
-            raise ValueError(
-                f"{path} has no {column!r} column{hint}; its columns are {', '.join(columns)}"
-            )
-
-
-def read_captions(path: Path) -> list[str]:
-    """The caption column of a training CSV, by data row."""
-    with path.open(newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh, delimiter=CSV_SEPARATOR)
-        require_columns(path, reader.fieldnames or [], (CAPTION_KEY,))
-        return [record[CAPTION_KEY] for record in reader]
-
-
-@dataclass(frozen=True)
-class Backdoor:
-    """The backdoor section of a manifest: target class and the trigger's parameters."""
-
-    target_label: int
-    trigger: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class Manifest:
-    """What was poisoned: poisoned CSV rows (row -> attack), targets and the backdoor.
-
-    ``keys`` (``__key__`` -> attack) names poisoned samples of WebDataset shards, which have
-    no row index: a manifest entry gives ``"key"`` in place of ``"row"``.
-    """
-
-    path: Path
-    rows: dict[int, str]
-    targets: list[Target]
-    backdoor: Backdoor | None
-    poisoned_csv: Path | None
-    keys: dict[str, str] = field(default_factory=dict)
-
-
-def read_manifest(path: Path | str, classes: ClassInfo) -> Manifest:
-    """Read a ``roclip-poison/1`` manifest and check its classes against ``classes``."""
-    path = Path(path)
-    data = _read_json(path, "manifest (--manifest)")
-    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
-        found = data.get("format") if isinstance(data, dict) else None
-        raise ValueError(
-            f"manifest {path} (--manifest) has format {found!r}, expected {MANIFEST_FORMAT!r}; "
-            "pass the manifest JSON that the kit's poisoning step wrote"
-        )
-    try:
-        entries = data.get("rows") or []
-        rows = {int(r["row"]): str(r["attack"]) for r in entries if "key" not in r}
-        keys = {str(r["key"]): str(r["attack"]) for r in entries if "key" in r}
-        targets = _read_targets(data.get("targeted"), classes, path)
-        backdoor = _read_backdoor(data.get("backdoor"), classes, path)
-    except (KeyError, TypeError) as err:
-        raise ValueError(f"manifest {path} is missing an entry: {err!r}") from err
-    poisoned = data.get("poisoned_csv")
-    return Manifest(path, rows, targets, backdoor, Path(poisoned) if poisoned else None, keys)
-
-
-def _class_label(classes: ClassInfo, label: Any, name: Any, where: str) -> int:
-    """A manifest's class, checked by index and name against ``classes.json``."""
-    index = classes.label_of(str(label), where)
-    if name is not None and classes.names[index] != name:
-        raise ValueError(
-            f"{where}: class {label} is {classes.names[index]!r} in {classes.path} but "
-            f"{name!r} in the manifest; evaluate with the dataset the manifest was made from"
-        )
-    return index
-
-
-def _read_targets(section: Any, classes: ClassInfo, path: Path) -> list[Target]:
-    if not section:
-        return []
-    targets = []
-    for t in section["targets"]:
-        where = f"manifest {path}, target {t['id']}"
-        label = classes.label_of(str(t["label"]), where)
-        adversarial = _class_label(
-            classes, t["adversarial_label"], t.get("adversarial_class"), where
-        )
-        captions = t.get("captions")
-        targets.append(
-            Target(
-                int(t["id"]),
-                str(t["filepath"]),
-                label,
-                adversarial,
-                None if captions is None else int(captions),
-            )
-        )
-    return targets
-
-
-def _read_backdoor(section: Any, classes: ClassInfo, path: Path) -> Backdoor | None:
-    if not section:
-        return None
-    where = f"manifest {path}, backdoor"
-    label = _class_label(classes, section["target_label"], section.get("target_class"), where)
-    trigger = section["trigger"]
-    if not isinstance(trigger, dict):
-        raise ValueError(f"{where}: 'trigger' must be the trigger's parameters (a JSON object)")
-    return Backdoor(label, trigger)
 
 
 # ---------------------------------------------------------------- pure metrics
@@ -590,7 +362,7 @@ class EvalData:
 
     @classmethod
     def from_dataset_dir(cls, folder: Path | str, **overrides: Any) -> EvalData:
-        """The files of a captioned dataset directory (see :mod:`roclip_kit.formats`)."""
+        """The files of a captioned dataset directory (see :mod:`roclip_kit.files`)."""
         folder = Path(folder)
         if not folder.is_dir():
             raise ValueError(f"dataset directory {folder} does not exist (--dataset)")

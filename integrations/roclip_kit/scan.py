@@ -24,8 +24,15 @@ from typing import Any
 
 import numpy as np
 
-from roclip_kit.evaluate import Advance, encode_images, encode_texts, require_columns, resolve_image
-from roclip_kit.formats import CAPTION_KEY, CSV_SEPARATOR, IMAGE_KEY, TRAIN_CSV
+from roclip_kit.evaluate import Advance, encode_images, encode_texts
+from roclip_kit.files import (
+    CAPTION_KEY,
+    CSV_SEPARATOR,
+    IMAGE_KEY,
+    TRAIN_CSV,
+    require_columns,
+    resolve_image,
+)
 from roclip_kit.models import LoadedModel
 from roclip_plugin.io import atomic_write_text, require_file
 from roclip_plugin.scan import (
@@ -347,7 +354,7 @@ def poisoned_by_attack(manifest: Path | str, pairs: Pairs) -> dict[str, np.ndarr
     the CSV's ``__key__`` column. A manifest of another CSV is refused: rows out of range,
     or keys the CSV does not hold.
     """
-    from roclip_kit.attacks import load_manifest
+    from roclip_kit.files import load_manifest
 
     try:
         data = load_manifest(manifest)

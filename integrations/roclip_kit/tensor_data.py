@@ -16,7 +16,6 @@ it. Words it has never seen (a synonym that EDA inserts, say) map to one unknown
 
 from __future__ import annotations
 
-import csv
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -27,7 +26,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from roclip_kit.formats import CAPTION_KEY, CLASSES_FILE, CSV_SEPARATOR, IMAGE_KEY, LABEL_KEY
+from roclip_kit.files import (
+    CAPTION_KEY,
+    CLASSES_FILE,
+    IMAGE_KEY,
+    LABEL_KEY,
+    absolute_image,
+    read_rows,
+)
 
 WORD = re.compile(r"[a-z0-9]+(?:['-][a-z0-9]+)*")
 PAD, UNK, SOT = 0, 1, 2
@@ -169,30 +175,6 @@ class TensorSplit:
         return len(self.captions)
 
 
-def read_rows(path: Path) -> list[dict[str, str]]:
-    """The rows of a kit CSV (tab-separated, ``filepath``, ``title``, ``label``)."""
-    if not path.is_file():
-        raise ValueError(f"CSV file {path} does not exist")
-    with path.open(newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh, delimiter=CSV_SEPARATOR)
-        missing = [
-            k for k in (IMAGE_KEY, CAPTION_KEY, LABEL_KEY) if k not in (reader.fieldnames or [])
-        ]
-        if missing:
-            raise ValueError(
-                f"{path} lacks column(s) {missing}; expected a tab-separated CSV with "
-                f"{IMAGE_KEY}, {CAPTION_KEY} and {LABEL_KEY} (see roclip_kit.formats)"
-            )
-        return list(reader)
-
-
-def _absolute(value: str, csv_path: Path) -> str:
-    path = Path(value).expanduser()
-    if path.is_absolute() or path.is_file():
-        return str(path.resolve())
-    return str((csv_path.parent / path).resolve())
-
-
 def load_split(path: Path, classes: Sequence[str], image_size: int | None = None) -> TensorSplit:
     """Decode every row of a CSV into a :class:`TensorSplit`."""
     rows = read_rows(path)
@@ -200,7 +182,7 @@ def load_split(path: Path, classes: Sequence[str], image_size: int | None = None
         raise ValueError(f"CSV file {path} has a header but no rows")
     lowered = [c.lower() for c in classes]
     labels = [_label(r[LABEL_KEY], lowered, f"{path} row {i}") for i, r in enumerate(rows)]
-    files = [_absolute(r[IMAGE_KEY], path) for r in rows]
+    files = [absolute_image(r[IMAGE_KEY], path) for r in rows]
     return TensorSplit(
         images=decode_images(files, image_size),
         captions=[r[CAPTION_KEY] for r in rows],

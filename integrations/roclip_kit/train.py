@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from roclip_kit.formats import CAPTION_KEY, CSV_SEPARATOR, IMAGE_KEY, TRAIN_CSV
+from roclip_kit.files import CAPTION_KEY, CSV_SEPARATOR, IMAGE_KEY, TRAIN_CSV
 
 _VOCAB = 49408  # OpenCLIP's bundled tokenizer, which works offline
 
@@ -241,7 +241,7 @@ def check_train_csv(path: Path) -> None:
     if missing:
         raise ValueError(
             f"{path}: header {header} lacks column(s) {missing}; expected a tab-separated "
-            f"CSV with columns {IMAGE_KEY}, {CAPTION_KEY}, label (see roclip_kit.formats)"
+            f"CSV with columns {IMAGE_KEY}, {CAPTION_KEY}, label (see roclip_kit.files)"
         )
 
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from roclip_kit.attacks import Columns, load_manifest, poison_dataset
+from roclip_kit.attacks import Columns, poison_dataset
 from roclip_kit.datasets import build_captioned_dataset
-from roclip_kit.formats import MANIFEST_FORMAT
+from roclip_kit.files import MANIFEST_FORMAT, load_manifest
 from roclip_kit.triggers import PatchTrigger, trigger_from_dict
 
 NAMES = [
@@ -347,7 +347,7 @@ def test_csv_and_dataset_together_are_refused(dataset: Path, tmp_path: Path) -> 
 @pytest.mark.parametrize("names", [["one", "two", "one"], ["Seven", "eight", "seven"]])
 def test_duplicate_class_names_are_refused(tmp_path: Path, names: list[str]) -> None:
     """Labels are read by name in any case: a repeated name makes two labels one class."""
-    from roclip_kit.attacks import load_classes
+    from roclip_kit.files import load_classes
 
     path = tmp_path / "classes.json"
     path.write_text(json.dumps({"classes": names}))

@@ -18,7 +18,7 @@ open_clip = pytest.importorskip("open_clip")
 sklearn_datasets = pytest.importorskip("sklearn.datasets")
 
 from roclip_kit.commands_eval import add_eval_command  # noqa: E402
-from roclip_kit.formats import MANIFEST_FORMAT  # noqa: E402
+from roclip_kit.files import MANIFEST_FORMAT  # noqa: E402
 
 from .tiny import MODEL_CFG, NAMES, Square, run_roclip  # noqa: E402
 

@@ -26,11 +26,9 @@ from roclip_kit.evaluate import (  # noqa: E402
     encode_images,
     evaluate_checkpoint,
     evaluate_model,
-    read_classes,
-    read_split,
     zero_shot_predict,
 )
-from roclip_kit.formats import MANIFEST_FORMAT  # noqa: E402
+from roclip_kit.files import MANIFEST_FORMAT, read_classes, read_split  # noqa: E402
 from roclip_kit.models import load_openclip, read_state_dict, run_params  # noqa: E402
 
 from .tiny import MODEL_CFG, NAMES, Square  # noqa: E402

@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("faiss")
 
-from roclip_kit.formats import MANIFEST_FORMAT  # noqa: E402
+from roclip_kit.files import MANIFEST_FORMAT  # noqa: E402
 from roclip_kit.scan import (  # noqa: E402
     ScanResult,
     dataset_csv,

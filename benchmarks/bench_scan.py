@@ -29,7 +29,6 @@ from typing import Any
 
 import torch
 from roclip_kit.demo import DemoSettings, build_data, poison
-from roclip_kit.models import LoadedModel, load_openclip
 from roclip_kit.scan import (
     detection_report,
     poisoned_by_attack,
@@ -38,7 +37,9 @@ from roclip_kit.scan import (
     use_threads,
 )
 from roclip_kit.tensor_data import load_poisoned
-from roclip_kit.tensor_train import loaded_model, train_tensor
+from roclip_kit.train.loaded import LoadedModel
+from roclip_kit.train.models import load_openclip
+from roclip_kit.train.tensor import loaded_model, train_tensor
 
 from roclip_plugin.scan import DETECTORS, ScanSettings
 

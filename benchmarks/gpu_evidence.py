@@ -848,7 +848,7 @@ def environment_report() -> dict[str, Any]:
     info["versions"] = versions
     imports = {}
     for module in ("open_clip", "open_clip_train.main", "roclip_plugin", "roclip_openclip",
-                   "roclip_torch", "roclip_kit.tensor_train"):  # fmt: skip
+                   "roclip_torch", "roclip_kit.train.tensor"):  # fmt: skip
         try:
             importlib.import_module(module)
             imports[module] = "ok"

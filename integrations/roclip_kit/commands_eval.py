@@ -28,7 +28,7 @@ from roclip_kit.evaluate import (
     find_suspicious,
 )
 from roclip_kit.files import load_classes
-from roclip_kit.models import (
+from roclip_kit.train.models import (
     check_checkpoint_path,
     check_model_name,
     read_tensor_checkpoint,

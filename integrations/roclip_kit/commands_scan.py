@@ -21,7 +21,6 @@ from rich.table import Table
 from roclip_kit.commands_eval import add_model_arguments, resolve_model
 from roclip_kit.console import percent, progress_bars
 from roclip_kit.evaluate import ProgressFactory
-from roclip_kit.models import check_checkpoint_path, load_openclip
 from roclip_kit.scan import (
     DEFAULT_CHUNK_SIZE,
     EMBEDDINGS_DIR,
@@ -46,6 +45,7 @@ from roclip_kit.scan import (
     write_report,
     write_scores_csv,
 )
+from roclip_kit.train.models import check_checkpoint_path, load_openclip
 from roclip_plugin.io import check_output_dir, require_file
 from roclip_plugin.scan import DETECTORS, ScanSettings
 from roclip_plugin.validation import check_device, path_arg

@@ -4,7 +4,7 @@ Every step is the kit's public one, so the demo is also a worked example of usin
 your own data: :func:`~roclip_kit.datasets.build_captioned_dataset`, then
 :func:`~roclip_kit.attacks.poison_dataset` (targeted poisoning and a backdoor in one CSV), then
 two runs of OpenCLIP's real training script through the adapter
-(:func:`~roclip_kit.train.train_openclip`, without and with ``--roclip``), then
+(:func:`~roclip_kit.train.openclip.train_openclip`, without and with ``--roclip``), then
 :func:`~roclip_kit.evaluate.evaluate_checkpoint` after every epoch (attack success) and in full
 after the last (zero-shot, linear probe, attack success, poison detection).
 
@@ -262,7 +262,7 @@ class DemoSettings:
         The one place a demo, benchmark or scan run gets its recipe (epochs, batch, learning
         rate, seed, device, model), so the three cannot drift apart.
         """
-        from roclip_kit.tensor_train import TensorTrainSettings
+        from roclip_kit.train.tensor import TensorTrainSettings
 
         return TensorTrainSettings(
             epochs=int(self.epochs or 1),
@@ -461,11 +461,11 @@ def _class_names(dataset: str) -> list[str]:
 
 
 def _check_model(model: str, trainer: str) -> None:
-    """A model preset of the trainer (the tensor path's or roclip_kit.train's)."""
+    """A model preset of the trainer (the tensor path's or roclip_kit.train.openclip's)."""
     if trainer == "tensor":
-        from roclip_kit.tensor_train import TENSOR_PRESETS as presets
+        from roclip_kit.train.tensor import TENSOR_PRESETS as presets
     else:
-        from roclip_kit.train import PRESETS as presets
+        from roclip_kit.train.openclip import PRESETS as presets
     if model not in presets:
         raise ValueError(
             f"--model {model!r} is not a model preset of --trainer {trainer}; choose one of "
@@ -558,7 +558,7 @@ def train_and_evaluate(
     ``s`` must be resolved (:meth:`DemoSettings.resolved`); ``s.roclip_flags`` configure the
     RoCLIP run. The label in tables is ``name`` as given ("CLIP", "RoCLIP (reference)", ...).
     """
-    from roclip_kit.train import TrainSettings, train_openclip
+    from roclip_kit.train.openclip import TrainSettings, train_openclip
 
     folder = _folder_name(name)
     run_dir = out / "runs" / folder
@@ -764,7 +764,7 @@ def _evaluate_run(
     The model is built once and each epoch's weights are loaded into it.
     """
     from roclip_kit.evaluate import EvalData, EvalSettings, evaluate_model
-    from roclip_kit.models import load_openclip, reload_checkpoint
+    from roclip_kit.train.models import load_openclip, reload_checkpoint
 
     last = max(result.checkpoints)
     quick = EvalSettings(

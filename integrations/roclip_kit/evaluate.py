@@ -2,7 +2,7 @@
 
 The metrics are pure functions over L2-normalised features, labels and ranked rows, so each
 can be checked on hand-made numbers; thin wrappers encode images and texts with a loaded model
-(:mod:`roclip_kit.models`) and feed them in. :func:`evaluate_checkpoint` runs what the inputs
+(:mod:`roclip_kit.train.models`) and feed them in. :func:`evaluate_checkpoint` runs what the inputs
 allow and returns a JSON-able dict. Exact definitions are in docs/evaluation.md.
 """
 
@@ -36,7 +36,8 @@ from roclip_kit.files import (
     read_manifest,
     read_split,
 )
-from roclip_kit.models import LoadedModel, load_openclip
+from roclip_kit.train.loaded import LoadedModel
+from roclip_kit.train.models import load_openclip
 from roclip_plugin.io import require_file
 
 Advance = Callable[[int], None]

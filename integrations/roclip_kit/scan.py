@@ -8,7 +8,7 @@ each pair once with a checkpoint, chunk by chunk into a resumable store
 a report (AUROC and precision@k against a poison manifest, or score histograms without one),
 a copy of the CSV without the top-ranked rows that OpenCLIP can train on directly, and the
 keys (or rows) kept, one a line. Models load as ``roclip eval`` loads them
-(:mod:`roclip_kit.models`).
+(:mod:`roclip_kit.train.models`).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from roclip_kit.files import (
     require_columns,
     resolve_image,
 )
-from roclip_kit.models import LoadedModel
+from roclip_kit.train.loaded import LoadedModel
 from roclip_plugin.io import atomic_write_text, require_file
 from roclip_plugin.scan import (
     DETECTORS,
@@ -265,7 +265,7 @@ def scan_pairs(
     """Embed ``pairs`` with ``loaded`` into ``folder`` (resumable), then score them.
 
     Args:
-        loaded: the model (:func:`roclip_kit.models.load_openclip`).
+        loaded: the model (:func:`roclip_kit.train.models.load_openclip`).
         pairs: what to scan (:func:`read_pairs`).
         folder: where the embedding chunks and their progress record go.
         settings: the detectors' settings.

@@ -1,6 +1,6 @@
 """A captioned dataset held in memory as tensors, and a compact word tokenizer for it.
 
-The tensor-resident training path (:mod:`roclip_kit.tensor_train`) reads the same files as
+The tensor-resident training path (:mod:`roclip_kit.train.tensor`) reads the same files as
 every other step of the kit (a captioned dataset directory, or the poisoned copy that
 :mod:`roclip_kit.attacks` wrote, with its manifest) and decodes every image once into a
 ``uint8 [N, 3, H, W]`` tensor, so an epoch costs the model's arithmetic and nothing else: no

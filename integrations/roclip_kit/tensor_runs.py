@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from roclip_kit.tensor_train import TensorTrainSettings
+from roclip_kit.train.tensor import TensorTrainSettings
 
 FINAL_CHECKPOINT = "final.pt"
 Event = dict[str, Any]
@@ -109,7 +109,7 @@ def run_spec(spec: RunSpec, events: Any = None) -> dict[str, Any]:
     """
     from roclip_kit.evaluate import EvalData, EvalSettings, evaluate_model
     from roclip_kit.tensor_data import load_poisoned
-    from roclip_kit.tensor_train import loaded_model, train_tensor
+    from roclip_kit.train.tensor import loaded_model, train_tensor
 
     data = load_poisoned(spec.dataset_dir, spec.manifest)
     eval_data = EvalData.from_dataset_dir(data.root, manifest=data.manifest)

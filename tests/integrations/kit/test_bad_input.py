@@ -383,7 +383,7 @@ OPENCLIP_DEMO_FLAGS = [
 @given(data=st.data())
 def test_demo_on_the_openclip_trainer_refuses_every_bad_size(flag, data, world, monkeypatch):
     """The sizes of ``--trainer openclip`` are checked as the tensor path's, its presets too."""
-    from roclip_kit.train import PRESETS
+    from roclip_kit.train.openclip import PRESETS
 
     monkeypatch.setattr(roclip_kit.demo, "build_data", _never)
     bad = {"--model": not_in(tuple(PRESETS)), "--jobs": bad_ints(1) | st.sampled_from(["2", "8"])}

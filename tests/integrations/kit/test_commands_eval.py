@@ -238,10 +238,10 @@ def test_flags_are_checked_before_the_checkpoint_is_loaded(
     run, tmp_path, capsys, monkeypatch, extra, message
 ) -> None:
     import roclip_kit.commands_eval
-    import roclip_kit.models
+    import roclip_kit.train.models
 
     monkeypatch.setattr(roclip_kit.commands_eval, "evaluate_checkpoint", _must_not_load)
-    monkeypatch.setattr(roclip_kit.models, "_torch_load", _must_not_load)
+    monkeypatch.setattr(roclip_kit.train.models, "_torch_load", _must_not_load)
     argv = [a.format(tmp=tmp_path) for a in extra]
     code, out = _roclip_eval(
         ["--checkpoint", str(run["checkpoint"]), "--dataset", str(run["dataset"]), *argv], capsys
@@ -329,7 +329,7 @@ def test_nan_weights_are_refused_naming_them(run, tmp_path, capsys) -> None:
 
 def test_non_finite_features_are_refused(run, capsys, monkeypatch) -> None:
     import roclip_kit.evaluate
-    from roclip_kit.models import load_openclip
+    from roclip_kit.train.models import load_openclip
 
     loaded = load_openclip(run["checkpoint"], f"local-dir:{run['model']}")
     real = loaded.model.encode_image

@@ -267,8 +267,8 @@ def test_a_manifest_of_another_csv_is_refused(setup, tmp_path) -> None:
 
 
 def test_the_api_reports_progress_per_batch_and_the_scoring_step(setup, tmp_path) -> None:
-    from roclip_kit.models import load_openclip
     from roclip_kit.scan import scan_pairs
+    from roclip_kit.train.models import load_openclip
 
     loaded = load_openclip(setup["checkpoint"], f"local-dir:{setup['root'] / 'tiny'}")
     pairs = read_pairs(setup["dataset"] / "train.csv")
@@ -292,7 +292,7 @@ def test_the_api_reports_progress_per_batch_and_the_scoring_step(setup, tmp_path
 def test_each_distinct_caption_is_encoded_once_and_lands_on_every_row(setup, monkeypatch) -> None:
     import roclip_kit.scan as kit_scan
     from roclip_kit.evaluate import encode_texts
-    from roclip_kit.models import load_openclip
+    from roclip_kit.train.models import load_openclip
 
     loaded = load_openclip(setup["checkpoint"], f"local-dir:{setup['root'] / 'tiny'}")
     captions = ["a seven", "a two", "a seven", "a one", "a two", "a seven"]

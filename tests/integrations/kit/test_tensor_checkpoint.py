@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("open_clip")
 
-from roclip_kit.tensor_train import TensorTrainSettings, train_tensor  # noqa: E402
+from roclip_kit.train.tensor import TensorTrainSettings, train_tensor  # noqa: E402
 
 from roclip_plugin import RoClipConfig  # noqa: E402
 from roclip_plugin.io import StateError  # noqa: E402

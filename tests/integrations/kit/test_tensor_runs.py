@@ -11,7 +11,7 @@ pytest.importorskip("open_clip")
 from roclip_kit.attacks import poison_dataset  # noqa: E402
 from roclip_kit.datasets import build_captioned_dataset  # noqa: E402
 from roclip_kit.tensor_runs import RunsFailed, RunSpec, run_spec, run_specs  # noqa: E402
-from roclip_kit.tensor_train import TensorTrainSettings  # noqa: E402
+from roclip_kit.train.tensor import TensorTrainSettings  # noqa: E402
 
 TINY = {
     "embed_dim": 16,

@@ -9,10 +9,10 @@ import torch
 
 pytest.importorskip("open_clip")
 
-from roclip_kit.tensor_train import (  # noqa: E402
+from roclip_kit.train.audit import MatchAudit  # noqa: E402
+from roclip_kit.train.tensor import (  # noqa: E402
     MEAN,
     STD,
-    MatchAudit,
     TensorTrainSettings,
     build_model,
     cosine_schedule,
@@ -247,7 +247,7 @@ def test_roclip_eval_scores_a_tensor_checkpoint_as_the_run_did(data, tmp_path: P
 
     import roclip_kit.plugin
     from roclip_kit.evaluate import EvalData, EvalSettings, evaluate_model
-    from roclip_kit.tensor_train import loaded_model
+    from roclip_kit.train.tensor import loaded_model
 
     from roclip_plugin import get_plugin_manager
     from roclip_plugin.cli import main

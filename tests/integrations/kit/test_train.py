@@ -1,4 +1,4 @@
-"""roclip_kit.train: real OpenCLIP runs (child processes, CPU) on a tiny captioned digits set."""
+"""roclip_kit.train.openclip: real OpenCLIP runs (child processes, CPU) on tiny captioned digits."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 pytest.importorskip("open_clip_train")
 sklearn_datasets = pytest.importorskip("sklearn.datasets")
 
-from roclip_kit.train import (  # noqa: E402
+from roclip_kit.train.openclip import (  # noqa: E402
     PRESETS,
     TrainSettings,
     load_checkpoint,

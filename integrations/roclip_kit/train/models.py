@@ -10,43 +10,19 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from roclip_kit.train.loaded import LoadedModel, import_open_clip
 from roclip_plugin.io import require_file
 
 LOCAL_DIR = "local-dir:"
 PARAMS_FILE = "params.txt"
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP, torch.compile
-_INSTALL_HINT = 'pip install "roclip-plugin[openclip]"'
 ROCLIP_STATE_SUFFIX = ".roclip"  # what roclip-openclip-train saves beside epoch_N.pt
-
-
-@dataclass
-class LoadedModel:
-    """A model ready for evaluation: eval mode, its validation transform and its tokenizer."""
-
-    model: torch.nn.Module
-    preprocess: Any
-    tokenizer: Any
-    name: str
-    checkpoint: Path
-    device: torch.device
-    epoch: int | None = None
-
-
-def import_open_clip() -> Any:
-    """Import OpenCLIP, or say how to install it (it is an optional dependency)."""
-    try:
-        import open_clip
-    except ImportError as err:
-        raise ModuleNotFoundError(
-            f"evaluating checkpoints needs OpenCLIP, which is not installed: {_INSTALL_HINT}"
-        ) from err
-    return open_clip
 
 
 def load_openclip(
@@ -92,7 +68,7 @@ def read_tensor_checkpoint(checkpoint: Path) -> dict[str, Any] | None:
 
     Those checkpoints carry their model config and word tokenizer, so no ``--model`` is needed.
     """
-    from roclip_kit.tensor_train import CHECKPOINT_FORMAT
+    from roclip_kit.train.tensor import CHECKPOINT_FORMAT
 
     if not checkpoint.is_file() or checkpoint.suffix == ".safetensors":
         return None
@@ -110,7 +86,7 @@ def load_tensor_checkpoint(
 ) -> LoadedModel:
     """Rebuild a tensor-path model (OpenCLIP's ``CLIP``) with its weights and tokenizer."""
     from roclip_kit.tensor_data import WordTokenizer
-    from roclip_kit.tensor_train import build_model, loaded_model
+    from roclip_kit.train.tensor import build_model, loaded_model
 
     net = build_model(saved["model_cfg"])
     _load_into(net, strip_prefixes(saved["state_dict"]), checkpoint, str(saved.get("name")))

@@ -379,7 +379,7 @@ def _run_child(
                 if on_output is not None:
                     on_output(line.rstrip("\n"))
             if deadline is not None and time.monotonic() >= deadline:
-                log.write(f"roclip_kit.train: killed at the {timeout_s} s time-out\n")
+                log.write(f"roclip_kit.train.openclip: killed at the {timeout_s} s time-out\n")
                 return None
             return proc.wait()
         finally:

@@ -1,6 +1,6 @@
 """Epoch checkpoints of the tensor-resident path, and the exact resume from them.
 
-A run of :func:`roclip_kit.tensor_train.train_tensor` given a ``checkpoint_dir`` writes
+A run of :func:`roclip_kit.train.tensor.train_tensor` given a ``checkpoint_dir`` writes
 ``epoch_<N>.pt`` after every epoch (``N`` epochs complete), atomically, with everything the
 next epoch depends on: the weights, AdamW's moments, the scheduler, every RNG state, RoCLIP's
 state (pool, schedule, risk history), the audit's pool mirror and the epochs' records. A run

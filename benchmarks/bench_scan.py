@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from roclip_kit.data.tensors import load_poisoned
 from roclip_kit.demo import DemoSettings, build_data, poison
 from roclip_kit.scan import (
     detection_report,
@@ -36,7 +37,6 @@ from roclip_kit.scan import (
     scan_pairs,
     use_threads,
 )
-from roclip_kit.tensor_data import load_poisoned
 from roclip_kit.train.loaded import LoadedModel
 from roclip_kit.train.models import load_openclip
 from roclip_kit.train.tensor import loaded_model, train_tensor

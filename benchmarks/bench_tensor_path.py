@@ -29,8 +29,8 @@ from typing import Any
 
 import torch
 from roclip_kit.attacks import poison_dataset
-from roclip_kit.datasets import build_captioned_dataset
-from roclip_kit.tensor_data import load_poisoned
+from roclip_kit.data.datasets import build_captioned_dataset
+from roclip_kit.data.tensors import load_poisoned
 from roclip_kit.train.openclip import TrainSettings, train_openclip
 from roclip_kit.train.tensor import TENSOR_PRESETS, TensorTrainSettings, train_tensor
 

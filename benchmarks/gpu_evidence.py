@@ -895,7 +895,7 @@ def _data_sources() -> dict[str, str]:
     """Where the kit finds MNIST and Fashion-MNIST (or why not)."""
     found = {}
     try:
-        from roclip_kit.datasets import find_fashion_mnist, find_mnist
+        from roclip_kit.data.datasets import find_fashion_mnist, find_mnist
     except ImportError as error:
         return {"error": repr(error)}
     for name, finder in (("mnist", find_mnist), ("fashion-mnist", find_fashion_mnist)):

@@ -1,7 +1,7 @@
 """Poison a dataset in OpenCLIP's CSV format: targeted poisoning and backdoors (RoCLIP paper).
 
 The input is a training CSV with an image, a caption and a label column, plus a classes.json
-(``{"classes": [...]}`` at least), e.g. a directory built by :mod:`roclip_kit.datasets` or a
+(``{"classes": [...]}`` at least), e.g. a directory built by :mod:`roclip_kit.data.datasets` or a
 user's own data. The output directory holds:
 
 - ``train.csv``: the poisoned training set, same columns and separator. Clean rows keep their

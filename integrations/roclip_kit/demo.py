@@ -1,7 +1,7 @@
 """``roclip demo``: poison a captioned real dataset, train CLIP and RoCLIP, compare them.
 
 Every step is the kit's public one, so the demo is also a worked example of using the kit on
-your own data: :func:`~roclip_kit.datasets.build_captioned_dataset`, then
+your own data: :func:`~roclip_kit.data.datasets.build_captioned_dataset`, then
 :func:`~roclip_kit.attacks.poison_dataset` (targeted poisoning and a backdoor in one CSV), then
 two runs of OpenCLIP's real training script through the adapter
 (:func:`~roclip_kit.train.openclip.train_openclip`, without and with ``--roclip``), then
@@ -454,7 +454,7 @@ def _check_choice(flag: str, value: Any, choices: Any) -> None:
 
 def _class_names(dataset: str) -> list[str]:
     """Class names of a source without loading its images (the backdoor class is one)."""
-    from roclip_kit.datasets import _digit_vocabulary, _fashion_vocabulary
+    from roclip_kit.data.captions import _digit_vocabulary, _fashion_vocabulary
 
     vocabulary = _fashion_vocabulary() if dataset == "fashion-mnist" else _digit_vocabulary()
     return vocabulary.classes
@@ -475,7 +475,7 @@ def _check_model(model: str, trainer: str) -> None:
 
 def build_data(s: DemoSettings, folder: Path, *, say: Say = print, progress: Any = None) -> Any:
     """Build (or reuse) the captioned dataset ``s`` names in ``folder``."""
-    from roclip_kit.datasets import build_captioned_dataset
+    from roclip_kit.data.datasets import build_captioned_dataset
 
     info = build_captioned_dataset(
         s.dataset,

@@ -1,6 +1,6 @@
 """The files the kit reads and writes, in one place, so every step agrees on them.
 
-A **captioned dataset directory** (written by :mod:`roclip_kit.datasets`)::
+A **captioned dataset directory** (written by :mod:`roclip_kit.data.datasets`)::
 
     <dir>/train.csv      tab-separated, header ``filepath  title  label``
     <dir>/test.csv       the same columns; held out (zero-shot, linear probe, attack targets)

@@ -1,7 +1,7 @@
 """Scan a dataset for poisoned pairs with a trained model (``roclip scan``, docs/scan.md).
 
 The kit's half of the scan: read the dataset's pairs (OpenCLIP's CSV, the kit's data
-directory whose ``train.csv`` it is, or WebDataset shards, :mod:`roclip_kit.shards`), embed
+directory whose ``train.csv`` it is, or WebDataset shards, :mod:`roclip_kit.data.shards`), embed
 each pair once with a checkpoint, chunk by chunk into a resumable store
 (:class:`roclip_plugin.scan.EmbeddingStore`), score every pair with the core's detectors
 (:func:`roclip_plugin.scan.score_embeddings`) and write what a user acts on: the ranked pairs,
@@ -95,7 +95,7 @@ class Pairs:
 
 def read_shard_pairs(spec: str) -> Pairs:
     """The samples of WebDataset shards (``'/data/{00000..00009}.tar'``), keyed by ``__key__``."""
-    from roclip_kit.shards import keys_and_captions, shard_urls
+    from roclip_kit.data.shards import keys_and_captions, shard_urls
 
     urls = shard_urls(spec)
     keys, captions, where = keys_and_captions(urls)
@@ -185,7 +185,7 @@ def chunk_images(pairs: Pairs, store: EmbeddingStore) -> Iterator[tuple[range, l
     """The rows and image sources (paths, or bytes streamed from shards) of each missing chunk."""
     chunks = [store.rows(c) for c in store.missing()]
     if pairs.shards:
-        from roclip_kit.shards import stream_chunks
+        from roclip_kit.data.shards import stream_chunks
 
         yield from stream_chunks(pairs.shards, pairs.keys or [], chunks)
         return

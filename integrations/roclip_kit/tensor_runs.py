@@ -107,8 +107,8 @@ def run_spec(spec: RunSpec, events: Any = None) -> dict[str, Any]:
     and ``{"run", "final_evaluation": True}`` when the final evaluation starts (it takes about
     as long as an epoch on a CPU, so a display can say what is going on).
     """
+    from roclip_kit.data.tensors import load_poisoned
     from roclip_kit.evaluate import EvalData, EvalSettings, evaluate_model
-    from roclip_kit.tensor_data import load_poisoned
     from roclip_kit.train.tensor import loaded_model, train_tensor
 
     data = load_poisoned(spec.dataset_dir, spec.manifest)

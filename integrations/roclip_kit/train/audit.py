@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from roclip_kit.tensor_data import CLEAN, PoisonedData
+from roclip_kit.data.tensors import CLEAN, PoisonedData
 from roclip_plugin import hookimpl
 from roclip_plugin.loss import MatchStats, RiskStats
 from roclip_plugin.pool import CaptionPool

@@ -85,7 +85,7 @@ def load_tensor_checkpoint(
     checkpoint: Path, saved: dict[str, Any], device: str | torch.device = "cpu"
 ) -> LoadedModel:
     """Rebuild a tensor-path model (OpenCLIP's ``CLIP``) with its weights and tokenizer."""
-    from roclip_kit.tensor_data import WordTokenizer
+    from roclip_kit.data.tensors import WordTokenizer
     from roclip_kit.train.tensor import build_model, loaded_model
 
     net = build_model(saved["model_cfg"])

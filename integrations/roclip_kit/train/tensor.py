@@ -2,7 +2,7 @@
 
 OpenCLIP's CSV path decodes, transforms and tokenises every sample (about 1 ms a pair on a
 laptop core), which caps a small model at a few hundred pairs a second. Here the dataset is
-decoded once (:mod:`roclip_kit.tensor_data`), each batch is gathered from a ``uint8`` tensor,
+decoded once (:mod:`roclip_kit.data.tensors`), each batch is gathered from a ``uint8`` tensor,
 augmented batched on the tensors (the policy's ``gpu_batch``, on whatever device the data is),
 and its captions are tokenised by a compact word tokenizer, so a step costs the model's
 arithmetic. Nothing of the method is re-implemented: the model is OpenCLIP's own ``CLIP`` class
@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from roclip_kit.tensor_data import PoisonedData, WordTokenizer
+from roclip_kit.data.tensors import PoisonedData, WordTokenizer
 from roclip_kit.train.audit import MatchAudit
 from roclip_plugin import RoClipConfig, get_plugin_manager
 from roclip_plugin.augment import AugmentationPolicy, build_policy

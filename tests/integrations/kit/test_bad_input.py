@@ -20,11 +20,11 @@ pytest.importorskip("open_clip")
 pytest.importorskip("sklearn")
 
 import roclip_kit.commands_scan  # noqa: E402
-import roclip_kit.datasets  # noqa: E402
+import roclip_kit.data.datasets  # noqa: E402
 import roclip_kit.demo  # noqa: E402
 import roclip_kit.evaluate  # noqa: E402
 from roclip_kit.attacks import poison_dataset  # noqa: E402
-from roclip_kit.datasets import build_captioned_dataset  # noqa: E402
+from roclip_kit.data.datasets import build_captioned_dataset  # noqa: E402
 
 from roclip_plugin.testing import (  # noqa: E402
     assert_refused,
@@ -133,7 +133,7 @@ def _data_flags(world: dict[str, Path]) -> dict[str, st.SearchStrategy[str]]:
 @SETTINGS
 @given(data=st.data())
 def test_data_refuses_every_bad_value(flag, data, world, monkeypatch) -> None:
-    monkeypatch.setattr(roclip_kit.datasets, "load_source", _never)
+    monkeypatch.setattr(roclip_kit.data.datasets, "load_source", _never)
     value = data.draw(_data_flags(world)[flag], label=flag)
     argv = ["data", "--dataset", "digits", "--out", str(world["data"]), "--train-limit", "50",
             f"{flag}={value}"]  # fmt: skip

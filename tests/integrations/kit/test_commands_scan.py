@@ -31,7 +31,7 @@ from .tiny import MODEL_CFG, run_roclip  # noqa: E402
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A poisoned digits dataset (2 targets x 6 captions, 4 backdoored rows) and a run folder."""
     from roclip_kit.attacks import poison_dataset
-    from roclip_kit.datasets import build_captioned_dataset
+    from roclip_kit.data.datasets import build_captioned_dataset
 
     root = tmp_path_factory.mktemp("kit-scan")
     build_captioned_dataset("digits", root / "digits", seed=0, train_limit=200, test_limit=40)

@@ -15,11 +15,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from roclip_kit import datasets
-from roclip_kit.datasets import (
-    BACKGROUNDS,
-    COLORS,
-    WHERE,
+from roclip_kit.data import datasets
+from roclip_kit.data.captions import BACKGROUNDS, COLORS, WHERE
+from roclip_kit.data.datasets import (
     balanced_subset,
     build_captioned_dataset,
     read_idx,
@@ -301,7 +299,7 @@ def test_a_bad_dataset_folder_variable_is_an_error_not_ignored(
     tmp_path, monkeypatch, variable, finder
 ) -> None:
     """A set variable naming a folder without the IDX files used to fall back silently."""
-    from roclip_kit import datasets
+    from roclip_kit.data import datasets
 
     monkeypatch.setenv(variable, str(tmp_path / "nowhere"))
     with pytest.raises(ValueError, match=rf"{variable}={tmp_path / 'nowhere'} holds no"):

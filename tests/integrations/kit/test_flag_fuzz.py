@@ -24,7 +24,7 @@ pytest.importorskip("sklearn")
 
 import roclip_kit.attacks  # noqa: E402
 import roclip_kit.commands_scan  # noqa: E402
-import roclip_kit.datasets  # noqa: E402
+import roclip_kit.data.datasets  # noqa: E402
 import roclip_kit.demo  # noqa: E402
 import roclip_kit.evaluate  # noqa: E402
 import roclip_kit.plugin  # noqa: E402
@@ -51,7 +51,7 @@ world = test_bad_input.world  # its module fixture: a dataset, its poisoned copy
 
 FAST, SLOW = 2, 100
 STUBS = {  # the first step of each command's work, after every check
-    "data": (roclip_kit.datasets, "load_source"),
+    "data": (roclip_kit.data.datasets, "load_source"),
     "poison": (roclip_kit.attacks, "replacing"),
     "eval": (roclip_kit.evaluate, "load_openclip"),
     "demo": (roclip_kit.demo, "build_data"),

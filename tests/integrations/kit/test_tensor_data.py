@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 from roclip_kit.attacks import poison_dataset
-from roclip_kit.datasets import build_captioned_dataset
-from roclip_kit.tensor_data import (
+from roclip_kit.data.datasets import build_captioned_dataset
+from roclip_kit.data.tensors import (
     BACKDOOR,
     CLEAN,
     PAD,

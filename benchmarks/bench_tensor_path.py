@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from roclip_kit.attacks import poison_dataset
+from roclip_kit.attack.poison import poison_dataset
 from roclip_kit.data.datasets import build_captioned_dataset
 from roclip_kit.data.tensors import load_poisoned
 from roclip_kit.train.openclip import TrainSettings, train_openclip

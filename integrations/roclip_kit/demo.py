@@ -2,8 +2,8 @@
 
 Every step is the kit's public one, so the demo is also a worked example of using the kit on
 your own data: :func:`~roclip_kit.data.datasets.build_captioned_dataset`, then
-:func:`~roclip_kit.attacks.poison_dataset` (targeted poisoning and a backdoor in one CSV), then
-two runs of OpenCLIP's real training script through the adapter
+:func:`~roclip_kit.attack.poison.poison_dataset` (targeted poisoning and a backdoor in one CSV),
+then two runs of OpenCLIP's real training script through the adapter
 (:func:`~roclip_kit.train.openclip.train_openclip`, without and with ``--roclip``), then
 :func:`~roclip_kit.evaluate.evaluate_checkpoint` after every epoch (attack success) and in full
 after the last (zero-shot, linear probe, attack success, poison detection).
@@ -363,7 +363,7 @@ def run_demo(settings: DemoSettings, *, say: Say = print, progress: Any = None) 
 
 def epoch_pairs(s: DemoSettings, train_count: int) -> int:
     """Training pairs of an epoch once poisoned: targeted rows are added, backdoors replace."""
-    from roclip_kit.attacks import caption_counts
+    from roclip_kit.attack.choose import caption_counts
 
     targets = int(s.targets or 0)
     return train_count + (sum(caption_counts(s.captions_per_target, targets)) if targets else 0)
@@ -495,8 +495,8 @@ def poison(
     s: DemoSettings, dataset: Any, folder: Path, *, say: Say = print, progress: Any = None
 ) -> Any:
     """Write the poisoned copy of ``dataset`` (targeted and backdoor, per ``s``) to ``folder``."""
-    from roclip_kit.attacks import poison_dataset
-    from roclip_kit.triggers import make_trigger
+    from roclip_kit.attack.poison import poison_dataset
+    from roclip_kit.attack.triggers import make_trigger
 
     result = poison_dataset(
         folder,

@@ -513,7 +513,7 @@ def backdoor_attack(
 
 
 def _rebuild_trigger(parameters: dict[str, Any]) -> Trigger:
-    from roclip_kit.triggers import trigger_from_dict
+    from roclip_kit.attack.triggers import trigger_from_dict
 
     return trigger_from_dict(parameters)
 

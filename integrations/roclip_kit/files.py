@@ -46,8 +46,8 @@ different strengths; each target's ``captions`` is its own count.
 ``row`` is the 0-based data row of the poisoned CSV (the header is not a row), which is the
 ``index`` column of the ``suspicious_epoch_N.csv`` files the OpenCLIP adapter writes, so
 detection can be scored against the manifest. A **trigger** is an object with ``kind``,
-``apply(PIL.Image) -> PIL.Image`` and ``to_dict()``; ``roclip_kit.triggers.trigger_from_dict``
-rebuilds the identical trigger at test time.
+``apply(PIL.Image) -> PIL.Image`` and ``to_dict()``;
+``roclip_kit.attack.triggers.trigger_from_dict`` rebuilds the identical trigger at test time.
 
 The readers of these files live here too, one place for each: ``classes.json``
 (:func:`read_classes` with the zero-shot templates, :func:`load_classes` for the class names

@@ -2,7 +2,7 @@
 
 The tensor-resident training path (:mod:`roclip_kit.train.tensor`) reads the same files as
 every other step of the kit (a captioned dataset directory, or the poisoned copy that
-:mod:`roclip_kit.attacks` wrote, with its manifest) and decodes every image once into a
+:mod:`roclip_kit.attack.poison` wrote, with its manifest) and decodes every image once into a
 ``uint8 [N, 3, H, W]`` tensor, so an epoch costs the model's arithmetic and nothing else: no
 PNG decoding, no per-sample transform, no tokenising of unchanged captions.
 

@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from roclip_kit.attacks import Columns, poison_dataset
+from roclip_kit.attack.poison import poison_dataset
+from roclip_kit.attack.tables import Columns
+from roclip_kit.attack.triggers import PatchTrigger, trigger_from_dict
 from roclip_kit.data.datasets import build_captioned_dataset
 from roclip_kit.files import MANIFEST_FORMAT, load_manifest
-from roclip_kit.triggers import PatchTrigger, trigger_from_dict
 
 NAMES = [
     "zero",

@@ -23,7 +23,7 @@ import roclip_kit.commands_scan  # noqa: E402
 import roclip_kit.data.datasets  # noqa: E402
 import roclip_kit.demo  # noqa: E402
 import roclip_kit.evaluate  # noqa: E402
-from roclip_kit.attacks import poison_dataset  # noqa: E402
+from roclip_kit.attack.poison import poison_dataset  # noqa: E402
 from roclip_kit.data.datasets import build_captioned_dataset  # noqa: E402
 
 from roclip_plugin.testing import (  # noqa: E402

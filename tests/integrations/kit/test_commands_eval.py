@@ -93,11 +93,11 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def fake_triggers(monkeypatch: pytest.MonkeyPatch) -> None:
     """The kit's triggers when present, else a stand-in that stamps a square."""
     try:
-        import roclip_kit.triggers  # noqa: F401
+        import roclip_kit.attack.triggers  # noqa: F401
     except ImportError:
-        module = types.ModuleType("roclip_kit.triggers")
+        module = types.ModuleType("roclip_kit.attack.triggers")
         module.trigger_from_dict = lambda d: Square("patch")
-        monkeypatch.setitem(sys.modules, "roclip_kit.triggers", module)
+        monkeypatch.setitem(sys.modules, "roclip_kit.attack.triggers", module)
 
 
 def _eval(*argv: str) -> tuple[int, str]:

@@ -30,7 +30,7 @@ from .tiny import MODEL_CFG, run_roclip  # noqa: E402
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A poisoned digits dataset (2 targets x 6 captions, 4 backdoored rows) and a run folder."""
-    from roclip_kit.attacks import poison_dataset
+    from roclip_kit.attack.poison import poison_dataset
     from roclip_kit.data.datasets import build_captioned_dataset
 
     root = tmp_path_factory.mktemp("kit-scan")

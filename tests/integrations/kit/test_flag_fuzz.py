@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 pytest.importorskip("open_clip")
 pytest.importorskip("sklearn")
 
-import roclip_kit.attacks  # noqa: E402
+import roclip_kit.attack.poison  # noqa: E402
 import roclip_kit.commands_scan  # noqa: E402
 import roclip_kit.data.datasets  # noqa: E402
 import roclip_kit.demo  # noqa: E402
@@ -52,7 +52,7 @@ world = test_bad_input.world  # its module fixture: a dataset, its poisoned copy
 FAST, SLOW = 2, 100
 STUBS = {  # the first step of each command's work, after every check
     "data": (roclip_kit.data.datasets, "load_source"),
-    "poison": (roclip_kit.attacks, "replacing"),
+    "poison": (roclip_kit.attack.poison, "replacing"),
     "eval": (roclip_kit.evaluate, "load_openclip"),
     "demo": (roclip_kit.demo, "build_data"),
     "scan": (roclip_kit.commands_scan, "load_openclip"),

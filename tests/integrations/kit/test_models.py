@@ -268,9 +268,9 @@ def test_target_images_are_left_out_of_every_clean_figure(tiny) -> None:
 def test_evaluate_checkpoint_gives_the_same_json_for_both_checkpoint_forms(
     tiny, monkeypatch
 ) -> None:
-    fake = types.ModuleType("roclip_kit.triggers")
+    fake = types.ModuleType("roclip_kit.attack.triggers")
     fake.trigger_from_dict = lambda d: Square()
-    monkeypatch.setitem(sys.modules, "roclip_kit.triggers", fake)
+    monkeypatch.setitem(sys.modules, "roclip_kit.attack.triggers", fake)
     manifest = _manifest(tiny, [], 4)
     data = EvalData.from_dataset_dir(tiny["dataset"], manifest=manifest)
     settings = EvalSettings(probe_limit=25, backdoor_limit=10, test_limit=20)
@@ -319,7 +319,7 @@ def test_missing_images_are_named_with_their_row(tiny, tmp_path) -> None:
 def test_a_trigger_is_applied_as_the_poisoner_stamps_stored_images(tiny, tmp_path) -> None:
     """Encoding with the trigger equals encoding the stamped files that training would read,
     also for grey (mode L) images, where a random patch place depends on the stored pixels."""
-    triggers = pytest.importorskip("roclip_kit.triggers")
+    triggers = pytest.importorskip("roclip_kit.attack.triggers")
     from PIL import Image
 
     trigger = triggers.trigger_from_dict({"kind": "patch", "size": 0.25, "seed": 3})

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from roclip_kit.attacks import Columns, poison_dataset
+from roclip_kit.attack.poison import poison_dataset
+from roclip_kit.attack.tables import Columns
 from roclip_kit.data.datasets import build_captioned_dataset
 
 from .tiny import run_roclip

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from roclip_kit.attacks import poison_dataset
+from roclip_kit.attack.poison import poison_dataset
 from roclip_kit.data.datasets import build_captioned_dataset
 from roclip_kit.data.tensors import (
     BACKDOOR,

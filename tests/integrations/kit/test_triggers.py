@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from roclip_kit.triggers import (
+from roclip_kit.attack.triggers import (
     BlendTrigger,
     PatchTrigger,
     WaNetTrigger,

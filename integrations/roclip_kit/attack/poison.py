@@ -31,12 +31,18 @@ from typing import Any
 
 import numpy as np
 
+from roclip_kit.attack.choose import (
+    _backdoor_size,
+    caption_counts,
+    choose_backdoor_rows,
+    choose_targets,
+    class_index,
+    sample_captions,
+)
+from roclip_kit.attack.tables import Columns, Table, read_table
+from roclip_kit.attack.triggers import BlendTrigger, PatchTrigger, WaNetTrigger
 from roclip_kit.files import (
-    CAPTION_KEY,
     CLASSES_FILE,
-    CSV_SEPARATOR,
-    IMAGE_KEY,
-    LABEL_KEY,
     MANIFEST_FILE,
     MANIFEST_FORMAT,
     TEST_CSV,
@@ -47,8 +53,7 @@ from roclip_kit.files import (
     read_image,
 )
 from roclip_kit.outputs import check_replaceable, replacing
-from roclip_kit.triggers import BlendTrigger, PatchTrigger, WaNetTrigger
-from roclip_plugin.io import check_output_dir, require_file
+from roclip_plugin.io import check_output_dir
 
 DEFAULT_CAPTIONS_PER_TARGET = 100
 BACKDOOR_DIR = "backdoor"
@@ -59,237 +64,6 @@ MAX_PATCH_SHARE = 0.5  # patch side, as a share of the image's shorter side
 MAX_BLEND_ALPHA = 0.5  # more noise than image beyond this
 MAX_WANET_STRENGTH = 10.0  # mean displacement strength / 2 pixels: 5 px at this bound
 
-
-# ---------------------------------------------------------------- reading
-
-
-_KEY_FLAGS = {"image": "--img-key", "caption": "--caption-key", "label": "--label-key"}
-
-
-@dataclass(frozen=True)
-class Columns:
-    """Names of the CSV columns and the separator (OpenCLIP's ``--csv-*`` settings)."""
-
-    image: str = IMAGE_KEY
-    caption: str = CAPTION_KEY
-    label: str = LABEL_KEY
-    separator: str = CSV_SEPARATOR
-
-    def __post_init__(self) -> None:
-        """Refuse a separator the csv module cannot use, naming the flag."""
-        sep = self.separator
-        if not isinstance(sep, str) or len(sep) != 1 or sep in ('"', "\n", "\r"):
-            raise ValueError(
-                f"--separator {sep!r}: give one character other than a quote or a line break "
-                "(the kit's CSVs use a tab: --separator '\\t')"
-            )
-        for role in ("image", "caption", "label"):
-            if not isinstance(getattr(self, role), str) or not getattr(self, role):
-                raise ValueError(f"{_KEY_FLAGS[role]}: an empty column name; give the column")
-        names = [self.image, self.caption, self.label]
-        if len(set(names)) != 3:
-            raise ValueError(
-                f"--img-key, --caption-key and --label-key name one column twice ({names}); "
-                "give three different columns"
-            )
-
-
-@dataclass
-class Table:
-    """A CSV read as text, with each row's class index parsed from the label column."""
-
-    path: Path
-    header: list[str]
-    rows: list[list[str]]
-    labels: np.ndarray
-    numeric_labels: bool
-    columns: Columns
-
-    def index(self, key: str) -> int:
-        """Position of a column (checked to exist when the table was read)."""
-        return self.header.index(key)
-
-    def cell(self, row: int, key: str) -> str:
-        """The text of one cell."""
-        return self.rows[row][self.index(key)]
-
-
-def _parse_label(value: str, classes: list[str], where: str) -> int:
-    """A label cell as a class index: an integer index or a class name (any case)."""
-    text = value.strip()
-    if text.lstrip("-").isdigit():
-        label = int(text)
-        if 0 <= label < len(classes):
-            return label
-        raise ValueError(f"{where}: label {label} is outside 0..{len(classes) - 1} (classes.json)")
-    lowered = [c.lower() for c in classes]
-    if text.lower() in lowered:
-        return lowered.index(text.lower())
-    raise ValueError(
-        f"{where}: label {value!r} is no class index or class name ({_valid(classes)})"
-    )
-
-
-def _valid(classes: list[str]) -> str:
-    return "valid classes: " + ", ".join(classes)
-
-
-def read_table(path: Path, columns: Columns, classes: list[str], flag: str) -> Table:
-    """Read a CSV, checking that the image, caption and label columns exist.
-
-    Args:
-        path: the CSV file.
-        columns: column names and separator.
-        classes: class names by label, to parse the label column.
-        flag: the option that named the file, for error messages.
-    """
-    require_file(path, flag)
-    # utf-8-sig: a byte-order mark (spreadsheet exports) is not part of the first column's name
-    with path.open(newline="", encoding="utf-8-sig") as fh:
-        reader = csv.reader(fh, delimiter=columns.separator)
-        header = next(reader, None)
-        if header is None:
-            raise ValueError(f"{flag} {path}: the file is empty (a header row is needed)")
-        _check_header(path, header, columns)
-        rows = [row for row in reader if row]
-    width = len(header)
-    labels = np.empty(len(rows), dtype=np.int64)
-    label_col = header.index(columns.label)
-    for i, row in enumerate(rows):
-        if len(row) != width:
-            raise ValueError(
-                f"{path}, data row {i}: {len(row)} fields where the header has {width}; "
-                f"is the separator right (--separator, now {columns.separator!r})?"
-            )
-        labels[i] = _parse_label(row[label_col], classes, f"{path}, data row {i}")
-    numeric = all(r[label_col].strip().lstrip("-").isdigit() for r in rows)
-    return Table(path, header, rows, labels, numeric, columns)
-
-
-def _check_header(path: Path, header: list[str], columns: Columns) -> None:
-    for role, flag in _KEY_FLAGS.items():
-        name = getattr(columns, role)
-        if name not in header:
-            raise ValueError(
-                f"{path} has no column {name!r} (columns: {', '.join(header)}): set {flag} to "
-                f"the column that holds the {role}"
-                + (
-                    f" (is the separator {columns.separator!r} right? --separator)"
-                    if len(header) == 1
-                    else ""
-                )
-            )
-
-
-# ---------------------------------------------------------------- choosing
-
-
-def class_index(name: str | int, classes: list[str], flag: str) -> int:
-    """The label of a class given by name (any case) or index; a clear error otherwise."""
-    if isinstance(name, int) and not isinstance(name, bool):
-        if 0 <= name < len(classes):
-            return name
-    elif isinstance(name, str):
-        lowered = [c.lower() for c in classes]
-        if name.strip().lower() in lowered:
-            return lowered.index(name.strip().lower())
-        if name.strip().isdigit() and int(name) < len(classes):
-            return int(name)
-    raise ValueError(f"{flag} {name!r} is not a class of this dataset ({_valid(classes)})")
-
-
-def sample_captions(pool: list[str], n: int, rng: np.random.Generator) -> list[str]:
-    """``n`` captions from ``pool``: without replacement when it is big enough, else with."""
-    picks = rng.choice(len(pool), size=n, replace=n > len(pool))
-    return [pool[i] for i in picks]
-
-
-def choose_targets(
-    test: Table,
-    count: int,
-    target_rows: list[int] | None,
-    adversarial: int | None,
-    usable: list[int],
-    rng: np.random.Generator,
-) -> list[tuple[int, int]]:
-    """(test row, adversarial label) pairs: given rows or ``count`` drawn rows.
-
-    ``usable`` lists the classes that have training captions to borrow.
-    """
-    if target_rows is not None:
-        rows = _check_target_rows(target_rows, len(test.rows), count)
-    else:
-        candidates = (
-            np.flatnonzero(test.labels != adversarial)
-            if adversarial is not None
-            else np.arange(len(test.rows))
-        )
-        if count > len(candidates):
-            raise ValueError(
-                f"--targets {count} exceeds the {len(candidates)} usable held-out rows of "
-                f"{test.path}"
-            )
-        rows = [int(r) for r in rng.choice(candidates, size=count, replace=False)]
-    return [(row, _adversarial_for(test, row, adversarial, usable, rng)) for row in rows]
-
-
-def _check_target_rows(rows: list[int], available: int, count: int) -> list[int]:
-    if count and count != len(rows):
-        raise ValueError(f"--targets {count} but --target-rows lists {len(rows)} rows")
-    if len(set(rows)) != len(rows):
-        raise ValueError(f"--target-rows lists a row twice: {rows}")
-    for row in rows:
-        if not 0 <= row < available:
-            raise ValueError(
-                f"--target-rows: row {row} is outside the held-out CSV's rows 0..{available - 1}"
-            )
-    return list(rows)
-
-
-def _adversarial_for(
-    test: Table, row: int, adversarial: int | None, usable: list[int], rng: np.random.Generator
-) -> int:
-    label = int(test.labels[row])
-    if adversarial is not None:
-        if adversarial == label:
-            raise ValueError(
-                f"--target-rows: held-out row {row} is already of the adversarial class; "
-                "choose another row or --adversarial-class"
-            )
-        return adversarial
-    others = [c for c in usable if c != label]
-    if not others:
-        raise ValueError("targeted poisoning needs training captions of another class")
-    return int(rng.choice(others))
-
-
-def choose_backdoor_rows(
-    labels: np.ndarray, target_label: int, count: int, rng: np.random.Generator
-) -> list[int]:
-    """Sorted rows, not of the target class, that get the trigger."""
-    candidates = np.flatnonzero(labels != target_label)
-    if count > len(candidates):
-        raise ValueError(
-            f"backdoor count {count} (--backdoor-count/--backdoor-rate) exceeds the "
-            f"{len(candidates)} training rows not of the target class"
-        )
-    return sorted(int(r) for r in rng.choice(candidates, size=count, replace=False))
-
-
-def _backdoor_size(count: int | None, rate: float | None, rows: int) -> int:
-    """Rows to backdoor from exactly one of a count and a rate (at least one row)."""
-    if (count is None) == (rate is None):
-        raise ValueError("give exactly one of --backdoor-count and --backdoor-rate")
-    if count is not None:
-        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-            raise ValueError(f"--backdoor-count must be a positive integer, got {count!r}")
-        return count
-    if not isinstance(rate, int | float) or not 0.0 < rate < 1.0:
-        raise ValueError(f"--backdoor-rate must be in (0, 1), e.g. 0.001 for 0.1%, got {rate!r}")
-    return max(1, round(rate * rows))
-
-
-# ---------------------------------------------------------------- writing
 
 
 @dataclass
@@ -652,21 +426,6 @@ def _targeted(
         "captions_per_target": per_target if isinstance(per_target, int) else list(per_target),
         "targets": [_target_dict(t, job.names) for t in targets],
     }
-
-
-def caption_counts(per_target: int | Sequence[int], targets: int) -> list[int]:
-    """Poison captions of each target: one count for all, or equal consecutive groups.
-
-    ``[10, 50]`` with 32 targets gives the first 16 targets 10 captions each and the other 16
-    fifty: two attack strengths measured in one run.
-    """
-    groups = [per_target] if isinstance(per_target, int) else list(per_target)
-    if len(groups) > targets:
-        raise ValueError(
-            f"--captions-per-target lists {len(groups)} groups for {targets} target(s): give "
-            "at least one target per group"
-        )
-    return [groups[i * len(groups) // targets] for i in range(targets)]
 
 
 def _target_dict(target: Target, names: list[str]) -> dict[str, Any]:

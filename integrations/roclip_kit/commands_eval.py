@@ -20,13 +20,9 @@ from rich.console import Console
 from rich.table import Table
 
 from roclip_kit.console import percent, progress_bars
-from roclip_kit.evaluate import (
-    EvalData,
-    EvalSettings,
-    ProgressFactory,
-    evaluate_checkpoint,
-    find_suspicious,
-)
+from roclip_kit.evaluate.features import ProgressFactory
+from roclip_kit.evaluate.metrics import find_suspicious
+from roclip_kit.evaluate.run import EvalData, EvalSettings, evaluate_checkpoint
 from roclip_kit.files import load_classes
 from roclip_kit.train.models import (
     check_checkpoint_path,

@@ -20,8 +20,8 @@ from rich.table import Table
 
 from roclip_kit.commands_eval import add_model_arguments, resolve_model
 from roclip_kit.console import percent, progress_bars
-from roclip_kit.evaluate import ProgressFactory
-from roclip_kit.scan import (
+from roclip_kit.evaluate.features import ProgressFactory
+from roclip_kit.evaluate.scan import (
     DEFAULT_CHUNK_SIZE,
     EMBEDDINGS_DIR,
     FILTERED_CSV,

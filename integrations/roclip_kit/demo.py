@@ -5,7 +5,7 @@ your own data: :func:`~roclip_kit.data.datasets.build_captioned_dataset`, then
 :func:`~roclip_kit.attack.poison.poison_dataset` (targeted poisoning and a backdoor in one CSV),
 then two runs of OpenCLIP's real training script through the adapter
 (:func:`~roclip_kit.train.openclip.train_openclip`, without and with ``--roclip``), then
-:func:`~roclip_kit.evaluate.evaluate_checkpoint` after every epoch (attack success) and in full
+:func:`~roclip_kit.evaluate.run.evaluate_checkpoint` after every epoch (attack success) and in full
 after the last (zero-shot, linear probe, attack success, poison detection).
 
 Layout of ``out`` (reruns reuse the dataset and replace the rest)::
@@ -763,7 +763,7 @@ def _evaluate_run(
 
     The model is built once and each epoch's weights are loaded into it.
     """
-    from roclip_kit.evaluate import EvalData, EvalSettings, evaluate_model
+    from roclip_kit.evaluate.run import EvalData, EvalSettings, evaluate_model
     from roclip_kit.train.models import load_openclip, reload_checkpoint
 
     last = max(result.checkpoints)

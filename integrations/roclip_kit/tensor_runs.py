@@ -7,7 +7,7 @@ two-threaded run (the models are small), and on a GPU several small runs share t
 :func:`run_specs` runs a list of them with ``processes`` workers (``spawn``: each worker loads
 the dataset itself, a few seconds) and returns one JSON-able result per spec, in order.
 
-Each run is evaluated with :func:`roclip_kit.evaluate.evaluate_model` after every epoch (attack
+Each run is evaluated with :func:`roclip_kit.evaluate.run.evaluate_model` after every epoch (attack
 success and clean zero-shot on ``eval_limit`` test images) and in full after the last (every
 test image, the linear probe, attack success, poison detection from the run's own
 ``suspicious_epoch_N.csv``), exactly as ``roclip eval`` scores a checkpoint.
@@ -108,7 +108,7 @@ def run_spec(spec: RunSpec, events: Any = None) -> dict[str, Any]:
     as long as an epoch on a CPU, so a display can say what is going on).
     """
     from roclip_kit.data.tensors import load_poisoned
-    from roclip_kit.evaluate import EvalData, EvalSettings, evaluate_model
+    from roclip_kit.evaluate.run import EvalData, EvalSettings, evaluate_model
     from roclip_kit.train.tensor import loaded_model, train_tensor
 
     data = load_poisoned(spec.dataset_dir, spec.manifest)

@@ -9,7 +9,7 @@ arithmetic. Nothing of the method is re-implemented: the model is OpenCLIP's own
 built from a preset, RoCLIP runs through :class:`roclip_torch.RoClipAdapter` (the generic-loop
 integration, driving the core's pool, matcher, schedule and loss), the augmentation is the
 configured :class:`~roclip_plugin.augment.AugmentationPolicy`, and every figure comes from
-:func:`roclip_kit.evaluate.evaluate_model`, the code of ``roclip eval``.
+:func:`roclip_kit.evaluate.run.evaluate_model`, the code of ``roclip eval``.
 
 What it adds is measurement: :class:`~roclip_kit.train.audit.MatchAudit`, a plugin on the
 defense's hooks, knows which training row each pool caption came from, so a matching epoch

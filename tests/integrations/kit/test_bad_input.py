@@ -22,7 +22,7 @@ pytest.importorskip("sklearn")
 import roclip_kit.commands_scan  # noqa: E402
 import roclip_kit.data.datasets  # noqa: E402
 import roclip_kit.demo  # noqa: E402
-import roclip_kit.evaluate  # noqa: E402
+import roclip_kit.evaluate.run  # noqa: E402
 from roclip_kit.attack.poison import poison_dataset  # noqa: E402
 from roclip_kit.data.datasets import build_captioned_dataset  # noqa: E402
 
@@ -270,7 +270,7 @@ EVAL_FLAGS = [
 @SETTINGS
 @given(data=st.data())
 def test_eval_refuses_every_bad_value(flag, data, world, monkeypatch) -> None:
-    monkeypatch.setattr(roclip_kit.evaluate, "load_openclip", _never)
+    monkeypatch.setattr(roclip_kit.evaluate.run, "load_openclip", _never)
     needs, values = _eval_flags(world)[flag]
     value = data.draw(values, label=flag)
     argv = ["eval", "--checkpoint", str(world["checkpoint"]), "--model",

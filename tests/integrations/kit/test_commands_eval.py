@@ -328,7 +328,7 @@ def test_nan_weights_are_refused_naming_them(run, tmp_path, capsys) -> None:
 
 
 def test_non_finite_features_are_refused(run, capsys, monkeypatch) -> None:
-    import roclip_kit.evaluate
+    import roclip_kit.evaluate.features
     from roclip_kit.train.models import load_openclip
 
     loaded = load_openclip(run["checkpoint"], f"local-dir:{run['model']}")
@@ -339,7 +339,9 @@ def test_non_finite_features_are_refused(run, capsys, monkeypatch) -> None:
 
     monkeypatch.setattr(loaded.model, "encode_image", overflow)
     with pytest.raises(ValueError, match="produced NaN or inf image features"):
-        roclip_kit.evaluate.encode_images(loaded, [str(next(run["dataset"].rglob("*.png")))])
+        roclip_kit.evaluate.features.encode_images(
+            loaded, [str(next(run["dataset"].rglob("*.png")))]
+        )
 
 
 def test_corrupt_test_image_names_its_row(run, tmp_path, capsys) -> None:

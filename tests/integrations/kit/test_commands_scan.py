@@ -19,7 +19,7 @@ import torch
 open_clip = pytest.importorskip("open_clip")
 pytest.importorskip("faiss")
 
-from roclip_kit.scan import read_pairs  # noqa: E402
+from roclip_kit.evaluate.scan import read_pairs  # noqa: E402
 
 from roclip_plugin.scan import DETECTORS, EmbeddingStore  # noqa: E402
 from roclip_plugin.testing import assert_refused  # noqa: E402
@@ -267,7 +267,7 @@ def test_a_manifest_of_another_csv_is_refused(setup, tmp_path) -> None:
 
 
 def test_the_api_reports_progress_per_batch_and_the_scoring_step(setup, tmp_path) -> None:
-    from roclip_kit.scan import scan_pairs
+    from roclip_kit.evaluate.scan import scan_pairs
     from roclip_kit.train.models import load_openclip
 
     loaded = load_openclip(setup["checkpoint"], f"local-dir:{setup['root'] / 'tiny'}")
@@ -290,8 +290,8 @@ def test_the_api_reports_progress_per_batch_and_the_scoring_step(setup, tmp_path
 
 
 def test_each_distinct_caption_is_encoded_once_and_lands_on_every_row(setup, monkeypatch) -> None:
-    import roclip_kit.scan as kit_scan
-    from roclip_kit.evaluate import encode_texts
+    import roclip_kit.evaluate.scan as kit_scan
+    from roclip_kit.evaluate.features import encode_texts
     from roclip_kit.train.models import load_openclip
 
     loaded = load_openclip(setup["checkpoint"], f"local-dir:{setup['root'] / 'tiny'}")

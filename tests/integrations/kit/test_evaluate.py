@@ -13,18 +13,17 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from roclip_kit.evaluate import (
+from roclip_kit.evaluate.metrics import (
     average_templates,
     detection_scores,
     find_suspicious,
     hit_rate,
     linear_probe_accuracy,
-    poison_detection,
     read_suspicious,
     select_rows,
-    without_targets,
     zero_shot_predict,
 )
+from roclip_kit.evaluate.run import poison_detection, without_targets
 from roclip_kit.files import MANIFEST_FORMAT, Split, read_classes, read_manifest, read_split
 
 NAMES = ["zero", "one", "two", "three"]

@@ -26,7 +26,7 @@ import roclip_kit.attack.poison  # noqa: E402
 import roclip_kit.commands_scan  # noqa: E402
 import roclip_kit.data.datasets  # noqa: E402
 import roclip_kit.demo  # noqa: E402
-import roclip_kit.evaluate  # noqa: E402
+import roclip_kit.evaluate.run  # noqa: E402
 import roclip_kit.plugin  # noqa: E402
 
 from roclip_plugin import get_plugin_manager  # noqa: E402
@@ -53,7 +53,7 @@ FAST, SLOW = 2, 100
 STUBS = {  # the first step of each command's work, after every check
     "data": (roclip_kit.data.datasets, "load_source"),
     "poison": (roclip_kit.attack.poison, "replacing"),
-    "eval": (roclip_kit.evaluate, "load_openclip"),
+    "eval": (roclip_kit.evaluate.run, "load_openclip"),
     "demo": (roclip_kit.demo, "build_data"),
     "scan": (roclip_kit.commands_scan, "load_openclip"),
 }

@@ -19,14 +19,13 @@ import torch
 open_clip = pytest.importorskip("open_clip")
 sklearn_datasets = pytest.importorskip("sklearn.datasets")
 
-from roclip_kit.evaluate import (  # noqa: E402
+from roclip_kit.evaluate.features import class_embeddings, encode_images  # noqa: E402
+from roclip_kit.evaluate.metrics import zero_shot_predict  # noqa: E402
+from roclip_kit.evaluate.run import (  # noqa: E402
     EvalData,
     EvalSettings,
-    class_embeddings,
-    encode_images,
     evaluate_checkpoint,
     evaluate_model,
-    zero_shot_predict,
 )
 from roclip_kit.files import MANIFEST_FORMAT, read_classes, read_split  # noqa: E402
 from roclip_kit.train.models import load_openclip, read_state_dict, run_params  # noqa: E402

@@ -1,4 +1,4 @@
-"""``roclip_kit.scan`` without a model: reading pairs, the manifest, the report, the filter."""
+"""``roclip_kit.evaluate.scan`` without a model: reading pairs, the manifest, report, filter."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ import pytest
 
 pytest.importorskip("faiss")
 
-from roclip_kit.files import MANIFEST_FORMAT  # noqa: E402
-from roclip_kit.scan import (  # noqa: E402
+from roclip_kit.evaluate.scan import (  # noqa: E402
     ScanResult,
     dataset_csv,
     detection_report,
@@ -23,6 +22,7 @@ from roclip_kit.scan import (  # noqa: E402
     write_filtered_csv,
     write_scores_csv,
 )
+from roclip_kit.files import MANIFEST_FORMAT  # noqa: E402
 
 from roclip_plugin.scan import DETECTORS, ScanSettings  # noqa: E402
 
@@ -109,7 +109,7 @@ def test_scores_csv_is_ranked_and_the_report_is_json(tmp_path) -> None:
 def test_threads_are_set_for_torch_and_faiss_and_zero_keeps_the_defaults() -> None:
     import faiss
     import torch
-    from roclip_kit.scan import use_threads
+    from roclip_kit.evaluate.scan import use_threads
 
     before = torch.get_num_threads(), faiss.omp_get_max_threads()
     try:

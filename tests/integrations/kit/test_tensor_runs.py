@@ -60,7 +60,7 @@ def test_a_resumable_run_stopped_in_an_epoch_resumes_to_the_same_figures(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A grid run killed mid-run continues from its last epoch, figures and all, then tidies."""
-    import roclip_kit.evaluate as evaluate
+    import roclip_kit.evaluate.run as evaluate
 
     build_captioned_dataset("digits", tmp_path / "d", seed=0, train_limit=64, test_limit=20)
     poisoned = poison_dataset(

@@ -246,7 +246,7 @@ def test_roclip_eval_scores_a_tensor_checkpoint_as_the_run_did(data, tmp_path: P
     import json
 
     import roclip_kit.plugin
-    from roclip_kit.evaluate import EvalData, EvalSettings, evaluate_model
+    from roclip_kit.evaluate.run import EvalData, EvalSettings, evaluate_model
     from roclip_kit.train.tensor import loaded_model
 
     from roclip_plugin import get_plugin_manager

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from roclip_kit.evaluate import Advance, encode_images, encode_texts
+from roclip_kit.evaluate.features import Advance, encode_images, encode_texts
 from roclip_kit.files import (
     CAPTION_KEY,
     CSV_SEPARATOR,

@@ -48,8 +48,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from roclip_kit.demo import TRIGGER_KINDS, DemoSettings, build_data, poison
-from roclip_kit.tensor_runs import RunsFailed, RunSpec, default_threads, run_specs
+from roclip_kit.demo.run import build_data, poison
+from roclip_kit.demo.runs import RunsFailed, RunSpec, default_threads, run_specs
+from roclip_kit.demo.settings import TRIGGER_KINDS, DemoSettings
 
 from roclip_plugin.config import preset_name
 

@@ -29,7 +29,8 @@ from typing import Any
 
 import torch
 from roclip_kit.data.tensors import load_poisoned
-from roclip_kit.demo import DemoSettings, build_data, poison
+from roclip_kit.demo.run import build_data, poison
+from roclip_kit.demo.settings import DemoSettings
 from roclip_kit.evaluate.scan import (
     detection_report,
     poisoned_by_attack,

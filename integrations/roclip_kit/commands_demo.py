@@ -16,7 +16,8 @@ from rich.console import Console
 from rich.table import Table
 
 from roclip_kit.console import captions_text, percent, progress_bars
-from roclip_kit.demo import (
+from roclip_kit.demo.run import run_demo
+from roclip_kit.demo.settings import (
     DATASETS,
     PLOT_FILE,
     RESULTS_FILE,
@@ -24,7 +25,6 @@ from roclip_kit.demo import (
     TRAINERS,
     TRIGGER_KINDS,
     DemoSettings,
-    run_demo,
     scale_text,
     scaled_flags,
 )

@@ -21,7 +21,7 @@ pytest.importorskip("sklearn")
 
 import roclip_kit.commands_scan  # noqa: E402
 import roclip_kit.data.datasets  # noqa: E402
-import roclip_kit.demo  # noqa: E402
+import roclip_kit.demo.run  # noqa: E402
 import roclip_kit.evaluate.run  # noqa: E402
 from roclip_kit.attack.poison import poison_dataset  # noqa: E402
 from roclip_kit.data.datasets import build_captioned_dataset  # noqa: E402
@@ -366,7 +366,7 @@ DEMO_FLAGS = [
 @SETTINGS
 @given(data=st.data())
 def test_demo_refuses_every_bad_value(flag, data, world, monkeypatch) -> None:
-    monkeypatch.setattr(roclip_kit.demo, "build_data", _never)
+    monkeypatch.setattr(roclip_kit.demo.run, "build_data", _never)
     value = data.draw(_demo_flags(world)[flag], label=flag)
     argv = ["demo", "--dataset", "digits", "--out", str(world["demo"]), f"{flag}={value}"]
     _check(world, argv, flag)
@@ -385,7 +385,7 @@ def test_demo_on_the_openclip_trainer_refuses_every_bad_size(flag, data, world, 
     """The sizes of ``--trainer openclip`` are checked as the tensor path's, its presets too."""
     from roclip_kit.train.openclip import PRESETS
 
-    monkeypatch.setattr(roclip_kit.demo, "build_data", _never)
+    monkeypatch.setattr(roclip_kit.demo.run, "build_data", _never)
     bad = {"--model": not_in(tuple(PRESETS)), "--jobs": bad_ints(1) | st.sampled_from(["2", "8"])}
     value = data.draw(bad[flag] if flag in bad else _demo_flags(world)[flag], label=flag)
     argv = ["demo", "--dataset", "digits", "--trainer", "openclip", "--out", str(world["demo"])]

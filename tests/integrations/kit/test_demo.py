@@ -15,7 +15,7 @@ pytest.importorskip("sklearn")
 import roclip_kit.plugin  # noqa: E402
 from rich.console import Console  # noqa: E402
 from roclip_kit.commands_demo import results_table  # noqa: E402
-from roclip_kit.demo import PLOT_FILE, RESULTS_FILE, SCALES, DemoSettings  # noqa: E402
+from roclip_kit.demo.settings import PLOT_FILE, RESULTS_FILE, SCALES, DemoSettings  # noqa: E402
 
 from roclip_plugin import get_plugin_manager  # noqa: E402
 from roclip_plugin.cli import main  # noqa: E402
@@ -183,7 +183,7 @@ def test_results_table_fits_80_columns_and_cuts_no_cell() -> None:
 
 
 def _run(name: str, roclip: bool, zero_shot: float, targeted: float, backdoor: float):
-    from roclip_kit.demo import RunFigures
+    from roclip_kit.demo.report import RunFigures
 
     final = {
         "zero_shot": {"accuracy": zero_shot},
@@ -194,7 +194,7 @@ def _run(name: str, roclip: bool, zero_shot: float, targeted: float, backdoor: f
 
 
 def test_verdict_calls_a_collapsed_defense_a_failure() -> None:
-    from roclip_kit.demo import verdicts
+    from roclip_kit.demo.report import verdicts
 
     clip = _run("CLIP", False, 0.66, 1.0, 0.12)
     notes = verdicts([clip, _run("RoCLIP", True, 0.12, 0.125, 0.0)])
@@ -214,7 +214,7 @@ def test_verdict_calls_a_collapsed_defense_a_failure() -> None:
 
 
 def test_verdict_when_clip_never_learned_the_task() -> None:
-    from roclip_kit.demo import verdicts
+    from roclip_kit.demo.report import verdicts
 
     notes = verdicts([_run("CLIP", False, 0.13, 0.5, 0.0), _run("RoCLIP", True, 0.10, 0.0, 0.0)])
     assert len(notes) == 1 and "did not learn the task" in notes[0] and "chance 10%" in notes[0]
@@ -257,9 +257,9 @@ def _must_not_run(*args, **kwargs):
     ],
 )
 def test_bad_sizes_are_refused_not_rewritten(tmp_path, capsys, monkeypatch, extra, message):
-    import roclip_kit.demo
+    import roclip_kit.demo.run
 
-    monkeypatch.setattr(roclip_kit.demo, "build_data", _must_not_run)
+    monkeypatch.setattr(roclip_kit.demo.run, "build_data", _must_not_run)
     out = tmp_path / "demo"
     assert main(["demo", "--dataset", "digits", "--out", str(out), *extra], pm=_pm()) == 2
     printed = capsys.readouterr().out
@@ -268,9 +268,9 @@ def test_bad_sizes_are_refused_not_rewritten(tmp_path, capsys, monkeypatch, extr
 
 
 def test_out_that_is_a_file_or_a_foreign_folder(tmp_path, capsys, monkeypatch) -> None:
-    import roclip_kit.demo
+    import roclip_kit.demo.run
 
-    monkeypatch.setattr(roclip_kit.demo, "build_data", _must_not_run)
+    monkeypatch.setattr(roclip_kit.demo.run, "build_data", _must_not_run)
     a_file = tmp_path / "f"
     a_file.write_text("x")
     assert main(["demo", "--out", str(a_file)], pm=_pm()) == 2
@@ -284,8 +284,8 @@ def test_out_that_is_a_file_or_a_foreign_folder(tmp_path, capsys, monkeypatch) -
 
 
 def test_failed_rerun_puts_the_previous_results_back(tmp_path, monkeypatch) -> None:
-    import roclip_kit.demo
-    from roclip_kit.demo import run_demo
+    import roclip_kit.demo.run
+    from roclip_kit.demo.run import run_demo
 
     out = tmp_path / "demo"
     for name, text in (
@@ -310,9 +310,9 @@ def test_failed_rerun_puts_the_previous_results_back(tmp_path, monkeypatch) -> N
         (out / "runs" / "clip").mkdir(parents=True)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(roclip_kit.demo, "build_data", lambda *a, **k: Info())
-    monkeypatch.setattr(roclip_kit.demo, "poison", new_poison)
-    monkeypatch.setattr(roclip_kit.demo, "train_tensor_runs", crash)
+    monkeypatch.setattr(roclip_kit.demo.run, "build_data", lambda *a, **k: Info())
+    monkeypatch.setattr(roclip_kit.demo.run, "poison", new_poison)
+    monkeypatch.setattr(roclip_kit.demo.run, "train_tensor_runs", crash)
     with pytest.raises(KeyboardInterrupt):
         run_demo(DemoSettings(out=out, dataset="digits", epochs=1))
     after = {p: p.read_text() for p in out.rglob("*") if p.is_file()}
@@ -320,7 +320,7 @@ def test_failed_rerun_puts_the_previous_results_back(tmp_path, monkeypatch) -> N
 
 
 def _plotted_runs():
-    from roclip_kit.demo import RunFigures
+    from roclip_kit.demo.report import RunFigures
 
     figures = {"backdoor_asr": 0.2, "zero_shot": 0.5}
     per_epoch = {e: {"targeted_asr": 0.1 * e, **figures} for e in (1, 2)}
@@ -330,7 +330,7 @@ def _plotted_runs():
 
 
 def test_demo_plot_shows_attack_success_zero_shot_and_purity(tmp_path: Path, monkeypatch) -> None:
-    import roclip_kit.demo as demo
+    import roclip_kit.demo.report as demo
 
     charts = []
     monkeypatch.setattr(demo, "draw_chart", lambda chart, path: charts.append(chart) or path)
@@ -353,7 +353,7 @@ def test_demo_plot_shows_attack_success_zero_shot_and_purity(tmp_path: Path, mon
 def test_demo_without_matplotlib_skips_the_plot_and_says_how_to_get_it(
     tmp_path: Path, monkeypatch
 ) -> None:
-    import roclip_kit.demo as demo
+    import roclip_kit.demo.report as demo
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
@@ -370,7 +370,7 @@ def test_run_bars_count_each_runs_epochs_and_final_evaluation_and_the_whole_demo
     import io
 
     from rich.progress import Progress
-    from roclip_kit.demo import RunBars
+    from roclip_kit.demo.run import RunBars
 
     progress = Progress(console=Console(file=io.StringIO()))
     bars = RunBars(progress, ["CLIP", "RoCLIP"], epochs=3)
@@ -393,8 +393,8 @@ def test_a_failed_rerun_with_other_data_options_leaves_the_earlier_images(
 ) -> None:
     """Other data options build into their own cache folder: when that rerun fails, the
     results put back still point at images that exist; a rerun that succeeds drops the rest."""
-    import roclip_kit.demo
-    from roclip_kit.demo import data_folder, run_demo
+    import roclip_kit.demo.run
+    from roclip_kit.demo.run import data_folder, run_demo
 
     out = tmp_path / "demo"
     first = DemoSettings(out=out, dataset="digits", epochs=1, train_limit=100)
@@ -417,13 +417,13 @@ def test_a_failed_rerun_with_other_data_options_leaves_the_earlier_images(
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(roclip_kit.demo, "build_data", build)
-    monkeypatch.setattr(roclip_kit.demo, "_poison_train_evaluate", crash)
+    monkeypatch.setattr(roclip_kit.demo.run, "build_data", build)
+    monkeypatch.setattr(roclip_kit.demo.run, "_poison_train_evaluate", crash)
     with pytest.raises(KeyboardInterrupt):
         run_demo(second)
     assert old_image.read_text() == "old image"
     assert (out / "poisoned" / "train.csv").read_text().endswith(f"{old_image}\n")
-    monkeypatch.setattr(roclip_kit.demo, "_poison_train_evaluate", lambda *a, **k: {})
+    monkeypatch.setattr(roclip_kit.demo.run, "_poison_train_evaluate", lambda *a, **k: {})
     run_demo(second)
     assert not old_image.exists() and len(list((out / "data").iterdir())) == 1
 
@@ -431,7 +431,7 @@ def test_a_failed_rerun_with_other_data_options_leaves_the_earlier_images(
 def test_the_scales_pool_is_fitted_to_a_small_dataset_and_a_given_pool_is_kept() -> None:
     """Digits at the cpu scale: 1,347 images plus 960 targeted rows; the scale's 4,096-caption
     pool would be 178% of an epoch (a warning, and images matched to their own captions)."""
-    from roclip_kit.demo import epoch_pairs, fit_pool
+    from roclip_kit.demo.run import epoch_pairs, fit_pool
 
     from roclip_plugin.checks import pool_share_message
     from roclip_plugin.config import RoClipConfig
@@ -455,7 +455,7 @@ def test_the_scales_pool_is_fitted_to_a_small_dataset_and_a_given_pool_is_kept()
 def test_a_preset_that_drops_says_defended_not_matched() -> None:
     """robust re-pairs no caption: its epochs and table say "defended"; paper's say "matched"."""
     from roclip_kit.commands_demo import _defended_verb
-    from roclip_kit.demo import _epoch_line
+    from roclip_kit.demo.run import _epoch_line
 
     line = {"run": "RoCLIP", "epoch": 2, "zero_shot": 0.5, "matching": True}
     assert "epoch 2 (defended):" in _epoch_line(line | {"action": "drop"})

@@ -25,7 +25,7 @@ pytest.importorskip("sklearn")
 import roclip_kit.attack.poison  # noqa: E402
 import roclip_kit.commands_scan  # noqa: E402
 import roclip_kit.data.datasets  # noqa: E402
-import roclip_kit.demo  # noqa: E402
+import roclip_kit.demo.run  # noqa: E402
 import roclip_kit.evaluate.run  # noqa: E402
 import roclip_kit.plugin  # noqa: E402
 
@@ -54,7 +54,7 @@ STUBS = {  # the first step of each command's work, after every check
     "data": (roclip_kit.data.datasets, "load_source"),
     "poison": (roclip_kit.attack.poison, "replacing"),
     "eval": (roclip_kit.evaluate.run, "load_openclip"),
-    "demo": (roclip_kit.demo, "build_data"),
+    "demo": (roclip_kit.demo.run, "build_data"),
     "scan": (roclip_kit.commands_scan, "load_openclip"),
 }
 INPUT_FILES = {  # flags naming a file or folder the command reads: missing ones are bad

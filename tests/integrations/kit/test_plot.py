@@ -4,7 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from roclip_kit.plot import (
+from roclip_kit.demo.plot import (
     DPI,
     SHADE_LABEL,
     SIZE_INCHES,

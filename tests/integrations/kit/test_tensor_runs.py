@@ -10,7 +10,7 @@ pytest.importorskip("open_clip")
 
 from roclip_kit.attack.poison import poison_dataset  # noqa: E402
 from roclip_kit.data.datasets import build_captioned_dataset  # noqa: E402
-from roclip_kit.tensor_runs import RunsFailed, RunSpec, run_spec, run_specs  # noqa: E402
+from roclip_kit.demo.runs import RunsFailed, RunSpec, run_spec, run_specs  # noqa: E402
 from roclip_kit.train.tensor import TensorTrainSettings  # noqa: E402
 
 TINY = {

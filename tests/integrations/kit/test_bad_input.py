@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 pytest.importorskip("open_clip")
 pytest.importorskip("sklearn")
 
-import roclip_kit.commands_scan  # noqa: E402
+import roclip_kit.commands.scan  # noqa: E402
 import roclip_kit.data.datasets  # noqa: E402
 import roclip_kit.demo.run  # noqa: E402
 import roclip_kit.evaluate.run  # noqa: E402
@@ -315,7 +315,7 @@ SCAN_FLAGS = [
 @SETTINGS
 @given(data=st.data())
 def test_scan_refuses_every_bad_value(flag, data, world, monkeypatch) -> None:
-    monkeypatch.setattr(roclip_kit.commands_scan, "load_openclip", _never)
+    monkeypatch.setattr(roclip_kit.commands.scan, "load_openclip", _never)
     value = data.draw(_scan_flags(world)[flag], label=flag)
     argv = ["scan", "--checkpoint", str(world["checkpoint"]), "--model",
             f"local-dir:{world['model']}", "--dataset", str(world["poisoned"]), "--out",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from rich.console import Console
-from roclip_kit.commands_data import add_data_command, add_poison_command
+from roclip_kit.commands.data import add_data_command, add_poison_command
 
 
 def _run(argv: list[str]) -> tuple[int, str]:

@@ -17,7 +17,7 @@ from rich.console import Console
 open_clip = pytest.importorskip("open_clip")
 sklearn_datasets = pytest.importorskip("sklearn.datasets")
 
-from roclip_kit.commands_eval import add_eval_command  # noqa: E402
+from roclip_kit.commands.eval import add_eval_command  # noqa: E402
 from roclip_kit.files import MANIFEST_FORMAT  # noqa: E402
 
 from .tiny import MODEL_CFG, NAMES, Square, run_roclip  # noqa: E402
@@ -237,10 +237,10 @@ def _must_not_load(*args, **kwargs):
 def test_flags_are_checked_before_the_checkpoint_is_loaded(
     run, tmp_path, capsys, monkeypatch, extra, message
 ) -> None:
-    import roclip_kit.commands_eval
+    import roclip_kit.commands.eval
     import roclip_kit.train.models
 
-    monkeypatch.setattr(roclip_kit.commands_eval, "evaluate_checkpoint", _must_not_load)
+    monkeypatch.setattr(roclip_kit.commands.eval, "evaluate_checkpoint", _must_not_load)
     monkeypatch.setattr(roclip_kit.train.models, "_torch_load", _must_not_load)
     argv = [a.format(tmp=tmp_path) for a in extra]
     code, out = _roclip_eval(
@@ -255,9 +255,9 @@ def test_json_that_would_overwrite_an_input_is_refused(
     run, capsys, monkeypatch, target
 ) -> None:
     """``--json`` naming the checkpoint or a CSV replaced it with the report: data lost."""
-    import roclip_kit.commands_eval
+    import roclip_kit.commands.eval
 
-    monkeypatch.setattr(roclip_kit.commands_eval, "evaluate_checkpoint", _must_not_load)
+    monkeypatch.setattr(roclip_kit.commands.eval, "evaluate_checkpoint", _must_not_load)
     path = {
         "checkpoint": run["checkpoint"],
         "test.csv": run["dataset"] / "test.csv",
@@ -278,9 +278,9 @@ def test_json_that_would_overwrite_an_input_is_refused(
 
 
 def test_duplicate_class_names_are_refused_before_loading(run, tmp_path, capsys, monkeypatch):
-    import roclip_kit.commands_eval
+    import roclip_kit.commands.eval
 
-    monkeypatch.setattr(roclip_kit.commands_eval, "evaluate_checkpoint", _must_not_load)
+    monkeypatch.setattr(roclip_kit.commands.eval, "evaluate_checkpoint", _must_not_load)
     classes = tmp_path / "classes.json"
     names = json.loads((run["dataset"] / "classes.json").read_text())
     names["classes"][1] = names["classes"][0]

@@ -14,7 +14,7 @@ pytest.importorskip("sklearn")
 
 import roclip_kit.plugin  # noqa: E402
 from rich.console import Console  # noqa: E402
-from roclip_kit.commands_demo import results_table  # noqa: E402
+from roclip_kit.commands.demo import results_table  # noqa: E402
 from roclip_kit.demo.settings import PLOT_FILE, RESULTS_FILE, SCALES, DemoSettings  # noqa: E402
 
 from roclip_plugin import get_plugin_manager  # noqa: E402
@@ -454,7 +454,7 @@ def test_the_scales_pool_is_fitted_to_a_small_dataset_and_a_given_pool_is_kept()
 
 def test_a_preset_that_drops_says_defended_not_matched() -> None:
     """robust re-pairs no caption: its epochs and table say "defended"; paper's say "matched"."""
-    from roclip_kit.commands_demo import _defended_verb
+    from roclip_kit.commands.demo import _defended_verb
     from roclip_kit.demo.run import _epoch_line
 
     line = {"run": "RoCLIP", "epoch": 2, "zero_shot": 0.5, "matching": True}

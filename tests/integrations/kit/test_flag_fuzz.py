@@ -23,7 +23,7 @@ pytest.importorskip("open_clip")
 pytest.importorskip("sklearn")
 
 import roclip_kit.attack.poison  # noqa: E402
-import roclip_kit.commands_scan  # noqa: E402
+import roclip_kit.commands.scan  # noqa: E402
 import roclip_kit.data.datasets  # noqa: E402
 import roclip_kit.demo.run  # noqa: E402
 import roclip_kit.evaluate.run  # noqa: E402
@@ -55,7 +55,7 @@ STUBS = {  # the first step of each command's work, after every check
     "poison": (roclip_kit.attack.poison, "replacing"),
     "eval": (roclip_kit.evaluate.run, "load_openclip"),
     "demo": (roclip_kit.demo.run, "build_data"),
-    "scan": (roclip_kit.commands_scan, "load_openclip"),
+    "scan": (roclip_kit.commands.scan, "load_openclip"),
 }
 INPUT_FILES = {  # flags naming a file or folder the command reads: missing ones are bad
     "poison": ("--dataset", "--csv", "--classes", "--test-csv"),

@@ -15,7 +15,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from roclip_kit.console import captions_text, percent, progress_bars
+from roclip_kit.commands.console import captions_text, percent, progress_bars
 from roclip_kit.demo.run import run_demo
 from roclip_kit.demo.settings import (
     DATASETS,

@@ -17,7 +17,7 @@ from rich.table import Table
 from roclip_kit.attack.poison import DEFAULT_CAPTIONS_PER_TARGET, PoisonResult, poison_dataset
 from roclip_kit.attack.tables import Columns
 from roclip_kit.attack.triggers import PARAMS, PATCH_POSITIONS, TRIGGERS, make_trigger
-from roclip_kit.console import captions_text, progress_bars
+from roclip_kit.commands.console import captions_text, progress_bars
 from roclip_kit.data.datasets import SOURCES, DatasetInfo, build_captioned_dataset
 from roclip_kit.files import CAPTION_KEY, CSV_SEPARATOR, IMAGE_KEY, LABEL_KEY
 from roclip_plugin.validation import path_arg

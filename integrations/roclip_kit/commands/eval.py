@@ -19,7 +19,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from roclip_kit.console import percent, progress_bars
+from roclip_kit.commands.console import percent, progress_bars
 from roclip_kit.evaluate.features import ProgressFactory
 from roclip_kit.evaluate.metrics import find_suspicious
 from roclip_kit.evaluate.run import EvalData, EvalSettings, evaluate_checkpoint

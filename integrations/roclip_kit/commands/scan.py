@@ -18,8 +18,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from roclip_kit.commands_eval import add_model_arguments, resolve_model
-from roclip_kit.console import percent, progress_bars
+from roclip_kit.commands.console import percent, progress_bars
+from roclip_kit.commands.eval import add_model_arguments, resolve_model
 from roclip_kit.evaluate.features import ProgressFactory
 from roclip_kit.evaluate.scan import (
     DEFAULT_CHUNK_SIZE,

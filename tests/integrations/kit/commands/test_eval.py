@@ -20,7 +20,7 @@ sklearn_datasets = pytest.importorskip("sklearn.datasets")
 from roclip_kit.commands.eval import add_eval_command  # noqa: E402
 from roclip_kit.files import MANIFEST_FORMAT  # noqa: E402
 
-from .tiny import MODEL_CFG, NAMES, Square, run_roclip  # noqa: E402
+from ..tiny import MODEL_CFG, NAMES, Square, run_roclip  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ from torch.utils.data import TensorDataset  # noqa: E402
 from roclip_plugin import RoClipConfig  # noqa: E402
 from roclip_plugin.pool import CaptionPool  # noqa: E402
 
-from .tiny import poisoned_digits  # noqa: E402
+from ..tiny import poisoned_digits  # noqa: E402
 
 TINY = {
     "embed_dim": 16,
@@ -283,5 +283,5 @@ def test_weight_decay_follows_openclips_rule_and_the_docs_say_so() -> None:
     for embedding in ("token_embedding.weight", "positional_embedding"):
         assert decay[id(named[embedding])] == 0.2, embedding
     assert decay[id(named["visual.class_embedding"])] == 0.0
-    doc = " ".join((Path(__file__).parents[3] / "docs" / "kit-training.md").read_text().split())
+    doc = " ".join((Path(__file__).parents[4] / "docs" / "kit-training.md").read_text().split())
     assert "token and positional embeddings (2-D) are decayed" in doc

@@ -30,7 +30,7 @@ from roclip_kit.evaluate.run import (  # noqa: E402
 from roclip_kit.files import MANIFEST_FORMAT, read_classes, read_split  # noqa: E402
 from roclip_kit.train.models import load_openclip, read_state_dict, run_params  # noqa: E402
 
-from .tiny import MODEL_CFG, NAMES, Square  # noqa: E402
+from ..tiny import MODEL_CFG, NAMES, Square  # noqa: E402
 
 
 class Replace:

@@ -24,7 +24,7 @@ from roclip_kit.evaluate.scan import read_pairs  # noqa: E402
 from roclip_plugin.scan import DETECTORS, EmbeddingStore  # noqa: E402
 from roclip_plugin.testing import assert_refused  # noqa: E402
 
-from .tiny import MODEL_CFG, run_roclip  # noqa: E402
+from ..tiny import MODEL_CFG, run_roclip  # noqa: E402
 
 
 @pytest.fixture(scope="module")

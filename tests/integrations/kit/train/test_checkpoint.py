@@ -16,7 +16,7 @@ from roclip_kit.train.tensor import TensorTrainSettings, train_tensor  # noqa: E
 from roclip_plugin import RoClipConfig  # noqa: E402
 from roclip_plugin.io import StateError  # noqa: E402
 
-from .tiny import poisoned_digits  # noqa: E402
+from ..tiny import poisoned_digits  # noqa: E402
 
 TINY = {
     "embed_dim": 16,

@@ -6,7 +6,7 @@ runs as parallel jobs that train and evaluate every epoch (:mod:`~roclip_kit.dem
 the benchmarks' grid), and the figures, verdicts and plot (:mod:`~roclip_kit.demo.report`,
 drawn by :mod:`~roclip_kit.demo.plot`).
 
-It may import the core (``roclip_plugin``), the kit's shared :mod:`roclip_kit.files` and
-:mod:`roclip_kit.outputs`, and the data, attack, training and evaluation rooms; never the
-command room.
+It may import the core (``roclip_plugin``), ``roclip_torch``'s checkpoint files, the kit's
+shared :mod:`roclip_kit.files` and :mod:`roclip_kit.outputs`, and the data, attack, training
+and evaluation rooms; never the command room.
 """

@@ -466,7 +466,7 @@ class _Loop:
         self.device = torch.device(settings.device)
 
     def state_dict(self, records: list[EpochRecord]) -> dict[str, Any]:
-        """What the next epoch depends on, besides the RNG states (see ``tensor_checkpoint``)."""
+        """What the next epoch depends on, besides the RNG states (see ``train.checkpoint``)."""
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),

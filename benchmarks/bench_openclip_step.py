@@ -10,7 +10,7 @@ The spread is reported beside the overhead: the plain step's median over the fir
 steps minus its median over the second half. An overhead smaller than that is noise.
 
 ``--model`` takes an OpenCLIP model name (``ViT-B-32``), ``tiny`` (a local toy config), or a
-kit preset of :data:`roclip_kit.train.PRESETS` (``small-gpu``, ``tiny-cpu``), which is how
+kit preset of :data:`roclip_kit.train.openclip.PRESETS` (``small-gpu``, ``tiny-cpu``), which is how
 the ``small-gpu`` preset's speed is measured.
 
     python benchmarks/bench_openclip_step.py                       # CPU, tiny model
@@ -49,7 +49,7 @@ def build(model_name: str, device: torch.device) -> torch.nn.Module:
     if model_name == "tiny":
         model = open_clip.model.CLIP(**TINY, output_dict=True)
     else:
-        from roclip_kit.train import PRESETS
+        from roclip_kit.train.openclip import PRESETS
 
         if model_name in PRESETS:
             model = open_clip.model.CLIP(**PRESETS[model_name], output_dict=True)

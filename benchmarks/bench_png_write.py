@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from roclip_kit import datasets
+from roclip_kit.data import captions, datasets
 
 
 def source_images(count: int) -> tuple[str, np.ndarray]:
@@ -38,7 +38,7 @@ def rendered(count: int, image_size: int, seed: int) -> tuple[str, np.ndarray]:
     """RGB uint8 images as the builder renders them (attributes drawn as `roclip data` does)."""
     name, images = source_images(count)
     rng = np.random.default_rng(seed)
-    attrs = datasets.draw_attributes(count, rng)
+    attrs = captions.draw_attributes(count, rng)
     out = [
         datasets.render_batch(images, attrs, np.arange(b, min(b + 4096, count)), image_size)
         for b in range(0, count, 4096)

@@ -1,7 +1,7 @@
 """Robustness benchmark: CLIP vs RoCLIP variants under targeted poisoning and backdoors.
 
 The grid (datasets x seeds x backdoor rates x variants) runs on the kit's tensor-resident path
-(``roclip_kit.tensor_train``: OpenCLIP's ``CLIP`` class, RoCLIP through ``roclip_torch``), at
+(``roclip_kit.train.tensor``: OpenCLIP's ``CLIP`` class, RoCLIP through ``roclip_torch``), at
 the demo's faithful scale-down of the paper's attacks: the full training set, 32 targets (16
 with 10 and 16 with 50 captions of an adversarial class), a blended-noise backdoor at each
 rate, a pool of 4,096 captions, 12 epochs (docs/results.md has the ratios next to the
@@ -48,8 +48,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from roclip_kit.demo import TRIGGER_KINDS, DemoSettings, build_data, poison
-from roclip_kit.tensor_runs import RunsFailed, RunSpec, default_threads, run_specs
+from roclip_kit.demo.run import build_data, poison
+from roclip_kit.demo.runs import RunsFailed, RunSpec, default_threads, run_specs
+from roclip_kit.demo.settings import TRIGGER_KINDS, DemoSettings
 
 from roclip_plugin.config import preset_name
 

@@ -4,8 +4,8 @@ For each (dataset, backdoor rate): build and poison the data as the robustness b
 (the demo's cpu scale: the full training set, 32 targets with 10 or 50 captions, a blended
 backdoor at the rate), train plain CLIP on it on the tensor path (or load ``--checkpoint``, a
 kit checkpoint such a run saved), embed and score every training pair with
-``roclip_kit.scan``, and print AUROC and precision@k per detector and attack kind, the pairs
-scanned per second, the device and the date. The trained model is saved beside the results
+``roclip_kit.evaluate.scan``, and print AUROC and precision@k per detector and attack kind,
+the pairs scanned per second, the device and the date. The trained model is saved beside the results
 (``clip.pt``) so a rerun can scan without training. Nothing is asserted: it reports what it
 measured, to read against issue 23's goals (backdoor AUROC >= 0.99, targeted >= 0.95, 60,000
 pairs in 60 s on two CPU cores).
@@ -28,17 +28,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from roclip_kit.demo import DemoSettings, build_data, poison
-from roclip_kit.models import LoadedModel, load_openclip
-from roclip_kit.scan import (
+from roclip_kit.data.tensors import load_poisoned
+from roclip_kit.demo.run import build_data, poison
+from roclip_kit.demo.settings import DemoSettings
+from roclip_kit.evaluate.scan import (
     detection_report,
     poisoned_by_attack,
     read_pairs,
     scan_pairs,
     use_threads,
 )
-from roclip_kit.tensor_data import load_poisoned
-from roclip_kit.tensor_train import loaded_model, train_tensor
+from roclip_kit.train.loaded import LoadedModel
+from roclip_kit.train.models import load_openclip
+from roclip_kit.train.tensor import loaded_model, train_tensor
 
 from roclip_plugin.scan import DETECTORS, ScanSettings
 

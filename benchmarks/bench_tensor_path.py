@@ -6,7 +6,7 @@ RoCLIP settings (the demo's: image augmentation ``roclip-small``, EDA captions, 
 the first epoch against a pool of 4,096), trained once through OpenCLIP's CSV training script
 with the adapter (``roclip-openclip-train``: PNG decoding, per-sample transforms, BPE
 tokenising; OpenCLIP's 49,408-token vocabulary) and once on the tensor-resident path
-(``roclip_kit.tensor_train``: tensors in memory, batched augmentation, a word vocabulary).
+(``roclip_kit.train.tensor``: tensors in memory, batched augmentation, a word vocabulary).
 Each path's figure is its median per-step throughput (OpenCLIP's own per-step log line; the
 tensor path's step times), data loading included. Both runs use every thread of the machine,
 one after the other; each is run ``--repeat`` times alternately. Nothing is asserted.
@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from roclip_kit.attacks import poison_dataset
-from roclip_kit.datasets import build_captioned_dataset
-from roclip_kit.tensor_data import load_poisoned
-from roclip_kit.tensor_train import TENSOR_PRESETS, TensorTrainSettings, train_tensor
-from roclip_kit.train import TrainSettings, train_openclip
+from roclip_kit.attack.poison import poison_dataset
+from roclip_kit.data.datasets import build_captioned_dataset
+from roclip_kit.data.tensors import load_poisoned
+from roclip_kit.train.openclip import TrainSettings, train_openclip
+from roclip_kit.train.tensor import TENSOR_PRESETS, TensorTrainSettings, train_tensor
 
 from roclip_plugin import RoClipConfig
 

@@ -19,6 +19,7 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 import gpu_evidence as ge  # noqa: E402
+import gpu_evidence_core as core  # noqa: E402
 
 PY = sys.executable
 
@@ -184,7 +185,7 @@ def test_child_env_puts_wheels_then_the_tree_first_and_finds_the_data(tmp_path: 
     env = ge.child_env(tmp_path / "site", tmp_path / "data", {"PYTHONPATH": "/old"})
     paths = env["PYTHONPATH"].split(":")
     assert paths[0] == str(tmp_path / "site") and paths[-1] == "/old"
-    assert paths[1:3] == [str(ge.REPO), str(ge.REPO / "integrations")]
+    assert paths[1:3] == [str(core.REPO), str(core.REPO / "integrations")]
     assert env["ROCLIP_MNIST_DIR"] == str(tmp_path / "data" / "mnist")
     assert "ROCLIP_FASHION_MNIST_DIR" not in env and env["HF_HUB_OFFLINE"] == "1"
     kept = ge.child_env(None, tmp_path / "data", {"ROCLIP_MNIST_DIR": "/mine"})
@@ -292,7 +293,7 @@ def test_quick_rehearsal_runs_every_part(tmp_path: Path) -> None:
             "--work", str(work), "--wheels", str(tmp_path / "no-wheels")]  # fmt: skip
     done = subprocess.run(argv, capture_output=True, text=True, timeout=900, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert sorted(p.name for p in out.iterdir()) == sorted(ge.OUT_FILES)
+    assert sorted(p.name for p in out.iterdir()) == sorted(core.OUT_FILES)
     records = [json.loads(x) for x in (out / "evidence.jsonl").read_text().splitlines()]
     status = {r["part"]: r["status"] for r in records}
     assert status.pop("install") == "skipped"

@@ -56,7 +56,7 @@ def test_the_openclip_flag_table_shows_the_defaults_that_run() -> None:
 
 
 def test_the_attacks_doc_gives_the_demos_attribute_rates() -> None:
-    from roclip_kit.demo import OPENCLIP_SCALES, SCALES
+    from roclip_kit.demo.settings import OPENCLIP_SCALES, SCALES
 
     text = " ".join((ROOT / "docs" / "attacks.md").read_text().split())
     tensor, openclip = SCALES["cpu"]["attribute_rate"], OPENCLIP_SCALES["cpu"]["attribute_rate"]

@@ -28,10 +28,10 @@ COMMANDS = {
 def roclip_add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add ``demo``, ``data``, ``poison``, ``eval`` and ``scan`` to the ``roclip`` command."""
     try:
-        from roclip_kit.commands_data import add_data_command, add_poison_command
-        from roclip_kit.commands_demo import add_demo_command
-        from roclip_kit.commands_eval import add_eval_command
-        from roclip_kit.commands_scan import add_scan_command
+        from roclip_kit.commands.data import add_data_command, add_poison_command
+        from roclip_kit.commands.demo import add_demo_command
+        from roclip_kit.commands.eval import add_eval_command
+        from roclip_kit.commands.scan import add_scan_command
     except ImportError as err:  # an optional dependency of the kit is not installed
         _add_unavailable(subparsers, err)
         return

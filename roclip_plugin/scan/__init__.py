@@ -4,7 +4,7 @@ The core of the scan: detectors over given L2-normalised image and caption embed
 (:mod:`.detectors`), neighbour search with faiss (:mod:`.neighbours`), ranks and the
 metrics that judge them (:mod:`.ranks`), and the chunked, resumable store of embeddings on
 disk (:mod:`.store`). Embedding a dataset with a model is the kit's part
-(``roclip_kit.scan``); nothing here imports OpenCLIP or an integration. docs/scan.md.
+(``roclip_kit.evaluate.scan``); nothing here imports OpenCLIP or an integration. docs/scan.md.
 """
 
 from roclip_plugin.scan.detectors import (

@@ -19,12 +19,12 @@ from hypothesis import strategies as st
 pytest.importorskip("open_clip")
 pytest.importorskip("sklearn")
 
-import roclip_kit.commands_scan  # noqa: E402
-import roclip_kit.datasets  # noqa: E402
-import roclip_kit.demo  # noqa: E402
-import roclip_kit.evaluate  # noqa: E402
-from roclip_kit.attacks import poison_dataset  # noqa: E402
-from roclip_kit.datasets import build_captioned_dataset  # noqa: E402
+import roclip_kit.commands.scan  # noqa: E402
+import roclip_kit.data.datasets  # noqa: E402
+import roclip_kit.demo.run  # noqa: E402
+import roclip_kit.evaluate.run  # noqa: E402
+from roclip_kit.attack.poison import poison_dataset  # noqa: E402
+from roclip_kit.data.datasets import build_captioned_dataset  # noqa: E402
 
 from roclip_plugin.testing import (  # noqa: E402
     assert_refused,
@@ -133,7 +133,7 @@ def _data_flags(world: dict[str, Path]) -> dict[str, st.SearchStrategy[str]]:
 @SETTINGS
 @given(data=st.data())
 def test_data_refuses_every_bad_value(flag, data, world, monkeypatch) -> None:
-    monkeypatch.setattr(roclip_kit.datasets, "load_source", _never)
+    monkeypatch.setattr(roclip_kit.data.datasets, "load_source", _never)
     value = data.draw(_data_flags(world)[flag], label=flag)
     argv = ["data", "--dataset", "digits", "--out", str(world["data"]), "--train-limit", "50",
             f"{flag}={value}"]  # fmt: skip
@@ -270,7 +270,7 @@ EVAL_FLAGS = [
 @SETTINGS
 @given(data=st.data())
 def test_eval_refuses_every_bad_value(flag, data, world, monkeypatch) -> None:
-    monkeypatch.setattr(roclip_kit.evaluate, "load_openclip", _never)
+    monkeypatch.setattr(roclip_kit.evaluate.run, "load_openclip", _never)
     needs, values = _eval_flags(world)[flag]
     value = data.draw(values, label=flag)
     argv = ["eval", "--checkpoint", str(world["checkpoint"]), "--model",
@@ -315,7 +315,7 @@ SCAN_FLAGS = [
 @SETTINGS
 @given(data=st.data())
 def test_scan_refuses_every_bad_value(flag, data, world, monkeypatch) -> None:
-    monkeypatch.setattr(roclip_kit.commands_scan, "load_openclip", _never)
+    monkeypatch.setattr(roclip_kit.commands.scan, "load_openclip", _never)
     value = data.draw(_scan_flags(world)[flag], label=flag)
     argv = ["scan", "--checkpoint", str(world["checkpoint"]), "--model",
             f"local-dir:{world['model']}", "--dataset", str(world["poisoned"]), "--out",
@@ -366,7 +366,7 @@ DEMO_FLAGS = [
 @SETTINGS
 @given(data=st.data())
 def test_demo_refuses_every_bad_value(flag, data, world, monkeypatch) -> None:
-    monkeypatch.setattr(roclip_kit.demo, "build_data", _never)
+    monkeypatch.setattr(roclip_kit.demo.run, "build_data", _never)
     value = data.draw(_demo_flags(world)[flag], label=flag)
     argv = ["demo", "--dataset", "digits", "--out", str(world["demo"]), f"{flag}={value}"]
     _check(world, argv, flag)
@@ -383,9 +383,9 @@ OPENCLIP_DEMO_FLAGS = [
 @given(data=st.data())
 def test_demo_on_the_openclip_trainer_refuses_every_bad_size(flag, data, world, monkeypatch):
     """The sizes of ``--trainer openclip`` are checked as the tensor path's, its presets too."""
-    from roclip_kit.train import PRESETS
+    from roclip_kit.train.openclip import PRESETS
 
-    monkeypatch.setattr(roclip_kit.demo, "build_data", _never)
+    monkeypatch.setattr(roclip_kit.demo.run, "build_data", _never)
     bad = {"--model": not_in(tuple(PRESETS)), "--jobs": bad_ints(1) | st.sampled_from(["2", "8"])}
     value = data.draw(bad[flag] if flag in bad else _demo_flags(world)[flag], label=flag)
     argv = ["demo", "--dataset", "digits", "--trainer", "openclip", "--out", str(world["demo"])]

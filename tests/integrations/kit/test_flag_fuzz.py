@@ -22,11 +22,11 @@ from hypothesis import strategies as st
 pytest.importorskip("open_clip")
 pytest.importorskip("sklearn")
 
-import roclip_kit.attacks  # noqa: E402
-import roclip_kit.commands_scan  # noqa: E402
-import roclip_kit.datasets  # noqa: E402
-import roclip_kit.demo  # noqa: E402
-import roclip_kit.evaluate  # noqa: E402
+import roclip_kit.attack.poison  # noqa: E402
+import roclip_kit.commands.scan  # noqa: E402
+import roclip_kit.data.datasets  # noqa: E402
+import roclip_kit.demo.run  # noqa: E402
+import roclip_kit.evaluate.run  # noqa: E402
 import roclip_kit.plugin  # noqa: E402
 
 from roclip_plugin import get_plugin_manager  # noqa: E402
@@ -51,11 +51,11 @@ world = test_bad_input.world  # its module fixture: a dataset, its poisoned copy
 
 FAST, SLOW = 2, 100
 STUBS = {  # the first step of each command's work, after every check
-    "data": (roclip_kit.datasets, "load_source"),
-    "poison": (roclip_kit.attacks, "replacing"),
-    "eval": (roclip_kit.evaluate, "load_openclip"),
-    "demo": (roclip_kit.demo, "build_data"),
-    "scan": (roclip_kit.commands_scan, "load_openclip"),
+    "data": (roclip_kit.data.datasets, "load_source"),
+    "poison": (roclip_kit.attack.poison, "replacing"),
+    "eval": (roclip_kit.evaluate.run, "load_openclip"),
+    "demo": (roclip_kit.demo.run, "build_data"),
+    "scan": (roclip_kit.commands.scan, "load_openclip"),
 }
 INPUT_FILES = {  # flags naming a file or folder the command reads: missing ones are bad
     "poison": ("--dataset", "--csv", "--classes", "--test-csv"),

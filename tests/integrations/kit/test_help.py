@@ -7,7 +7,7 @@ import re
 
 import pytest
 import roclip_kit.plugin
-from roclip_kit.demo import OPENCLIP_SCALES, SCALES, DemoSettings, scaled_flags
+from roclip_kit.demo.settings import OPENCLIP_SCALES, SCALES, DemoSettings, scaled_flags
 
 from roclip_plugin import RoClipConfig, get_plugin_manager
 from roclip_plugin.cli import build_parser

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from roclip_kit.attacks import Columns, poison_dataset
-from roclip_kit.datasets import build_captioned_dataset
+from roclip_kit.attack.poison import poison_dataset
+from roclip_kit.attack.tables import Columns
+from roclip_kit.data.datasets import build_captioned_dataset
 
 from .tiny import run_roclip
 
@@ -279,7 +280,7 @@ def test_poison_refuses_an_out_that_holds_its_inputs(dataset, tmp_path, capsys) 
 
 
 def test_failed_data_rebuild_leaves_the_previous_build(tmp_path, monkeypatch) -> None:
-    import roclip_kit.datasets as datasets
+    import roclip_kit.data.datasets as datasets
 
     out = tmp_path / "d"
     build_captioned_dataset("digits", out, train_limit=20, test_limit=10)

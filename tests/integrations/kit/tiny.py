@@ -43,9 +43,9 @@ def run_roclip(argv: list[str]) -> Any:
 
 def poisoned_digits(root: Path) -> Any:
     """160 digit pairs (2 targeted captions of 4, 4 backdoored) in memory: a tensor-path run."""
-    from roclip_kit.attacks import poison_dataset
-    from roclip_kit.datasets import build_captioned_dataset
-    from roclip_kit.tensor_data import load_poisoned
+    from roclip_kit.attack.poison import poison_dataset
+    from roclip_kit.data.datasets import build_captioned_dataset
+    from roclip_kit.data.tensors import load_poisoned
 
     build_captioned_dataset("digits", root / "digits", seed=0, train_limit=160, test_limit=40)
     poison_dataset(

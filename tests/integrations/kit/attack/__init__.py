@@ -1,0 +1,1 @@
+"""Tests of the kit's attack room (roclip_kit.attack)."""

@@ -1,0 +1,1 @@
+"""Tests of the kit's demo room (roclip_kit.demo)."""

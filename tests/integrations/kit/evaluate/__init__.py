@@ -1,0 +1,1 @@
+"""Tests of the kit's evaluate room (roclip_kit.evaluate)."""

@@ -1,0 +1,1 @@
+"""Tests of the kit's train room (roclip_kit.train)."""

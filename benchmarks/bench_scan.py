@@ -32,11 +32,12 @@ point of), unless the runs folder holds it already.
 
 Why 5% by default: a user picks the fraction without knowing the poison count. The attacks
 measured here put 1.6% to 2.6% of the pairs in poison (960 targeted rows, a backdoor of 0.05%
-to 1%), and the combined score's precision at the poison count was 0.4 to 0.6 in the scans of
-docs/scan.md, so a cut at the poison share would leave about half of it; attack success needs
-only a few of a target's captions to stay. Dropping 5% reaches well past the poison share at a
-price a CLIP run on abundant data can pay (about 3,000 of 61,000 mostly clean pairs). The
-output also gives the poison recall at 1%, 2%, 5% and 10% of the pairs, for choosing another.
+to 1%), and the combined score's precision at the poison count was 0.37 to 0.61 for the
+targeted rows and 0.05 to 0.37 for the backdoor in the scans of docs/scan.md, so a cut at the
+poison share would leave half of it or more; attack success needs only a few of a target's
+captions to stay. Dropping 5% reaches well past the poison share at a price a CLIP run on
+abundant data can pay (about 3,000 of 61,000 mostly clean pairs). The output also gives the
+poison recall at 1%, 2%, 5% and 10% of the pairs, for choosing another.
 """
 
 from __future__ import annotations

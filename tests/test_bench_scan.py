@@ -100,3 +100,27 @@ def test_drop_fraction_outside_zero_one_is_refused(capsys: pytest.CaptureFixture
     with pytest.raises(SystemExit):
         bs.parse_args(["--retrain", "--drop-fraction", "1.5"])
     assert "--drop-fraction must be above 0 and below 1" in capsys.readouterr().err
+
+
+def test_retrain_with_a_checkpoint_trains_no_clip_and_keeps_a_saved_floor(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--checkpoint: that model is scanned; a clip-clean row in --runs-dir is not trained again."""
+    first = tmp_path / "first"
+    assert bs.main(["--quick", "--out", str(first), "--threads", "1"]) == 0
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    floor = {"dataset": "digits", "seed": 0, "rate": 0.05, "variant": "clip-clean"}
+    floor |= {"zero_shot": 0.5, "targeted_asr": 0.0, "backdoor_asr": 0.0}
+    (runs / "digits-s0-r0.05-clip-clean.json").write_text(json.dumps(floor))
+    checkpoint = first / "digits-s0-r0.05" / "clip.pt"
+    argv = ["--quick", "--out", str(tmp_path / "out"), "--threads", "1", "--retrain", "--floor"]
+    assert bs.main([*argv, "--checkpoint", str(checkpoint), "--runs-dir", str(runs)]) == 0
+    printed = capsys.readouterr().out
+    assert {p.name for p in runs.iterdir()} == {
+        "digits-s0-r0.05-clip-clean.json",
+        "digits-s0-r0.05-scan-filter.json",
+    }
+    assert json.loads((runs / "digits-s0-r0.05-clip-clean.json").read_text()) == floor
+    assert "| digits | 5% | clip-clean | 1 | 50.0 |" in printed
+    assert "| digits | 5% | clip |" not in printed

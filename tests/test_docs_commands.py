@@ -111,6 +111,10 @@ KINDS = {
     "--out scan": "external",
     "torchrun --nproc-per-node 4 -m roclip_plugin.cli scan --checkpoint runs/clip/final.pt "
     "--shards '/data/laion/{00000..00099}.tar' --out scan --threads 1": "external",
+    "python benchmarks/bench_scan.py --datasets fashion-mnist --rates 0.001 --retrain --floor "
+    "--threads 1 --out scan-retrain": "slow",
+    "python benchmarks/bench_scan.py --datasets fashion-mnist --rates 0.001 --retrain "
+    "--runs-dir robustness-cpu/runs --out scan-retrain": "slow",
     # docs/results.md
     "python benchmarks/bench_robustness.py --out robustness-cpu --datasets mnist fashion-mnist "
     "--seeds 0 1 2 --rates 0.001 --variants clip roclip --ablations --beyond": "slow",

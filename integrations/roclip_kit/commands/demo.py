@@ -25,6 +25,7 @@ from roclip_kit.demo.settings import (
     TRAINERS,
     TRIGGER_KINDS,
     DemoSettings,
+    defense_verb,
     scale_text,
     scaled_flags,
 )
@@ -197,27 +198,18 @@ def run_demo_command(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def _defended_verb(results: dict[str, Any]) -> str:
-    """``matched`` for the paper's matching, ``defended`` where risky pairs are dropped (robust)."""
-    flags = dict((results.get("settings") or {}).get("roclip_flags") or {})
-    try:
-        action = RoClipConfig.from_preset(flags.pop("preset", "default"), **flags).match_action
-    except (TypeError, ValueError):  # a results file of another version: say what it did
-        return "defended"
-    return "matched" if action == "match" else "defended"
-
-
 def results_table(results: dict[str, Any]) -> Table:
     """One row per run: clean accuracy, attack success, detection, time (fits 80 columns)."""
     data = results["dataset"]
     poison = results["poison"]
     matching = next((r["matching_epochs"] for r in results["runs"] if r["roclip"]), [])
+    verb = defense_verb((results.get("settings") or {}).get("roclip_flags"))
     captions = captions_text(poison["captions_per_target"])
     table = Table(
         title=f"{data['name']}: {data['train']} training images, {poison['poisoned_rows']} "
         f"poisoned ({poison['targets']} targets x {captions} captions, "
         f"backdoor on {100 * poison['backdoor_rate']:.2f}%)",
-        caption=f"RoCLIP {_defended_verb(results)} in epochs "
+        caption=f"RoCLIP {verb} in epochs "
         f"{', '.join(map(str, matching)) or 'none'} (1-based). "
         "ASR: attack success rate. purity: matched captions of the image's class. detect: "
         "precision / recall of the most suspicious rows. s: training seconds."

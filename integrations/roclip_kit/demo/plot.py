@@ -52,6 +52,7 @@ class Chart:
     title: str
     series: list[Series]
     shaded_epochs: Sequence[int] = field(default_factory=tuple)
+    shade_label: str = SHADE_LABEL
     x_label: str = "epoch"
     y_label: str = "attack success"
 
@@ -101,7 +102,7 @@ def build_figure(chart: Chart) -> Figure:
     figure = _import_figure()(figsize=SIZE_INCHES, dpi=DPI)
     axes = figure.add_subplot()
     for epoch in chart.shaded_epochs:  # a whole epoch wide, like a bar
-        label = SHADE_LABEL if epoch == chart.shaded_epochs[0] else None
+        label = chart.shade_label if epoch == chart.shaded_epochs[0] else None
         axes.axvspan(epoch - 0.5, epoch + 0.5, color=_rgb(SHADE), zorder=0, label=label)
     for index, series in enumerate(chart.series):
         epochs = sorted(series.values)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from roclip_kit.demo.plot import Chart, PlotUnavailable, Series, draw_chart
+from roclip_kit.demo.plot import SHADE_LABEL, Chart, PlotUnavailable, Series, draw_chart
 
 
 @dataclass
@@ -144,8 +144,12 @@ def plot_attack_success(
     *,
     say: Say = print,
     eval_images: int | None = None,
+    shade_label: str = SHADE_LABEL,
 ) -> Path | None:
-    """Attack success, clean zero-shot and matching purity per epoch; matching shaded.
+    """Attack success, clean zero-shot and matching purity per epoch; defended epochs shaded.
+
+    ``shade_label`` names the shaded epochs in the legend (the demo passes what its RoCLIP run
+    did there: matched, or defended by dropping the risky pairs).
 
     ``eval_images``: the test images of each per-epoch check (the demo's ``eval_limit``; None:
     the whole test split), written under the axis so the lines are not read as final figures.
@@ -179,6 +183,7 @@ def plot_attack_success(
         shaded,
         x_label=f"epoch (each epoch checked on {checked})",
         y_label="share of images",
+        shade_label=shade_label,
     )
     try:
         return draw_chart(chart, path)

@@ -43,6 +43,7 @@ from roclip_kit.demo.settings import (
     RESULT_ENTRIES,
     RESULTS_FILE,
     DemoSettings,
+    defense_verb,
 )
 
 
@@ -155,7 +156,10 @@ def _poison_train_evaluate(
         "wall_seconds": time.perf_counter() - start,
     }
     _write_json(out / RESULTS_FILE, results)
-    plot_attack_success(runs, out / PLOT_FILE, dataset.name, say=say, eval_images=s.eval_limit)
+    label = f"RoCLIP {defense_verb(s.roclip_flags)}"
+    plot_attack_success(
+        runs, out / PLOT_FILE, dataset.name, say=say, eval_images=s.eval_limit, shade_label=label
+    )
     return results
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from roclip_plugin.config import preset_name
+from roclip_plugin.config import RoClipConfig, preset_name
 
 RESULTS_FILE = "results.json"
 PLOT_FILE = "attack_success.png"
@@ -300,3 +300,18 @@ def _check_model(model: str, trainer: str) -> None:
             f"--model {model!r} is not a model preset of --trainer {trainer}; choose one of "
             f"{', '.join(presets)}"
         )
+
+
+def defense_verb(roclip_flags: Mapping[str, Any] | None) -> str:
+    """What RoCLIP did in its defended epochs, as the table and the plot say it.
+
+    ``matched`` for the paper's matching (risky pairs re-paired with pool captions), ``defended``
+    for every other action (the default drops the risky pairs): a reader of the robust default's
+    output must not be told its images were matched.
+    """
+    flags = dict(roclip_flags or {})
+    try:
+        action = RoClipConfig.from_preset(flags.pop("preset", "default"), **flags).match_action
+    except (TypeError, ValueError):  # a results file of another version: say what it did
+        return "defended"
+    return "matched" if action == "match" else "defended"

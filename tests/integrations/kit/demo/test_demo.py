@@ -348,6 +348,11 @@ def test_demo_plot_shows_attack_success_zero_shot_and_purity(tmp_path: Path, mon
     assert chart.y_label == "share of images" and "all test images" in chart.x_label
     demo.plot_attack_success(_plotted_runs(), tmp_path / PLOT_FILE, "digits", eval_images=1000)
     assert "checked on 1,000 test images" in charts[-1].x_label
+    assert chart.shade_label == "RoCLIP matching"  # the label when the caller names none
+    demo.plot_attack_success(
+        _plotted_runs(), tmp_path / PLOT_FILE, "digits", shade_label="RoCLIP defended"
+    )
+    assert charts[-1].shade_label == "RoCLIP defended"
 
 
 def test_demo_without_matplotlib_skips_the_plot_and_says_how_to_get_it(
@@ -454,13 +459,14 @@ def test_the_scales_pool_is_fitted_to_a_small_dataset_and_a_given_pool_is_kept()
 
 def test_a_preset_that_drops_says_defended_not_matched() -> None:
     """robust re-pairs no caption: its epochs and table say "defended"; paper's say "matched"."""
-    from roclip_kit.commands.demo import _defended_verb
     from roclip_kit.demo.run import _epoch_line
+    from roclip_kit.demo.settings import defense_verb
 
     line = {"run": "RoCLIP", "epoch": 2, "zero_shot": 0.5, "matching": True}
     assert "epoch 2 (defended):" in _epoch_line(line | {"action": "drop"})
     assert "epoch 2 (matching):" in _epoch_line(line | {"action": "match"})
     assert "(" not in _epoch_line(line | {"matching": False, "action": "drop"}).split(":")[0]
-    robust = {"settings": {"roclip_flags": {"pool_size": 64}}}  # the default preset
-    paper = {"settings": {"roclip_flags": {"preset": "paper", "pool_size": 64}}}
-    assert (_defended_verb(robust), _defended_verb(paper)) == ("defended", "matched")
+    robust = {"pool_size": 64}  # the default preset
+    paper = {"preset": "paper", "pool_size": 64}
+    assert (defense_verb(robust), defense_verb(paper)) == ("defended", "matched")
+    assert defense_verb({"preset": "no-such-preset"}) == "defended"  # another version's file

@@ -48,6 +48,10 @@ def test_figure_holds_every_series_with_its_values_style_and_colour() -> None:
     assert axes.yaxis.get_major_formatter()(0.4, 0) == "40%"
     legend = [text.get_text() for text in axes.get_legend().get_texts()]
     assert legend == [SHADE_LABEL, "a", "b"]
+    chart = _chart()
+    chart.shade_label = "RoCLIP defended"
+    legend = [t.get_text() for t in build_figure(chart).axes[0].get_legend().get_texts()]
+    assert legend == ["RoCLIP defended", "a", "b"]
 
 
 def test_each_matching_epoch_is_shaded_one_epoch_wide() -> None:

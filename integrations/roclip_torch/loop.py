@@ -13,7 +13,7 @@ model accepts (tensors, or lists/dicts of tensors, moved to the device as they a
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ from roclip_torch.checkpoint import (
 )
 from roclip_torch.features import is_data_parallel, model_device, unwrap
 from roclip_torch.report import make_progress, summary_table
+from roclip_torch.summary import EpochSummary
 
 CHECKPOINT_FORMAT = "roclip_torch.loop/1"
 
@@ -99,47 +100,6 @@ class TrainSettings:
 def _require(name: str, value: Any, ok: bool, allowed: str) -> None:
     if not ok:
         raise ValueError(f"TrainSettings.{name}: invalid value {value!r}; allowed: {allowed}")
-
-
-@dataclass(frozen=True)
-class EpochSummary:
-    """What one epoch did, over every rank (what the table shows; kept in checkpoints).
-
-    Attributes:
-        epoch: 0-based epoch.
-        steps: optimiser steps of the epoch.
-        loss: mean loss over steps and ranks.
-        matching: whether the schedule started the epoch as a matching one.
-        matching_steps: steps that actually matched (0 while the pool is empty; with
-            ``period_steps`` the schedule may switch inside an epoch).
-        pool_fill: valid pool rows at the end of the epoch.
-        pool_size: pool capacity.
-        matched_similarity: mean image / matched-caption cosine similarity (NaN: no matching).
-        own_similarity: mean image / own-caption cosine similarity in matching steps.
-        suspicious: images whose margin exceeded ``suspicious_margin`` (poison candidates).
-        lr: learning rate of the first parameter group at the end of the epoch.
-    """
-
-    epoch: int
-    steps: int
-    loss: float
-    matching: bool
-    matching_steps: int
-    pool_fill: int
-    pool_size: int
-    matched_similarity: float
-    own_similarity: float
-    suspicious: int
-    lr: float
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-dict form (checkpoints hold no custom classes)."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> EpochSummary:
-        """Inverse of :meth:`to_dict`."""
-        return cls(**{f.name: data[f.name] for f in fields(cls)})
 
 
 class Trainer:

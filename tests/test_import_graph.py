@@ -125,7 +125,7 @@ def test_the_graph_sees_real_imports_and_skips_type_only_ones() -> None:
     assert {"roclip_plugin.builtins", "roclip_plugin.hookspecs"} <= graph["roclip_plugin.plugins"]
     assert "roclip_plugin.augment" in graph["roclip_plugin.builtins"]
     assert "roclip_plugin.augment.keys" in graph["roclip_plugin.augment.policy"]
-    assert "roclip_plugin.demo" in graph["roclip_plugin.cli"]  # a lazy import inside a function
+    assert "roclip_plugin.smoke" in graph["roclip_plugin.cli"]  # a lazy import inside a function
     # hookspecs names the defense's types under TYPE_CHECKING only
     assert "roclip_plugin.defense" not in graph["roclip_plugin.hookspecs"]
 

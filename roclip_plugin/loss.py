@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from roclip_plugin.config import DUPLICATE_MATCHES
-from roclip_plugin.distributed import all_gather_ints, all_gather_rows
+from roclip_plugin.distributed import all_gather_ints, all_gather_rows, rank_and_world_size
 from roclip_plugin.matching import (
     Matcher,
     autocast_disabled,
@@ -67,10 +67,8 @@ class DistInfo:
         dist_impl: str | None = None,
     ) -> DistInfo:
         """Rank and world size of the initialised process group, else a single process."""
-        if dist.is_available() and dist.is_initialized():
-            rank, world = dist.get_rank(), dist.get_world_size()
-            return cls(rank, world, local_loss, gather_with_grad, dist_impl)
-        return cls(0, 1, local_loss, gather_with_grad, dist_impl)
+        rank, world = rank_and_world_size()
+        return cls(rank, world, local_loss, gather_with_grad, dist_impl)
 
 
 @dataclass(frozen=True)

@@ -15,12 +15,12 @@ import csv
 import difflib
 import json
 import math
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from roclip_openclip.openclip_api import GET_MODEL_CONFIG, LIST_MODELS, PARSE_KWARGS_CALL
+from roclip_plugin.distributed import launch_world_size
 from roclip_plugin.validation import check_device
 
 REMOTE_PREFIXES = ("hf-hub:",)
@@ -187,7 +187,7 @@ def check_train_data(args: Any) -> None:
             f"--train-data {path} cannot be read ({err.strerror or err}); check its permissions"
         ) from None
     check_columns(args, path)
-    world = _world_size()
+    world = launch_world_size()
     per_process = rows // world
     if per_process < args.batch_size:
         where = f" per process ({world} processes)" if world > 1 else ""
@@ -230,9 +230,3 @@ def check_columns(args: Any, path: Path) -> None:
             )
 
 
-def _world_size() -> int:
-    """Processes of a torchrun launch (``WORLD_SIZE``); 1 when unset or unreadable."""
-    try:
-        return max(int(os.environ.get("WORLD_SIZE", "1")), 1)
-    except ValueError:
-        return 1

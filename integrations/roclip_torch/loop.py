@@ -29,6 +29,7 @@ from roclip_plugin import RoClipConfig
 from roclip_plugin.distributed import (
     all_gather_objects,
     all_reduce_sum,
+    rank_and_world_size,
     rng_state,
     set_rng_state,
 )
@@ -145,7 +146,7 @@ class Trainer:
         self.module = unwrap(model)
         self.device = torch.device(device) if device else model_device(model) or torch.device("cpu")
         model.to(self.device)  # in place: the optimiser keeps the same parameters
-        self.rank, self.world_size = _rank_and_world()
+        self.rank, self.world_size = rank_and_world_size()
         if self.world_size > 1 and not settings.drop_last:
             raise ValueError(
                 "Trainer: drop_last=False under torch.distributed; the caption pool gathers "
@@ -391,12 +392,6 @@ class Trainer:
             )
             return
         set_rng_state(rngs[self.rank])
-
-
-def _rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:

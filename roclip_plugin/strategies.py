@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import Field, dataclass, fields
 from typing import Any
 
 import torch
@@ -104,6 +104,7 @@ def pools(
         start = max(start, 1)
     return PoolCase(pool, rows[: max(start, 1)])
 
+
 NON_INTEGERS = ("", "x", "1.5", "1e3", "nan", "inf", "0x10", "--", "ten")
 NON_NUMBERS = ("", "x", "1,5", "one", "--", "0..1", "1e", "nanx")
 
@@ -139,65 +140,48 @@ def not_in(choices: Sequence[str]) -> st.SearchStrategy[str]:
     ) | st.just("")
 
 
-def bad_roclip_values() -> dict[str, st.SearchStrategy[str]]:
-    """Bad command-line values of every ``--roclip-*`` flag, by flag (ranges of RoClipConfig).
+# Registered names that no registry holds (spellings close to the built-in names)
+_BAD_NAMES = {
+    "image_aug": ("", " ", "bogus", "roclip ", "Roclip"),
+    "text_aug": ("", " ", "bogus", "EDA", "eda "),
+    "risk_score": ("", " "),
+}
 
-    Registered augmentation names and synonym sources that exist on another machine (NLTK's
-    WordNet) are not drawn: only values no machine accepts.
+
+def bad_roclip_values() -> dict[str, st.SearchStrategy[str]]:
+    """Bad command-line values of every ``--roclip-*`` flag, by flag.
+
+    Drawn outside what each field of RoClipConfig declares it allows (its choices or range,
+    read from the field's metadata). Registered augmentation names and synonym sources that
+    exist on another machine (NLTK's WordNet) are not drawn: only values no machine accepts.
     """
     from roclip_plugin import config as c
 
-    int32 = 2**31 - 1
-    values = {
-        "preset": not_in(c.PRESETS),
-        "pool_size": bad_ints(1, int32),
-        "rematch_every": bad_ints(1, int32),
-        "first_rematch_epoch": bad_ints(0, int32).filter(lambda t: t.lower() != "none"),
-        "warmup_fraction": bad_reals(0.0, 1.0, high_open=True).filter(lambda t: t != "none"),
-        "schedule": not_in(c.SCHEDULES),
-        "ramp_final_every": bad_ints(1, RoClipConfig().rematch_every),
-        "adaptive_threshold": bad_reals(0.0, 1.0, low_open=True),
-        "period_steps": bad_ints(0, int32),
-        "pool_update": not_in(c.POOL_UPDATES),
-        "match_fraction": bad_reals(0.0, 1.0, low_open=True),
-        # with a match_fraction of 1 (the paper's), drop would leave nothing to train on
-        "match_action": not_in(c.MATCH_ACTIONS)
-        | (
-            st.sampled_from(("drop", "unimodal", "weight"))
-            if RoClipConfig().match_fraction >= 1
-            else st.nothing()
-        ),
-        "duplicate_matches": not_in(c.DUPLICATE_MATCHES),
-        "precision": not_in(c.PRECISIONS),
-        "matcher": not_in(c.MATCHERS),
-        "match_chunk_size": bad_ints(0, int32),
-        "ivf_nlist": bad_ints(1, int32),
-        "ivf_nprobe": bad_ints(1, int32),
-        "seed": bad_ints(0, 2**63 - 1),
-        "suspicious_margin": bad_reals(0.0, 2.0),
-        "image_aug": st.sampled_from(("", " ", "bogus", "roclip ", "Roclip")),
-        "text_aug": st.sampled_from(("", " ", "bogus", "EDA", "eda ")),
-        "image_aug_refresh": not_in(c.AUG_REFRESH),
-        "text_aug_refresh": not_in(c.AUG_REFRESH),
-        "eda_alpha": bad_reals(0.0, 1.0),
-        "eda_p": bad_reals(0.0, 1.0),
-        "eda_synonyms": not_in(c.SYNONYM_SOURCES),
-        "risk_score": st.sampled_from(("", " ")),
-        "risk_split": not_in(c.RISK_SPLITS),
-        "risk_weight": bad_reals(0.0, 1.0, high_open=True),
-        "history_slots": bad_ints(0, 2**40),
-        "history_decay": bad_reals(0.0, 1.0, low_open=True),
-        "density_k": bad_ints(1, int32),
-        "image_bank_size": bad_ints(1, int32),
-        "gmm_threshold": bad_reals(0.0, 1.0, low_open=True),
-        "gmm_window": bad_ints(4, int32),
-        "safe_share_start": bad_reals(0.0, 1.0),
-        "safe_share_growth": bad_reals(0.0, 1.0),
-        "unimodal_warmup_epochs": bad_ints(0, int32),
-    }
-    missing = set(c.field_names()) - set(values)
-    assert not missing, f"no bad values for RoCLIP fields {sorted(missing)}: add them here"
+    values = {"preset": not_in(c.PRESETS)}
+    for f in fields(RoClipConfig):
+        values[f.name] = _outside(f)
+    # with a match_fraction of 1 (the paper's), drop would leave nothing to train on
+    if RoClipConfig().match_fraction >= 1:
+        values["match_action"] |= st.sampled_from(("drop", "unimodal", "weight"))
     return {c.FLAG_PREFIX + name.replace("_", "-"): strategy for name, strategy in values.items()}
+
+
+def _outside(f: Field[Any]) -> st.SearchStrategy[str]:
+    """Command-line text outside what field ``f`` allows (``none`` too, unless it may be None)."""
+    from roclip_plugin.config import Ints, Reals
+
+    allowed, choices = f.metadata["allowed"], f.metadata["choices"]
+    if choices:
+        return not_in(choices)
+    if isinstance(allowed, Ints):
+        strategy = bad_ints(*allowed.bounds(RoClipConfig()))
+    elif isinstance(allowed, Reals):
+        bounds = {"low_open": allowed.low_open, "high_open": allowed.high_open}
+        strategy = bad_reals(allowed.low, allowed.high, **bounds)
+    else:
+        return st.sampled_from(_BAD_NAMES[f.name])
+    return strategy.filter(lambda t: t.lower() != "none") if "None" in str(f.type) else strategy
+
 
 def bad_input_settings(max_examples: int = 5) -> Any:
     """Hypothesis settings for bad-input tests: few examples, no deadline, the same each run.
@@ -211,6 +195,7 @@ def bad_input_settings(max_examples: int = 5) -> Any:
         derandomize=True,
         suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
     )
+
 
 # -- fuzzing every flag of a command ------------------------------------------------------------
 #
@@ -310,6 +295,7 @@ def bad_flag_values(
     empty = empty_values(flag).map(lambda words: (words, empty_refused))
     odd = odd_values(action).map(lambda value: ([f"{flag}={value}"], False))
     return st.one_of(wrong, empty, odd)
+
 
 def fuzz_settings(max_examples: int) -> Any:
     """Hypothesis settings of the flag fuzz: ``bad_input_settings`` with its own budget.

@@ -155,6 +155,7 @@ def check_matcher(matcher: Matcher, *, max_examples: int = 60, dim: int = 8) -> 
 
     run()
 
+
 # -- commands refuse bad input ------------------------------------------------------------------
 #
 # A command that refuses bad input exits 2 with one line naming the flag (never a
@@ -207,6 +208,7 @@ def snapshot(*paths: Path) -> dict[str, tuple[int, str]]:
                 files[str(path)] = (len(data), hashlib.sha256(data).hexdigest())
     return files
 
+
 def shown_defaults(parser: argparse.ArgumentParser) -> dict[str, str]:
     """Each option's default as its ``--help`` shows it: ``{"--epochs": "10", ...}``.
 
@@ -256,6 +258,7 @@ def assert_help_shows_defaults(parser: argparse.ArgumentParser) -> None:
         if flag not in shown or action.default in (None, argparse.SUPPRESS):
             continue
         assert shown[flag] == as_shown(action.default), f"{flag}: help says {shown[flag]!r}"
+
 
 def assert_clean_exit(result: CommandResult, flag: str) -> None:
     """Exit 0 or 2 and no traceback; an exit 2 has exactly one ``error:`` line naming ``flag``.

@@ -54,7 +54,7 @@ def smoke_defaults(pairs: int) -> dict[str, Any]:
 
 def _smoke_default_text() -> dict[str, str]:
     """What the smoke's help says of the defaults that depend on ``--train``."""
-    from roclip_plugin.demo import DemoSettings
+    from roclip_plugin.smoke import DemoSettings
 
     base = DemoSettings(train=SMOKE_TRAIN)
     pool = smoke_defaults(base.pairs)["pool_size"]
@@ -167,8 +167,8 @@ def _flags(args: argparse.Namespace, console: Console) -> int:
 
 def _smoke(args: argparse.Namespace, console: Console) -> int:
     from roclip_plugin.augment import check_policy_names
-    from roclip_plugin.demo import DemoSettings, run_demo
     from roclip_plugin.matching import check_matcher_settings
+    from roclip_plugin.smoke import DemoSettings, run_demo
 
     json_path = check_output_file(args.json, "--json")
     settings = DemoSettings(

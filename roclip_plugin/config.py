@@ -31,8 +31,48 @@ SYNONYM_SOURCES = ("auto", "nltk", "wordnet", "table", "off")
 _INT32_MAX = 2**31 - 1
 
 
-def _meta(help_text: str, choices: Sequence[str] | None = None) -> dict[str, Any]:
-    return {"help": help_text, "choices": tuple(choices) if choices else None}
+@dataclass(frozen=True)
+class Ints:
+    """A field's integer range ``[low, high]``; ``high`` may name the field that bounds it."""
+
+    low: int
+    high: int | str = _INT32_MAX
+
+    def bounds(self, config: Any) -> tuple[int, int]:
+        """``(low, high)`` for ``config`` (a named ``high`` read from it)."""
+        high = getattr(config, self.high) if isinstance(self.high, str) else self.high
+        return self.low, high
+
+
+@dataclass(frozen=True)
+class Reals:
+    """A field's interval of finite numbers, each end closed unless said open."""
+
+    low: float
+    high: float
+    low_open: bool = False
+    high_open: bool = False
+
+
+@dataclass(frozen=True)
+class Registered:
+    """A field naming something a registry holds (checked when the registry is built)."""
+
+
+Allowed = Ints | Reals | Registered
+
+
+def _meta(
+    help_text: str, choices: Sequence[str] | None = None, allowed: Allowed | None = None
+) -> dict[str, Any]:
+    """A field's help and what values it allows: ``choices``, or a range or registered name.
+
+    Declared beside the field, once: :meth:`RoClipConfig.__post_init__` checks what it says,
+    the flags offer the choices, and the bad-input strategies draw outside it.
+    """
+    if (choices is None) == (allowed is None):
+        raise TypeError("a RoClipConfig field declares either its choices or what it allows")
+    return {"help": help_text, "choices": tuple(choices) if choices else None, "allowed": allowed}
 
 
 @dataclass(frozen=True)
@@ -44,23 +84,30 @@ class RoClipConfig:
 
     pool_size: int = field(
         default=21845,
-        metadata=_meta("Caption pool capacity in embeddings (the authors' default is 21845)."),
+        metadata=_meta(
+            "Caption pool capacity in embeddings (the authors' default is 21845).", allowed=Ints(1)
+        ),
     )
     rematch_every: int = field(
-        default=1, metadata=_meta("Period K: a matching epoch every K epochs (or step blocks).")
+        default=1,
+        metadata=_meta(
+            "Period K: a matching epoch every K epochs (or step blocks).", allowed=Ints(1)
+        ),
     )
     first_rematch_epoch: int | None = field(
         default=1,
         metadata=_meta(
             "0-based index of the first matching epoch; 'none' uses the authors' numbering "
-            "(1-based epochs matching when epoch % K == 0, i.e. first = K-1)."
+            "(1-based epochs matching when epoch % K == 0, i.e. first = K-1).",
+            allowed=Ints(0),
         ),
     )
     warmup_fraction: float | None = field(
         default=None,
         metadata=_meta(
             "If set, the first matching epoch is ceil(fraction * total epochs); overrides "
-            "first_rematch_epoch and needs the run length."
+            "first_rematch_epoch and needs the run length.",
+            allowed=Reals(0.0, 1.0, high_open=True),
         ),
     )
     schedule: str = field(
@@ -73,20 +120,26 @@ class RoClipConfig:
         ),
     )
     ramp_final_every: int = field(
-        default=1, metadata=_meta("Matching period reached at the end of a ramp schedule.")
+        default=1,
+        metadata=_meta(
+            "Matching period reached at the end of a ramp schedule.",
+            allowed=Ints(1, "rematch_every"),
+        ),
     )
     adaptive_threshold: float = field(
         default=0.5,
         metadata=_meta(
             "Adaptive schedule: epoch-mean in-batch image-to-text retrieval accuracy that "
-            "starts matching."
+            "starts matching.",
+            allowed=Reals(0.0, 1.0, low_open=True),
         ),
     )
     period_steps: int = field(
         default=0,
         metadata=_meta(
             "0: the schedule counts epochs; N > 0: it counts blocks of N optimiser steps "
-            "(for runs with few long epochs)."
+            "(for runs with few long epochs).",
+            allowed=Ints(0),
         ),
     )
     pool_update: str = field(
@@ -102,7 +155,8 @@ class RoClipConfig:
             "Share of a defended (matching) step's pairs judged risky and acted on "
             "(match_action): 1 with match (the paper) re-pairs every image with its nearest "
             "pool caption; below 1, the riskiest pairs of the global batch by risk_score, the "
-            "rest keep their own caption. With the gmm split: the largest risky share."
+            "rest keep their own caption. With the gmm split: the largest risky share.",
+            allowed=Reals(0.0, 1.0, low_open=True),
         ),
     )
     match_action: str = field(
@@ -123,7 +177,8 @@ class RoClipConfig:
             "minus the own caption's), cosine (the pair's own cosine, low is risky), history "
             "(per-sample memory of the within-batch z-scored own cosine, needs sample ids), "
             "density (closeness of the image to its k-th nearest recent image), or a "
-            "plugin's."
+            "plugin's.",
+            allowed=Registered(),
         ),
     )
     risk_split: str = field(
@@ -138,49 +193,70 @@ class RoClipConfig:
     )
     risk_weight: float = field(
         default=0.1,
-        metadata=_meta("match_action weight: the weight of a risky pair's CLIP terms."),
+        metadata=_meta(
+            "match_action weight: the weight of a risky pair's CLIP terms.",
+            allowed=Reals(0.0, 1.0, high_open=True),
+        ),
     )
     history_slots: int = field(
         default=0,
         metadata=_meta(
             "Per-sample history table size (2 bytes a slot, slot = sample id mod slots); 0: "
-            "the samples of an epoch where the trainer says, else 1048576."
+            "the samples of an epoch where the trainer says, else 1048576.",
+            allowed=Ints(0, 2**40),
         ),
     )
     history_decay: float = field(
         default=0.5,
-        metadata=_meta("Per-sample history: weight of the newest visit in the moving average."),
+        metadata=_meta(
+            "Per-sample history: weight of the newest visit in the moving average.",
+            allowed=Reals(0.0, 1.0, low_open=True),
+        ),
     )
     density_k: int = field(
-        default=16, metadata=_meta("density risk score: the neighbour whose distance counts.")
+        default=16,
+        metadata=_meta("density risk score: the neighbour whose distance counts.", allowed=Ints(1)),
     )
     image_bank_size: int = field(
         default=4096,
         metadata=_meta(
-            "Recent image embeddings kept for the density score and the unimodal terms."
+            "Recent image embeddings kept for the density score and the unimodal terms.",
+            allowed=Ints(1),
         ),
     )
     gmm_threshold: float = field(
         default=0.9,
-        metadata=_meta("gmm split: posterior of the low-risk component from which a pair is safe."),
+        metadata=_meta(
+            "gmm split: posterior of the low-risk component from which a pair is safe.",
+            allowed=Reals(0.0, 1.0, low_open=True),
+        ),
     )
     gmm_window: int = field(
         default=16384,
-        metadata=_meta("gmm split: the latest risks (pairs) the mixture is fitted to."),
+        metadata=_meta(
+            "gmm split: the latest risks (pairs) the mixture is fitted to.", allowed=Ints(4)
+        ),
     )
     safe_share_start: float = field(
         default=0.0,
-        metadata=_meta("gmm split: smallest safe share of a batch in the first defended epoch."),
+        metadata=_meta(
+            "gmm split: smallest safe share of a batch in the first defended epoch.",
+            allowed=Reals(0.0, 1.0),
+        ),
     )
     safe_share_growth: float = field(
         default=0.0,
-        metadata=_meta("gmm split: added to the smallest safe share each defended epoch."),
+        metadata=_meta(
+            "gmm split: added to the smallest safe share each defended epoch.",
+            allowed=Reals(0.0, 1.0),
+        ),
     )
     unimodal_warmup_epochs: int = field(
         default=0,
         metadata=_meta(
             "Epochs at the start trained with the unimodal terms only (SafeCLIP's warm-up): "
-            "nothing is linked across modalities before risk can be judged."
+            "nothing is linked across modalities before risk can be judged.",
+            allowed=Ints(0),
         ),
     )
     duplicate_matches: str = field(
@@ -213,16 +289,26 @@ class RoClipConfig:
     )
     match_chunk_size: int = field(
         default=0,
-        metadata=_meta("Pool rows scored per chunk; 0 picks a size bounded by ~256 MiB."),
+        metadata=_meta(
+            "Pool rows scored per chunk; 0 picks a size bounded by ~256 MiB.", allowed=Ints(0)
+        ),
     )
-    ivf_nlist: int = field(default=1024, metadata=_meta("faiss-ivf: number of inverted lists."))
-    ivf_nprobe: int = field(default=32, metadata=_meta("faiss-ivf: lists visited per query."))
-    seed: int = field(default=0, metadata=_meta("Seed for the defense's own randomness."))
+    ivf_nlist: int = field(
+        default=1024, metadata=_meta("faiss-ivf: number of inverted lists.", allowed=Ints(1))
+    )
+    ivf_nprobe: int = field(
+        default=32, metadata=_meta("faiss-ivf: lists visited per query.", allowed=Ints(1))
+    )
+    seed: int = field(
+        default=0,
+        metadata=_meta("Seed for the defense's own randomness.", allowed=Ints(0, 2**63 - 1)),
+    )
     suspicious_margin: float = field(
         default=0.2,
         metadata=_meta(
             "Reports: a pair is a poison candidate when its matched caption is this much more "
-            "similar (cosine) to the image than its own caption."
+            "similar (cosine) to the image than its own caption.",
+            allowed=Reals(0.0, 2.0),
         ),
     )
     image_aug: str = field(
@@ -230,14 +316,16 @@ class RoClipConfig:
         metadata=_meta(
             "Image augmentation, by registered name: roclip (the authors' resized crop, flip, "
             "colour jitter, grayscale and blur, before the model's preprocessing), none, or a "
-            "plugin's."
+            "plugin's.",
+            allowed=Registered(),
         ),
     )
     text_aug: str = field(
         default="eda",
         metadata=_meta(
             "Text augmentation, by registered name: eda (one of synonym replacement, random "
-            "insertion, swap or deletion per caption), none, or a plugin's."
+            "insertion, swap or deletion per caption), none, or a plugin's.",
+            allowed=Registered(),
         ),
     )
     image_aug_refresh: str = field(
@@ -260,11 +348,15 @@ class RoClipConfig:
         default=0.1,
         metadata=_meta(
             "EDA: synonym replacement, insertion and swap change max(1, int(alpha * words)) "
-            "of the caption's words."
+            "of the caption's words.",
+            allowed=Reals(0.0, 1.0),
         ),
     )
     eda_p: float = field(
-        default=0.1, metadata=_meta("EDA: random deletion drops each word with this probability.")
+        default=0.1,
+        metadata=_meta(
+            "EDA: random deletion drops each word with this probability.", allowed=Reals(0.0, 1.0)
+        ),
     )
     eda_synonyms: str = field(
         default="auto",
@@ -277,54 +369,9 @@ class RoClipConfig:
     )
 
     def __post_init__(self) -> None:
-        _check_int(self, "pool_size", low=1, high=_INT32_MAX)
-        _check_int(self, "rematch_every", low=1, high=_INT32_MAX)
-        if self.first_rematch_epoch is not None:
-            _check_int(self, "first_rematch_epoch", low=0, high=_INT32_MAX)
-        if self.warmup_fraction is not None:
-            _check_float(self, "warmup_fraction", low=0.0, high=1.0, high_open=True)
-        _check_choice(self, "schedule", SCHEDULES)
-        _check_int(self, "ramp_final_every", low=1, high=self.rematch_every)
-        _check_float(self, "adaptive_threshold", low=0.0, high=1.0, low_open=True)
-        _check_int(self, "period_steps", low=0, high=_INT32_MAX)
-        _check_choice(self, "pool_update", POOL_UPDATES)
-        _check_float(self, "match_fraction", low=0.0, high=1.0, low_open=True)
-        _check_choice(self, "match_action", MATCH_ACTIONS)
-        _check_choice(self, "risk_split", RISK_SPLITS)
-        if self.match_action != "match" and self.risk_split == "fixed" and self.match_fraction >= 1:
-            raise ValueError(
-                f"match_action (--roclip-match-action) {self.match_action} with the fixed split "
-                "acts on the match_fraction riskiest pairs: with match_fraction 1 every pair "
-                "would be risky; set --roclip-match-fraction below 1"
-            )
-        _check_name(self, "risk_score")
-        _check_float(self, "risk_weight", low=0.0, high=1.0, high_open=True)
-        _check_int(self, "history_slots", low=0, high=2**40)
-        _check_float(self, "history_decay", low=0.0, high=1.0, low_open=True)
-        _check_int(self, "density_k", low=1, high=_INT32_MAX)
-        _check_int(self, "image_bank_size", low=1, high=_INT32_MAX)
-        if self.risk_score == "density" and self.density_k > self.image_bank_size:
-            _fail("density_k", self.density_k, f"at most image_bank_size ({self.image_bank_size})")
-        _check_float(self, "gmm_threshold", low=0.0, high=1.0, low_open=True)
-        _check_int(self, "gmm_window", low=4, high=_INT32_MAX)
-        _check_float(self, "safe_share_start", low=0.0, high=1.0)
-        _check_float(self, "safe_share_growth", low=0.0, high=1.0)
-        _check_int(self, "unimodal_warmup_epochs", low=0, high=_INT32_MAX)
-        _check_choice(self, "duplicate_matches", DUPLICATE_MATCHES)
-        _check_choice(self, "precision", PRECISIONS)
-        _check_choice(self, "matcher", MATCHERS)
-        _check_int(self, "match_chunk_size", low=0, high=_INT32_MAX)
-        _check_int(self, "ivf_nlist", low=1, high=_INT32_MAX)
-        _check_int(self, "ivf_nprobe", low=1, high=_INT32_MAX)
-        _check_int(self, "seed", low=0, high=2**63 - 1)
-        _check_float(self, "suspicious_margin", low=0.0, high=2.0)
-        _check_name(self, "image_aug")
-        _check_name(self, "text_aug")
-        _check_choice(self, "image_aug_refresh", AUG_REFRESH)
-        _check_choice(self, "text_aug_refresh", AUG_REFRESH)
-        _check_float(self, "eda_alpha", low=0.0, high=1.0)
-        _check_float(self, "eda_p", low=0.0, high=1.0)
-        _check_choice(self, "eda_synonyms", SYNONYM_SOURCES)
+        for f in fields(self):
+            _check_field(self, f)
+        _check_together(self)
 
     # -- presets ---------------------------------------------------------------------------
 
@@ -445,6 +492,35 @@ def preset_name(name: str | None) -> str:
 def _fail(name: str, value: Any, allowed: str) -> None:
     flag = flag_name(name)
     raise ValueError(f"{name} ({flag}): invalid value {value!r}; allowed: {allowed}")
+
+
+def _check_field(cfg: RoClipConfig, f: dataclasses.Field[Any]) -> None:
+    """The check the field's metadata declares (``None`` passes where the type allows it)."""
+    if getattr(cfg, f.name) is None and "None" in str(f.type):
+        return
+    allowed = f.metadata["allowed"]
+    if f.metadata["choices"]:
+        _check_choice(cfg, f.name, f.metadata["choices"])
+    elif isinstance(allowed, Ints):
+        low, high = allowed.bounds(cfg)
+        _check_int(cfg, f.name, low=low, high=high)
+    elif isinstance(allowed, Reals):
+        bounds = {"low_open": allowed.low_open, "high_open": allowed.high_open}
+        _check_float(cfg, f.name, low=allowed.low, high=allowed.high, **bounds)
+    else:
+        _check_name(cfg, f.name)
+
+
+def _check_together(cfg: RoClipConfig) -> None:
+    """The rules that tie fields together (each field's own range is checked before)."""
+    if cfg.match_action != "match" and cfg.risk_split == "fixed" and cfg.match_fraction >= 1:
+        raise ValueError(
+            f"match_action (--roclip-match-action) {cfg.match_action} with the fixed split "
+            "acts on the match_fraction riskiest pairs: with match_fraction 1 every pair "
+            "would be risky; set --roclip-match-fraction below 1"
+        )
+    if cfg.risk_score == "density" and cfg.density_k > cfg.image_bank_size:
+        _fail("density_k", cfg.density_k, f"at most image_bank_size ({cfg.image_bank_size})")
 
 
 def _check_int(cfg: RoClipConfig, name: str, *, low: int, high: int) -> None:

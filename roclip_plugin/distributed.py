@@ -1,10 +1,13 @@
-"""Small collectives and RNG capture that every integration needs, in one place.
+"""Distribution facts, small collectives and RNG capture that every integration needs.
 
-Each function is a no-op wrapper on a single process, so callers need no special case.
+Where this process stands (rank, world size: from the process group, or from the launcher's
+environment where no group can be asked) is read here and nowhere else; each collective is a
+no-op wrapper on a single process, so callers need no special case.
 """
 
 from __future__ import annotations
 
+import os
 import random
 from typing import Any
 
@@ -15,6 +18,38 @@ import torch.distributed as dist
 def is_distributed() -> bool:
     """Whether a process group is initialised."""
     return dist.is_available() and dist.is_initialized()
+
+
+def rank_and_world_size() -> tuple[int, int]:
+    """Rank and world size of the initialised process group; ``(0, 1)`` without one."""
+    if is_distributed():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def process_rank() -> int:
+    """The rank of this process in the initialised process group; 0 without one."""
+    return rank_and_world_size()[0]
+
+
+def launch_rank() -> int:
+    """The rank the launcher gave this process (torchrun's ``RANK``; 0 when unset or empty).
+
+    For code that may run where no process group is initialised though the run is distributed:
+    a DataLoader worker is a separate process, yet inherits the environment.
+    """
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def launch_world_size() -> int:
+    """Processes of a torchrun launch (``WORLD_SIZE``); 1 when unset or unreadable.
+
+    Read before OpenCLIP initialises the process group, to check flags against it.
+    """
+    try:
+        return max(int(os.environ.get("WORLD_SIZE", "1")), 1)
+    except ValueError:
+        return 1
 
 
 def _collective_device() -> torch.device:

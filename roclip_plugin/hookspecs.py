@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import pluggy
 
 if TYPE_CHECKING:
     from roclip_plugin.config import RoClipConfig
-    from roclip_plugin.defense import RoClipDefense
     from roclip_plugin.loss import MatchStats, RiskStats
     from roclip_plugin.matching import Matcher
     from roclip_plugin.pool import CaptionPool
@@ -25,6 +24,25 @@ if TYPE_CHECKING:
 PROJECT = "roclip"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+class DefenseView(Protocol):
+    """What ``roclip_epoch_start`` observers may read of the :class:`RoClipDefense` they get.
+
+    The argument is the defense itself; this protocol names the part an observer reads, so
+    that the specifications need not import the defense, which imports the plugin manager,
+    which imports these specifications (an import circle, even if a type-only one).
+    """
+
+    config: RoClipConfig
+    pool: CaptionPool
+    schedule: ScheduleState
+    epoch: int
+    step: int
+
+    @property
+    def matching(self) -> bool:
+        """Whether the current step is a matching one."""
 
 # -- configuration ----------------------------------------------------------------------------
 
@@ -159,13 +177,14 @@ def roclip_after_risk(stats: RiskStats) -> None:
 
 
 @hookspec
-def roclip_epoch_start(epoch: int, matching: bool, defense: RoClipDefense) -> None:
+def roclip_epoch_start(epoch: int, matching: bool, defense: DefenseView) -> None:
     """Observe the start of an epoch, after the schedule decided.
 
     Args:
         epoch: 0-based epoch.
         matching: whether the epoch starts as a matching one.
-        defense: the defense (pool, config, state) for read access.
+        defense: the :class:`~roclip_plugin.defense.RoClipDefense` (pool, config, state),
+            for read access.
     """
 
 
@@ -197,4 +216,4 @@ def spec_names() -> list[str]:
     return sorted(n for n, v in globals().items() if n.startswith("roclip_") and callable(v))
 
 
-__all__ = ["hookimpl", "hookspec", "spec_names"]
+__all__ = ["DefenseView", "hookimpl", "hookspec", "spec_names"]

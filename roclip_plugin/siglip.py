@@ -23,7 +23,8 @@ import torch.distributed as dist
 import torch.distributed.nn
 import torch.nn.functional as F
 
-from roclip_plugin.loss import CaptionIds, DistInfo, RoClipLoss, duplicate_pairs
+from roclip_plugin.contrastive import CaptionIds, DistInfo, duplicate_pairs
+from roclip_plugin.loss import RoClipLoss
 
 SIGLIP_DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
 

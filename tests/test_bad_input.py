@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import roclip_plugin.demo
+import roclip_plugin.smoke
 from roclip_plugin import RoClipConfig, RoClipDefense, get_plugin_manager
 from roclip_plugin.cli import main
 from roclip_plugin.config import field_names
@@ -67,7 +67,7 @@ SMOKE_FLAGS = ["--device", "--seed", "--epochs", "--train", "--json", *bad_rocli
 @SETTINGS
 @given(data=st.data())
 def test_smoke_refuses_every_bad_value(flag, data, outputs, monkeypatch) -> None:
-    monkeypatch.setattr(roclip_plugin.demo, "run_demo", _no_training)
+    monkeypatch.setattr(roclip_plugin.smoke, "run_demo", _no_training)
     value = data.draw(_smoke_flags(outputs)[flag], label=flag)
     before = snapshot(outputs["root"])
     argv = ["smoke", "--json", str(outputs["json"]), f"{flag}={value}"]

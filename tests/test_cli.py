@@ -71,9 +71,9 @@ def test_cuda_without_a_gpu_is_a_clear_error(capsys) -> None:
     ],
 )
 def test_smoke_refuses_before_training(argv, message, capsys, monkeypatch) -> None:
-    import roclip_plugin.demo
+    import roclip_plugin.smoke
 
-    monkeypatch.setattr(roclip_plugin.demo, "run_demo", _must_not_run)
+    monkeypatch.setattr(roclip_plugin.smoke, "run_demo", _must_not_run)
     assert main(["smoke", *argv]) == 2
     out = capsys.readouterr().out
     assert message in out and "Traceback" not in out
@@ -85,18 +85,18 @@ def _must_not_run(*args, **kwargs):
 
 def test_smoke_refuses_nltk_synonyms_without_nltk(capsys, monkeypatch) -> None:
     import roclip_plugin.augment.synonyms
-    import roclip_plugin.demo
+    import roclip_plugin.smoke
 
     monkeypatch.setattr(roclip_plugin.augment.synonyms, "nltk_wordnet_available", lambda: False)
-    monkeypatch.setattr(roclip_plugin.demo, "run_demo", _must_not_run)
+    monkeypatch.setattr(roclip_plugin.smoke, "run_demo", _must_not_run)
     assert main(["smoke", "--roclip-eda-synonyms", "nltk"]) == 2
     assert "--roclip-eda-synonyms" in capsys.readouterr().out
 
 
 def test_smoke_json_that_is_a_directory_is_refused_first(tmp_path: Path, capsys, monkeypatch):
-    import roclip_plugin.demo
+    import roclip_plugin.smoke
 
-    monkeypatch.setattr(roclip_plugin.demo, "run_demo", _must_not_run)
+    monkeypatch.setattr(roclip_plugin.smoke, "run_demo", _must_not_run)
     assert main(["smoke", "--json", str(tmp_path)]) == 2
     assert f"--json {tmp_path} is a directory" in capsys.readouterr().out
 
@@ -110,7 +110,7 @@ def test_smoke_json_empty_path_is_an_argparse_error(capsys) -> None:
 
 def test_smoke_none_augmentation_turns_its_stand_in_off() -> None:
     from roclip_plugin.config import RoClipConfig
-    from roclip_plugin.demo import DemoSettings, stand_ins
+    from roclip_plugin.smoke import DemoSettings, stand_ins
 
     s = DemoSettings()
     off = stand_ins(s, RoClipConfig(image_aug="none", text_aug="none"))
@@ -135,7 +135,7 @@ def test_help_is_plain_text_and_documents_every_option(capsys) -> None:
 
 def test_smoke_help_shows_the_pool_size_that_runs(capsys) -> None:
     from roclip_plugin.cli import smoke_defaults
-    from roclip_plugin.demo import DemoSettings
+    from roclip_plugin.smoke import DemoSettings
 
     with pytest.raises(SystemExit):
         main(["smoke", "--help"])

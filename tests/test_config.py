@@ -607,3 +607,30 @@ def test_precision_claims_state_the_float32_tolerance() -> None:
     docs = Path(__file__).resolve().parents[1] / "docs"
     for name in ("config.md", "openclip.md"):
         assert "same answer as fp32" not in (docs / name).read_text(), name
+
+
+def test_every_field_declares_what_it_allows_and_the_check_reads_it() -> None:
+    """Choices or a range, beside the field: the lowest integer passes, one below is refused,
+    and a number outside an interval is refused with the interval the metadata declares."""
+    from roclip_plugin.config import Ints, Reals, Registered
+    from roclip_plugin.validation import interval_text
+
+    kinds = {Ints: 0, Reals: 0, Registered: 0}
+    for f in dataclasses.fields(RoClipConfig):
+        allowed, choices = f.metadata["allowed"], f.metadata["choices"]
+        assert (allowed is None) != (choices is None), f.name
+        if choices:
+            continue
+        kinds[type(allowed)] += 1
+        if isinstance(allowed, Ints):
+            low, _ = allowed.bounds(RoClipConfig())
+            assert getattr(RoClipConfig(**{f.name: low}), f.name) == low
+            with pytest.raises(ValueError, match=re.escape(f"{flag_name(f.name)}): invalid")):
+                RoClipConfig(**{f.name: low - 1})
+        elif isinstance(allowed, Reals):
+            bounds = {"low_open": allowed.low_open, "high_open": allowed.high_open}
+            with pytest.raises(
+                ValueError, match=re.escape(interval_text(allowed.low, allowed.high, **bounds))
+            ):
+                RoClipConfig(**{f.name: allowed.high + 1})
+    assert all(kinds.values()), kinds

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import roclip_plugin.demo
+import roclip_plugin.smoke
 from roclip_plugin import get_plugin_manager
 from roclip_plugin.cli import build_parser, main
 from roclip_plugin.testing import (
@@ -90,7 +90,7 @@ def _fuzz_smoke(flag: str, data: st.DataObject, outputs: dict[str, Path]) -> Non
 @fuzz_settings(FAST)
 @given(data=st.data())
 def test_smoke_flags_fuzzed(flag, data, outputs, monkeypatch) -> None:
-    monkeypatch.setattr(roclip_plugin.demo, "run_demo", _start)
+    monkeypatch.setattr(roclip_plugin.smoke, "run_demo", _start)
     _fuzz_smoke(flag, data, outputs)
 
 
@@ -99,7 +99,7 @@ def test_smoke_flags_fuzzed(flag, data, outputs, monkeypatch) -> None:
 @fuzz_settings(SLOW)
 @given(data=st.data())
 def test_smoke_flags_fuzzed_long(flag, data, outputs, monkeypatch) -> None:
-    monkeypatch.setattr(roclip_plugin.demo, "run_demo", _start)
+    monkeypatch.setattr(roclip_plugin.smoke, "run_demo", _start)
     _fuzz_smoke(flag, data, outputs)
 
 
@@ -129,7 +129,7 @@ def test_flags_command_fuzzed(flag, examples) -> None:
 )
 def test_an_empty_value_is_refused_by_name(command, flag, words, outputs, monkeypatch) -> None:
     """Every spelling of "no value" for every flag: tried whole, not sampled."""
-    monkeypatch.setattr(roclip_plugin.demo, "run_demo", _start)
+    monkeypatch.setattr(roclip_plugin.smoke, "run_demo", _start)
     base = ["smoke", "--json", str(outputs["json"])] if command == "smoke" else [command]
     assert_refused(_run([*base, *words]), flag)
 
@@ -142,5 +142,5 @@ def test_every_smoke_flag_is_fuzzed() -> None:
 
 def test_the_stub_stops_an_accepted_smoke(outputs, monkeypatch) -> None:
     """Without this, an accepted value would train; with it, a good command reports 0."""
-    monkeypatch.setattr(roclip_plugin.demo, "run_demo", _start)
+    monkeypatch.setattr(roclip_plugin.smoke, "run_demo", _start)
     assert _run(["smoke", "--json", str(outputs["root"] / "new.json")]).code == 0

@@ -7,7 +7,7 @@ from pathlib import Path
 from roclip_plugin import RoClipConfig, get_plugin_manager
 from roclip_plugin.cli import build_parser, smoke_defaults
 from roclip_plugin.config import config_from_namespace, field_from_flag
-from roclip_plugin.demo import DemoSettings
+from roclip_plugin.smoke import DemoSettings
 from roclip_plugin.testing import as_shown, assert_help_shows_defaults, shown_defaults, subcommand
 
 

@@ -1,11 +1,18 @@
-"""The core's import graph, read from its own source, has no cycle.
+"""The import arrows of the tree, read from its own source: which package may import which,
+and no circle.
+
+The rules (docs/architecture.md): the core (``roclip_plugin``) imports no integration and no
+OpenCLIP; the adapters ``roclip_openclip`` and ``roclip_torch`` import the core only, never
+each other nor the kit; the kit (``roclip_kit``) imports the adapters only through what they
+declare for it (:data:`KIT_MAY_IMPORT`); no circle anywhere. The kit's own rooms and the
+circles between its files are held by its own test (tests/integrations/kit).
 
 An import circle lets a change to one module (the augmentation registry, say) reach the plugin
 manager and come back, and makes import order matter. The graph is built from every ``import``
-the core's modules write (at module level or inside functions: a lazy import still closes a
-circle when it runs), leaving out type-only imports under ``if TYPE_CHECKING:``. Importing a
-module of a sub-package from outside it runs that sub-package's ``__init__`` first, so such an
-import is also an edge to every enclosing package the importer is not part of.
+the modules write (at module level or inside functions: a lazy import still closes a circle
+when it runs), leaving out type-only imports under ``if TYPE_CHECKING:``. Importing a module of
+a sub-package from outside it runs that sub-package's ``__init__`` first, so such an import is
+also an edge to every enclosing package the importer is not part of.
 """
 
 from __future__ import annotations
@@ -14,21 +21,45 @@ import ast
 from collections.abc import Iterator
 from pathlib import Path
 
+import roclip_kit
+import roclip_openclip
+import roclip_torch
+
 import roclip_plugin
 
 CORE = Path(roclip_plugin.__file__).parent
 ROOT_NAME = "roclip_plugin"
+PACKAGES = {
+    ROOT_NAME: CORE,
+    "roclip_openclip": Path(roclip_openclip.__file__).parent,
+    "roclip_torch": Path(roclip_torch.__file__).parent,
+    "roclip_kit": Path(roclip_kit.__file__).parent,
+}
+ADAPTERS = ("roclip_openclip", "roclip_torch")
+# What the kit may import of the adapters: their package faces (the kit runs
+# ``python -m roclip_openclip`` and drives ``roclip_torch.RoClipAdapter``), and the Trainer's
+# checkpoint files (names in ``roclip_torch.checkpoint``, their format in ``roclip_torch.loop``)
+# that the kit's tensor path writes and ``roclip scan`` reads.
+KIT_MAY_IMPORT = {"roclip_openclip", "roclip_torch", "roclip_torch.checkpoint", "roclip_torch.loop"}
 
 
-def module_name(path: Path) -> str:
+def module_name(path: Path, package: str = ROOT_NAME) -> str:
     """``roclip_plugin/augment/keys.py`` -> ``roclip_plugin.augment.keys`` (``__init__``: the
     package)."""
-    parts = [ROOT_NAME, *path.relative_to(CORE).with_suffix("").parts]
+    parts = [package, *path.relative_to(PACKAGES[package]).with_suffix("").parts]
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 def core_modules() -> dict[str, Path]:
-    return {module_name(p): p for p in sorted(CORE.rglob("*.py"))}
+    return package_modules(ROOT_NAME)
+
+
+def package_modules(package: str) -> dict[str, Path]:
+    return {module_name(p, package): p for p in sorted(PACKAGES[package].rglob("*.py"))}
+
+
+def tree_modules() -> dict[str, Path]:
+    return {name: path for package in PACKAGES for name, path in package_modules(package).items()}
 
 
 def _is_type_checking(test: ast.expr) -> bool:
@@ -56,7 +87,7 @@ def _package_of(name: str, path: Path) -> str:
 def _targets(
     node: ast.Import | ast.ImportFrom, importer: str, path: Path, known: set[str]
 ) -> set[str]:
-    """The core modules one import statement names."""
+    """The known modules one import statement names."""
     if isinstance(node, ast.Import):
         return {alias.name for alias in node.names if alias.name in known}
     base = node.module or ""
@@ -77,9 +108,9 @@ def _enclosing_packages(target: str, importer: str, known: set[str]) -> set[str]
     return {p for p in parents & known if importer != p and not importer.startswith(p + ".")}
 
 
-def import_graph() -> dict[str, set[str]]:
-    """Module -> the core modules it imports at run time."""
-    modules = core_modules()
+def import_graph(modules: dict[str, Path] | None = None) -> dict[str, set[str]]:
+    """Module -> the modules it imports at run time (of ``modules``: the core by default)."""
+    modules = core_modules() if modules is None else modules
     known = set(modules)
     graph: dict[str, set[str]] = {}
     for name, path in modules.items():
@@ -125,7 +156,7 @@ def test_the_graph_sees_real_imports_and_skips_type_only_ones() -> None:
     assert {"roclip_plugin.builtins", "roclip_plugin.hookspecs"} <= graph["roclip_plugin.plugins"]
     assert "roclip_plugin.augment" in graph["roclip_plugin.builtins"]
     assert "roclip_plugin.augment.keys" in graph["roclip_plugin.augment.policy"]
-    assert "roclip_plugin.demo" in graph["roclip_plugin.cli"]  # a lazy import inside a function
+    assert "roclip_plugin.smoke" in graph["roclip_plugin.cli"]  # a lazy import inside a function
     # hookspecs names the defense's types under TYPE_CHECKING only
     assert "roclip_plugin.defense" not in graph["roclip_plugin.hookspecs"]
 
@@ -180,3 +211,61 @@ def test_the_scan_room_imports_no_integration_and_no_open_clip() -> None:
     forbidden = {"open_clip", "roclip_kit", "roclip_openclip", "roclip_torch"}
     assert not reached & forbidden, reached & forbidden
     assert {"faiss", "numpy", "roclip_plugin"} <= reached  # the rule sees real imports
+
+
+def _package(module: str) -> str:
+    return module.split(".")[0]
+
+
+def _reached(graph: dict[str, set[str]], package: str) -> set[str]:
+    """Every module of another package that ``package``'s modules import."""
+    return {
+        target
+        for name, targets in graph.items()
+        if _package(name) == package
+        for target in targets
+        if _package(target) != package
+    }
+
+
+def test_the_core_imports_no_integration_and_no_openclip() -> None:
+    graph = import_graph(tree_modules())
+    assert _reached(graph, ROOT_NAME) == set()
+    reached = set().union(*(_top_level_imports(path) for path in core_modules().values()))
+    assert not reached & {"open_clip", "open_clip_train", *PACKAGES.keys() - {ROOT_NAME}}
+
+
+def test_the_adapters_import_the_core_only() -> None:
+    """Neither adapter imports the other or the kit: each works installed alone."""
+    graph = import_graph(tree_modules())
+    for adapter in ADAPTERS:
+        reached = {_package(target) for target in _reached(graph, adapter)}
+        assert reached == {ROOT_NAME}, (adapter, reached)
+
+
+def test_the_kit_imports_the_adapters_only_through_what_they_declare() -> None:
+    graph = import_graph(tree_modules())
+    reached = {t for t in _reached(graph, "roclip_kit") if _package(t) in ADAPTERS}
+    assert reached <= KIT_MAY_IMPORT, reached - KIT_MAY_IMPORT
+    assert {"roclip_openclip", "roclip_torch"} <= reached  # the rule sees the kit's imports
+
+
+def test_the_tree_has_no_import_circle() -> None:
+    """No circle within or between the core and the adapters, nor through the kit (circles
+    between the kit's own files: its own test, tests/integrations/kit)."""
+    graph = import_graph(tree_modules())
+    for name, targets in graph.items():
+        if _package(name) == "roclip_kit":
+            graph[name] = {t for t in targets if _package(t) != "roclip_kit"}
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_the_adapters_former_circles_are_gone() -> None:
+    """The command line and the OpenCLIP patches share ``usage``; the Trainer and its report
+    share ``summary``; neither pair imports each other."""
+    graph = import_graph(tree_modules())
+    assert "roclip_openclip.cli" not in graph["roclip_openclip.patches"]
+    assert "roclip_openclip.usage" in graph["roclip_openclip.patches"]
+    assert "roclip_torch.loop" not in graph["roclip_torch.report"]
+    assert "roclip_torch.summary" in graph["roclip_torch.report"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.metadata
 import logging
 import os
 import sys
@@ -18,12 +17,14 @@ from typing import Any
 
 import pluggy
 
+from roclip_openclip import openclip_api
 from roclip_openclip.preflight import (
     check_finite_numbers,
     check_openclip_values,
     embed_dim,
     strict_aug_cfg,
 )
+from roclip_openclip.usage import UsageError
 from roclip_plugin import RoClipConfig, get_plugin_manager
 from roclip_plugin.augment import build_policy
 from roclip_plugin.checks import check_pool_fits, device_memory_bytes
@@ -33,37 +34,20 @@ from roclip_plugin.matching import check_matcher_settings
 from roclip_plugin.siglip import SIGLIP_DIST_IMPLS
 from roclip_plugin.validation import check_parsed, empty_value_error
 
-SUPPORTED = ((2, 26), (4, 0))  # open_clip_torch versions: [2.26, 4.0)
 log = logging.getLogger("roclip")
 TORCH_LOGGER = "torch"
 
 
-class UsageError(Exception):
-    """A flag combination RoCLIP cannot run; the message says which and what to do."""
-
-
-def openclip_version() -> tuple[int, int]:
-    """(major, minor) of the installed ``open_clip_torch``."""
-    try:
-        text = importlib.metadata.version("open_clip_torch")
-    except importlib.metadata.PackageNotFoundError as err:
-        raise UsageError(
-            "open_clip_torch is not installed: pip install 'roclip-plugin[openclip]'"
-        ) from err
-    major, minor = (
-        int("".join(c for c in part if c.isdigit()) or 0) for part in text.split(".")[:2]
-    )
-    return major, minor
-
-
 def check_version() -> None:
     """Refuse open_clip_torch versions whose training script the patches were not built for."""
-    version = openclip_version()
-    low, high = SUPPORTED
-    if not low <= version < high:
+    version = openclip_api.installed_version()
+    if version is None:
+        raise UsageError("open_clip_torch is not installed: pip install 'roclip-plugin[openclip]'")
+    if not openclip_api.is_supported(version):
+        (low, high), (major, minor) = openclip_api.SUPPORTED, version
         raise UsageError(
-            f"open_clip_torch {version[0]}.{version[1]} is not supported by "
-            f"roclip-openclip-train (supported: {low[0]}.{low[1]} to <{high[0]}.{high[1]}); "
+            f"open_clip_torch {major}.{minor} is not supported by roclip-openclip-train "
+            f"(supported: {low[0]}.{low[1]} to <{high[0]}.{high[1]}); "
             "install a supported release, e.g. pip install 'open_clip_torch>=2.26,<4'"
         )
 
@@ -98,8 +82,7 @@ def openclip_parser() -> argparse.ArgumentParser:
     does the flag fuzz. The parser is taken at the moment ``parse_args`` would parse, so every
     flag of the installed OpenCLIP is there and nothing is parsed.
     """
-    from open_clip_train import params
-
+    parse_args = openclip_api.PARAMS_PARSE_ARGS.get()
     original = argparse.ArgumentParser.parse_args
 
     def capture(self: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> Any:
@@ -107,7 +90,7 @@ def openclip_parser() -> argparse.ArgumentParser:
 
     argparse.ArgumentParser.parse_args = capture  # type: ignore[method-assign]
     try:
-        params.parse_args([])
+        parse_args([])
     except _Captured as captured:
         return captured.parser
     finally:
@@ -145,41 +128,6 @@ def check_openclip_args(args: Any) -> None:
         raise UsageError("RoCLIP cannot run with: " + "; ".join(problems))
 
 
-def check_model(model: Any, args: Any) -> None:
-    """Stop on a model kind RoCLIP cannot train, judged from the model itself, not its name.
-
-    OpenCLIP picks its CoCa loss by the word "coca" in ``--model``: a CoCa model under another
-    name (``local-dir:...``, a renamed config) would reach the loss with captioning outputs.
-    A SigLIP architecture (a ``logit_bias``) without ``--siglip`` trains as OpenCLIP's
-    ``ClipLoss`` trains it: the bias is added to every logit and changes nothing; say so.
-    With ``--siglip`` the sigmoid loss trains the bias.
-    """
-    import open_clip
-
-    inner = _unwrap(model)
-    if isinstance(inner, open_clip.CoCa) or hasattr(inner, "text_decoder"):
-        raise UsageError(
-            f"RoCLIP cannot run with: --model {args.model} is a CoCa model (open_clip.CoCa): "
-            "its captioning loss is not supported; choose a CLIP model"
-        )
-    if getattr(inner, "logit_bias", None) is not None and not getattr(args, "siglip", False):
-        log.warning(
-            f"RoCLIP: --model {args.model} has a logit_bias (a SigLIP architecture) and "
-            "--siglip is not given: like OpenCLIP's ClipLoss, RoCLIP trains the softmax CLIP "
-            "loss and adds the bias to every logit, which changes neither the loss nor the "
-            "other gradients (the bias does not train). Pass --siglip for the sigmoid loss."
-        )
-
-
-def _unwrap(model: Any) -> Any:
-    """The model inside DistributedDataParallel (``module``) and torch.compile (``_orig_mod``)."""
-    while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if inner is None:
-            return model
-        model = inner
-
-
 def warn_cpu_precision(args: Any) -> None:
     """Say once, with the fix, that float16 autocast on a CPU is catastrophically slow."""
     device = str(getattr(args, "device", "cuda"))
@@ -201,10 +149,8 @@ def _cuda_available() -> bool:
 
 
 def _print_help(parser: argparse.ArgumentParser) -> int:
-    from open_clip_train.params import parse_args
-
     try:
-        parse_args(["--help"])
+        openclip_api.PARAMS_PARSE_ARGS.get()(["--help"])
     except SystemExit:
         pass
     print()
@@ -221,9 +167,7 @@ def quiet_torch_logs(args: Any) -> Iterator[None]:
     loggers go back to WARNING, unless the user asked for detail: OpenCLIP's ``--debug`` or
     torch's own ``TORCH_LOGS`` variable.
     """
-    import open_clip_train.main as oc_main
-
-    original = oc_main.setup_logging
+    original = openclip_api.SETUP_LOGGING.get()
     verbose = bool(getattr(args, "debug", False) or os.environ.get("TORCH_LOGS"))
 
     def setup_logging(log_file: Any, level: Any, include_host: bool = False) -> None:
@@ -233,11 +177,8 @@ def quiet_torch_logs(args: Any) -> Iterator[None]:
                 if name == TORCH_LOGGER or name.startswith(TORCH_LOGGER + "."):
                     logging.getLogger(name).setLevel(logging.WARNING)
 
-    oc_main.setup_logging = setup_logging
-    try:
+    with openclip_api.SETUP_LOGGING.replaced(setup_logging):
         yield
-    finally:
-        oc_main.setup_logging = original
 
 
 def check_resume_state(args: Any, config: RoClipConfig) -> None:
@@ -286,9 +227,7 @@ def _main(argv: list[str]) -> int:
         return _print_help(parser)
     roclip_args, rest = parser.parse_known_args(argv)
     check_parsed(parser, roclip_args)
-    import open_clip_train.main as oc_main
-    from open_clip_train.params import parse_args
-
+    parse_args = openclip_api.PARAMS_PARSE_ARGS.get()
     with strict_aug_cfg():
         # argparse alone first: parse_args's own step after parsing (the model's default
         # optimizer settings) would crash on an empty --model before the check could run
@@ -300,7 +239,7 @@ def _main(argv: list[str]) -> int:
         if given:
             raise UsageError(f"{', '.join(given)} given without --roclip; add --roclip")
         with quiet_torch_logs(openclip_args):
-            return _exit_code(oc_main.main(rest))
+            return _exit_code(openclip_api.MAIN.get()(rest))
     check_openclip_args(openclip_args)
     try:
         config = config_from_namespace(roclip_args)
@@ -324,7 +263,7 @@ def _main(argv: list[str]) -> int:
         ),
         quiet_torch_logs(openclip_args),
     ):
-        return _exit_code(oc_main.main(rest))
+        return _exit_code(openclip_api.MAIN.get()(rest))
 
 
 def _exit_code(result: Any) -> int:

@@ -7,7 +7,8 @@
 with the augmentation policy, and ``CsvDataset.__getitem__`` passes the row index to it. A
 WebDataset training pipeline is built with each sample's ``__key__`` and caption kept beside
 the batch (:class:`KeyedBatches`), for the per-sample history and the suspicious-rows CSV.
-Every patch is undone on exit. The RoCLIP state files are :mod:`roclip_openclip.state`'s.
+Every patch is undone on exit. The OpenCLIP names patched are :mod:`roclip_openclip.openclip_api`'s,
+the RoCLIP state files :mod:`roclip_openclip.state`'s.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any
 import pluggy
 import torch
 
-from roclip_openclip.cli import UsageError, check_model
+from roclip_openclip import openclip_api as api
 from roclip_openclip.state import (
     STATE_SUFFIX,
     StateKeeper,
@@ -33,6 +34,7 @@ from roclip_openclip.state import (
     state_candidates,
     state_path_for,
 )
+from roclip_openclip.usage import UsageError, check_model
 from roclip_plugin import RoClipConfig, RoClipDefense
 from roclip_plugin.augment import AugmentationPolicy, sample_index
 from roclip_plugin.distributed import all_gather_objects, all_reduce_sum
@@ -267,18 +269,14 @@ class OpenClipPatches:
     # -- context --------------------------------------------------------------------------
 
     def __enter__(self) -> OpenClipPatches:
-        import open_clip_train.data as oc_data
-        import open_clip_train.main as oc_main
-
-        self._patch(oc_main, "parse_args", self._parse_args(oc_main.parse_args))
-        self._patch(oc_main, "get_data", self._get_data(oc_main.get_data))
-        self._patch(oc_main, "create_loss", self._create_loss)
-        self._patch(oc_main, "train_one_epoch", self._train_one_epoch(oc_main.train_one_epoch))
-        self._patch(oc_main, "evaluate", self._evaluate(oc_main.evaluate))
-        self._patch(oc_data, "get_dataset_fn", self._get_dataset_fn(oc_data.get_dataset_fn))
+        self._wrap(api.PARSE_ARGS, self._parse_args)
+        self._wrap(api.GET_DATA, self._get_data)
+        self._replace(api.CREATE_LOSS, self._create_loss)
+        self._wrap(api.TRAIN_ONE_EPOCH, self._train_one_epoch)
+        self._wrap(api.EVALUATE, self._evaluate)
+        self._wrap(api.GET_DATASET_FN, self._get_dataset_fn)
         if self.policy is not None:
-            getitem = oc_data.CsvDataset.__getitem__
-            self._patch(oc_data.CsvDataset, "__getitem__", _indexed_getitem(getitem))
+            self._wrap(api.CSV_GETITEM, _indexed_getitem)
         self._patch(torch.nn.parallel, "DistributedDataParallel", _ddp_without_cpu_device_ids())
         return self
 
@@ -293,6 +291,14 @@ class OpenClipPatches:
         original = getattr(module, name)
         setattr(module, name, value)
         self._stack.callback(setattr, module, name, original)
+
+    def _replace(self, target: api.OpenClipName, value: Any) -> None:
+        """OpenCLIP's ``target`` is ``value`` until the block ends."""
+        self._stack.enter_context(target.replaced(value))
+
+    def _wrap(self, target: api.OpenClipName, wrapper: Callable[[Any], Any]) -> None:
+        """OpenCLIP's ``target`` is ``wrapper(original)`` until the block ends."""
+        self._replace(target, wrapper(target.get()))
 
     # -- patched functions --------------------------------------------------------------
 
@@ -329,9 +335,7 @@ class OpenClipPatches:
         def build_keyed(args: Any, preprocess_fn: Any, is_train: bool, **kw: Any) -> Any:
             if not is_train:
                 return build(args, preprocess_fn, is_train=is_train, **kw)
-            import open_clip_train.data as oc_data
-
-            with _replaced(oc_data, "wds", KeyedWebDataset(oc_data.wds)):
+            with api.WDS.replaced(KeyedWebDataset(api.WDS.get())):
                 info = build(args, preprocess_fn, is_train=is_train, **kw)
             info.dataloader = KeyedBatches(info.dataloader, self.report.indices)
             return info
@@ -509,18 +513,7 @@ class OpenClipPatches:
 
 def is_webdataset(build: Callable[..., Any]) -> bool:
     """Whether ``build`` (from OpenCLIP's ``get_dataset_fn``) is its WebDataset builder."""
-    return getattr(build, "__name__", "") == "get_wds_dataset"
-
-
-@contextlib.contextmanager
-def _replaced(module: Any, name: str, value: Any) -> Iterator[None]:
-    """``module.name`` is ``value`` inside the block (a build-time patch, undone at once)."""
-    original = getattr(module, name)
-    setattr(module, name, value)
-    try:
-        yield
-    finally:
-        setattr(module, name, original)
+    return getattr(build, "__name__", "") == api.GET_WDS_DATASET.name
 
 
 def _indexed_getitem(original: Callable[[Any, int], Any]) -> Callable[[Any, int], Any]:

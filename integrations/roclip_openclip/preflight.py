@@ -15,11 +15,12 @@ import csv
 import difflib
 import json
 import math
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from roclip_openclip.openclip_api import GET_MODEL_CONFIG, LIST_MODELS, PARSE_KWARGS_CALL
+from roclip_plugin.distributed import launch_world_size
 from roclip_plugin.validation import check_device
 
 REMOTE_PREFIXES = ("hf-hub:",)
@@ -70,9 +71,7 @@ def strict_aug_cfg() -> Iterator[None]:
     ``argparse.ArgumentError`` raised there instead becomes argparse's own one-line usage
     error naming the flag (exit 2).
     """
-    from open_clip_train import params
-
-    original = params.ParseKwargs.__call__
+    original = PARSE_KWARGS_CALL.get()
 
     def checked(
         self: argparse.Action,
@@ -90,11 +89,8 @@ def strict_aug_cfg() -> Iterator[None]:
                 )
         original(self, parser, namespace, values, option_string)
 
-    params.ParseKwargs.__call__ = checked  # type: ignore[method-assign]
-    try:
+    with PARSE_KWARGS_CALL.replaced(checked):
         yield
-    finally:
-        params.ParseKwargs.__call__ = original  # type: ignore[method-assign]
 
 
 def check_counts(args: Any) -> None:
@@ -137,9 +133,7 @@ def check_model_name(args: Any) -> None:
                 "a model saved for OpenCLIP"
             )
         return
-    import open_clip
-
-    known = open_clip.list_models()
+    known = LIST_MODELS.get()()
     if name not in known:
         close = difflib.get_close_matches(name, known, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
@@ -159,9 +153,7 @@ def embed_dim(args: Any) -> int | None:
         except (OSError, ValueError, AttributeError):
             return None
     elif not name.startswith(REMOTE_PREFIXES):
-        import open_clip
-
-        config = open_clip.get_model_config(name)
+        config = GET_MODEL_CONFIG.get()(name)
     dim = (config or {}).get("embed_dim")
     return int(dim) if isinstance(dim, int) and dim > 0 else None
 
@@ -195,7 +187,7 @@ def check_train_data(args: Any) -> None:
             f"--train-data {path} cannot be read ({err.strerror or err}); check its permissions"
         ) from None
     check_columns(args, path)
-    world = _world_size()
+    world = launch_world_size()
     per_process = rows // world
     if per_process < args.batch_size:
         where = f" per process ({world} processes)" if world > 1 else ""
@@ -238,9 +230,3 @@ def check_columns(args: Any, path: Path) -> None:
             )
 
 
-def _world_size() -> int:
-    """Processes of a torchrun launch (``WORLD_SIZE``); 1 when unset or unreadable."""
-    try:
-        return max(int(os.environ.get("WORLD_SIZE", "1")), 1)
-    except ValueError:
-        return 1

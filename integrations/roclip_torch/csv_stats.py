@@ -25,9 +25,8 @@ import csv
 import os
 from pathlib import Path
 
-import torch.distributed as dist
-
 from roclip_plugin.config import RoClipConfig
+from roclip_plugin.distributed import process_rank
 from roclip_plugin.hookspecs import hookimpl
 from roclip_plugin.loss import MatchStats
 
@@ -116,8 +115,9 @@ def _first(*values: object) -> object:
 
 
 def _rank_path(path: Path) -> Path:
-    if dist.is_available() and dist.is_initialized() and dist.get_rank() > 0:
-        return path.with_name(f"{path.stem}.rank{dist.get_rank()}{path.suffix}")
+    rank = process_rank()
+    if rank > 0:
+        return path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
     return path
 
 

@@ -13,7 +13,7 @@ model accepts (tensors, or lists/dicts of tensors, moved to the device as they a
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from roclip_plugin import RoClipConfig
 from roclip_plugin.distributed import (
     all_gather_objects,
     all_reduce_sum,
+    rank_and_world_size,
     rng_state,
     set_rng_state,
 )
@@ -41,6 +42,7 @@ from roclip_torch.checkpoint import (
 )
 from roclip_torch.features import is_data_parallel, model_device, unwrap
 from roclip_torch.report import make_progress, summary_table
+from roclip_torch.summary import EpochSummary
 
 CHECKPOINT_FORMAT = "roclip_torch.loop/1"
 
@@ -101,47 +103,6 @@ def _require(name: str, value: Any, ok: bool, allowed: str) -> None:
         raise ValueError(f"TrainSettings.{name}: invalid value {value!r}; allowed: {allowed}")
 
 
-@dataclass(frozen=True)
-class EpochSummary:
-    """What one epoch did, over every rank (what the table shows; kept in checkpoints).
-
-    Attributes:
-        epoch: 0-based epoch.
-        steps: optimiser steps of the epoch.
-        loss: mean loss over steps and ranks.
-        matching: whether the schedule started the epoch as a matching one.
-        matching_steps: steps that actually matched (0 while the pool is empty; with
-            ``period_steps`` the schedule may switch inside an epoch).
-        pool_fill: valid pool rows at the end of the epoch.
-        pool_size: pool capacity.
-        matched_similarity: mean image / matched-caption cosine similarity (NaN: no matching).
-        own_similarity: mean image / own-caption cosine similarity in matching steps.
-        suspicious: images whose margin exceeded ``suspicious_margin`` (poison candidates).
-        lr: learning rate of the first parameter group at the end of the epoch.
-    """
-
-    epoch: int
-    steps: int
-    loss: float
-    matching: bool
-    matching_steps: int
-    pool_fill: int
-    pool_size: int
-    matched_similarity: float
-    own_similarity: float
-    suspicious: int
-    lr: float
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-dict form (checkpoints hold no custom classes)."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> EpochSummary:
-        """Inverse of :meth:`to_dict`."""
-        return cls(**{f.name: data[f.name] for f in fields(cls)})
-
-
 class Trainer:
     """Trains a CLIP-style model with RoCLIP; see docs/torch-loop.md.
 
@@ -185,7 +146,7 @@ class Trainer:
         self.module = unwrap(model)
         self.device = torch.device(device) if device else model_device(model) or torch.device("cpu")
         model.to(self.device)  # in place: the optimiser keeps the same parameters
-        self.rank, self.world_size = _rank_and_world()
+        self.rank, self.world_size = rank_and_world_size()
         if self.world_size > 1 and not settings.drop_last:
             raise ValueError(
                 "Trainer: drop_last=False under torch.distributed; the caption pool gathers "
@@ -431,12 +392,6 @@ class Trainer:
             )
             return
         set_rng_state(rngs[self.rank])
-
-
-def _rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import (
@@ -17,8 +16,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-if TYPE_CHECKING:
-    from roclip_torch.loop import EpochSummary
+from roclip_torch.summary import EpochSummary
 
 COLUMNS = ("epoch", "loss", "matching", "pool", "matched sim", "own sim", "suspicious", "lr")
 

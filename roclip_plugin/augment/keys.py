@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import os
 from collections.abc import Iterator, Sequence
 from typing import Any, TypeVar
 
 import torch
+
+from roclip_plugin.distributed import launch_rank
 
 M32 = 0xFFFFFFFF
 STREAM_IMAGE = 0x1A6E
@@ -179,8 +180,7 @@ def _worker_and_rank() -> tuple[int, int]:
 
     info = get_worker_info()
     worker = info.id if info is not None else 0
-    rank = int(os.environ.get("RANK", "0") or 0)
-    return worker, rank
+    return worker, launch_rank()
 
 
 class KeyMaker:

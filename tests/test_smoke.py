@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import torch
 
-from roclip_plugin.demo import DemoSettings, build_world, train
+from roclip_plugin.smoke import DemoSettings, build_world, train
 
 SMALL = DemoSettings(train=1200, test=300, targets=4, poison_captions=10, epochs=2)
 
@@ -30,10 +30,24 @@ def test_smoke_trains_on_one_cpu_thread_and_restores_the_count(monkeypatch) -> N
     """Two threads cost the tiny models 16x the CPU time (docs/smoke.md)."""
     import torch
 
-    import roclip_plugin.demo as demo
+    import roclip_plugin.smoke as smoke
 
     seen = []
-    monkeypatch.setattr(demo, "train", lambda *a, **k: seen.append(torch.get_num_threads()))
+    monkeypatch.setattr(smoke, "train", lambda *a, **k: seen.append(torch.get_num_threads()))
     before = torch.get_num_threads()
-    demo.run_demo(demo.DemoSettings(train=50, test=10, targets=1, poison_captions=2), None)
+    smoke.run_demo(smoke.DemoSettings(train=50, test=10, targets=1, poison_captions=2), None)
     assert seen == [1, 1, 1] and torch.get_num_threads() == before
+
+
+def test_the_old_module_name_warns_and_gives_the_same_objects() -> None:
+    import importlib
+    import sys
+
+    import pytest
+
+    import roclip_plugin.smoke as smoke
+
+    sys.modules.pop("roclip_plugin.demo", None)
+    with pytest.warns(DeprecationWarning, match="roclip_plugin.smoke"):
+        old = importlib.import_module("roclip_plugin.demo")
+    assert old.DemoSettings is smoke.DemoSettings and old.run_demo is smoke.run_demo

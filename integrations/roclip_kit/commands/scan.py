@@ -47,6 +47,7 @@ from roclip_kit.evaluate.scan import (
     write_scores_csv,
 )
 from roclip_kit.train.models import check_checkpoint_path, load_openclip
+from roclip_plugin.distributed import is_distributed, launch_world_size, rank_and_world_size
 from roclip_plugin.io import check_output_dir, require_file
 from roclip_plugin.scan import DETECTORS, ScanSettings
 from roclip_plugin.validation import check_device, path_arg
@@ -192,19 +193,17 @@ def process_group() -> Iterator[Ranks]:
     Under torchrun a gloo group is started (the ranks only wait for each other and share a
     folder, so the CPU backend serves whatever device embeds) and ended on the way out.
     """
-    import os
-
-    world = int(os.environ.get("WORLD_SIZE", "1") or "1")
-    if world <= 1:
+    if launch_world_size() <= 1:
         yield Ranks()
         return
     import torch.distributed as dist
 
-    started = not dist.is_initialized()
+    started = not is_distributed()
     if started:
         dist.init_process_group("gloo")
     try:
-        yield Ranks(dist.get_rank(), dist.get_world_size(), dist.barrier)
+        rank, world = rank_and_world_size()
+        yield Ranks(rank, world, dist.barrier)
     finally:
         if started:
             dist.destroy_process_group()

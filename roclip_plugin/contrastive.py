@@ -62,6 +62,8 @@ class MatchStats:
             image's own caption is far less similar than its best pool caption: a poison
             candidate. Detached, on the features' device.
         matched_indices: per local sample, the logical pool index matched.
+        ids: per local sample, its stable sample id (None when the trainer gave none), so
+            a collector can tie each margin to its row (:mod:`roclip_plugin.stats`).
     """
 
     epoch: int
@@ -72,6 +74,7 @@ class MatchStats:
     own_similarity: float
     margins: torch.Tensor
     matched_indices: torch.Tensor
+    ids: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

@@ -305,14 +305,17 @@ class RoClipLoss(nn.Module):
             return StepPlan(rows, enqueue)
         indices = matched = None
         if lookup:
-            indices, matched = self._lookup(image_features, text_features)
+            indices, matched = self._lookup(image_features, text_features, ids)
         if self.risk is None:
             assert matched is not None and indices is not None
             return self._matching_plan(rows, image_features, text_features, indices, matched)
         return self._risk_plan(rows, enqueue, image_features, text_features, ids, indices, matched)
 
     def _lookup(
-        self, image_features: torch.Tensor, text_features: torch.Tensor
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The nearest pool caption of each local image (statistics to ``on_match``)."""
         check_finite_queries(image_features)
@@ -322,7 +325,8 @@ class RoClipLoss(nn.Module):
             indices = self.matcher(image_features.detach(), self.pool)
             matched = self.pool.gather(indices)
             if self.on_match is not None and self.wants_stats():
-                self.on_match(self._stats(image_features, text_features, matched, indices))
+                stats = self._stats(image_features, text_features, matched, indices, ids)
+                self.on_match(stats)
         return indices, matched
 
     def _matching_plan(
@@ -492,6 +496,7 @@ class RoClipLoss(nn.Module):
         text_features: torch.Tensor,
         matched: torch.Tensor,
         indices: torch.Tensor,
+        ids: torch.Tensor | None = None,
     ) -> MatchStats:
         with highest_matmul_precision():
             img = F.normalize(image_features.float(), dim=-1)
@@ -506,6 +511,7 @@ class RoClipLoss(nn.Module):
             own_similarity=float(own_sim.mean()),
             margins=matched_sim - own_sim,
             matched_indices=indices,
+            ids=ids,
         )
 
 

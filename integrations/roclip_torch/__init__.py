@@ -7,9 +7,9 @@
 It imports the core (:mod:`roclip_plugin`) and never OpenCLIP. See docs/torch-loop.md.
 """
 
+from roclip_plugin.stats import MatchStatsCollector, MatchSummary
 from roclip_torch.adapter import CHECKPOINT_KEY, RoClipAdapter, add_arguments
 from roclip_torch.loop import EpochSummary, Trainer, TrainSettings
-from roclip_torch.stats import MatchStatsCollector, MatchSummary
 
 __all__ = [
     "CHECKPOINT_KEY",

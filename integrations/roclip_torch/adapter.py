@@ -28,6 +28,7 @@ from roclip_plugin.augment import AugmentationPolicy, build_policy
 from roclip_plugin.config import add_argparse_args, config_from_namespace
 from roclip_plugin.loss import DistInfo
 from roclip_plugin.pool import CaptionPool
+from roclip_plugin.stats import MatchStatsCollector, MatchSummary
 from roclip_plugin.validation import as_real
 from roclip_torch.features import (
     LogitScaleSource,
@@ -38,7 +39,6 @@ from roclip_torch.features import (
     unwrap,
     uses_forward,
 )
-from roclip_torch.stats import MatchStatsCollector, MatchSummary
 
 CHECKPOINT_KEY = "roclip"
 CLIP_MAX_LOGIT_SCALE = 100.0  # CLIP clamps exp(logit_scale) at 100 (log: ln 100)
@@ -117,7 +117,10 @@ class RoClipAdapter:
             decides at construction whether anyone observes ``roclip_after_match``).
         collect_stats: register the internal per-epoch statistics collector
             (:meth:`match_summary`). Reading statistics costs a GPU synchronisation per
-            matching step, which the pool lookup already pays.
+            matching step, which the pool lookup already pays. A
+            :class:`~roclip_plugin.stats.MatchStatsCollector` among ``plugins`` is used
+            instead of a new one (one collector: a trainer that keeps suspicious rows or
+            knows the poison manifest configures its own).
         dist_info: distributed set-up; read from the initialised process group when omitted
             (``DistInfo.from_env()``), set ``local_loss`` / ``gather_with_grad`` there.
         device: where the caption pool lives; by default the model's device, else the device
@@ -444,8 +447,13 @@ class RoClipAdapter:
                 "RoClipAdapter: this plugin manager already serves another adapter; give each "
                 "adapter its own (roclip_plugin.get_plugin_manager() returns a new one)"
             )
-        stats = MatchStatsCollector(self.config.suspicious_margin) if collect_stats else None
-        for plugin in (*plugins, *([stats] if stats is not None else [])):
+        given = [p for p in plugins if isinstance(p, MatchStatsCollector)]
+        if len(given) > 1:
+            raise ValueError("RoClipAdapter: plugins hold more than one MatchStatsCollector")
+        stats = given[0] if given else None  # the caller's (its top-k, its manifest) serves
+        if stats is None and collect_stats:
+            stats = MatchStatsCollector(self.config.suspicious_margin)
+        for plugin in (*plugins, *([stats] if stats is not None and not given else [])):
             self.pm.register(plugin)
         return stats
 

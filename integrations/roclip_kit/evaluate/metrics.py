@@ -7,8 +7,6 @@ Exact definitions are in docs/evaluation.md.
 
 from __future__ import annotations
 
-import csv
-import re
 from collections.abc import Collection, Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from roclip_plugin.io import require_file
-
-SUSPICIOUS_PATTERN = re.compile(r"suspicious_epoch_(\d+)\.csv$")
+from roclip_plugin.stats import SUSPICIOUS_GLOB, read_suspicious_rows, suspicious_epoch
 
 
 def select_rows(n: int, limit: int | None, seed: int) -> np.ndarray:
@@ -164,17 +161,17 @@ def read_suspicious(path: Path | str) -> SuspiciousRanking:
     (index ``-1``, no key) stays, as a row that is never a hit.
     """
     path = require_file(path, "suspicious file")
-    entries = _suspicious_entries(path)
-    entries.sort(key=lambda e: (-e[0], e[1], e[3]))
+    entries = sorted(read_suspicious_rows(path), key=lambda e: (-e.margin, e.index, e.key))
     seen: set[int | str] = set()
     rows, captions, keys = [], [], []
-    for _, index, caption, key in entries:
+    for entry in entries:
+        index, key = entry.index, entry.key
         name: int | str | None = index if index >= 0 else (key or None)
         if name is not None and name in seen:
             continue
         seen.add(index if name is None else name)
         rows.append(index)
-        captions.append(caption)
+        captions.append(entry.caption)
         keys.append(key)
     if rows and all(r < 0 for r in rows) and not any(keys):
         raise ValueError(
@@ -182,29 +179,7 @@ def read_suspicious(path: Path | str) -> SuspiciousRanking:
             "training data were neither a CSV dataset nor WebDataset shards with keys, so rows "
             "cannot be matched to the manifest"
         )
-    match = SUSPICIOUS_PATTERN.search(path.name)
-    epoch = int(match.group(1)) if match else None
-    return SuspiciousRanking(path, epoch, rows, captions, keys)
-
-
-def _suspicious_entries(path: Path) -> list[tuple[float, int, str, str]]:
-    with path.open(newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        columns = reader.fieldnames or []
-        for column in ("index", "margin"):
-            if column not in columns:
-                raise ValueError(
-                    f"suspicious file {path} has no {column!r} column (columns: "
-                    f"{', '.join(columns)}); pass a suspicious_epoch_N.csv written by "
-                    "roclip-openclip-train"
-                )
-        try:
-            return [
-                (float(r["margin"]), int(r["index"]), r.get("caption") or "", r.get("key") or "")
-                for r in reader
-            ]
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"suspicious file {path}: a row is not a number ({err})") from err
+    return SuspiciousRanking(path, suspicious_epoch(path), rows, captions, keys)
 
 
 def find_suspicious(folder: Path | str, epoch: str | int = "latest") -> list[Path]:
@@ -217,10 +192,10 @@ def find_suspicious(folder: Path | str, epoch: str | int = "latest") -> list[Pat
         raise ValueError(f"run folder {folder} does not exist (--run-dir)")
     found: dict[int, Path] = {}
     for place in (folder, folder / "checkpoints"):
-        for path in sorted(place.glob("suspicious_epoch_*.csv")):
-            match = SUSPICIOUS_PATTERN.search(path.name)
-            if match:
-                found.setdefault(int(match.group(1)), path)
+        for path in sorted(place.glob(SUSPICIOUS_GLOB)):
+            number = suspicious_epoch(path)
+            if number is not None:
+                found.setdefault(number, path)
     if epoch == "all":
         return [found[n] for n in sorted(found)]
     if epoch == "latest":

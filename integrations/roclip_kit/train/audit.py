@@ -2,12 +2,14 @@
 
 :class:`MatchAudit` is a plugin on the defense's hooks that knows which training row each pool
 caption came from; :class:`MatchingEpoch` is what it reports for one epoch (purity, the poison's
-class, self-matches, the risk split) and where the epoch's ``suspicious_epoch_N.csv`` went.
+class, self-matches, the risk split) and where the epoch's ``suspicious_epoch_N.csv`` went. The
+margins, the risk split's counts and the most suspicious rows are the core's collector's
+(:mod:`roclip_plugin.stats`, :attr:`MatchAudit.stats`), the one every trainer uses; what is
+left here needs the pool mirror and the class labels.
 """
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +19,10 @@ import torch
 
 from roclip_kit.data.tensors import CLEAN, PoisonedData
 from roclip_plugin import hookimpl
-from roclip_plugin.loss import MatchStats, RiskStats
+from roclip_plugin.config import RoClipConfig
+from roclip_plugin.loss import MatchStats
 from roclip_plugin.pool import CaptionPool
+from roclip_plugin.stats import SUSPICIOUS_TOP, MatchStatsCollector, write_suspicious
 
 
 @dataclass
@@ -63,9 +67,20 @@ class MatchAudit:
 
     Args:
         data: the dataset: caption classes (the CSV labels), image classes, poison kinds.
+        keep: suspicious rows kept per epoch.
+        margin: the collector's suspicious margin (``RoClipConfig.suspicious_margin``).
+
+    Register :attr:`stats` with it (the adapter then uses it as its own collector).
     """
 
-    def __init__(self, data: PoisonedData) -> None:
+    def __init__(
+        self,
+        data: PoisonedData,
+        keep: int = SUSPICIOUS_TOP,
+        margin: float = RoClipConfig.suspicious_margin,
+    ) -> None:
+        self.captions = data.train.captions
+        self.stats = MatchStatsCollector(margin, keep=keep, poisoned=data.poison_kind != CLEAN)
         self.caption_labels = data.train.labels
         self.image_labels = data.image_labels
         self.poison_kind = data.poison_kind
@@ -79,12 +94,7 @@ class MatchAudit:
         """Forget the epoch's counts (the pool mirror is kept)."""
         self.steps = 0
         self.counts = torch.zeros(5, dtype=torch.long)  # clean, pure, poisoned, to poison, self
-        self.margins: list[torch.Tensor] = []
-        self.rows: list[torch.Tensor] = []
-        self.risk_steps = 0
-        self.risk_counts = torch.zeros(3, dtype=torch.long)  # risky, risky & poisoned, poisoned
-        self.risks: list[torch.Tensor] = []
-        self.risk_rows: list[torch.Tensor] = []
+        self.stats.reset()
 
     def state_dict(self) -> dict[str, Any]:
         """The pool mirror, for a checkpoint: a resumed run's figures need the rows it held.
@@ -152,32 +162,17 @@ class MatchAudit:
             ]
         )
         self.steps += 1
-        self.margins.append(stats.margins.detach().float().cpu())
-        self.rows.append(rows)
-
-    @hookimpl
-    def roclip_after_risk(self, stats: RiskStats) -> None:
-        """Score one defended step's risk split against the manifest."""
-        if self.batch_rows is None:
-            return
-        rows = self.batch_rows.cpu()
-        risky = stats.risky.cpu()
-        poisoned = self.poison_kind[rows] != CLEAN
-        self.risk_counts += torch.stack([risky.sum(), (risky & poisoned).sum(), poisoned.sum()])
-        self.risk_steps += 1
-        self.risks.append(stats.risk.detach().float().cpu())
-        self.risk_rows.append(rows)
 
     def summary(self) -> MatchingEpoch:
         """The epoch's figures (None where nothing was counted)."""
         clean, pure, poisoned, to_poison, own = self.counts.tolist()
         matched = clean + poisoned
-        risky, caught, seen = self.risk_counts.tolist()
+        risk = self.stats.risk
         return MatchingEpoch(
-            risk_steps=self.risk_steps,
-            risky=risky,
-            risk_precision=caught / risky if risky else None,
-            risk_recall=caught / seen if seen else None,
+            risk_steps=risk.steps,
+            risky=risk.risky,
+            risk_precision=risk.precision,
+            risk_recall=risk.recall,
             steps=self.steps,
             images=clean,
             purity=pure / clean if clean else None,
@@ -186,30 +181,12 @@ class MatchAudit:
             self_matches=own / matched if matched else None,
         )
 
-    def write_suspicious(self, path: Path, captions: list[str], keep: int) -> Path | None:
-        """The epoch's rows by decreasing margin (``index,caption,margin``), as the adapter's.
+    def write_suspicious(self, path: Path) -> Path | None:
+        """The epoch's most suspicious rows (the collector's), or None when none was seen."""
+        rows = self.stats.suspicious_rows(self._describe)
+        return write_suspicious(path, rows) if rows else None
 
-        Keeps the ``keep`` most suspicious rows (a row matched twice keeps its highest margin).
-        Where the risk split judged the epoch, its risks rank the rows instead (the ``margin``
-        column then holds the risk: the file's reader ranks by that column).
-        """
-        risk_ranked = bool(self.risks)
-        scores = self.risks if risk_ranked else self.margins
-        rows_seen = self.risk_rows if risk_ranked else self.rows
-        if not scores:
-            return None
-        margins, rows = torch.cat(scores), torch.cat(rows_seen)
-        order = torch.argsort(margins, descending=True, stable=True)
-        seen: set[int] = set()
-        with path.open("w", newline="", encoding="utf-8") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(["index", "caption", "margin"])
-            for i in order.tolist():
-                row = int(rows[i])
-                if row in seen:
-                    continue
-                seen.add(row)
-                writer.writerow([row, captions[row], f"{float(margins[i]):.6f}"])
-                if len(seen) >= keep:
-                    break
-        return path
+    def _describe(self, row: int | None, payload: object) -> tuple[int, str, str]:
+        """(index, key, caption) of a training row: the kit's rows have no keys."""
+        index = -1 if row is None else row
+        return index, "", self.captions[index] if index >= 0 else ""

@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from roclip_kit.files import CAPTION_KEY, CSV_SEPARATOR, IMAGE_KEY, TRAIN_CSV
+from roclip_plugin.stats import SUSPICIOUS_PATTERN
 
 _VOCAB = 49408  # OpenCLIP's bundled tokenizer, which works offline
 
@@ -450,7 +451,7 @@ def _collect(
         model_name=model_name,
         checkpoints=_by_epoch(folder, r"epoch_(\d+)\.pt"),
         roclip_states=_by_epoch(folder, r"epoch_(\d+)\.roclip"),
-        suspicious=_by_epoch(folder, r"suspicious_epoch_(\d+)\.csv"),
+        suspicious=_by_epoch(folder, SUSPICIOUS_PATTERN.pattern),
         wall_seconds=wall,
         exit_code=code,
         log_path=settings.run_dir / "out.log",

@@ -36,6 +36,7 @@ from roclip_kit.train.audit import MatchAudit
 from roclip_plugin import RoClipConfig, get_plugin_manager
 from roclip_plugin.augment import AugmentationPolicy, build_policy
 from roclip_plugin.loss import DistInfo, contrastive_loss
+from roclip_plugin.stats import suspicious_name
 
 # OpenCLIP's own normalisation constants (open_clip.constants), so a checkpoint of this path
 # preprocesses like any OpenCLIP model.
@@ -356,7 +357,12 @@ def train_tensor(
     pm = get_plugin_manager()
     policy = build_policy(roclip, pm) if roclip is not None else None
     batches = _batches(data, tokenizer, policy, device)
-    audit = MatchAudit(data)
+    keep = max(SUSPICIOUS_MIN_ROWS, 2 * len(data.poisoned_rows))
+    audit = (
+        MatchAudit(data, keep)
+        if roclip is None
+        else MatchAudit(data, keep, roclip.suspicious_margin)
+    )
     adapter = None
     if roclip is not None and defend:
         from roclip_torch import RoClipAdapter
@@ -368,7 +374,7 @@ def train_tensor(
             steps_per_epoch=steps,
             samples_per_epoch=steps * settings.batch_size,
             plugin_manager=pm,
-            plugins=[audit],
+            plugins=[audit, audit.stats],
             device=device,
         )
         audit.pool = adapter.pool
@@ -389,7 +395,7 @@ def train_tensor(
     for epoch in range(len(records), end):
         record = loop.epoch(epoch, batches, len(data.train), steps, on_step)
         if record.matching and run_dir is not None:
-            path = _write_suspicious(audit, data, run_dir, epoch)
+            path = _write_suspicious(audit, run_dir, epoch)
             if path is not None:
                 suspicious[epoch + 1] = path
                 record.audit["suspicious_file"] = str(path)
@@ -436,13 +442,9 @@ def _resume(checkpoints: Any, loop: _Loop) -> list[EpochRecord]:
     return [EpochRecord(**record) for record in state["records"]]
 
 
-def _write_suspicious(
-    audit: MatchAudit, data: PoisonedData, run_dir: Path, epoch: int
-) -> Path | None:
+def _write_suspicious(audit: MatchAudit, run_dir: Path, epoch: int) -> Path | None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    keep = max(SUSPICIOUS_MIN_ROWS, 2 * len(data.poisoned_rows))
-    path = run_dir / f"suspicious_epoch_{epoch + 1}.csv"
-    return audit.write_suspicious(path, data.train.captions, keep)
+    return audit.write_suspicious(run_dir / suspicious_name(epoch + 1))
 
 
 class _Loop:

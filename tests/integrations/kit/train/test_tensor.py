@@ -161,8 +161,9 @@ def test_suspicious_files_are_written_for_matching_epochs(data, tmp_path: Path) 
     run = train_tensor(data, _settings(), config, run_dir=tmp_path)
     assert run.matching_epochs == [2] and sorted(run.suspicious) == [2]
     lines = run.suspicious[2].read_text().splitlines()
-    assert lines[0] == "index,caption,margin"
+    assert lines[0] == "index,key,caption,margin"  # one format for every trainer (empty key)
     rows = [int(line.split(",")[0]) for line in lines[1:]]
+    assert all(line.split(",")[1] == "" for line in lines[1:])
     assert len(rows) == len(set(rows)) == len(data.train) - len(data.train) % 32
     audit = run.epochs[1].audit
     assert audit["steps"] == len(data.train) // 32

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import logging
 import math
 from collections import deque
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +38,18 @@ from roclip_openclip.usage import UsageError, check_model
 from roclip_plugin import RoClipConfig, RoClipDefense
 from roclip_plugin.augment import AugmentationPolicy, sample_index
 from roclip_plugin.distributed import all_gather_objects, all_reduce_sum
-from roclip_plugin.hookspecs import hookimpl
-from roclip_plugin.loss import DistInfo, MatchStats, RiskStats
+from roclip_plugin.loss import DistInfo
 from roclip_plugin.risk import stable_ids
+from roclip_plugin.stats import (
+    SUSPICIOUS_TOP,
+    MatchStatsCollector,
+    SuspiciousRow,
+    suspicious_name,
+    top_suspicious,
+    write_suspicious,
+)
 
 log = logging.getLogger("roclip")
-SUSPICIOUS_TOP = 1000
 __all__ = ["STATE_SUFFIX", "OpenClipPatches", "state_path_for"]
 
 
@@ -142,22 +148,28 @@ class KeyedBatches:
 
 
 class EpochReport:
-    """Collects one epoch's matching statistics (a plugin on the defense's hooks)."""
+    """Ties each step's samples to dataset rows for the core's collector (:attr:`stats`).
+
+    The statistics themselves (means, the suspicious count, the most suspicious rows) are
+    :class:`roclip_plugin.stats.MatchStatsCollector`'s, registered beside this report; what is
+    OpenCLIP's here is where a step's rows come from (the sampler's or the shards' queue).
+    """
 
     def __init__(self, margin_threshold: float) -> None:
-        self.margin_threshold = margin_threshold
+        self.stats = MatchStatsCollector(margin_threshold, keep=SUSPICIOUS_TOP)
         # CSV: dataset row indices; WebDataset: (__key__, caption) pairs
         self.indices: deque[Any] = deque()
         self.reset(matching=False)
 
+    @property
+    def steps(self) -> int:
+        """Matching steps of this rank in the epoch."""
+        return self.stats.steps
+
     def reset(self, matching: bool) -> None:
         """Forget the last epoch; called at each epoch start."""
         self.matching = matching
-        self.steps = 0
-        self.matched_sum = 0.0
-        self.own_sum = 0.0
-        self.suspicious = 0
-        self.top: list[tuple[float, int, str, str]] = []  # (margin, row or -1, key, caption)
+        self.stats.reset()
         self.indices.clear()
         self.step_rows: list[Any] = []
 
@@ -169,6 +181,7 @@ class EpochReport:
         after a plain step to an earlier batch).
         """
         self.step_rows = [self.indices.popleft() if self.indices else -1 for _ in range(batch)]
+        self.stats.payload = self.step_rows
 
     def step_ids(self) -> torch.Tensor | None:
         """The step's stable sample ids: CSV rows, or the hashes of WebDataset keys.
@@ -181,13 +194,6 @@ class EpochReport:
         if rows and all(isinstance(r, int) and r >= 0 for r in rows):
             return torch.tensor(rows, dtype=torch.long)
         return None
-
-    def _entry(self, position: int) -> tuple[int, str, str]:
-        """(row or -1, key, caption) of the step's row at ``position``."""
-        row = self.step_rows[position] if position < len(self.step_rows) else -1
-        if isinstance(row, tuple):
-            return -1, str(row[0]), str(row[1])
-        return int(row), "", ""
 
     def before_loss(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Forward pre-hook of the loss (OpenCLIP calls it with keywords).
@@ -204,41 +210,27 @@ class EpochReport:
         if ids is not None and hasattr(module, "pending_ids"):
             module.pending_ids = ids  # the per-sample history is keyed by them
 
-    @hookimpl
-    def roclip_after_match(self, stats: MatchStats) -> None:
-        """Accumulate means, the suspicious count and the most suspicious rows."""
-        self.steps += 1
-        self.matched_sum += stats.matched_similarity
-        self.own_sum += stats.own_similarity
-        margins = stats.margins.detach().float().cpu()
-        self.suspicious += int((margins > self.margin_threshold).sum())
-        entries = [(m, *self._entry(i)) for i, m in enumerate(margins.tolist())]
-        self.top = sorted(self.top + entries, reverse=True)[:SUSPICIOUS_TOP]
-
-    @hookimpl
-    def roclip_after_risk(self, stats: RiskStats) -> None:
-        """Rank the rows by their risk where no caption is matched (drop, unimodal, weight).
-
-        Those steps report no margins: the split's own risk is what says which pairs the
-        defense held for poison, so the suspicious-rows CSV lists the riskiest rows (its
-        ``margin`` column then holds the risk) and the count is the risky rows.
-        """
-        if stats.action == "match":
-            return  # roclip_after_match ranks matched steps by their margins
-        self.suspicious += int(stats.risky.sum())
-        risks = stats.risk.detach().float().cpu().tolist()
-        entries = [(r, *self._entry(i)) for i, r in enumerate(risks)]
-        self.top = sorted(self.top + entries, reverse=True)[:SUSPICIOUS_TOP]
+    def top_rows(self) -> list[SuspiciousRow]:
+        """The rank's most suspicious rows: CSV row index, or WebDataset key and caption."""
+        return self.stats.suspicious_rows(_describe_row)
 
     def summary(self) -> dict[str, float]:
         """Scalars for logs: means over matching steps of this rank."""
-        steps = max(self.steps, 1)
+        stats = self.stats
+        steps = max(stats.steps, 1)
         return {
             "matching": float(self.matching),
-            "matched_similarity": self.matched_sum / steps if self.steps else math.nan,
-            "own_similarity": self.own_sum / steps if self.steps else math.nan,
-            "suspicious_pairs": float(self.suspicious),
+            "matched_similarity": stats.matched_sum / steps if stats.steps else math.nan,
+            "own_similarity": stats.own_sum / steps if stats.steps else math.nan,
+            "suspicious_pairs": float(stats.suspicious),
         }
+
+
+def _describe_row(sample_id: int | None, row: Any) -> tuple[int, str, str]:
+    """(row or -1, key, caption) of a step's row as :class:`EpochReport` queued it."""
+    if isinstance(row, tuple):
+        return -1, str(row[0]), str(row[1])
+    return (int(row) if row is not None else -1), "", ""
 
 
 class OpenClipPatches:
@@ -257,7 +249,7 @@ class OpenClipPatches:
         self.pm = plugin_manager
         self.options = options
         self.report = EpochReport(suspicious_margin)
-        self.pm.register(self.report, name="roclip-openclip-report")
+        self.pm.register(self.report.stats, name="roclip-openclip-report")
         self.policy = policy
         self.defense: RoClipDefense | None = None
         self.data: dict[str, Any] | None = None
@@ -461,7 +453,7 @@ class OpenClipPatches:
         assert self.defense is not None
         summary = self.report.summary()
         summary["pool_fill"] = float(len(self.defense.pool))
-        rows = [row for part in all_gather_objects(self.report.top) for row in part]
+        rows = top_suspicious(all_gather_objects(self.report.top_rows()), SUSPICIOUS_TOP)
         suspicious = torch.tensor([summary["suspicious_pairs"]], dtype=torch.float64)
         summary["suspicious_pairs"] = float(all_reduce_sum(suspicious)[0])
         log.info(
@@ -497,18 +489,15 @@ class OpenClipPatches:
 
             wandb.log({f"roclip/{k}": v for k, v in summary.items()} | {"epoch": epoch}, step=step)
 
-    def _write_suspicious(
-        self, rows: list[tuple[float, int, str, str]], epoch: int, args: Any
-    ) -> None:
-        """The epoch's most suspicious rows: CSV row index, or WebDataset key, and caption."""
-        path = Path(args.checkpoint_path) / f"suspicious_epoch_{epoch + 1}.csv"
-        with path.open("w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(["index", "key", "caption", "margin"])
-            for margin, index, key, caption in sorted(rows, reverse=True)[:SUSPICIOUS_TOP]:
-                if not caption and self.captions and index >= 0:
-                    caption = self.captions[index]
-                writer.writerow([index, key, caption, f"{margin:.6f}"])
+    def _write_suspicious(self, rows: list[SuspiciousRow], epoch: int, args: Any) -> None:
+        """The epoch's most suspicious rows, a CSV row's caption read from the dataset."""
+        if self.captions:
+            captions = self.captions
+            rows = [
+                replace(r, caption=captions[r.index]) if not r.caption and r.index >= 0 else r
+                for r in rows
+            ]
+        write_suspicious(Path(args.checkpoint_path) / suspicious_name(epoch + 1), rows)
 
 
 def is_webdataset(build: Callable[..., Any]) -> bool:

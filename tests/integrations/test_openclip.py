@@ -945,6 +945,7 @@ def test_the_webdataset_keys_of_a_step_become_its_sample_ids() -> None:
 
     from roclip_plugin.loss import MatchStats
     from roclip_plugin.risk import stable_ids
+    from roclip_plugin.stats import SuspiciousRow
 
     class _Loss:
         call_in_step = 0
@@ -956,9 +957,14 @@ def test_the_webdataset_keys_of_a_step_become_its_sample_ids() -> None:
     report.before_loss(loss, (), {"image_features": torch.zeros(2, 4)})
     assert loss.pending_ids.tolist() == stable_ids(["a/001", "a/002"]).tolist()
     margins = torch.tensor([0.25, 0.5])
-    stats = MatchStats(0, 0, 4, 8, 0.0, 0.0, margins, torch.zeros(2, dtype=torch.long))
-    report.roclip_after_match(stats)
-    assert report.top == [(0.5, -1, "a/002", "a dog"), (0.25, -1, "a/001", "a cat")]
+    zeros = torch.zeros(2, dtype=torch.long)
+    report.stats.roclip_after_match(
+        MatchStats(0, 0, 4, 8, 0.0, 0.0, margins, zeros, ids=loss.pending_ids)
+    )
+    assert report.top_rows() == [
+        SuspiciousRow(-1, "a/002", "a dog", 0.5),
+        SuspiciousRow(-1, "a/001", "a cat", 0.25),
+    ]
 
 
 def test_keyed_batches_take_keys_off_each_batch_in_order() -> None:

@@ -24,9 +24,8 @@ from torch import nn
 
 from roclip_plugin.config import RoClipConfig
 from roclip_plugin.defense import RoClipDefense
-from roclip_plugin.hookspecs import hookimpl
-from roclip_plugin.loss import MatchStats
 from roclip_plugin.plugins import get_plugin_manager
+from roclip_plugin.stats import MatchStatsCollector
 from roclip_plugin.validation import as_integer, check_device, check_real
 
 MAX_TRAIN = 1_000_000  # beyond this the synthetic world only costs memory
@@ -194,24 +193,6 @@ class TinyClip(nn.Module):
         return F.normalize(self.text(self.words(tokens)), dim=-1)
 
 
-class MarginRecorder:
-    """Plugin that keeps, for the last matching epoch, each sample's matched-minus-own margin."""
-
-    def __init__(self) -> None:
-        self.batches: list[tuple[int, torch.Tensor]] = []
-
-    @hookimpl
-    def roclip_epoch_start(self, matching: bool) -> None:
-        """Start a fresh record at each matching epoch."""
-        if matching:
-            self.batches = []
-
-    @hookimpl
-    def roclip_after_match(self, stats: MatchStats) -> None:
-        """Keep the step's margins."""
-        self.batches.append((stats.step, stats.margins.detach().cpu()))
-
-
 @dataclass
 class RunResult:
     """What one training run measured."""
@@ -253,7 +234,8 @@ def train(
     device = torch.device(s.device)
     model = TinyClip(world.images.shape[1], len(world.vocab), s.embed_dim).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=s.lr)
-    recorder = MarginRecorder()
+    # the margins of the last matching epoch, as many rows as there are poisons
+    recorder = MatchStatsCollector(math.inf, keep=int(world.poisoned.sum()))
     defense = None
     if config is not None:
         pm = get_plugin_manager()
@@ -264,14 +246,13 @@ def train(
     images, captions = world.images.to(device), world.captions.to(device)
     order_g = torch.Generator().manual_seed(s.seed + 1)
     aug_g = torch.Generator().manual_seed(s.seed + 2)
-    matching_epochs, last_order = [], torch.arange(0)
+    matching_epochs: list[int] = []
     start = time.perf_counter()
     for epoch in range(s.epochs):
         if defense is not None and defense.start_epoch(epoch):
             matching_epochs.append(epoch)
+            recorder.reset()
         order = torch.randperm(images.shape[0], generator=order_g)
-        if epoch in matching_epochs:
-            last_order = order
         for i in range(0, len(order), s.batch):
             idx = order[i : i + s.batch].to(device)
             x, y = images[idx], captions[idx]
@@ -298,7 +279,7 @@ def train(
     asr = float(
         (_classify(model, world.target_images, world.prompts) == world.adversarial).float().mean()
     )
-    precision = _detection_precision(recorder, last_order, world.poisoned) if defense else None
+    precision = _detection_precision(recorder, world.poisoned) if defense else None
     name = ("CLIP" if config is None else "RoCLIP") + (" + aug" if augmented else "")
     return RunResult(name, zero_shot, asr, precision, matching_epochs, seconds)
 
@@ -317,16 +298,11 @@ def stand_ins(s: DemoSettings, config: RoClipConfig) -> DemoSettings:
     )
 
 
-def _detection_precision(
-    recorder: MarginRecorder, order: torch.Tensor, poisoned: torch.Tensor
-) -> float | None:
+def _detection_precision(recorder: MatchStatsCollector, poisoned: torch.Tensor) -> float | None:
     """Of the rows with the largest margins (as many as there are poisons), the poisoned share."""
-    if not recorder.batches:
+    if not recorder.steps:
         return None
-    margins = torch.cat([m for _, m in sorted(recorder.batches, key=lambda b: b[0])])
-    rows = order[: margins.shape[0]]
-    k = int(poisoned.sum())
-    flagged = rows[margins.topk(min(k, margins.numel())).indices]
+    flagged = torch.tensor([row for _, row, _ in recorder.margins.ranked()], dtype=torch.long)
     return float(poisoned[flagged].float().mean())
 
 

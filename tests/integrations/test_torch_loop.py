@@ -615,6 +615,21 @@ def test_one_plugin_manager_serves_one_adapter() -> None:
         RoClipAdapter(plugin_manager=pm, dist_info=DistInfo())
 
 
+def test_a_collector_given_in_plugins_is_the_adapter_s_one_collector() -> None:
+    from roclip_plugin.stats import MatchStatsCollector
+
+    pm, mine = get_plugin_manager(), MatchStatsCollector(0.2, keep=10)
+    adapter = RoClipAdapter(plugin_manager=pm, dist_info=DistInfo(), plugins=[mine])
+    assert adapter.stats is mine
+    assert [p for p in pm.get_plugins() if isinstance(p, MatchStatsCollector)] == [mine]
+    with pytest.raises(ValueError, match="more than one MatchStatsCollector"):
+        RoClipAdapter(
+            plugin_manager=get_plugin_manager(),
+            dist_info=DistInfo(),
+            plugins=[MatchStatsCollector(0.2), MatchStatsCollector(0.2)],
+        )
+
+
 DOC = Path(__file__).resolve().parents[2] / "docs" / "torch-loop.md"
 
 

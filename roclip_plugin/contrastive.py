@@ -1,14 +1,14 @@
 """The pieces of CLIP's contrastive loss that every RoCLIP loss shares, as pure functions.
 
 OpenCLIP's ``ClipLoss`` semantics (feature gathering, ``local_loss``, ``gather_with_grad``),
-the statistics a matching step reports, and the per-sample helpers of the risk room's actions.
-:class:`~roclip_plugin.loss.RoClipLoss` (and the SigLIP loss) orchestrate them; these hold no
-state, so they are tested, and reused by the kit's tensor path, on their own.
+the statistics a matching step reports, and the unimodal nearest-neighbour terms of the risk
+room's actions. :class:`~roclip_plugin.loss.RoClipLoss` (and the SigLIP loss) compose them; these
+hold no state and import nothing of the defense, so they are tested, and reused by the kit's
+tensor path, on their own.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -17,11 +17,6 @@ import torch.distributed.nn
 import torch.nn.functional as F
 
 from roclip_plugin.distributed import all_gather_ints, all_gather_rows, rank_and_world_size
-from roclip_plugin.risk import (
-    MarginScorer,
-    RiskBatch,
-    riskiest,
-)
 
 
 @dataclass(frozen=True)
@@ -284,24 +279,49 @@ def retrieval_accuracy(logits_per_image: torch.Tensor, info: DistInfo) -> torch.
     return (logits_per_image.argmax(dim=1) == labels).float().mean()
 
 
-@torch.no_grad()
-def largest_margins(
+UNIMODAL_TEMPERATURE = 0.1  # NNCLR's and SafeCLIP's unimodal temperature
+
+
+def neighbour_loss(
+    queries: torch.Tensor, rows: torch.Tensor | None, temperature: float = UNIMODAL_TEMPERATURE
+) -> torch.Tensor | None:
+    """InfoNCE of each query against the nearest ``rows`` of all queries; None when impossible.
+
+    ``queries`` are L2-normalised rows with gradient; ``rows`` the bank's valid rows (oldest
+    first; None or empty: no bank), looked up by cosine similarity without gradient. Needs at
+    least two queries. NNCLR's objective: SafeCLIP's treatment of a risky pair's two towers.
+    """
+    if rows is None or rows.shape[0] == 0 or queries.shape[0] < 2:
+        return None
+    rows = rows.to(queries.device, torch.float32)
+    with torch.no_grad():
+        neighbours = rows[(queries.detach().float() @ rows.T).argmax(dim=1)]
+    logits = queries.float() @ neighbours.T / temperature
+    labels = torch.arange(queries.shape[0], device=queries.device)
+    return F.cross_entropy(logits, labels)
+
+
+def unimodal_terms(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
-    matched: torch.Tensor,
-    fraction: float,
+    image_rows: torch.Tensor | None,
+    caption_rows: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Boolean mask of the ``ceil(fraction * batch)`` images with the largest margins.
+    """Mean of the image-image and caption-caption terms (0, in the graph, if neither applies).
 
-    The margin is ``cos(image, matched caption) - cos(image, own caption)`` in float32 (the
-    risk room's ``margin`` score): large when the image's own caption fits it much worse than
-    a caption other images brought, as a poisoned caption does. Ties go to the lower batch
-    position. The loss itself takes this decision through the risk engine.
+    ``image_rows`` / ``caption_rows``: the valid rows of the image bank and the caption pool.
+    The zero keeps both towers in the graph, so DistributedDataParallel without
+    ``find_unused_parameters`` finds every parameter used.
     """
-    batch = RiskBatch(
-        image=F.normalize(image_features.float(), dim=-1),
-        text=F.normalize(text_features.float(), dim=-1),
-        matched=F.normalize(matched.float(), dim=-1),
-    )
-    margins = MarginScorer().local(batch)
-    return riskiest(margins, math.ceil(fraction * margins.numel()))
+    terms = [
+        t
+        for t in (
+            neighbour_loss(image_features, image_rows),
+            neighbour_loss(text_features, caption_rows),
+        )
+        if t is not None
+    ]
+    zero = 0.0 * (image_features.sum() + text_features.sum())
+    if not terms:
+        return zero
+    return torch.stack(terms).mean() + zero

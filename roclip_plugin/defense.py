@@ -1,9 +1,17 @@
-"""The orchestrator every integration drives: schedule, pool, loss, hooks and checkpoint state.
+"""The orchestrator every integration drives: schedule, pool, step decisions, hooks and state.
 
 An integration does three things: call :meth:`RoClipDefense.start_epoch` at each epoch start,
-compute the loss with :attr:`RoClipDefense.loss` (a drop-in for OpenCLIP's ``ClipLoss``), and
-save :meth:`RoClipDefense.state_dict` with its checkpoint. Everything else (step counting,
-per-step schedule decisions, pool updates, statistics to hooks) happens inside.
+compute each step's loss through the defense (:meth:`RoClipDefense.compute_loss`, or
+:attr:`RoClipDefense.loss`, a drop-in for OpenCLIP's ``ClipLoss``), and save
+:meth:`RoClipDefense.state_dict` with its checkpoint. Everything else (step counting, per-step
+schedule decisions, pool updates, statistics to hooks) happens inside.
+
+A step has one way through: the defense counts it and asks the schedule, its
+:class:`~roclip_plugin.step.StepDecider` turns the embeddings and sample ids into a
+:class:`~roclip_plugin.loss.StepPlan` (hooks hear of the lookup and the split), the loss
+(:attr:`RoClipDefense.criterion`) computes from the features and the plan alone, and the
+defense then records the alignment and has the decider update the pool. Nothing calls back
+from the loss.
 """
 
 from __future__ import annotations
@@ -20,15 +28,18 @@ import torch
 
 from roclip_plugin.checks import no_matching_message, pool_share_message
 from roclip_plugin.config import RoClipConfig
+from roclip_plugin.contrastive import check_batch_sizes
 from roclip_plugin.distributed import all_reduce_sum
 from roclip_plugin.io import atomic_torch_save, read_state_file
-from roclip_plugin.loss import DistInfo, MatchStats, RiskStats, RoClipLoss
+from roclip_plugin.loss import DistInfo, RoClipLoss, StepPlan, check_action_supported
 from roclip_plugin.plugins import BUILTINS_NAME, get_plugin_manager
 from roclip_plugin.pool import CaptionPool
 from roclip_plugin.risk import DEFAULT_HISTORY_SLOTS, make_engine, stable_ids
 from roclip_plugin.schedule import ScheduleState, schedule_unit
 from roclip_plugin.siglip import RoClipSigLipLoss
+from roclip_plugin.step import StepContext, StepDecider, StepSettings
 from roclip_plugin.validation import (
+    LossInputCheck,
     check_count,
     check_defense_state,
     check_epoch,
@@ -86,36 +97,55 @@ class RoClipDefense:
         self._acc_sum: torch.Tensor | None = None
         self._acc_count = 0
         matcher = self.pm.hook.roclip_make_matcher(config=self.config)
-        self.risk = make_engine(
-            self.risk_config(), self.pm, self.info.rank, self.info.world_size
-        )
+        self.risk = make_engine(self.risk_config(), self.pm, self.info.rank, self.info.world_size)
         loss_class = RoClipSigLipLoss if siglip else RoClipLoss
-        self.loss = loss_class(
+        check_action_supported(self.config.match_action, self.risk, loss_class.weighted_objective)
+        self.criterion: RoClipLoss = loss_class(self.info)
+        self.decider = StepDecider(
             self.pool,
             matcher,
             self.info,
+            self.step_settings(accum_freq, loss_class.gathers_matched),
+            risk=self.risk,
+            plugin_manager=self.pm,
+        )
+        self.check_inputs = LossInputCheck()
+        self.loss = DefendedLoss(self)
+        self._matching = False
+        self._unimodal_only = False  # set at each epoch start (the unimodal warm-up)
+        self._context = StepContext(matching=False)  # of the step in progress
+        self._context_step = 0  # index of the step in progress (hooks and statistics)
+        self._pending_ids: torch.Tensor | None = None  # ids of the next step's rows
+        self.pm.hook.roclip_configure(config=self.config, options=options)
+
+    def step_settings(self, accum_freq: int, gathers_matched: bool) -> StepSettings:
+        """The config's part that decides each step (accumulation and the loss kind added)."""
+        return StepSettings(
             update_pool_when_plain=self.config.pool_update == "every_step",
             match_fraction=self.config.match_fraction,
             match_action=self.config.match_action,
             duplicate_matches=self.config.duplicate_matches,
             accum_freq=accum_freq,
-            on_step=self._on_step,
-            on_match=self._on_match,
-            on_enqueue=self._on_enqueue,
-            on_alignment=self._on_alignment,
-            wants_stats=self.observed,
-            risk=self.risk,
             risk_weight=self.config.risk_weight,
-            on_risk=self._on_risk,
+            gathers_matched=gathers_matched,
         )
-        self.pm.hook.roclip_configure(config=self.config, options=options)
 
     # -- what integrations call ---------------------------------------------------------
 
     @property
     def matching(self) -> bool:
         """Whether the current step is a matching one."""
-        return self.loss.matching
+        return self._matching
+
+    @property
+    def accum_freq(self) -> int:
+        """Loss calls per optimiser step (OpenCLIP's ``--accum-freq``)."""
+        return self.decider.settings.accum_freq
+
+    @property
+    def call_in_step(self) -> int:
+        """Index of the next loss call within its optimiser step (0: a new step starts)."""
+        return self.decider.call_in_step
 
     def risk_config(self) -> RoClipConfig:
         """The config the risk engine is built from: ``history_slots`` 0 resolved.
@@ -135,14 +165,14 @@ class RoClipDefense:
         For trainers whose loss call cannot carry them (OpenCLIP calls the loss with the
         model's outputs only); a call of the loss with ``sample_ids=`` does the same.
         """
-        self.loss.pending_ids = stable_ids(ids)
+        self._pending_ids = stable_ids(ids)
 
     def observed(self) -> bool:
         """Whether any plugin implements ``roclip_after_match``.
 
         Asked at each matching step, so plugins registered after construction are served too.
         """
-        return bool(self.pm.hook.roclip_after_match.get_hookimpls())
+        return self.decider.observed()
 
     def set_step(self, step: int) -> None:
         """Adopt a trainer's global step count (index of the next step) on a fresh start."""
@@ -190,8 +220,7 @@ class RoClipDefense:
             self.check_run()
         self._abandon_unfinished_step(epoch)
         self.epoch = epoch
-        self.loss.epoch = epoch
-        self.loss.unimodal_only = epoch < self.config.unimodal_warmup_epochs
+        self._unimodal_only = epoch < self.config.unimodal_warmup_epochs
         unit = schedule_unit(epoch, self.step, self.config.period_steps)
         if self.config.period_steps == 0 or unit != self.unit:
             self._enter_unit(unit)
@@ -213,9 +242,55 @@ class RoClipDefense:
         """
         if sample_ids is not None:
             self.set_sample_ids(sample_ids)
-        out = self.loss(image_features, text_features, logit_scale, logit_bias)
-        assert isinstance(out, torch.Tensor)
-        return out
+        return self._loss_call(image_features, text_features, logit_scale, logit_bias)
+
+    def plan_step(self, image_features: torch.Tensor, text_features: torch.Tensor) -> StepPlan:
+        """The plan of this loss call; a step's first call counts the step and decides it.
+
+        Half of a step for trainers that compute the loss themselves: call
+        ``criterion.step_loss(..., plan)`` next, then :meth:`finish_call`.
+        """
+        if self.decider.call_in_step == 0:
+            self._start_step()
+            ids, self._pending_ids = self._pending_ids, None
+            self._context = StepContext(
+                self._matching, self._unimodal_only, self.epoch, self._context_step
+            )
+            return self.decider.plan(image_features, text_features, self._context, ids)
+        return self.decider.plan(image_features, text_features, self._context)
+
+    def finish_call(
+        self,
+        plan: StepPlan,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        accuracy: torch.Tensor,
+    ) -> None:
+        """After a loss call: the schedule's alignment signal; after a step's last, the pool.
+
+        A plain step's accuracy feeds the alignment schedule; the decider then enqueues the
+        step's captions and images once its last call is done.
+        """
+        if self.decider.call_in_step == 0 and plan.plain:
+            self._record_alignment(accuracy)
+        self.decider.finish(image_features, text_features)
+
+    def _loss_call(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor,
+        logit_bias: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """One loss call: check, plan (the defense), compute (the loss), finish (the defense)."""
+        self.check_inputs(image_features, text_features, logit_scale, matching=self._matching)
+        check_batch_sizes(image_features, text_features, self.info)
+        plan = self.plan_step(image_features, text_features)
+        loss, accuracy = self.criterion.step_loss(
+            image_features, text_features, logit_scale, logit_bias, plan
+        )
+        self.finish_call(plan, image_features, text_features, accuracy)
+        return loss
 
     # -- checkpoints ----------------------------------------------------------------------
 
@@ -225,10 +300,10 @@ class RoClipDefense:
         Refused between the calls of an accumulated step: its lookup and its captions, not
         yet in the pool, would be lost. Save after the optimiser step.
         """
-        if self.loss.call_in_step:
+        if self.call_in_step:
             raise RuntimeError(
-                f"RoClipDefense.state_dict: called after {self.loss.call_in_step} of the "
-                f"{self.loss.accum_freq} loss calls of an accumulated step (accum_freq); save "
+                f"RoClipDefense.state_dict: called after {self.call_in_step} of the "
+                f"{self.accum_freq} loss calls of an accumulated step (accum_freq); save "
                 "the state after the optimiser step"
             )
         pending = None if self._acc_sum is None else float(self._acc_sum)
@@ -240,7 +315,7 @@ class RoClipDefense:
             "epoch": self.epoch,
             "step": self.step,
             "unit": self.unit,
-            "matching": self.loss.matching,
+            "matching": self._matching,
             "alignment_pending": (pending, self._acc_count),
             "risk": None if self.risk is None else self.risk.state_dict(),
         }
@@ -254,11 +329,11 @@ class RoClipDefense:
         self.epoch = int(state["epoch"])
         self.step = int(state["step"])
         self.unit = state["unit"]
-        self.loss.epoch, self.loss.matching = self.epoch, bool(state["matching"])
+        self._matching = bool(state["matching"])
         pending, count = state["alignment_pending"]
         self._acc_sum = None if pending is None else torch.tensor(pending)
         self._acc_count = int(count)
-        self.loss.unimodal_only = self.epoch < self.config.unimodal_warmup_epochs
+        self._unimodal_only = self.epoch < self.config.unimodal_warmup_epochs
         if self.risk is not None and state.get("risk") is not None:
             self.risk.load_state_dict(state["risk"])
 
@@ -293,10 +368,10 @@ class RoClipDefense:
         never reach the loss); a loop that breaks off mid-step gets a warning, and the step's
         captions stay out of the pool.
         """
-        calls = self.loss.abandon_step()
+        calls = self.decider.abandon()
         if calls:
             warnings.warn(
-                f"RoCLIP: epoch {epoch} starts after {calls} of the {self.loss.accum_freq} loss "
+                f"RoCLIP: epoch {epoch} starts after {calls} of the {self.accum_freq} loss "
                 "calls of an accumulated step (accum_freq); that step is discarded (its "
                 "captions are not enqueued). Call the loss accum_freq times per optimiser step",
                 RuntimeWarning,
@@ -319,17 +394,18 @@ class RoClipDefense:
             config=self.config,
             state=self.schedule,
         )
-        self.loss.matching = bool(decision)
+        self._matching = bool(decision)
 
-    def _on_step(self) -> None:
-        self.loss.step = self.step
+    def _start_step(self) -> None:
+        """A step starts: count it, and enter its schedule unit (``period_steps``)."""
+        self._context_step = self.step
         if self.config.period_steps:
             unit = schedule_unit(self.epoch, self.step, self.config.period_steps)
             if unit != self.unit:
                 self._enter_unit(unit)
         self.step += 1
 
-    def _on_alignment(self, accuracy: torch.Tensor) -> None:
+    def _record_alignment(self, accuracy: torch.Tensor) -> None:
         acc = accuracy.detach().float()
         self._acc_sum = acc if self._acc_sum is None else self._acc_sum.to(acc.device) + acc
         self._acc_count += 1
@@ -350,14 +426,52 @@ class RoClipDefense:
             self.schedule.record_alignment(unit, float(total[0] / total[1]))
         self._acc_sum, self._acc_count = None, 0
 
-    def _on_enqueue(self, added: int) -> None:
-        self.pm.hook.roclip_pool_updated(
-            pool=self.pool, added=added, epoch=self.epoch, step=self.loss.step
-        )
 
-    def _on_match(self, stats: MatchStats) -> None:
-        self.pm.hook.roclip_after_match(stats=stats)
+class DefendedLoss(torch.nn.Module):
+    """The defense as a drop-in for OpenCLIP's ``ClipLoss`` (or ``SigLipLoss``).
 
-    def _on_risk(self, stats: RiskStats) -> None:
-        if self.pm.hook.roclip_after_risk.get_hookimpls():
-            self.pm.hook.roclip_after_risk(stats=stats)
+    One module a trainer calls per loss call, which plans the step (the defense), computes the
+    loss (the criterion) and finishes the call (the defense): the loss never calls back.
+
+    ``forward`` takes and returns what ``ClipLoss.forward`` does. ``sample_ids`` (int64, one
+    per row) key the per-sample history; a trainer that cannot pass them here sets
+    :attr:`pending_ids` (or calls ``defense.set_sample_ids``) before the call.
+    """
+
+    def __init__(self, defense: RoClipDefense) -> None:
+        super().__init__()
+        self.defense = defense  # not a module: holds no parameters and is saved on its own
+
+    @property
+    def call_in_step(self) -> int:
+        """Index of the next loss call within its optimiser step (0: a new step starts)."""
+        return self.defense.call_in_step
+
+    @property
+    def accum_freq(self) -> int:
+        """Loss calls per optimiser step."""
+        return self.defense.accum_freq
+
+    @property
+    def pending_ids(self) -> torch.Tensor | None:
+        """Ids of the next step's rows, taken by its first call."""
+        return self.defense._pending_ids
+
+    @pending_ids.setter
+    def pending_ids(self, ids: torch.Tensor | None) -> None:
+        self.defense._pending_ids = ids
+
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor,
+        logit_bias: torch.Tensor | None = None,
+        output_dict: bool = False,
+        sample_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        """One loss call; the step's first call decides, its last one updates the pool."""
+        if sample_ids is not None:
+            self.pending_ids = sample_ids
+        loss = self.defense._loss_call(image_features, text_features, logit_scale, logit_bias)
+        return {"contrastive_loss": loss} if output_dict else loss

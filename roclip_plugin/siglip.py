@@ -8,9 +8,10 @@ use collectives; the gradient of every block flows back to the rank that owns it
 operations in the same order give the same values and gradients as OpenCLIP's.
 
 Matching steps use the same loss with each image's matched pool caption in place of its own
-(:class:`RoClipSigLipLoss`; everything else, pool, plans, statistics and accumulation, is
-:class:`~roclip_plugin.loss.RoClipLoss`'s). Matched captions are constants, so the text tower
-stays in the graph with a zero gradient and the learnable bias keeps training.
+(:class:`RoClipSigLipLoss`; the plan of each step, pool, statistics and accumulation are the
+defense's, the plan's actions :class:`~roclip_plugin.loss.RoClipLoss`'s). Matched captions are
+constants, so the text tower stays in the graph with a zero gradient and the learnable bias
+keeps training.
 """
 
 from __future__ import annotations
@@ -265,18 +266,18 @@ def sigmoid_loss(
 
 
 class RoClipSigLipLoss(RoClipLoss):
-    """Drop-in for OpenCLIP's ``SigLipLoss`` that runs RoCLIP's matching steps.
+    """SigLIP's loss under a step plan; a drop-in for OpenCLIP's ``SigLipLoss`` without one.
 
-    Takes :class:`~roclip_plugin.loss.RoClipLoss`'s arguments; ``info.dist_impl`` selects
+    Takes :class:`~roclip_plugin.loss.RoClipLoss`'s argument; ``info.dist_impl`` selects
     OpenCLIP's distributed implementation (``--loss-dist-impl``; ``local_loss`` and
     ``gather_with_grad`` do not apply to SigLIP). ``forward`` takes what
-    ``SigLipLoss.forward`` does; the bias may be None for a model without one.
+    ``SigLipLoss.forward`` does, plus the plan; the bias may be None for a model without one.
     """
 
     gathers_matched = False  # each block of matched captions travels as the loss needs it
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, info: DistInfo | None = None, *legacy_args: Any, **legacy: Any) -> None:
+        super().__init__(info, *legacy_args, **legacy)
         check_dist_impl(self.info.dist_impl)
 
     def objective(

@@ -62,7 +62,7 @@ def _run(defense: RoClipDefense, rank: int, world: int) -> dict:
 
     A SigLIP defense also gets a logit bias, as SigLIP models carry one.
     """
-    bias = torch.tensor(-3.0) if isinstance(defense.loss, RoClipSigLipLoss) else None
+    bias = torch.tensor(-3.0) if isinstance(defense.criterion, RoClipSigLipLoss) else None
     losses, checksums, matching, grads = [], [], [], []
     per = BATCH // world
     for epoch in range(EPOCHS):

@@ -222,8 +222,8 @@ def test_roclip_after_match() -> None:
 def test_statistics_are_skipped_without_observers(monkeypatch) -> None:
     defense = _defense()
     computed = []
-    original = defense.loss._stats
-    monkeypatch.setattr(defense.loss, "_stats", lambda *a: computed.append(1) or original(*a))
+    original = defense.decider._stats
+    monkeypatch.setattr(defense.decider, "_stats", lambda *a: computed.append(1) or original(*a))
     defense.start_epoch(0)
     defense.compute_loss(*_features(), torch.tensor(5.0))
     defense.start_epoch(1)

@@ -187,7 +187,12 @@ def test_the_risk_room_imports_only_the_pool_from_the_core() -> None:
     risk = {name for name in graph if name.startswith("roclip_plugin.risk")}
     assert len(risk) >= 6
     reached = {t for name in risk for t in graph[name] if not t.startswith("roclip_plugin.risk")}
-    allowed = {"roclip_plugin", "roclip_plugin.pool", "roclip_plugin.distributed"}
+    allowed = {
+        "roclip_plugin",
+        "roclip_plugin.pool",
+        "roclip_plugin.distributed",
+        "roclip_plugin.contrastive",  # the unimodal terms' math, which the loss shares
+    }
     assert reached <= allowed, reached
 
 
@@ -269,3 +274,40 @@ def test_the_adapters_former_circles_are_gone() -> None:
     assert "roclip_openclip.usage" in graph["roclip_openclip.patches"]
     assert "roclip_torch.loop" not in graph["roclip_torch.report"]
     assert "roclip_torch.summary" in graph["roclip_torch.report"]
+
+
+def _reach(graph: dict[str, set[str]], start: str) -> set[str]:
+    """Every module ``start`` imports, directly or through others."""
+    seen: set[str] = set()
+    todo = [start]
+    while todo:
+        for target in graph.get(todo.pop(), ()):
+            if target not in seen:
+                seen.add(target)
+                todo.append(target)
+    return seen
+
+
+def test_the_loss_imports_nothing_of_the_defense() -> None:
+    """One way through a step: the defense plans, the loss computes from the plan's tensors.
+
+    The loss modules reach none of the rooms that decide (defense, step, risk, pool, matching,
+    schedule) nor the hooks, at any depth: nothing in them can call back into the defense."""
+    graph = import_graph()
+    deciding = {
+        "roclip_plugin.defense",
+        "roclip_plugin.step",
+        "roclip_plugin.risk",
+        "roclip_plugin.pool",
+        "roclip_plugin.matching",
+        "roclip_plugin.schedule",
+        "roclip_plugin.hookspecs",
+        "roclip_plugin.plugins",
+        "roclip_plugin.builtins",
+    }
+    for module in ("roclip_plugin.loss", "roclip_plugin.siglip", "roclip_plugin.contrastive"):
+        reached = _reach(graph, module)
+        bad = {t for t in reached if any(t == d or t.startswith(d + ".") for d in deciding)}
+        assert not bad, (module, bad)
+    assert "roclip_plugin.loss" in graph["roclip_plugin.step"]  # the arrow points this way
+    assert "roclip_plugin.step" in graph["roclip_plugin.defense"]

@@ -5,16 +5,17 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from step_harness import StepHarness
 
 from roclip_plugin.loss import (
     DistInfo,
     RoClipLoss,
     contrastive_loss,
-    largest_margins,
     retrieval_accuracy,
 )
 from roclip_plugin.matching import TorchMatcher
 from roclip_plugin.pool import CaptionPool
+from roclip_plugin.risk import largest_margins
 
 open_clip_loss = pytest.importorskip("open_clip.loss")
 
@@ -36,7 +37,7 @@ def _features(seed: int, batch: int, dim: int, dtype: torch.dtype = torch.float3
 def test_plain_loss_equals_openclip_clip_loss(seed, batch, dim, scale):
     img, txt = _features(seed, batch, dim)
     logit_scale = torch.tensor(scale)
-    ours = RoClipLoss(CaptionPool(8), TorchMatcher(), DistInfo())
+    ours = StepHarness(CaptionPool(8), TorchMatcher(), DistInfo())
     want = open_clip_loss.ClipLoss()(img, txt, logit_scale, output_dict=True)
     got = ours(img, txt, logit_scale, output_dict=True)
     assert set(got) == set(want) == {"contrastive_loss"}
@@ -52,7 +53,7 @@ def test_matching_loss_with_own_captions_equals_clip_loss():
     def own_caption(image_features, pool_):
         return torch.arange(image_features.shape[0])
 
-    loss = RoClipLoss(pool, own_caption, DistInfo(), update_pool_when_plain=False)
+    loss = StepHarness(pool, own_caption, DistInfo(), update_pool_when_plain=False)
     loss.matching = True
     scale = torch.tensor(14.0)
     got = loss(img, txt, scale)
@@ -64,7 +65,7 @@ def test_output_dict_holds_only_the_loss():
     img, txt = _features(4, 8, 8)
     pool = CaptionPool(32)
     pool.enqueue(txt)
-    loss = RoClipLoss(pool, TorchMatcher(), DistInfo(), on_match=lambda stats: None)
+    loss = StepHarness(pool, TorchMatcher(), DistInfo(), on_match=lambda stats: None)
     loss.matching = True
     out = loss(img, txt, torch.tensor(10.0), output_dict=True)
     assert list(out) == ["contrastive_loss"]
@@ -89,7 +90,7 @@ def _grads(model: TwoTower, matching: bool) -> dict[str, torch.Tensor]:
     x, y = torch.randn(10, 8), torch.randn(10, 8)
     pool = CaptionPool(64)
     pool.enqueue(torch.randn(30, 8))
-    loss_fn = RoClipLoss(pool, TorchMatcher(), DistInfo())
+    loss_fn = StepHarness(pool, TorchMatcher(), DistInfo())
     loss_fn.matching = matching
     model.zero_grad()
     loss_fn(*model(x, y)).backward()
@@ -118,7 +119,7 @@ def test_lookup_happens_before_enqueue():
     pool = CaptionPool(100)
     pool.enqueue(old)
     seen: list[torch.Tensor] = []
-    loss = RoClipLoss(
+    loss = StepHarness(
         pool, TorchMatcher(), DistInfo(), on_match=lambda stats: seen.append(stats.matched_indices)
     )
     loss.matching = True
@@ -132,7 +133,7 @@ def test_match_stats_margins():
     pool = CaptionPool(50)
     pool.enqueue(torch.randn(20, 8))
     got = []
-    loss = RoClipLoss(pool, TorchMatcher(), DistInfo(), on_match=got.append)
+    loss = StepHarness(pool, TorchMatcher(), DistInfo(), on_match=got.append)
     loss.matching = True
     loss(img, txt, torch.tensor(10.0))
     stats = got[0]
@@ -152,10 +153,10 @@ def test_match_stats_margins():
 def test_pool_update_policies():
     img, txt = _features(7, 4, 8)
     every = CaptionPool(16)
-    RoClipLoss(every, TorchMatcher(), DistInfo())(img, txt, torch.tensor(1.0))
+    StepHarness(every, TorchMatcher(), DistInfo())(img, txt, torch.tensor(1.0))
     assert len(every) == 4
     only_matching = CaptionPool(16)
-    RoClipLoss(only_matching, TorchMatcher(), DistInfo(), update_pool_when_plain=False)(
+    StepHarness(only_matching, TorchMatcher(), DistInfo(), update_pool_when_plain=False)(
         img, txt, torch.tensor(1.0)
     )
     assert len(only_matching) == 0
@@ -164,7 +165,7 @@ def test_pool_update_policies():
 def test_matching_step_with_empty_pool_falls_back_to_clip_and_fills_pool():
     img, txt = _features(8, 4, 8)
     pool = CaptionPool(16)
-    loss = RoClipLoss(pool, TorchMatcher(), DistInfo(), update_pool_when_plain=False)
+    loss = StepHarness(pool, TorchMatcher(), DistInfo(), update_pool_when_plain=False)
     loss.matching = True
     got = loss(img, txt, torch.tensor(3.0))
     torch.testing.assert_close(got, open_clip_loss.ClipLoss()(img, txt, torch.tensor(3.0)))
@@ -175,7 +176,7 @@ def test_bf16_features_work_and_pool_stays_fp32():
     img, txt = _features(9, 6, 8, torch.bfloat16)
     pool = CaptionPool(16)
     pool.enqueue(torch.randn(8, 8))
-    loss = RoClipLoss(pool, TorchMatcher(), DistInfo())
+    loss = StepHarness(pool, TorchMatcher(), DistInfo())
     loss.matching = True
     out = loss(img, txt, torch.tensor(5.0))
     assert torch.isfinite(out)
@@ -192,7 +193,7 @@ def test_a_logit_bias_is_added_as_clip_loss_adds_it(matching):
     def loss_fn():
         pool = CaptionPool(16)
         pool.enqueue(_features(11, 6, 8)[1])
-        loss = RoClipLoss(pool, TorchMatcher(), DistInfo())
+        loss = StepHarness(pool, TorchMatcher(), DistInfo())
         loss.matching = matching
         return loss
 
@@ -232,7 +233,7 @@ def test_partial_matching_repairs_the_chosen_images_and_keeps_the_rest_own_capti
     pool = CaptionPool(64)
     pool.enqueue(F.normalize(torch.randn(30, 16, generator=g), dim=-1))
     matcher = TorchMatcher()
-    loss = RoClipLoss(pool, matcher, DistInfo(), update_pool_when_plain=False, match_fraction=0.3)
+    loss = StepHarness(pool, matcher, DistInfo(), update_pool_when_plain=False, match_fraction=0.3)
     loss.matching = True
     scale = torch.tensor(10.0)
     txt = txt.clone().requires_grad_(True)
@@ -254,7 +255,7 @@ def test_drop_leaves_the_chosen_pairs_out_of_the_loss():
     pool = CaptionPool(64)
     pool.enqueue(F.normalize(torch.randn(40, 16, generator=g), dim=-1))
     matcher = TorchMatcher()
-    loss = RoClipLoss(
+    loss = StepHarness(
         pool, matcher, DistInfo(), update_pool_when_plain=False, match_fraction=0.25,
         match_action="drop",
     )  # fmt: skip
@@ -300,7 +301,7 @@ def test_matching_under_autocast_searches_as_without_it(matcher):
         pool = CaptionPool(4096)
         pool.enqueue(rows)
         seen = []
-        loss = RoClipLoss(pool, matcher, DistInfo(), on_match=seen.append)
+        loss = StepHarness(pool, matcher, DistInfo(), on_match=seen.append)
         loss.matching = True
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             loss(img, txt, torch.tensor(10.0))
@@ -322,7 +323,7 @@ def test_non_finite_image_features_are_refused_in_matching_steps(matcher_name):
     img[4, 0] = float("inf")
     pool = CaptionPool(32)
     pool.enqueue(torch.randn(10, 8))
-    loss = RoClipLoss(pool, make_matcher(RoClipConfig(matcher=matcher_name)), DistInfo())
+    loss = StepHarness(pool, make_matcher(RoClipConfig(matcher=matcher_name)), DistInfo())
     loss.matching = True
     with pytest.raises(ValueError, match=r"2 of 6 image feature rows are non-finite"):
         loss(img, txt, torch.tensor(10.0))
@@ -338,7 +339,7 @@ def _duplicated_softmax(duplicate_matches: str) -> tuple[torch.Tensor, torch.Ten
     pool = CaptionPool(8)
     pool.enqueue(F.normalize(torch.randn(3, 8), dim=-1))
     indices = torch.tensor([0, 0, 1, 2])
-    loss = RoClipLoss(
+    loss = StepHarness(
         pool, lambda image_features, pool_: indices, DistInfo(),
         duplicate_matches=duplicate_matches,
     )  # fmt: skip
@@ -365,7 +366,7 @@ def test_mask_leaves_a_shared_caption_out_of_the_other_images_softmax():
 
 def test_an_unknown_duplicate_policy_is_refused():
     with pytest.raises(ValueError, match="duplicate_matches.*allowed: mask, keep"):
-        RoClipLoss(CaptionPool(4), TorchMatcher(), DistInfo(), duplicate_matches="merge")
+        StepHarness(CaptionPool(4), TorchMatcher(), DistInfo(), duplicate_matches="merge")
 
 
 # -- gradient accumulation (OpenCLIP's --accum-freq) -------------------------------------------
@@ -375,9 +376,11 @@ MICRO = 4
 
 
 def _loss_class(name: str):
+    """A step harness of the named loss kind, built like the old self-deciding loss."""
     from roclip_plugin.siglip import RoClipSigLipLoss
 
-    return {"clip": RoClipLoss, "siglip": RoClipSigLipLoss}[name]
+    loss_class = {"clip": RoClipLoss, "siglip": RoClipSigLipLoss}[name]
+    return lambda *args, **kw: StepHarness(*args, loss_class=loss_class, **kw)
 
 
 class CountingMatcher:
@@ -448,7 +451,7 @@ def test_every_call_of_a_step_trains_against_the_first_calls_lookup():
     img, txt, pool = _accumulated_problem()
     matcher = CountingMatcher()
     seen = []
-    loss_fn = RoClipLoss(pool, matcher, DistInfo(), accum_freq=ACCUM, on_match=seen.append)
+    loss_fn = StepHarness(pool, matcher, DistInfo(), accum_freq=ACCUM, on_match=seen.append)
     loss_fn.matching = True
     losses, _, _ = _accumulate(loss_fn, img, txt, torch.tensor(10.0), jitter=1e-3)
     assert matcher.calls == 1 and len(seen) == 1  # one lookup, one statistics record
@@ -460,7 +463,7 @@ def test_every_call_of_a_step_trains_against_the_first_calls_lookup():
 
 def test_a_call_without_the_whole_accumulated_batch_is_refused():
     img, txt, pool = _accumulated_problem()
-    loss_fn = RoClipLoss(pool, TorchMatcher(), DistInfo(), accum_freq=2)
+    loss_fn = StepHarness(pool, TorchMatcher(), DistInfo(), accum_freq=2)
     loss_fn(img, txt, torch.tensor(10.0))
     with pytest.raises(ValueError, match="loss call 2 of 2 .* got 4 rows, its first call 12"):
         loss_fn(img[:MICRO], txt[:MICRO], torch.tensor(10.0))
@@ -469,4 +472,31 @@ def test_a_call_without_the_whole_accumulated_batch_is_refused():
 @pytest.mark.parametrize("value", [0, -1, 1.5, True])
 def test_accum_freq_must_be_a_positive_integer(value):
     with pytest.raises(ValueError, match="accum_freq .*--accum-freq.*integer >= 1"):
-        RoClipLoss(CaptionPool(4), TorchMatcher(), DistInfo(), accum_freq=value)
+        StepHarness(CaptionPool(4), TorchMatcher(), DistInfo(), accum_freq=value)
+
+
+def test_the_loss_computes_from_tensors_alone():
+    """No pool, matcher or defense: a hand-made plan gives the loss of its targets."""
+    from roclip_plugin.loss import PLAIN, StepPlan
+
+    img, txt = _features(21, 6, 8)
+    matched = F.normalize(torch.randn(6, 8, generator=torch.Generator().manual_seed(2)), dim=-1)
+    scale = torch.tensor(10.0)
+    loss = RoClipLoss(DistInfo())
+    assert not any(isinstance(v, CaptionPool) or callable(v) for v in vars(loss).values())
+    plain = loss(img, txt, scale, plan=PLAIN)
+    torch.testing.assert_close(plain, contrastive_loss(img, txt, scale, DistInfo())[0])
+    got = loss(img, txt, scale, plan=StepPlan(matched=matched, all_matched=matched))
+    torch.testing.assert_close(got, contrastive_loss(img, matched, scale, DistInfo())[0])
+    chosen = torch.tensor([True, False, False, True, False, False])
+    partial = StepPlan(matched=matched, chosen=chosen)
+    targets = torch.where(chosen[:, None], matched, txt)
+    want = contrastive_loss(img, targets, scale, DistInfo())[0]
+    torch.testing.assert_close(loss(img, txt, scale, plan=partial), want)
+
+
+def test_the_old_constructor_is_refused_naming_the_defense():
+    with pytest.raises(TypeError, match="RoClipDefense"):
+        RoClipLoss(CaptionPool(4), TorchMatcher(), DistInfo())
+    with pytest.raises(TypeError, match="RoClipDefense"):
+        RoClipLoss(DistInfo(), update_pool_when_plain=False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from step_harness import StepHarness
 
 from roclip_plugin import RoClipConfig, RoClipDefense
 from roclip_plugin.loss import DistInfo
@@ -51,7 +52,9 @@ def _fixed_matcher(indices: list[int]):
 
 
 def _loss(pool: CaptionPool, matcher=None, **kw) -> RoClipSigLipLoss:
-    return RoClipSigLipLoss(pool, matcher or TorchMatcher(), DistInfo(), **kw)
+    return StepHarness(
+        pool, matcher or TorchMatcher(), DistInfo(), loss_class=RoClipSigLipLoss, **kw
+    )
 
 
 @pytest.mark.parametrize("bias", [BIAS, None], ids=["bias", "no-bias"])
@@ -128,14 +131,14 @@ def test_sigmoid_loss_returns_the_accuracy_the_bias_does_not_change() -> None:
 def test_an_unknown_dist_impl_is_refused() -> None:
     assert check_dist_impl(None) == "bidir"
     with pytest.raises(ValueError, match="--loss-dist-impl.*allowed: bidir, shift"):
-        RoClipSigLipLoss(CaptionPool(4), TorchMatcher(), DistInfo(dist_impl="ring"))
+        RoClipSigLipLoss(DistInfo(dist_impl="ring"))
 
 
 def test_the_defense_trains_the_sigmoid_loss_when_asked() -> None:
     defense = RoClipDefense(
         RoClipConfig.from_preset("paper", pool_size=16), siglip=True, dist_info=DistInfo()
     )
-    assert isinstance(defense.loss, RoClipSigLipLoss)
+    assert isinstance(defense.criterion, RoClipSigLipLoss)
     img, txt = _features(6, 4, 8)
     defense.start_epoch(0)
     got = defense.compute_loss(img, txt, SCALE, BIAS)

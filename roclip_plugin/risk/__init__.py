@@ -8,9 +8,10 @@ The room of the defense that judges pairs one by one (docs/risk.md). Its public 
 - splits (:mod:`~roclip_plugin.risk.split`): a fixed share, or SafeCLIP's Gaussian mixture;
 - the per-sample history (:mod:`~roclip_plugin.risk.history`) and stable sample ids;
 - the unimodal terms (:mod:`~roclip_plugin.risk.unimodal`) for risky pairs and the warm-up;
-- :class:`RiskEngine`, which the loss asks once per optimiser step.
+- :class:`RiskEngine`, which the defense asks once per optimiser step.
 
-It imports only torch, the core's pool and its distribution helpers: the config and the
+It imports only torch, the core's pool, its distribution helpers and the unimodal terms' math
+(:mod:`roclip_plugin.contrastive`, which imports nothing of the defense): the config and the
 plugin manager are handed in.
 """
 
@@ -36,6 +37,7 @@ from roclip_plugin.risk.scores import (
     MarginScorer,
     RiskBatch,
     RiskScorer,
+    largest_margins,
 )
 from roclip_plugin.risk.split import Mixture, MixtureSplit, fit_mixture, fixed_split, riskiest
 from roclip_plugin.risk.unimodal import nearest_neighbour_loss, unimodal_loss
@@ -112,6 +114,7 @@ __all__ = [
     "collect_scorers",
     "fit_mixture",
     "fixed_split",
+    "largest_margins",
     "make_engine",
     "make_scorer",
     "nearest_neighbour_loss",

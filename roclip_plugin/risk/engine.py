@@ -1,12 +1,12 @@
 """The risk engine: score every pair of a step, split it into safe and risky pairs.
 
-:class:`RiskEngine` is what the loss asks at the start of each optimiser step. On a defended
+:class:`RiskEngine` is what the defense asks at the start of each optimiser step. On a defended
 step (the schedule's matching units) it returns which local rows are risky; on the other
 steps it only lets stateful scorers (the per-sample history) and the mixture's window observe
 the step, so the memory of a pair spans the whole run. What happens to the risky rows (drop,
-re-match, unimodal terms, a smaller weight) is the loss's ``match_action``; the engine only
-judges. All decisions come from values gathered from every rank, in rank order, so they are
-identical everywhere.
+re-match, unimodal terms, a smaller weight) is the ``match_action`` the defense plans and the
+loss computes; the engine only judges. All decisions come from values gathered from every
+rank, in rank order, so they are identical everywhere.
 """
 
 from __future__ import annotations

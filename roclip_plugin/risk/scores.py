@@ -19,14 +19,17 @@ A plugin adds its own through the ``roclip_register_risk_scorers`` hook.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+import torch.nn.functional as F
 
 from roclip_plugin.pool import CaptionPool
 from roclip_plugin.risk.history import HistoryTable
+from roclip_plugin.risk.split import riskiest
 
 NEEDS_MATCHED = "matched"
 NEEDS_IDS = "ids"
@@ -189,3 +192,26 @@ class DensityScorer(_Stateless):
         sims = batch.image @ bank.features().to(batch.image.device, torch.float32).T
         kth = sims.topk(self.k, dim=1).values[:, -1]
         return kth - 1.0  # = -(1 - cos): minus the k-distance in cosine distance
+
+
+@torch.no_grad()
+def largest_margins(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    matched: torch.Tensor,
+    fraction: float,
+) -> torch.Tensor:
+    """Boolean mask of the ``ceil(fraction * batch)`` images with the largest margins.
+
+    The margin is ``cos(image, matched caption) - cos(image, own caption)`` in float32 (the
+    risk room's ``margin`` score): large when the image's own caption fits it much worse than
+    a caption other images brought, as a poisoned caption does. Ties go to the lower batch
+    position. The defense takes this decision through the risk engine (:class:`RiskEngine`).
+    """
+    batch = RiskBatch(
+        image=F.normalize(image_features.float(), dim=-1),
+        text=F.normalize(text_features.float(), dim=-1),
+        matched=F.normalize(matched.float(), dim=-1),
+    )
+    margins = MarginScorer().local(batch)
+    return riskiest(margins, math.ceil(fraction * margins.numel()))

@@ -6,16 +6,24 @@ embeddings of the same modality (a bank of images, the caption pool for captions
 other queries' neighbours are its negatives (NNCLR's objective). The same terms are the whole
 loss during the unimodal warm-up, so nothing is linked across modalities before risk can be
 judged.
+
+The math is the loss's (:func:`roclip_plugin.contrastive.unimodal_terms`, on the banks' rows as
+tensors: the loss never holds a bank); these take the banks themselves, for callers that do.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from roclip_plugin.contrastive import UNIMODAL_TEMPERATURE, neighbour_loss, unimodal_terms
 from roclip_plugin.pool import CaptionPool
 
-TEMPERATURE = 0.1  # NNCLR's and SafeCLIP's unimodal temperature
+TEMPERATURE = UNIMODAL_TEMPERATURE
+
+
+def bank_rows(bank: CaptionPool | None) -> torch.Tensor | None:
+    """The valid rows of ``bank`` (oldest first), None without a bank."""
+    return None if bank is None else bank.features()
 
 
 def nearest_neighbour_loss(
@@ -26,14 +34,7 @@ def nearest_neighbour_loss(
     ``queries`` are L2-normalised rows with gradient; their neighbours are looked up in the
     bank (detached) by cosine similarity. Needs at least two queries and a non-empty bank.
     """
-    if bank is None or len(bank) == 0 or queries.shape[0] < 2:
-        return None
-    rows = bank.features().to(queries.device, torch.float32)
-    with torch.no_grad():
-        neighbours = rows[(queries.detach().float() @ rows.T).argmax(dim=1)]
-    logits = queries.float() @ neighbours.T / temperature
-    labels = torch.arange(queries.shape[0], device=queries.device)
-    return F.cross_entropy(logits, labels)
+    return neighbour_loss(queries, bank_rows(bank), temperature)
 
 
 def unimodal_loss(
@@ -47,15 +48,6 @@ def unimodal_loss(
     The zero keeps both towers in the graph, so DistributedDataParallel without
     ``find_unused_parameters`` finds every parameter used.
     """
-    terms = [
-        t
-        for t in (
-            nearest_neighbour_loss(image_features, image_bank),
-            nearest_neighbour_loss(text_features, caption_pool),
-        )
-        if t is not None
-    ]
-    zero = 0.0 * (image_features.sum() + text_features.sum())
-    if not terms:
-        return zero
-    return torch.stack(terms).mean() + zero
+    return unimodal_terms(
+        image_features, text_features, bank_rows(image_bank), bank_rows(caption_pool)
+    )

@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 
 from roclip_plugin import RoClipConfig, get_plugin_manager, hookimpl
-from roclip_plugin.loss import largest_margins
 from roclip_plugin.pool import CaptionPool
 from roclip_plugin.risk import (
     CosineScorer,
@@ -15,6 +14,7 @@ from roclip_plugin.risk import (
     MarginScorer,
     RiskBatch,
     collect_scorers,
+    largest_margins,
     make_scorer,
 )
 from roclip_plugin.risk.scores import zscore

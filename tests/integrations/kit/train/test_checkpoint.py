@@ -24,7 +24,7 @@ TINY = {
     "text_cfg": {"context_length": 16, "width": 16, "heads": 2, "layers": 1},
 }
 # Matching from the second epoch: the pool is full and used when the run stops after epoch 1.
-MATCHING = {"pool_size": 48, "first_rematch_epoch": 1, "rematch_every": 1}
+MATCHING = {"pool_size": 48, "first_defended_epoch": 1, "defend_every": 1}
 
 
 @pytest.fixture(scope="module")

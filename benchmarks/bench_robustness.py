@@ -234,7 +234,8 @@ def row_of(result: dict[str, Any]) -> dict[str, Any]:
         "worst_drop": max(drops) if drops else None,
         "risk_precision": _mean_key(result["matching"].values(), "risk_precision"),
         "risk_recall": _mean_key(result["matching"].values(), "risk_recall"),
-        "matching_epochs": result["matching_epochs"],
+        # run files saved before the rename say matching_epochs
+        "defended_epochs": result.get("defended_epochs", result.get("matching_epochs")),
         "zero_shot_by_epoch": {e: v["zero_shot"] for e, v in per_epoch.items()},
         "train_seconds": result["train_seconds"],
         "pairs_per_second": result["pairs_per_second"],

@@ -29,7 +29,7 @@ def test_demo_runs_and_writes_results(tmp_path: Path, capsys) -> None:
     assert "RoCLIP + aug" in printed and "target ASR" in printed
     data = json.loads(out.read_text())
     assert [r["name"] for r in data["results"]] == ["CLIP", "CLIP + aug", "RoCLIP + aug"]
-    assert data["results"][2]["matching_epochs"] == [1]  # first matching epoch 1, then every 2
+    assert data["results"][2]["defended_epochs"] == [1]  # first defended epoch 1, then every 2
     assert data["config"]["pool_size"] == 174  # the demo's default: 10% of 1500 + 240 pairs
     for r in data["results"]:
         assert 0.0 <= r["zero_shot"] <= 1.0 and 0.0 <= r["targeted_asr"] <= 1.0

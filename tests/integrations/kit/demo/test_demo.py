@@ -107,7 +107,7 @@ def test_openclip_trainer_end_to_end_on_digits(tmp_path: Path, capsys) -> None:
     assert (clip["name"], clip["roclip"], roclip["name"], roclip["roclip"]) == (
         "CLIP", False, "RoCLIP", True
     )  # fmt: skip
-    assert clip["matching_epochs"] == [] and roclip["matching_epochs"] == [2]
+    assert clip["defended_epochs"] == [] and roclip["defended_epochs"] == [2]
     for run in (clip, roclip):
         assert sorted(run["per_epoch"]) == ["1", "2"]
         summary = run["summary"]
@@ -140,7 +140,7 @@ def test_tensor_trainer_end_to_end_on_digits(tmp_path: Path, capsys) -> None:
     assert results["poison"]["captions_per_target"] == [2, 3]
     assert results["settings"]["trainer"] == "tensor" and results["settings"]["jobs"] == 2
     clip, roclip = results["runs"]
-    assert clip["matching_epochs"] == [] and roclip["matching_epochs"] == [2]
+    assert clip["defended_epochs"] == [] and roclip["defended_epochs"] == [2]
     assert sorted(roclip["matching"]) == ["2"] and 0.0 <= roclip["matching"]["2"]["purity"] <= 1
     for run in (clip, roclip):
         assert sorted(run["per_epoch"]) == ["1", "2", "3"]
@@ -162,7 +162,7 @@ def test_results_table_fits_80_columns_and_cuts_no_cell() -> None:
         "poison": {"poisoned_rows": 1060, "targets": 32, "captions_per_target": [10, 50],
                    "backdoor_rate": 0.001},
         "runs": [
-            {"name": name, "roclip": roclip, "matching_epochs": epochs, "train_seconds": 12345.4,
+            {"name": name, "roclip": roclip, "defended_epochs": epochs, "train_seconds": 12345.4,
              "summary": {"zero_shot": 0.9712, "linear_probe": 0.98, "targeted_asr": 0.875,
                          "backdoor_asr": 1.0, "purity": purity, "detection_precision": precision,
                          "detection_recall": recall}}

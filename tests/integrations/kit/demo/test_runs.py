@@ -52,7 +52,7 @@ def _figures(result: dict) -> tuple:
         per_epoch,
         final["zero_shot"]["accuracy"],
         (final.get("targeted") or {}).get("success_rate"),
-        result["matching_epochs"],
+        result["defended_epochs"],
     )
 
 

@@ -159,7 +159,7 @@ def test_suspicious_files_are_written_for_matching_epochs(data, tmp_path: Path) 
         "paper", pool_size=48, first_defended_epoch=1, defend_every=2, **PLAIN
     )
     run = train_tensor(data, _settings(), config, run_dir=tmp_path)
-    assert run.matching_epochs == [2] and sorted(run.suspicious) == [2]
+    assert run.defended_epochs == [2] and sorted(run.suspicious) == [2]
     lines = run.suspicious[2].read_text().splitlines()
     assert lines[0] == "index,caption,margin"
     rows = [int(line.split(",")[0]) for line in lines[1:]]

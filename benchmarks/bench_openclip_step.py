@@ -106,7 +106,7 @@ def main() -> None:
     kinds: dict[str, Callable[..., torch.Tensor]] = {"clip": open_clip.ClipLoss()}
     for precision in dict.fromkeys(args.matcher_precision):
         config = RoClipConfig(
-            pool_size=args.pool, first_rematch_epoch=0, rematch_every=1, precision=precision
+            pool_size=args.pool, first_defended_epoch=0, defend_every=1, precision=precision
         )
         defense = RoClipDefense(
             config,

@@ -22,7 +22,7 @@ Variants (``--variants``), on top of the scale's RoCLIP settings:
   roclip         RoCLIP as the paper runs it (the paper preset at the scale's schedule)
   reference      the authors' semantics (--roclip-preset reference: match from the second
                  epoch every K, pool updated in matching epochs only), same pool and images
-  every-epoch    matching every epoch after the warm-up (--roclip-rematch-every 1)
+  every-epoch    matching every epoch after the warm-up (--roclip-defend-every 1)
   adaptive       matching starts once in-batch retrieval accuracy reaches the threshold
   NAME:field=value,...   any other RoCLIP settings (--extra)
 
@@ -54,7 +54,7 @@ from roclip_kit.demo.settings import TRIGGER_KINDS, DemoSettings
 
 from roclip_plugin.config import preset_name
 
-_DROP = {"preset": "paper", "match_action": "drop", "first_rematch_epoch": 0, "rematch_every": 1}
+_DROP = {"preset": "paper", "match_action": "drop", "first_defended_epoch": 0, "defend_every": 1}
 VARIANTS: dict[str, tuple[dict[str, Any] | None, bool]] = {
     "clip": (None, True),
     "aug-only": ({"preset": "paper"}, False),
@@ -62,8 +62,8 @@ VARIANTS: dict[str, tuple[dict[str, Any] | None, bool]] = {
     # the paper's configuration by name, whatever the default preset is (saved runs keep it)
     "roclip": ({"preset": "paper"}, True),
     "reference": ({"preset": "reference"}, True),
-    "every-epoch": ({"preset": "paper", "rematch_every": 1}, True),
-    "adaptive": ({"preset": "paper", "schedule": "adaptive", "first_rematch_epoch": 2}, True),
+    "every-epoch": ({"preset": "paper", "defend_every": 1}, True),
+    "adaptive": ({"preset": "paper", "schedule": "adaptive", "first_defended_epoch": 2}, True),
     # Beyond the paper (docs/config.md): every epoch from the first, leave out of the loss the
     # share of each batch whose own caption fits worst next to their nearest pool caption.
     "drop10": (_DROP | {"match_fraction": 0.1}, True),
@@ -234,7 +234,8 @@ def row_of(result: dict[str, Any]) -> dict[str, Any]:
         "worst_drop": max(drops) if drops else None,
         "risk_precision": _mean_key(result["matching"].values(), "risk_precision"),
         "risk_recall": _mean_key(result["matching"].values(), "risk_recall"),
-        "matching_epochs": result["matching_epochs"],
+        # run files saved before the rename say matching_epochs
+        "defended_epochs": result.get("defended_epochs", result.get("matching_epochs")),
         "zero_shot_by_epoch": {e: v["zero_shot"] for e, v in per_epoch.items()},
         "train_seconds": result["train_seconds"],
         "pairs_per_second": result["pairs_per_second"],
@@ -477,7 +478,7 @@ def base_settings(args: argparse.Namespace) -> DemoSettings:
         base = replace(
             base, epochs=args.epochs or 2, train_limit=300, test_limit=60, targets=4,
             captions_per_target=[2, 3], batch_size=32, eval_limit=40,
-            roclip_flags={"first_rematch_epoch": 1, "rematch_every": 1, "pool_size": 64},
+            roclip_flags={"first_defended_epoch": 1, "defend_every": 1, "pool_size": 64},
         )  # fmt: skip
     return base
 

@@ -38,8 +38,8 @@ from roclip_plugin import RoClipConfig
 
 FLAGS = {
     "pool_size": 4096,
-    "first_rematch_epoch": 0,
-    "rematch_every": 1,
+    "first_defended_epoch": 0,
+    "defend_every": 1,
     "image_aug": "roclip-small",
     "text_aug": "eda",
 }

@@ -2,8 +2,8 @@
 
 Two settings look valid on their own and still leave RoCLIP doing nothing useful:
 
-- a schedule whose first matching epoch (or step block) lies beyond the end of the run: the run
-  then trains with augmentation only (the default preset's first matching epoch is 5, so any run
+- a schedule whose first defended epoch (or step block) lies beyond the end of the run: the run
+  then trains with augmentation only (the paper preset's first defended epoch is 5, so any run
   of 5 epochs or fewer);
 - a caption pool that holds a large share of an epoch's training pairs: a sample's own caption
   from its previous appearance is then still in the pool when its image is matched, and it is
@@ -35,7 +35,7 @@ def earliest_matching_unit(config: RoClipConfig, total_units: int) -> int:
     """The first unit the built-in schedule could match in a run of ``total_units`` units.
 
     For ``adaptive`` the start is data dependent; the earliest is the unit after unit 0 (the
-    first unit whose accuracy can be measured), and never before ``first_rematch_epoch``.
+    first unit whose accuracy can be measured), and never before ``first_defended_epoch``.
     """
     first = config.resolved_first_epoch(total_units)
     return max(first, 1) if config.schedule == "adaptive" else first
@@ -52,18 +52,18 @@ def no_matching_message(
         return None
     if config.period_steps:
         where = (
-            f"the first matching block of --roclip-period-steps {config.period_steps} steps "
+            f"the first defended block of --roclip-period-steps {config.period_steps} steps "
             f"would be block {earliest}, but the run has {total_units} blocks"
         )
         if steps_per_epoch is not None:
             where += f" ({steps_per_epoch} steps an epoch)"
     else:
         where = (
-            f"the first matching epoch would be epoch {earliest} (0-based), but the run has "
+            f"the first defended epoch would be epoch {earliest} (0-based), but the run has "
             f"{total_units} epochs"
         )
     return (
-        f"RoCLIP never matches in this run: {where}, so it trains with augmentation only. "
+        f"RoCLIP never defends in this run: {where}, so it trains with augmentation only. "
         f"{_fix(config, total_units)}"
     )
 
@@ -77,12 +77,12 @@ def _fix(config: RoClipConfig, total_units: int) -> str:
         )
     if config.warmup_fraction is not None:
         return "Lower --roclip-warmup-fraction."
-    if config.first_rematch_epoch is None:
+    if config.first_defended_epoch is None:
         return (
-            f"Lower --roclip-rematch-every (the authors' numbering matches first at K-1), or "
-            f"set --roclip-first-rematch-epoch to at most {last}."
+            f"Lower --roclip-defend-every (the authors' numbering defends first at K-1), or "
+            f"set --roclip-first-defended-epoch to at most {last}."
         )
-    fix = f"Lower --roclip-first-rematch-epoch to at most {last}"
+    fix = f"Lower --roclip-first-defended-epoch to at most {last}"
     if config.period_steps:
         fix += " (it counts blocks), or lower --roclip-period-steps"
     if config.schedule == "ramp":

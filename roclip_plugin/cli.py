@@ -193,7 +193,7 @@ def _smoke(args: argparse.Namespace, console: Console) -> int:
             shown.add(str(w.message))
             console.print(f"[yellow]warning:[/yellow] {escape(str(w.message))}", soft_wrap=True)
     table = Table(title="Synthetic targeted poisoning (a smoke demonstration, not real images)")
-    for col in ("run", "zero-shot", "target ASR", "poison P@k", "matching", "train s"):
+    for col in ("run", "zero-shot", "target ASR", "poison P@k", "defended", "train s"):
         table.add_column(col, justify="right" if col != "run" else "left", no_wrap=True)
     for r in results:
         det = "-" if r.detection_precision is None else f"{100 * r.detection_precision:.1f}%"
@@ -202,7 +202,7 @@ def _smoke(args: argparse.Namespace, console: Console) -> int:
             f"{100 * r.zero_shot:.1f}%",
             f"{100 * r.targeted_asr:.1f}%",
             det,
-            ",".join(map(str, r.matching_epochs)) or "-",
+            ",".join(map(str, r.defended_epochs)) or "-",
             f"{r.seconds:.1f}",
         )
     console.print(table)

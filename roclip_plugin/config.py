@@ -15,12 +15,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from roclip_plugin import config_aliases as aliases
 from roclip_plugin.validation import as_integer, check_real
 
 FLAG_PREFIX = "--roclip-"
 PRESETS = ("default", "paper", "reference", "safeclip", "robust")
 SCHEDULES = ("periodic", "ramp", "adaptive")
-POOL_UPDATES = ("every_step", "matching_epochs")
+POOL_UPDATES = ("every_step", "defended_epochs")
 PRECISIONS = ("fp32", "bf16")
 MATCHERS = ("torch", "faiss", "faiss-ivf")
 MATCH_ACTIONS = ("match", "drop", "unimodal", "weight")
@@ -75,6 +76,7 @@ def _meta(
     return {"help": help_text, "choices": tuple(choices) if choices else None, "allowed": allowed}
 
 
+@aliases.takes_old_names  # first_defended_epoch=... and the like, with a warning
 @dataclass(frozen=True)
 class RoClipConfig:
     """All RoCLIP settings; invalid values raise ``ValueError`` at construction.
@@ -88,25 +90,25 @@ class RoClipConfig:
             "Caption pool capacity in embeddings (the authors' default is 21845).", allowed=Ints(1)
         ),
     )
-    rematch_every: int = field(
+    defend_every: int = field(
         default=1,
         metadata=_meta(
-            "Period K: a matching epoch every K epochs (or step blocks).", allowed=Ints(1)
+            "Period K: a defended epoch every K epochs (or step blocks).", allowed=Ints(1)
         ),
     )
-    first_rematch_epoch: int | None = field(
+    first_defended_epoch: int | None = field(
         default=1,
         metadata=_meta(
-            "0-based index of the first matching epoch; 'none' uses the authors' numbering "
-            "(1-based epochs matching when epoch % K == 0, i.e. first = K-1).",
+            "0-based index of the first defended epoch; 'none' uses the authors' numbering "
+            "(1-based epochs defended when epoch % K == 0, i.e. first = K-1).",
             allowed=Ints(0),
         ),
     )
     warmup_fraction: float | None = field(
         default=None,
         metadata=_meta(
-            "If set, the first matching epoch is ceil(fraction * total epochs); overrides "
-            "first_rematch_epoch and needs the run length.",
+            "If set, the first defended epoch is ceil(fraction * total epochs); overrides "
+            "first_defended_epoch and needs the run length.",
             allowed=Reals(0.0, 1.0, high_open=True),
         ),
     )
@@ -122,15 +124,15 @@ class RoClipConfig:
     ramp_final_every: int = field(
         default=1,
         metadata=_meta(
-            "Matching period reached at the end of a ramp schedule.",
-            allowed=Ints(1, "rematch_every"),
+            "Defense period reached at the end of a ramp schedule.",
+            allowed=Ints(1, "defend_every"),
         ),
     )
     adaptive_threshold: float = field(
         default=0.5,
         metadata=_meta(
             "Adaptive schedule: epoch-mean in-batch image-to-text retrieval accuracy that "
-            "starts matching.",
+            "starts the defense.",
             allowed=Reals(0.0, 1.0, low_open=True),
         ),
     )
@@ -145,14 +147,14 @@ class RoClipConfig:
     pool_update: str = field(
         default="every_step",
         metadata=_meta(
-            "every_step keeps the pool fresh; matching_epochs reproduces the authors' code.",
+            "every_step keeps the pool fresh; defended_epochs reproduces the authors' code.",
             POOL_UPDATES,
         ),
     )
     match_fraction: float = field(
         default=0.1,
         metadata=_meta(
-            "Share of a defended (matching) step's pairs judged risky and acted on "
+            "Share of a defended step's pairs judged risky and acted on "
             "(match_action): 1 with match (the paper) re-pairs every image with its nearest "
             "pool caption; below 1, the riskiest pairs of the global batch by risk_score, the "
             "rest keep their own caption. With the gmm split: the largest risky share.",
@@ -262,7 +264,7 @@ class RoClipConfig:
     duplicate_matches: str = field(
         default="keep",
         metadata=_meta(
-            "Images of one matching step matched to the same pool caption: keep (the authors' "
+            "Images of one defended step matched to the same pool caption: keep (the authors' "
             "code, and what the robustness benchmark measured) leaves it a negative of the "
             "others too, so under the sigmoid loss the pair is labelled both ways; mask makes "
             "it the positive of each of them and a negative of none (advised with --siglip).",
@@ -382,16 +384,12 @@ class RoClipConfig:
             raise ValueError(
                 f"--roclip-preset / preset: unknown value {name!r}; allowed: {', '.join(PRESETS)}"
             )
-        unknown = sorted(set(overrides) - set(field_names()))
-        if unknown:
-            raise ValueError(
-                f"unknown RoCLIP option(s) {unknown}; known: {', '.join(field_names())}"
-            )
+        overrides = aliases.renamed_keys(overrides, known=field_names())  # old names warn
         return cls(**{**PRESET_FIELDS[name], **overrides})
 
     def replace(self, **changes: Any) -> RoClipConfig:
         """Return a copy with ``changes`` applied (validated again)."""
-        return dataclasses.replace(self, **changes)
+        return dataclasses.replace(self, **aliases.renamed_keys(changes))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form, for checkpoints and logs."""
@@ -399,24 +397,24 @@ class RoClipConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RoClipConfig:
-        """Inverse of :meth:`to_dict`; unknown keys are an error."""
+        """Inverse of :meth:`to_dict` (old keys too, with a warning); unknown keys are an error."""
         return cls.from_preset("default", **dict(data))
 
     # -- schedule helpers that need only the config ----------------------------------------
 
     def resolved_first_epoch(self, total_epochs: int | None = None) -> int:
-        """Index of the first matching epoch (or step block) for a run of ``total_epochs``."""
+        """Index of the first defended epoch (or step block) for a run of ``total_epochs``."""
         if self.warmup_fraction is not None:
             if total_epochs is None:
                 raise ValueError(
                     "--roclip-warmup-fraction needs the run length: pass total_epochs "
-                    "(or use --roclip-first-rematch-epoch instead)"
+                    "(or use --roclip-first-defended-epoch instead)"
                 )
             # round first: 0.07 * 100 is 7.000000000000001 in binary floating point
             return math.ceil(round(self.warmup_fraction * total_epochs, 9))
-        if self.first_rematch_epoch is None:
-            return self.rematch_every - 1
-        return self.first_rematch_epoch
+        if self.first_defended_epoch is None:
+            return self.defend_every - 1
+        return self.first_defended_epoch
 
 
 # -- presets ----------------------------------------------------------------------------------
@@ -424,8 +422,8 @@ class RoClipConfig:
 # The paper's method (RoCLIP, NeurIPS 2023) with this project's fixes: full matching every 2
 # epochs after a warm-up, the pool updated every step (docs/config.md).
 PAPER: dict[str, Any] = {
-    "first_rematch_epoch": 5,
-    "rematch_every": 2,
+    "first_defended_epoch": 5,
+    "defend_every": 2,
     "schedule": "periodic",
     "pool_update": "every_step",
     "match_fraction": 1.0,
@@ -435,12 +433,12 @@ PAPER: dict[str, Any] = {
     "unimodal_warmup_epochs": 0,
 }
 # The authors' code exactly: 1-based epochs matching when epoch % K == 0, the pool updated in
-# matching epochs only, captions augmented once.
+# defended (here: matching) epochs only, captions augmented once.
 REFERENCE: dict[str, Any] = {
     **PAPER,
-    "first_rematch_epoch": None,
+    "first_defended_epoch": None,
     "warmup_fraction": None,
-    "pool_update": "matching_epochs",
+    "pool_update": "defended_epochs",
     "duplicate_matches": "keep",
     "text_aug_refresh": "run",
 }
@@ -449,8 +447,8 @@ REFERENCE: dict[str, Any] = {
 # the unimodal terms only; the safe share grows by 1% an epoch from its floor.
 SAFECLIP: dict[str, Any] = {
     **PAPER,
-    "first_rematch_epoch": 0,
-    "rematch_every": 1,
+    "first_defended_epoch": 0,
+    "defend_every": 1,
     "unimodal_warmup_epochs": 5,
     "risk_score": "cosine",
     "risk_split": "gmm",
@@ -464,8 +462,8 @@ SAFECLIP: dict[str, Any] = {
 # of each step's loss the tenth of the batch with the worst per-sample history of fit.
 ROBUST: dict[str, Any] = {
     **PAPER,
-    "first_rematch_epoch": 1,
-    "rematch_every": 1,
+    "first_defended_epoch": 1,
+    "defend_every": 1,
     "risk_score": "history",
     "risk_split": "fixed",
     "match_action": "drop",
@@ -578,6 +576,7 @@ def field_from_flag(flag: str) -> str:
     if not flag.startswith(FLAG_PREFIX):
         raise ValueError(f"{flag!r} is not a RoCLIP flag (they start with {FLAG_PREFIX!r})")
     name = flag[len(FLAG_PREFIX) :].replace("-", "_")
+    name = aliases.renamed_flag_field(name, flag)
     if name not in field_names():
         raise ValueError(f"unknown RoCLIP flag {flag!r}; known: {', '.join(all_flags())}")
     return name
@@ -626,7 +625,7 @@ def add_argparse_args(
 
     Flags that are not given leave no attribute (``argparse.SUPPRESS``), so that
     :func:`config_from_namespace` applies the preset first and only the explicit flags on top
-    (``--roclip-first-rematch-epoch none`` is an explicit ``None``).
+    (``--roclip-first-defended-epoch none`` is an explicit ``None``).
 
     Args:
         parser: the parser or argument group to add the flags to.
@@ -649,11 +648,12 @@ def add_argparse_args(
         parser.add_argument(
             flag_name(f.name),
             dest="roclip_" + f.name,
-            type=_argparse_type(f),
+            type=aliases.value_type(f.name, _argparse_type(f)),
             choices=meta.get("choices"),
             default=argparse.SUPPRESS,
             help=f"{meta['help']} (default: {shown})".replace("%", "%%"),  # argparse formats %
         )
+    aliases.add_old_flags(parser, {f.name: _argparse_type(f) for f in fields(RoClipConfig)})
 
 
 def default_help(
@@ -688,7 +688,7 @@ def config_from_namespace(
         for name in field_names()
         if hasattr(namespace, "roclip_" + name)
     }
-    return RoClipConfig.from_preset(preset, **{**dict(defaults or {}), **given})
+    return RoClipConfig.from_preset(preset, **{**aliases.renamed_keys(defaults or {}), **given})
 
 
 def config_to_argv(config: RoClipConfig) -> list[str]:

@@ -28,6 +28,7 @@ import torch
 
 from roclip_plugin.checks import no_matching_message, pool_share_message
 from roclip_plugin.config import RoClipConfig
+from roclip_plugin.config_aliases import renamed_keys
 from roclip_plugin.contrastive import check_batch_sizes
 from roclip_plugin.distributed import all_reduce_sum
 from roclip_plugin.io import atomic_torch_save, read_state_file
@@ -324,7 +325,7 @@ class RoClipDefense:
         """Restore :meth:`state_dict` (on this defense's device)."""
         state = check_defense_state(state, STATE_VERSION)
         self.pool.load_state_dict(state["pool"])  # refuses a different pool size first
-        self._warn_config_drift(state["config"])
+        self._warn_config_drift(renamed_keys(state["config"], what="saved RoCLIP setting"))
         self.schedule.load_state_dict(state["schedule"])
         self.epoch = int(state["epoch"])
         self.step = int(state["step"])

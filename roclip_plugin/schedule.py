@@ -119,14 +119,14 @@ def is_matching_unit(
             )
         first = config.resolved_first_epoch(total_units)
         return unit in ramp_matching_units(
-            first, total_units, config.rematch_every, config.ramp_final_every
+            first, total_units, config.defend_every, config.ramp_final_every
         )
     first = config.resolved_first_epoch(total_units)
     if config.schedule == "adaptive":
         alignment = state.alignment if state is not None else {}
         start = adaptive_start(alignment, config.adaptive_threshold, first)
-        return start is not None and is_periodic_match(unit, start, config.rematch_every)
-    return is_periodic_match(unit, first, config.rematch_every)
+        return start is not None and is_periodic_match(unit, start, config.defend_every)
+    return is_periodic_match(unit, first, config.defend_every)
 
 
 def matching_units(

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from roclip_plugin.config import RoClipConfig
+from roclip_plugin.config_aliases import renamed_attribute
 from roclip_plugin.defense import RoClipDefense
 from roclip_plugin.plugins import get_plugin_manager
 from roclip_plugin.stats import MatchStatsCollector
@@ -201,8 +202,10 @@ class RunResult:
     zero_shot: float
     targeted_asr: float
     detection_precision: float | None
-    matching_epochs: list[int]
+    defended_epochs: list[int]
     seconds: float
+
+    matching_epochs = renamed_attribute("matching_epochs", "defended_epochs")
 
 
 def _classify(model: TinyClip, images: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
@@ -246,11 +249,11 @@ def train(
     images, captions = world.images.to(device), world.captions.to(device)
     order_g = torch.Generator().manual_seed(s.seed + 1)
     aug_g = torch.Generator().manual_seed(s.seed + 2)
-    matching_epochs: list[int] = []
+    defended_epochs: list[int] = []
     start = time.perf_counter()
     for epoch in range(s.epochs):
         if defense is not None and defense.start_epoch(epoch):
-            matching_epochs.append(epoch)
+            defended_epochs.append(epoch)
             recorder.reset()
         order = torch.randperm(images.shape[0], generator=order_g)
         for i in range(0, len(order), s.batch):
@@ -281,7 +284,7 @@ def train(
     )
     precision = _detection_precision(recorder, world.poisoned) if defense else None
     name = ("CLIP" if config is None else "RoCLIP") + (" + aug" if augmented else "")
-    return RunResult(name, zero_shot, asr, precision, matching_epochs, seconds)
+    return RunResult(name, zero_shot, asr, precision, defended_epochs, seconds)
 
 
 def stand_ins(s: DemoSettings, config: RoClipConfig) -> DemoSettings:

@@ -86,8 +86,8 @@ def test_flags_refuses_an_unknown_preset(value) -> None:
 WRONG_TYPES = st.sampled_from(["3", b"3", [3], {"n": 3}, True, 1j, object()])
 INT_RANGES = {  # low, high of the integer fields (high None: 2**31 - 1 or 2**63 - 1)
     "pool_size": 1,
-    "rematch_every": 1,
-    "first_rematch_epoch": 0,
+    "defend_every": 1,
+    "first_defended_epoch": 0,
     "ramp_final_every": 1,
     "period_steps": 0,
     "match_chunk_size": 0,
@@ -113,14 +113,14 @@ REAL_RANGES = {  # (low, high) of the number fields, both ends included here for
     "safe_share_start": (0.0, 1.0),
     "safe_share_growth": (0.0, 1.0),
 }
-OPTIONAL = ("first_rematch_epoch", "warmup_fraction")
+OPTIONAL = ("first_defended_epoch", "warmup_fraction")
 
 
 def _bad_field_values(name: str) -> st.SearchStrategy[object]:
     """Python values field ``name`` refuses: wrong types, out of range, not finite."""
     none = st.nothing() if name in OPTIONAL else st.none()
     if name in INT_RANGES:
-        high = RoClipConfig().rematch_every if name == "ramp_final_every" else 2**63 - 1
+        high = RoClipConfig().defend_every if name == "ramp_final_every" else 2**63 - 1
         return (
             WRONG_TYPES
             | none
@@ -165,7 +165,7 @@ def test_config_fields_refuse_bad_python_values(name, data) -> None:
 
 
 def _defense(matching: bool) -> RoClipDefense:
-    config = RoClipConfig(pool_size=32, first_rematch_epoch=0, rematch_every=1)
+    config = RoClipConfig(pool_size=32, first_defended_epoch=0, defend_every=1)
     defense = RoClipDefense(config, plugin_manager=get_plugin_manager(), dist_info=DistInfo())
     if matching:
         defense.start_epoch(0)

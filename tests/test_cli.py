@@ -21,7 +21,7 @@ def test_demo_runs_and_writes_results(tmp_path: Path, capsys) -> None:
         str(out),
         "--roclip-preset",
         "paper",
-        "--roclip-first-rematch-epoch",
+        "--roclip-first-defended-epoch",
         "1",
     ]
     assert main(argv) == 0
@@ -29,7 +29,7 @@ def test_demo_runs_and_writes_results(tmp_path: Path, capsys) -> None:
     assert "RoCLIP + aug" in printed and "target ASR" in printed
     data = json.loads(out.read_text())
     assert [r["name"] for r in data["results"]] == ["CLIP", "CLIP + aug", "RoCLIP + aug"]
-    assert data["results"][2]["matching_epochs"] == [1]  # first matching epoch 1, then every 2
+    assert data["results"][2]["defended_epochs"] == [1]  # first defended epoch 1, then every 2
     assert data["config"]["pool_size"] == 174  # the demo's default: 10% of 1500 + 240 pairs
     for r in data["results"]:
         assert 0.0 <= r["zero_shot"] <= 1.0 and 0.0 <= r["targeted_asr"] <= 1.0
@@ -175,6 +175,6 @@ def test_smoke_warns_when_the_defense_would_be_off_or_ineffective(capsys) -> Non
     argv += ["--roclip-preset", "paper"]  # its first matching epoch is 5
     assert main(argv) == 0
     out = " ".join(capsys.readouterr().out.split())
-    assert "warning: RoCLIP never matches in this run" in out
-    assert "--roclip-first-rematch-epoch to at most 1" in out
+    assert "warning: RoCLIP never defends in this run" in out
+    assert "--roclip-first-defended-epoch to at most 1" in out
     assert "(--roclip-pool-size 4096) holds 488% of an epoch's 840 training pairs" in out

@@ -43,10 +43,10 @@ BAD_VALUES: list[tuple[str, Any, str]] = [
     ("pool_size", 1.5, f"[1, {INT32_MAX}]"),
     ("pool_size", "8", f"[1, {INT32_MAX}]"),
     ("pool_size", None, f"[1, {INT32_MAX}]"),
-    ("rematch_every", 0, f"[1, {INT32_MAX}]"),
-    ("rematch_every", -1, f"[1, {INT32_MAX}]"),
-    ("first_rematch_epoch", -1, f"[0, {INT32_MAX}]"),
-    ("first_rematch_epoch", 2.0, f"[0, {INT32_MAX}]"),
+    ("defend_every", 0, f"[1, {INT32_MAX}]"),
+    ("defend_every", -1, f"[1, {INT32_MAX}]"),
+    ("first_defended_epoch", -1, f"[0, {INT32_MAX}]"),
+    ("first_defended_epoch", 2.0, f"[0, {INT32_MAX}]"),
     ("warmup_fraction", -0.1, "[0.0, 1.0)"),
     ("warmup_fraction", 1.0, "[0.0, 1.0)"),
     ("warmup_fraction", 2, "[0.0, 1.0)"),
@@ -55,14 +55,14 @@ BAD_VALUES: list[tuple[str, Any, str]] = [
     ("warmup_fraction", "0.5", "[0.0, 1.0)"),
     ("schedule", "cosine", "periodic, ramp, adaptive"),
     ("schedule", "", "periodic, ramp, adaptive"),
-    ("ramp_final_every", 0, "[1, 1]"),  # up to rematch_every, 1 by default
+    ("ramp_final_every", 0, "[1, 1]"),  # up to defend_every, 1 by default
     ("ramp_final_every", 2, "[1, 1]"),
     ("adaptive_threshold", 0.0, "(0.0, 1.0]"),
     ("adaptive_threshold", 1.5, "(0.0, 1.0]"),
     ("adaptive_threshold", -0.2, "(0.0, 1.0]"),
     ("adaptive_threshold", float("nan"), "(0.0, 1.0]"),
     ("period_steps", -1, f"[0, {INT32_MAX}]"),
-    ("pool_update", "never", "every_step, matching_epochs"),
+    ("pool_update", "never", "every_step, defended_epochs"),
     ("match_fraction", 0.0, "(0.0, 1.0]"),
     ("match_fraction", 1.5, "(0.0, 1.0]"),
     ("match_action", "skip", "match, drop, unimodal, weight"),
@@ -103,8 +103,8 @@ BAD_VALUES: list[tuple[str, Any, str]] = [
 
 INT_FIELDS = [
     "pool_size",
-    "rematch_every",
-    "first_rematch_epoch",
+    "defend_every",
+    "first_defended_epoch",
     "ramp_final_every",
     "period_steps",
     "match_chunk_size",
@@ -134,11 +134,11 @@ def _parse(argv: list[str]) -> RoClipConfig:
 
 FIELD_STRATEGIES: dict[str, st.SearchStrategy[Any]] = {
     "pool_size": st.integers(1, INT32_MAX),
-    "rematch_every": st.integers(1, 64),
-    "first_rematch_epoch": st.none() | st.integers(0, INT32_MAX),
+    "defend_every": st.integers(1, 64),
+    "first_defended_epoch": st.none() | st.integers(0, INT32_MAX),
     "warmup_fraction": st.none() | st.floats(0.0, 1.0, exclude_max=True),
     "schedule": st.sampled_from(SCHEDULES),
-    "ramp_final_every": st.integers(1, 64),  # clipped to rematch_every below
+    "ramp_final_every": st.integers(1, 64),  # clipped to defend_every below
     "adaptive_threshold": st.floats(0.0, 1.0, exclude_min=True),
     "period_steps": st.integers(0, INT32_MAX),
     "pool_update": st.sampled_from(POOL_UPDATES),
@@ -177,7 +177,7 @@ FIELD_STRATEGIES: dict[str, st.SearchStrategy[Any]] = {
 @st.composite
 def configs(draw: st.DrawFn) -> RoClipConfig:
     values = {name: draw(strategy) for name, strategy in FIELD_STRATEGIES.items()}
-    values["ramp_final_every"] = min(values["ramp_final_every"], values["rematch_every"])
+    values["ramp_final_every"] = min(values["ramp_final_every"], values["defend_every"])
     if values["match_fraction"] == 1.0 and values["risk_split"] == "fixed":
         values["match_action"] = "match"  # the other actions need a fraction below 1
     return RoClipConfig(**values)
@@ -195,8 +195,8 @@ def test_defaults_are_valid_and_documented_values() -> None:
     cfg = RoClipConfig()
     assert cfg == RoClipConfig.from_preset("robust")
     assert cfg.pool_size == 21845
-    assert cfg.rematch_every == 1
-    assert cfg.first_rematch_epoch == 1
+    assert cfg.defend_every == 1
+    assert cfg.first_defended_epoch == 1
     assert (cfg.risk_score, cfg.risk_split) == ("history", "fixed")
     assert (cfg.match_action, cfg.match_fraction) == ("drop", 0.1)
     assert cfg.schedule == "periodic"
@@ -208,7 +208,7 @@ def test_defaults_are_valid_and_documented_values() -> None:
 
 def test_the_paper_preset_keeps_the_papers_schedule_and_matching() -> None:
     cfg = RoClipConfig.from_preset("paper")
-    assert (cfg.first_rematch_epoch, cfg.rematch_every) == (5, 2)
+    assert (cfg.first_defended_epoch, cfg.defend_every) == (5, 2)
     assert (cfg.match_action, cfg.match_fraction, cfg.risk_score) == ("match", 1.0, "margin")
 
 
@@ -241,13 +241,13 @@ def test_bools_are_refused_for_numbers(name: str, value: bool) -> None:
     [
         {"pool_size": 1},
         {"pool_size": INT32_MAX},
-        {"first_rematch_epoch": 0},
-        {"first_rematch_epoch": None},
+        {"first_defended_epoch": 0},
+        {"first_defended_epoch": None},
         {"warmup_fraction": 0.0},
         {"warmup_fraction": 0.999},
         {"adaptive_threshold": 1.0},
         {"adaptive_threshold": 1e-9},
-        {"rematch_every": 7, "ramp_final_every": 7},
+        {"defend_every": 7, "ramp_final_every": 7},
         {"period_steps": 0},
         {"seed": 2**63 - 1},
         {"matcher": "faiss-ivf", "ivf_nlist": 1, "ivf_nprobe": 1},
@@ -259,10 +259,10 @@ def test_boundary_values_are_accepted(changes: dict[str, Any]) -> None:
         assert getattr(cfg, name) == value
 
 
-def test_ramp_final_every_bound_follows_rematch_every() -> None:
-    assert RoClipConfig(rematch_every=5, ramp_final_every=5).ramp_final_every == 5
+def test_ramp_final_every_bound_follows_defend_every() -> None:
+    assert RoClipConfig(defend_every=5, ramp_final_every=5).ramp_final_every == 5
     with pytest.raises(ValueError, match=re.escape("--roclip-ramp-final-every")) as info:
-        RoClipConfig(rematch_every=5, ramp_final_every=6)
+        RoClipConfig(defend_every=5, ramp_final_every=6)
     assert "[1, 5]" in str(info.value)
 
 
@@ -287,19 +287,19 @@ def test_default_preset_is_the_dataclass_default() -> None:
 @given(every=st.integers(1, 1000))
 @settings(max_examples=50, deadline=None)
 def test_reference_preset_uses_authors_numbering(every: int) -> None:
-    cfg = RoClipConfig.from_preset("reference", rematch_every=every)
-    assert cfg.first_rematch_epoch is None
+    cfg = RoClipConfig.from_preset("reference", defend_every=every)
+    assert cfg.first_defended_epoch is None
     assert cfg.warmup_fraction is None
     assert cfg.schedule == "periodic"
-    assert cfg.pool_update == "matching_epochs"
+    assert cfg.pool_update == "defended_epochs"
     assert cfg.duplicate_matches == "keep"  # the authors' loss leaves duplicates as they are
     assert cfg.resolved_first_epoch() == every - 1
     assert cfg.resolved_first_epoch(total_epochs=10_000) == every - 1
 
 
 def test_reference_preset_overrides_win() -> None:
-    cfg = RoClipConfig.from_preset("reference", first_rematch_epoch=4, pool_update="every_step")
-    assert cfg.first_rematch_epoch == 4
+    cfg = RoClipConfig.from_preset("reference", first_defended_epoch=4, pool_update="every_step")
+    assert cfg.first_defended_epoch == 4
     assert cfg.pool_update == "every_step"
     assert cfg.resolved_first_epoch() == 4
 
@@ -321,8 +321,8 @@ def test_from_preset_unknown_field() -> None:
 
 
 def test_from_preset_overrides_are_validated() -> None:
-    with pytest.raises(ValueError, match="--roclip-rematch-every"):
-        RoClipConfig.from_preset("reference", rematch_every=0)
+    with pytest.raises(ValueError, match="--roclip-defend-every"):
+        RoClipConfig.from_preset("reference", defend_every=0)
 
 
 # -- warm-up fraction --------------------------------------------------------------------------
@@ -333,7 +333,7 @@ def test_from_preset_overrides_are_validated() -> None:
     [(0.0, 10, 0), (0.5, 10, 5), (0.25, 10, 3), (0.3, 7, 3), (0.01, 1, 1), (0.999, 1000, 999)],
 )
 def test_warmup_fraction_resolves_to_ceiling(fraction: float, total: int, first: int) -> None:
-    cfg = RoClipConfig(warmup_fraction=fraction, first_rematch_epoch=17)
+    cfg = RoClipConfig(warmup_fraction=fraction, first_defended_epoch=17)
     assert cfg.resolved_first_epoch(total) == first
 
 
@@ -374,9 +374,9 @@ def test_warmup_fraction_needs_total_epochs() -> None:
         cfg.resolved_first_epoch(None)
 
 
-def test_first_rematch_epoch_ignores_total_without_warmup() -> None:
-    assert RoClipConfig(first_rematch_epoch=3).resolved_first_epoch(100) == 3
-    assert RoClipConfig(first_rematch_epoch=None, rematch_every=4).resolved_first_epoch() == 3
+def test_first_defended_epoch_ignores_total_without_warmup() -> None:
+    assert RoClipConfig(first_defended_epoch=3).resolved_first_epoch(100) == 3
+    assert RoClipConfig(first_defended_epoch=None, defend_every=4).resolved_first_epoch() == 3
 
 
 # -- field <-> flag mapping --------------------------------------------------------------------
@@ -399,7 +399,7 @@ def test_flag_mapping_is_one_to_one_and_in_field_order() -> None:
     assert [field_from_flag(f) for f in flags] == names
     assert FLAG_PREFIX + "preset" not in flags
     assert flag_name("pool_size") == "--roclip-pool-size"
-    assert field_from_flag("--roclip-first-rematch-epoch") == "first_rematch_epoch"
+    assert field_from_flag("--roclip-first-defended-epoch") == "first_defended_epoch"
 
 
 @pytest.mark.parametrize(
@@ -437,29 +437,29 @@ def test_no_flags_gives_default_preset() -> None:
 def test_unparsed_flag_is_absent_from_namespace() -> None:
     ns = _parser().parse_args(["--roclip-pool-size", "64"])
     assert ns.roclip_pool_size == 64
-    assert not hasattr(ns, "roclip_rematch_every")
-    assert not hasattr(ns, "roclip_first_rematch_epoch")
+    assert not hasattr(ns, "roclip_defend_every")
+    assert not hasattr(ns, "roclip_first_defended_epoch")
 
 
 def test_preset_first_then_explicit_flags() -> None:
     cfg = _parse(["--roclip-preset", "reference", "--roclip-pool-size", "128"])
     assert cfg == RoClipConfig.from_preset("reference", pool_size=128)
-    assert cfg.first_rematch_epoch is None
-    assert cfg.pool_update == "matching_epochs"
+    assert cfg.first_defended_epoch is None
+    assert cfg.pool_update == "defended_epochs"
 
     cfg = _parse(["--roclip-pool-update", "every_step", "--roclip-preset", "reference"])
     assert cfg.pool_update == "every_step"  # explicit flag beats the preset, whatever the order
-    assert cfg.first_rematch_epoch is None
+    assert cfg.first_defended_epoch is None
 
-    cfg = _parse(["--roclip-preset", "reference", "--roclip-first-rematch-epoch", "7"])
-    assert cfg.first_rematch_epoch == 7
+    cfg = _parse(["--roclip-preset", "reference", "--roclip-first-defended-epoch", "7"])
+    assert cfg.first_defended_epoch == 7
     assert cfg.resolved_first_epoch() == 7
 
 
 @pytest.mark.parametrize("text", ["none", "None", "NONE"])
-def test_first_rematch_epoch_none_is_an_explicit_none(text: str) -> None:
-    cfg = _parse(["--roclip-first-rematch-epoch", text, "--roclip-rematch-every", "3"])
-    assert cfg.first_rematch_epoch is None
+def test_first_defended_epoch_none_is_an_explicit_none(text: str) -> None:
+    cfg = _parse(["--roclip-first-defended-epoch", text, "--roclip-defend-every", "3"])
+    assert cfg.first_defended_epoch is None
     assert cfg.resolved_first_epoch() == 2
     assert cfg.pool_update == "every_step"  # still the default preset otherwise
 
@@ -503,9 +503,9 @@ def test_flags_work_in_an_argument_group() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--lr", type=float, default=1e-3)
     add_argparse_args(parser.add_argument_group("RoCLIP"))
-    ns = parser.parse_args(["--lr", "0.1", "--roclip-rematch-every", "4"])
+    ns = parser.parse_args(["--lr", "0.1", "--roclip-defend-every", "4"])
     assert ns.lr == 0.1
-    assert config_from_namespace(ns) == RoClipConfig(rematch_every=4)
+    assert config_from_namespace(ns) == RoClipConfig(defend_every=4)
 
 
 def test_namespace_without_preset_attribute_uses_default() -> None:
@@ -526,9 +526,9 @@ def test_config_to_argv_round_trip(cfg: RoClipConfig) -> None:
 
 
 def test_config_to_argv_of_reference_preset_round_trips() -> None:
-    cfg = RoClipConfig.from_preset("reference", rematch_every=3, warmup_fraction=None)
+    cfg = RoClipConfig.from_preset("reference", defend_every=3, warmup_fraction=None)
     argv = config_to_argv(cfg)
-    assert argv[argv.index("--roclip-first-rematch-epoch") + 1] == "none"
+    assert argv[argv.index("--roclip-first-defended-epoch") + 1] == "none"
     assert _parse(argv) == cfg
 
 
@@ -558,12 +558,12 @@ def test_numpy_and_tensor_numbers_are_accepted_and_stored_as_python() -> None:
 
     config = RoClipConfig(
         pool_size=np.int64(64),
-        rematch_every=torch.tensor(3),
+        defend_every=torch.tensor(3),
         eda_alpha=np.float32(0.25),
         suspicious_margin=torch.tensor(0.5),
     )
-    assert (config.pool_size, config.rematch_every) == (64, 3)
-    assert type(config.pool_size) is int and type(config.rematch_every) is int
+    assert (config.pool_size, config.defend_every) == (64, 3)
+    assert type(config.pool_size) is int and type(config.defend_every) is int
     assert type(config.eda_alpha) is float and config.eda_alpha == 0.25
     assert type(config.suspicious_margin) is float
     for bad in (np.bool_(True), torch.ones(2, dtype=torch.int64), torch.tensor(3.0), 3.0):
@@ -575,9 +575,9 @@ def test_optional_int_flag_has_a_plain_message(capsys) -> None:
     parser = argparse.ArgumentParser(prog="t")
     add_argparse_args(parser)
     with pytest.raises(SystemExit):
-        parser.parse_args(["--roclip-first-rematch-epoch", "x"])
+        parser.parse_args(["--roclip-first-defended-epoch", "x"])
     err = capsys.readouterr().err
-    assert "argument --roclip-first-rematch-epoch: expected an integer or 'none', got 'x'" in err
+    assert "argument --roclip-first-defended-epoch: expected an integer or 'none', got 'x'" in err
     assert "_optional_int" not in err
 
 

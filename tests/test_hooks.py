@@ -52,7 +52,7 @@ def _defense(*plugins: object, **config: object) -> RoClipDefense:
     for plugin in plugins:
         pm.register(plugin)
     cfg = RoClipConfig.from_preset(
-        "paper", **{"pool_size": 32, "first_rematch_epoch": 1, "rematch_every": 1, **config}
+        "paper", **{"pool_size": 32, "first_defended_epoch": 1, "defend_every": 1, **config}
     )
     return RoClipDefense(cfg, plugin_manager=pm)
 
@@ -123,7 +123,7 @@ def test_roclip_should_match() -> None:
         def roclip_should_match(self, unit):
             return unit % 2 == 1
 
-    defense = _defense(EveryOther(), first_rematch_epoch=100)
+    defense = _defense(EveryOther(), first_defended_epoch=100)
     assert [defense.start_epoch(e) for e in range(4)] == [False, True, False, True]
 
 
@@ -133,7 +133,7 @@ def test_roclip_should_match_default_answers_when_plugin_abstains() -> None:
         def roclip_should_match(self, unit):
             return None
 
-    defense = _defense(Abstain(), first_rematch_epoch=2)
+    defense = _defense(Abstain(), first_defended_epoch=2)
     assert [defense.start_epoch(e) for e in range(4)] == [False, False, True, True]
 
 

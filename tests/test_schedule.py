@@ -41,7 +41,7 @@ def test_periodic_units_are_first_plus_multiples_of_k(first: int, every: int, ho
 )
 @SETTINGS
 def test_matching_units_of_periodic_config(first: int | None, every: int, total: int) -> None:
-    cfg = RoClipConfig(rematch_every=every, first_rematch_epoch=first)
+    cfg = RoClipConfig(defend_every=every, first_defended_epoch=first)
     start = every - 1 if first is None else first
     assert matching_units(cfg, total) == list(range(start, total, every))
     for unit in range(total):
@@ -57,7 +57,7 @@ def test_default_config_schedule() -> None:
 @given(every=st.integers(1, 30), epochs=st.integers(1, 150))
 @SETTINGS
 def test_reference_preset_matches_authors_rule(every: int, epochs: int) -> None:
-    cfg = RoClipConfig.from_preset("reference", rematch_every=every)
+    cfg = RoClipConfig.from_preset("reference", defend_every=every)
     for epoch in range(epochs):  # 0-based, as OpenCLIP counts
         assert is_matching_unit(epoch, cfg) == reference_is_matching(epoch + 1, every)
         assert is_matching_unit(epoch, cfg, total_units=epochs) == ((epoch + 1) % every == 0)
@@ -67,7 +67,7 @@ def test_reference_rule_examples() -> None:
     assert [e for e in range(1, 11) if reference_is_matching(e, 2)] == [2, 4, 6, 8, 10]
     assert [e for e in range(1, 11) if reference_is_matching(e, 3)] == [3, 6, 9]
     assert matching_units(RoClipConfig.from_preset("reference"), 10) == [1, 3, 5, 7, 9]
-    assert matching_units(RoClipConfig.from_preset("reference", rematch_every=1), 4) == [0, 1, 2, 3]
+    assert matching_units(RoClipConfig.from_preset("reference", defend_every=1), 4) == [0, 1, 2, 3]
 
 
 def test_reference_rule_refuses_epoch_zero() -> None:
@@ -79,7 +79,7 @@ def test_reference_rule_refuses_epoch_zero() -> None:
 @settings(max_examples=50, deadline=None)
 def test_warmup_fraction_sets_first_matching_epoch(fraction: float, every: int) -> None:
     total = 40
-    cfg = RoClipConfig(warmup_fraction=fraction, rematch_every=every, first_rematch_epoch=3)
+    cfg = RoClipConfig(warmup_fraction=fraction, defend_every=every, first_defended_epoch=3)
     first = cfg.resolved_first_epoch(total)
     assert matching_units(cfg, total) == list(range(first, total, every))
 
@@ -150,7 +150,7 @@ def test_invalid_unit_raises_for_every_schedule(schedule: str) -> None:
 def test_ramp_shape(every: int, final: int, first: int, total: int) -> None:
     final = min(final, every)
     cfg = RoClipConfig(
-        schedule="ramp", rematch_every=every, ramp_final_every=final, first_rematch_epoch=first
+        schedule="ramp", defend_every=every, ramp_final_every=final, first_defended_epoch=first
     )
     units = matching_units(cfg, total)
     assert units == sorted(ramp_matching_units(first, total, every, final))
@@ -171,7 +171,7 @@ def test_ramp_shape(every: int, final: int, first: int, total: int) -> None:
 
 
 def test_ramp_examples() -> None:
-    cfg = RoClipConfig(schedule="ramp", rematch_every=4, ramp_final_every=1, first_rematch_epoch=2)
+    cfg = RoClipConfig(schedule="ramp", defend_every=4, ramp_final_every=1, first_defended_epoch=2)
     units = matching_units(cfg, 40)
     gaps = [b - a for a, b in zip(units, units[1:], strict=False)]
     assert units[0] == 2
@@ -184,7 +184,7 @@ def test_ramp_examples() -> None:
 @settings(max_examples=50, deadline=None)
 def test_ramp_with_constant_period_is_periodic(every: int, first: int, total: int) -> None:
     ramp = RoClipConfig(
-        schedule="ramp", rematch_every=every, ramp_final_every=every, first_rematch_epoch=first
+        schedule="ramp", defend_every=every, ramp_final_every=every, first_defended_epoch=first
     )
     periodic = ramp.replace(schedule="periodic")
     assert matching_units(ramp, total) == matching_units(periodic, total)
@@ -199,7 +199,7 @@ def test_ramp_without_total_units_raises() -> None:
 
 
 def test_ramp_with_warmup_fraction() -> None:
-    cfg = RoClipConfig(schedule="ramp", warmup_fraction=0.5, rematch_every=3, ramp_final_every=1)
+    cfg = RoClipConfig(schedule="ramp", warmup_fraction=0.5, defend_every=3, ramp_final_every=1)
     units = matching_units(cfg, 20)
     assert units[0] == 10
     assert all(u >= 10 for u in units)
@@ -233,8 +233,8 @@ def test_adaptive_schedule(
 ) -> None:
     cfg = RoClipConfig(
         schedule="adaptive",
-        rematch_every=every,
-        first_rematch_epoch=first,
+        defend_every=every,
+        first_defended_epoch=first,
         adaptive_threshold=threshold,
     )
     matched, _ = _run_adaptive(cfg, accuracies)
@@ -244,7 +244,7 @@ def test_adaptive_schedule(
         assert matched == []
         return
     start = max(resolved_first, reached[0] + 1)
-    # never before the threshold was reached, never before first_rematch_epoch, then periodic
+    # never before the threshold was reached, never before first_defended_epoch, then periodic
     assert all(u > reached[0] for u in matched)
     assert all(u >= resolved_first for u in matched)
     assert matched == list(range(start, len(accuracies), every))
@@ -252,20 +252,20 @@ def test_adaptive_schedule(
 
 def test_adaptive_examples() -> None:
     cfg = RoClipConfig(
-        schedule="adaptive", rematch_every=2, first_rematch_epoch=1, adaptive_threshold=0.5
+        schedule="adaptive", defend_every=2, first_defended_epoch=1, adaptive_threshold=0.5
     )
     matched, state = _run_adaptive(cfg, [0.1, 0.2, 0.6, 0.3, 0.9, 0.9, 0.9, 0.9])
     assert matched == [3, 5, 7]
     assert set(state.alignment) == {0, 1, 2, 4, 6}
-    # a late start is held back by first_rematch_epoch
-    late = cfg.replace(first_rematch_epoch=6)
+    # a late start is held back by first_defended_epoch
+    late = cfg.replace(first_defended_epoch=6)
     assert _run_adaptive(late, [0.9] * 10)[0] == [6, 8]
     # the threshold is inclusive
     assert _run_adaptive(cfg, [0.5, 0.0, 0.0, 0.0])[0] == [1, 3]
 
 
 def test_adaptive_without_state_never_matches() -> None:
-    cfg = RoClipConfig(schedule="adaptive", first_rematch_epoch=0, rematch_every=1)
+    cfg = RoClipConfig(schedule="adaptive", first_defended_epoch=0, defend_every=1)
     assert not any(is_matching_unit(u, cfg, total_units=50) for u in range(50))
     assert matching_units(cfg, 50) == []
 
@@ -302,7 +302,7 @@ def test_schedule_state_round_trip(alignment: dict[int, float], threshold: float
     restored = ScheduleState()
     restored.load_state_dict(json.loads(json.dumps(saved)))
     original = ScheduleState(dict(alignment))
-    cfg = RoClipConfig(schedule="adaptive", first_rematch_epoch=0, adaptive_threshold=threshold)
+    cfg = RoClipConfig(schedule="adaptive", first_defended_epoch=0, adaptive_threshold=threshold)
     assert matching_units(cfg, 60, restored) == matching_units(cfg, 60, original)
 
 
@@ -317,7 +317,7 @@ def test_record_alignment_stores_floats() -> None:
 
 def test_matching_units_helper_passes_state() -> None:
     cfg = RoClipConfig(
-        schedule="adaptive", rematch_every=3, first_rematch_epoch=0, adaptive_threshold=0.5
+        schedule="adaptive", defend_every=3, first_defended_epoch=0, adaptive_threshold=0.5
     )
     state = ScheduleState({4: 0.8})
     assert matching_units(cfg, 15, state) == [5, 8, 11, 14]

@@ -23,7 +23,7 @@ def test_clip_training_learns_the_clean_task() -> None:
     world = build_world(SMALL)
     result = train(world, DemoSettings(**{**SMALL.__dict__, "epochs": 12}), None)
     assert result.zero_shot > 0.5  # chance is 0.1
-    assert result.matching_epochs == [] and result.detection_precision is None
+    assert result.defended_epochs == [] and result.detection_precision is None
 
 
 def test_smoke_trains_on_one_cpu_thread_and_restores_the_count(monkeypatch) -> None:

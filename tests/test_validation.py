@@ -15,7 +15,7 @@ from roclip_plugin.validation import as_integer, as_real, check_device
 
 
 def _defense(**kw) -> RoClipDefense:
-    config = RoClipConfig.from_preset("paper", pool_size=32, first_rematch_epoch=0, rematch_every=1)
+    config = RoClipConfig.from_preset("paper", pool_size=32, first_defended_epoch=0, defend_every=1)
     return RoClipDefense(config, plugin_manager=get_plugin_manager(), dist_info=DistInfo(), **kw)
 
 

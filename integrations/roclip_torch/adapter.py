@@ -304,7 +304,7 @@ class RoClipAdapter:
         self._epoch_started = True  # once
         warnings.warn(
             "RoClipAdapter: loss() was called before any epoch_start(): the schedule is asked "
-            "at the start of each epoch, so RoCLIP never matches in this run; call "
+            "at the start of each epoch, so RoCLIP never defends in this run; call "
             "adapter.epoch_start(epoch) at the start of every epoch (0-based)",
             RuntimeWarning,
             stacklevel=3,

@@ -109,9 +109,9 @@ ROCLIP = [  # the paper's matching: these tests follow its pool and matching epo
     "--roclip",
     "--roclip-preset",
     "paper",
-    "--roclip-rematch-every",
+    "--roclip-defend-every",
     "2",
-    "--roclip-first-rematch-epoch",
+    "--roclip-first-defended-epoch",
     "1",
     "--roclip-pool-size",
     "64",
@@ -423,7 +423,7 @@ def test_unknown_augmentation_is_a_usage_error(setup, capsys) -> None:
     ("extra", "message"),
     [
         (["--siglip", "--loss-dist-impl", "ring"], "--loss-dist-impl ring"),
-        (["--roclip-rematch-every", "0"], "rematch_every (--roclip-rematch-every): invalid"),
+        (["--roclip-defend-every", "0"], "defend_every (--roclip-defend-every): invalid"),
     ],
 )
 def test_unsupported_options_stop_before_training(setup, capsys, extra, message) -> None:
@@ -444,7 +444,7 @@ def test_help_lists_openclip_and_roclip_flags(capsys) -> None:
 
 
 def test_cpu_amp_warning(setup, capsys) -> None:
-    argv = _argv(setup, "amp", 1, "--roclip", "--roclip-rematch-every", "0")
+    argv = _argv(setup, "amp", 1, "--roclip", "--roclip-defend-every", "0")
     argv[argv.index("fp32")] = "amp"
     main(argv)
     assert "--precision amp runs float16 on the CPU" in capsys.readouterr().err
@@ -662,11 +662,11 @@ def test_a_run_that_never_matches_says_so(setup) -> None:
     """The paper's first matching epoch is 5: a 2-epoch run would only augment."""
     paper = ["--roclip", "--roclip-preset", "paper", "--roclip-pool-size", "8"]
     argv = _argv(setup, "never", 2, *paper)
-    with pytest.warns(RuntimeWarning, match="never matches") as record:
+    with pytest.warns(RuntimeWarning, match="never defends") as record:
         assert main(argv) == 0
-    assert "--roclip-first-rematch-epoch" in str(record[0].message)
+    assert "--roclip-first-defended-epoch" in str(record[0].message)
     log = _log(setup, "never")
-    assert "RoCLIP never matches in this run" in log and "at most 1" in log
+    assert "RoCLIP never defends in this run" in log and "at most 1" in log
 
 
 class RecordMargins:
@@ -731,7 +731,7 @@ def test_suspicious_rows_are_the_rows_of_the_step_that_matched(
 )
 def test_every_dataset_type_trains_with_roclip(setup, dataset_type, augment) -> None:
     name = f"type-{dataset_type}-{len(augment)}"
-    argv = _argv(setup, name, 1, *ROCLIP, "--roclip-first-rematch-epoch", "0", *augment)
+    argv = _argv(setup, name, 1, *ROCLIP, "--roclip-first-defended-epoch", "0", *augment)
     argv[argv.index("csv")] = dataset_type
     if dataset_type == "synthetic":
         del argv[argv.index("--train-data") : argv.index("--train-data") + 2]

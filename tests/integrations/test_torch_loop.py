@@ -154,7 +154,7 @@ def rich_console() -> Console:
 def test_matching_epochs_follow_the_schedule_under_bf16_autocast(tmp_path: Path) -> None:
     console = rich_console()
     config = RoClipConfig.from_preset(
-        "paper", pool_size=128, first_rematch_epoch=2, rematch_every=2
+        "paper", pool_size=128, first_defended_epoch=2, defend_every=2
     )
     trainer = make_run(tmp_path, config, epochs=4, console=console, amp=True, grad_clip_norm=1.0)
     seen_dtypes = set()
@@ -201,7 +201,7 @@ def test_matching_epochs_follow_the_schedule_under_bf16_autocast(tmp_path: Path)
 def test_training_learns_the_digits(tmp_path: Path) -> None:
     # Plain CLIP epochs first, then matching ones (the warm-up the method needs).
     config = RoClipConfig.from_preset(
-        "paper", pool_size=256, first_rematch_epoch=3, rematch_every=1
+        "paper", pool_size=256, first_defended_epoch=3, defend_every=1
     )
     trainer = make_run(None, config, epochs=5, n=512)
     before = zero_shot_accuracy(trainer.module, trainer.loader.dataset)
@@ -232,7 +232,7 @@ def deterministic():
 
 @pytest.mark.usefixtures("deterministic")
 def test_resume_is_exact(tmp_path: Path) -> None:
-    config = RoClipConfig.from_preset("paper", pool_size=96, first_rematch_epoch=2, rematch_every=1)
+    config = RoClipConfig.from_preset("paper", pool_size=96, first_defended_epoch=2, defend_every=1)
     straight = make_run(tmp_path / "straight", config, epochs=4, grad_clip_norm=1.0)
     want = straight.fit()
 
@@ -258,7 +258,7 @@ def test_resume_is_exact(tmp_path: Path) -> None:
 
 def test_resume_restores_rng_state(tmp_path: Path) -> None:
     """Without the saved RNG, dropout in epochs 3-4 would draw differently: prove it matters."""
-    config = RoClipConfig.from_preset("paper", pool_size=64, first_rematch_epoch=10)
+    config = RoClipConfig.from_preset("paper", pool_size=64, first_defended_epoch=10)
     first = make_run(tmp_path, config, epochs=3)
     first.fit(stop_after=2)
     torch.manual_seed(999)
@@ -317,7 +317,7 @@ def _plain_infonce(img: torch.Tensor, txt: torch.Tensor, scale: float) -> torch.
 def _adapter(**kw) -> RoClipAdapter:
     config = kw.pop(
         "config",
-        RoClipConfig.from_preset("paper", pool_size=64, first_rematch_epoch=1, rematch_every=1),
+        RoClipConfig.from_preset("paper", pool_size=64, first_defended_epoch=1, defend_every=1),
     )
     return RoClipAdapter(config, plugin_manager=get_plugin_manager(), dist_info=DistInfo(), **kw)
 
@@ -481,7 +481,7 @@ def test_checkpoint_helpers_round_trip(tmp_path: Path) -> None:
 
 def test_epoch_start_adopts_or_checks_the_loop_step() -> None:
     config = RoClipConfig.from_preset(
-        "paper", pool_size=16, first_rematch_epoch=0, rematch_every=2, period_steps=4
+        "paper", pool_size=16, first_defended_epoch=0, defend_every=2, period_steps=4
     )
     fresh = _adapter(config=config)
     # resumed from a checkpoint without RoCLIP state, at global step 4: block 1 (plain)
@@ -542,7 +542,7 @@ class _HookLog:
 
 
 def test_the_same_hooks_fire_as_when_driving_the_core_directly() -> None:
-    config = RoClipConfig.from_preset("paper", pool_size=20, first_rematch_epoch=1, rematch_every=1)
+    config = RoClipConfig.from_preset("paper", pool_size=20, first_defended_epoch=1, defend_every=1)
     g = torch.Generator().manual_seed(0)
 
     def batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -590,7 +590,7 @@ def test_restored_pool_follows_the_features_to_the_gpu() -> None:
 
 @pytest.mark.gpu
 def test_trainer_on_cuda_with_bf16(tmp_path: Path) -> None:
-    config = RoClipConfig.from_preset("paper", pool_size=64, first_rematch_epoch=1, rematch_every=1)
+    config = RoClipConfig.from_preset("paper", pool_size=64, first_defended_epoch=1, defend_every=1)
     torch.manual_seed(0)
     model = TwoTower().cuda()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -684,7 +684,7 @@ def test_trainer_warns_when_the_defense_would_be_off_or_ineffective() -> None:
     with pytest.warns(RuntimeWarning) as record:
         history = trainer.fit()
     messages = [str(w.message) for w in record if w.category is RuntimeWarning]
-    assert any("never matches" in m and "--roclip-first-rematch-epoch" in m for m in messages)
+    assert any("never defends" in m and "--roclip-first-defended-epoch" in m for m in messages)
     assert any("(--roclip-pool-size 128) holds 50% of an epoch's 256" in m for m in messages)
     assert [h.matching for h in history] == [False, False]
 

@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 from roclip_plugin import RoClipConfig, get_plugin_manager, hookimpl
 
 WORLD = 2
-CONFIG = RoClipConfig.from_preset("paper", pool_size=96, first_rematch_epoch=1, rematch_every=1)
+CONFIG = RoClipConfig.from_preset("paper", pool_size=96, first_defended_epoch=1, defend_every=1)
 
 
 class PoolLog:

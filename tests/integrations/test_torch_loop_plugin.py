@@ -31,7 +31,7 @@ SCRIPT = textwrap.dedent(
 
     pm = roclip_plugin.get_plugin_manager()
     config = RoClipConfig.from_preset("paper",
-        pool_size=64, first_rematch_epoch=1, rematch_every=1, suspicious_margin=0.05
+        pool_size=64, first_defended_epoch=1, defend_every=1, suspicious_margin=0.05
     )
     make_run(None, config, epochs=2, n=128, plugin_manager=pm).fit()
     print(json.dumps({
@@ -120,5 +120,5 @@ def test_plugin_options_come_from_the_loops_parser(tmp_path: Path) -> None:
         + ["--roclip-csv-stats-path", str(tmp_path / "x.csv"), "--roclip-csv-stats-margin", "0.5"]
     )
     adapter = RoClipAdapter.from_args(args, plugin_manager=pm, dist_info=DistInfo())
-    assert adapter.config.pool_size == 64 and adapter.config.pool_update == "matching_epochs"
+    assert adapter.config.pool_size == 64 and adapter.config.pool_update == "defended_epochs"
     assert plugin.path == tmp_path / "x.csv" and plugin.margin == 0.5

@@ -172,7 +172,7 @@ def test_resume_continues_exactly(tmp_path: object, fields: dict) -> None:
 def test_a_share_that_reaches_the_whole_batch_never_empties_a_step() -> None:
     """drop 0.9 of a batch of 8 (ceil: 8 pairs) keeps one pair, where slicing left none."""
     config = RoClipConfig.from_preset(
-        "paper", pool_size=16, match_action="drop", match_fraction=0.9, first_rematch_epoch=0
+        "paper", pool_size=16, match_action="drop", match_fraction=0.9, first_defended_epoch=0
     )
     defense = RoClipDefense(config, dist_info=DistInfo())
     defense.start_epoch(0)

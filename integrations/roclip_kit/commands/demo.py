@@ -202,7 +202,8 @@ def results_table(results: dict[str, Any]) -> Table:
     """One row per run: clean accuracy, attack success, detection, time (fits 80 columns)."""
     data = results["dataset"]
     poison = results["poison"]
-    matching = next((r["matching_epochs"] for r in results["runs"] if r["roclip"]), [])
+    runs = [r for r in results["runs"] if r["roclip"]]  # older results.json: matching_epochs
+    defended = next((r.get("defended_epochs", r.get("matching_epochs", [])) for r in runs), [])
     verb = defense_verb((results.get("settings") or {}).get("roclip_flags"))
     captions = captions_text(poison["captions_per_target"])
     table = Table(
@@ -210,7 +211,7 @@ def results_table(results: dict[str, Any]) -> Table:
         f"poisoned ({poison['targets']} targets x {captions} captions, "
         f"backdoor on {100 * poison['backdoor_rate']:.2f}%)",
         caption=f"RoCLIP {verb} in epochs "
-        f"{', '.join(map(str, matching)) or 'none'} (1-based). "
+        f"{', '.join(map(str, defended)) or 'none'} (1-based). "
         "ASR: attack success rate. purity: matched captions of the image's class. detect: "
         "precision / recall of the most suspicious rows. s: training seconds."
         + _group_caption(results["runs"]),

@@ -28,7 +28,7 @@ class RunFigures:
     roclip: bool
     train_seconds: float
     eval_seconds: float
-    matching_epochs: list[int]
+    defended_epochs: list[int]
     per_epoch: dict[int, dict[str, Any]]
     final: dict[str, Any]
     matching: dict[int, dict[str, Any]] = field(default_factory=dict)
@@ -175,7 +175,7 @@ def plot_attack_success(
         purity = {e: m["purity"] for e, m in run.matching.items() if m.get("purity") is not None}
         if purity:
             series.append(Series(f"{run.name} matching purity", purity, False, PURITY_COLOUR))
-    shaded = next((r.matching_epochs for r in runs if r.roclip), [])
+    shaded = next((r.defended_epochs for r in runs if r.roclip), [])
     checked = "all test images" if eval_images is None else f"{eval_images:,} test images"
     chart = Chart(
         f"Poisoned {dataset}: attack success and clean accuracy",

@@ -280,7 +280,7 @@ def train_and_evaluate(
         roclip=roclip,
         train_seconds=result.wall_seconds,
         eval_seconds=time.perf_counter() - eval_start,
-        matching_epochs=sorted(result.suspicious),
+        defended_epochs=sorted(result.suspicious),
         per_epoch=per_epoch,
         final=final,
     )
@@ -419,7 +419,7 @@ def _tensor_figures(result: dict[str, Any]) -> RunFigures:
         roclip=result["roclip"],
         train_seconds=result["train_seconds"],
         eval_seconds=result["eval_seconds"],
-        matching_epochs=result["matching_epochs"],
+        defended_epochs=result.get("defended_epochs", result.get("matching_epochs", [])),
         per_epoch={int(k): v for k, v in result["per_epoch"].items()},
         final=result["final"],
         matching={int(k): v for k, v in result["matching"].items()},

@@ -185,7 +185,7 @@ def run_spec(spec: RunSpec, events: Any = None) -> dict[str, Any]:
         "train_seconds": run.train_seconds,
         "eval_seconds": eval_seconds[0],
         "pairs_per_second": run.pairs_per_second,
-        "matching_epochs": run.matching_epochs,
+        "defended_epochs": run.defended_epochs,
         "per_epoch": per_epoch,
         "matching": {r.epoch + 1: r.audit for r in run.epochs if r.audit},
         "alignment": _alignment(run.roclip_state),

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from roclip_plugin.config import RoClipConfig, preset_name
+from roclip_plugin.config_aliases import renamed_keys
 
 RESULTS_FILE = "results.json"
 PLOT_FILE = "attack_success.png"
@@ -36,8 +37,8 @@ SCALES: dict[str, dict[str, Any]] = {
         "backdoor_rate": 0.001,
         "trigger": "blend",
         "pool_size": 4096,
-        "first_rematch_epoch": 4,
-        "rematch_every": 2,
+        "first_defended_epoch": 4,
+        "defend_every": 2,
         "image_aug": "roclip-small",
         "eval_limit": 1000,
         "jobs": 2,
@@ -55,8 +56,8 @@ SCALES: dict[str, dict[str, Any]] = {
         "backdoor_rate": 0.001,
         "trigger": "blend",
         "pool_size": 4096,
-        "first_rematch_epoch": 4,
-        "rematch_every": 2,
+        "first_defended_epoch": 4,
+        "defend_every": 2,
         "image_aug": "roclip-small",
         "eval_limit": None,
         "jobs": 1,
@@ -83,8 +84,8 @@ OPENCLIP_SCALES: dict[str, dict[str, Any]] = {
         # A tenth of the 5,200 pairs: a pool holding more of them hands images back their own
         # captions of an earlier epoch (docs/config.md).
         "pool_size": 512,
-        "first_rematch_epoch": 6,
-        "rematch_every": 2,
+        "first_defended_epoch": 6,
+        "defend_every": 2,
         # Measured (docs/demo.md): the authors' image augmentation, made for 224 px photos,
         # halved this tiny model's progress on 32 px digits in 7 epochs and RoCLIP then
         # collapsed; captions keep EDA. The gpu scale keeps the default augmentation.
@@ -104,14 +105,14 @@ OPENCLIP_SCALES: dict[str, dict[str, Any]] = {
         "backdoor_rate": 0.001,
         "trigger": "patch",
         "pool_size": 16384,
-        "first_rematch_epoch": 5,
-        "rematch_every": 2,
+        "first_defended_epoch": 5,
+        "defend_every": 2,
         "eval_limit": None,
     },
 }
 
 
-SCALED_FLAGS = ("pool_size", "first_rematch_epoch", "rematch_every", "image_aug")
+SCALED_FLAGS = ("pool_size", "first_defended_epoch", "defend_every", "image_aug")
 
 
 def scaled_flags(preset: str | None) -> tuple[str, ...]:
@@ -269,11 +270,10 @@ class DemoSettings:
             for key in defaults
             if key in self.__dataclass_fields__ and getattr(self, key) is None
         }
-        scaled = scaled_flags(self.roclip_flags.get("preset"))
-        flags = {
-            key: defaults[key] for key in scaled if key in defaults and key not in self.roclip_flags
-        }
-        return replace(self, **values, roclip_flags={**flags, **self.roclip_flags})
+        own = renamed_keys(self.roclip_flags)  # old names warn, and meet the scaled new ones
+        scaled = scaled_flags(own.get("preset"))
+        flags = {key: defaults[key] for key in scaled if key in defaults and key not in own}
+        return replace(self, **values, roclip_flags={**flags, **own})
 
 
 def _check_choice(flag: str, value: Any, choices: Any) -> None:

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from roclip_torch.checkpoint import checkpoint_path, latest_checkpoint, prune_checkpoints
 
+from roclip_plugin.config_aliases import renamed_keys
 from roclip_plugin.distributed import rng_state
 from roclip_plugin.io import StateError, atomic_torch_save, check_output_dir, read_state_file
 
@@ -116,7 +117,10 @@ class TensorCheckpoints:
                 f"{TRAIN_FORMAT!r}); give the checkpoint_dir train_tensor wrote, or start "
                 "without resume"
             )
-        drift = _differences(state["identity"], self.identity)
+        saved = dict(state["identity"])
+        if isinstance(saved.get("roclip"), Mapping):  # a checkpoint of the old names resumes
+            saved["roclip"] = renamed_keys(saved["roclip"], what="saved RoCLIP setting")
+        drift = _differences(saved, self.identity)
         if drift:
             raise StateError(
                 f"resume: {path} belongs to another run ({'; '.join(drift)}); resume with the "

@@ -272,11 +272,13 @@ def write_model_config(preset: str | Mapping[str, Any], directory: Path) -> str:
 
 
 def roclip_args(flags: Mapping[str, Any]) -> list[str]:
-    """``{"rematch_every": 1}`` -> ``["--roclip-rematch-every", "1"]``, validated by RoCLIP."""
+    """``{"defend_every": 1}`` -> ``["--roclip-defend-every", "1"]``, validated by RoCLIP."""
     from roclip_plugin.config import RoClipConfig, flag_name
+    from roclip_plugin.config_aliases import renamed_keys
 
     options = dict(flags)
     preset = options.pop("preset", "default")
+    options = renamed_keys(options)  # old names warn here, once; the flags below are the new ones
     RoClipConfig.from_preset(preset, **options)  # raises ValueError naming the bad field
     argv = [flag_name("preset"), str(preset)] if "preset" in flags else []
     for key, value in options.items():

@@ -35,6 +35,7 @@ from roclip_kit.data.tensors import PoisonedData, WordTokenizer
 from roclip_kit.train.audit import MatchAudit
 from roclip_plugin import RoClipConfig, get_plugin_manager
 from roclip_plugin.augment import AugmentationPolicy, build_policy
+from roclip_plugin.config_aliases import renamed_attribute
 from roclip_plugin.loss import DistInfo, contrastive_loss
 from roclip_plugin.stats import suspicious_name
 
@@ -236,9 +237,11 @@ class TensorRun:
     roclip_state: dict[str, Any] | None
 
     @property
-    def matching_epochs(self) -> list[int]:
-        """1-based epochs that started as matching epochs (as OpenCLIP names checkpoints)."""
+    def defended_epochs(self) -> list[int]:
+        """1-based epochs that started as defended epochs (as OpenCLIP names checkpoints)."""
         return [r.epoch + 1 for r in self.epochs if r.matching]
+
+    matching_epochs = renamed_attribute("matching_epochs", "defended_epochs")
 
     def save(self, path: Path) -> Path:
         """A checkpoint ``roclip eval`` loads: weights, ``model_cfg``, tokenizer, RoCLIP state."""

@@ -31,8 +31,8 @@ def test_scale_fills_only_what_is_not_given() -> None:
     assert paper.roclip_flags == {
         "preset": "paper",
         "pool_size": 64,
-        "first_rematch_epoch": cpu["first_rematch_epoch"],
-        "rematch_every": cpu["rematch_every"],
+        "first_defended_epoch": cpu["first_defended_epoch"],
+        "defend_every": cpu["defend_every"],
         "image_aug": cpu["image_aug"],
     }
 
@@ -60,9 +60,9 @@ def _pm():
 
 def test_bad_roclip_flag_fails_before_any_work(tmp_path: Path, capsys) -> None:
     out = tmp_path / "demo"
-    argv = ["demo", "--dataset", "digits", "--out", str(out), "--roclip-rematch-every", "0"]
+    argv = ["demo", "--dataset", "digits", "--out", str(out), "--roclip-defend-every", "0"]
     assert main(argv, pm=_pm()) == 2
-    assert "--roclip-rematch-every" in capsys.readouterr().out
+    assert "--roclip-defend-every" in capsys.readouterr().out
     assert not out.exists()
 
 
@@ -87,8 +87,8 @@ def test_openclip_trainer_end_to_end_on_digits(tmp_path: Path, capsys) -> None:
         "--train-limit", "160",
         "--test-limit", "60", "--epochs", "2", "--batch-size", "32", "--model", "tiny-cpu",
         "--targets", "2", "--captions-per-target", "4", "--backdoor-rate", "0.05",
-        "--backdoor-class", "seven", "--roclip-first-rematch-epoch", "1",
-        "--roclip-rematch-every", "1", "--roclip-pool-size", "64",
+        "--backdoor-class", "seven", "--roclip-first-defended-epoch", "1",
+        "--roclip-defend-every", "1", "--roclip-pool-size", "64",
     ]  # fmt: skip
     assert main(argv, pm=_pm()) == 0
     printed = capsys.readouterr().out
@@ -107,7 +107,7 @@ def test_openclip_trainer_end_to_end_on_digits(tmp_path: Path, capsys) -> None:
     assert (clip["name"], clip["roclip"], roclip["name"], roclip["roclip"]) == (
         "CLIP", False, "RoCLIP", True
     )  # fmt: skip
-    assert clip["matching_epochs"] == [] and roclip["matching_epochs"] == [2]
+    assert clip["defended_epochs"] == [] and roclip["defended_epochs"] == [2]
     for run in (clip, roclip):
         assert sorted(run["per_epoch"]) == ["1", "2"]
         summary = run["summary"]
@@ -128,8 +128,8 @@ def test_tensor_trainer_end_to_end_on_digits(tmp_path: Path, capsys) -> None:
         "demo", "--dataset", "digits", "--out", str(out), "--train-limit", "300",
         "--test-limit", "60", "--epochs", "3", "--batch-size", "32", "--targets", "4",
         "--captions-per-target", "2,3", "--backdoor-rate", "0.05", "--backdoor-class", "seven",
-        "--roclip-preset", "paper", "--roclip-first-rematch-epoch", "1",
-        "--roclip-rematch-every", "2", "--roclip-pool-size", "64", "--jobs", "2",
+        "--roclip-preset", "paper", "--roclip-first-defended-epoch", "1",
+        "--roclip-defend-every", "2", "--roclip-pool-size", "64", "--jobs", "2",
         "--eval-limit", "40",
     ]  # fmt: skip
     assert main(argv, pm=_pm()) == 0
@@ -140,7 +140,7 @@ def test_tensor_trainer_end_to_end_on_digits(tmp_path: Path, capsys) -> None:
     assert results["poison"]["captions_per_target"] == [2, 3]
     assert results["settings"]["trainer"] == "tensor" and results["settings"]["jobs"] == 2
     clip, roclip = results["runs"]
-    assert clip["matching_epochs"] == [] and roclip["matching_epochs"] == [2]
+    assert clip["defended_epochs"] == [] and roclip["defended_epochs"] == [2]
     assert sorted(roclip["matching"]) == ["2"] and 0.0 <= roclip["matching"]["2"]["purity"] <= 1
     for run in (clip, roclip):
         assert sorted(run["per_epoch"]) == ["1", "2", "3"]
@@ -162,7 +162,7 @@ def test_results_table_fits_80_columns_and_cuts_no_cell() -> None:
         "poison": {"poisoned_rows": 1060, "targets": 32, "captions_per_target": [10, 50],
                    "backdoor_rate": 0.001},
         "runs": [
-            {"name": name, "roclip": roclip, "matching_epochs": epochs, "train_seconds": 12345.4,
+            {"name": name, "roclip": roclip, "defended_epochs": epochs, "train_seconds": 12345.4,
              "summary": {"zero_shot": 0.9712, "linear_probe": 0.98, "targeted_asr": 0.875,
                          "backdoor_asr": 1.0, "purity": purity, "detection_precision": precision,
                          "detection_recall": recall}}

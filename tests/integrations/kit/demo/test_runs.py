@@ -52,7 +52,7 @@ def _figures(result: dict) -> tuple:
         per_epoch,
         final["zero_shot"]["accuracy"],
         (final.get("targeted") or {}).get("success_rate"),
-        result["matching_epochs"],
+        result["defended_epochs"],
     )
 
 
@@ -67,7 +67,7 @@ def test_a_resumable_run_stopped_in_an_epoch_resumes_to_the_same_figures(
         tmp_path / "p", dataset_dir=tmp_path / "d", targets=2, captions_per_target=2
     ).out_dir
     train = TensorTrainSettings(epochs=3, batch_size=32, preset=TINY)
-    flags = {"pool_size": 32, "first_rematch_epoch": 1, "rematch_every": 1}
+    flags = {"pool_size": 32, "first_defended_epoch": 1, "defend_every": 1}
 
     def spec(name: str, resumable: bool) -> RunSpec:
         run_dir = tmp_path / "runs" / name

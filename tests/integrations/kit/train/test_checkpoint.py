@@ -24,7 +24,7 @@ TINY = {
     "text_cfg": {"context_length": 16, "width": 16, "heads": 2, "layers": 1},
 }
 # Matching from the second epoch: the pool is full and used when the run stops after epoch 1.
-MATCHING = {"pool_size": 48, "first_rematch_epoch": 1, "rematch_every": 1}
+MATCHING = {"pool_size": 48, "first_defended_epoch": 1, "defend_every": 1}
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def test_a_run_stopped_and_resumed_equals_the_run_that_never_stopped(
         data, settings, config, run_dir=split_dir, checkpoint_dir=checkpoints, resume=True
     )
     assert [r.epoch for r in resumed.epochs] == [0, 1, 2]
-    assert resumed.matching_epochs == straight.matching_epochs == [2, 3]
+    assert resumed.defended_epochs == straight.defended_epochs == [2, 3]
     _same(resumed.model.state_dict(), straight.model.state_dict(), "model")
     _same(resumed.roclip_state, straight.roclip_state, "roclip")
     assert _figures(resumed) == _figures(straight)

@@ -24,7 +24,7 @@ from roclip_kit.train.openclip import (  # noqa: E402
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 TEMPLATES = ["a photo of the digit {}.", "a handwritten {}.", "the number {} written by hand."]
 ROWS = 128
-ROCLIP_FLAGS = {"rematch_every": 1, "first_rematch_epoch": 1, "pool_size": 64}
+ROCLIP_FLAGS = {"defend_every": 1, "first_defended_epoch": 1, "pool_size": 64}
 
 
 def _write_csv(path: Path, rows: list[tuple[str, str, int]]) -> None:
@@ -84,7 +84,7 @@ def test_roclip_run_saves_every_epoch_pool_and_suspicious_rows(roclip_run) -> No
         rows = list(csv.DictReader(fh))
     assert len(rows) == ROWS and {int(r["index"]) for r in rows} == set(range(ROWS))
     assert seen == list(result.checkpoints.items())
-    assert "--roclip-rematch-every" in result.argv and "fp32" in result.argv
+    assert "--roclip-defend-every" in result.argv and "fp32" in result.argv
     assert "Train Epoch: 1" in result.log_path.read_text()
 
 

@@ -111,7 +111,7 @@ def test_same_losses_pool_and_weights_as_roclip_torch_trainer(data) -> None:
     """Clipping and decay included: the Trainer is given both, the tensor path must apply both."""
     settings = _settings(**EQUIVALENCE)
     config = RoClipConfig.from_preset(
-        "paper", pool_size=48, first_rematch_epoch=1, rematch_every=1, **PLAIN
+        "paper", pool_size=48, first_defended_epoch=1, defend_every=1, **PLAIN
     )
     run = train_tensor(data, settings, config)
     model, history, adapter = _trainer_run(data, settings, config)
@@ -128,10 +128,10 @@ def test_same_losses_pool_and_weights_as_roclip_torch_trainer(data) -> None:
 def test_clip_loss_is_the_plain_step_of_roclip(data) -> None:
     settings = _settings(epochs=1)
     never = RoClipConfig.from_preset(
-        "paper", pool_size=48, first_rematch_epoch=None, rematch_every=50, **PLAIN
+        "paper", pool_size=48, first_defended_epoch=None, defend_every=50, **PLAIN
     )
     clip = train_tensor(data, settings, None)
-    with pytest.warns(RuntimeWarning, match="never matches"):
+    with pytest.warns(RuntimeWarning, match="never defends"):
         plain = train_tensor(data, settings, never)
     assert clip.epochs[0].loss == pytest.approx(plain.epochs[0].loss, rel=1e-6)
     assert clip.roclip_state is None and plain.roclip_state is not None
@@ -156,10 +156,10 @@ def test_data_order_is_distributed_samplers() -> None:
 
 def test_suspicious_files_are_written_for_matching_epochs(data, tmp_path: Path) -> None:
     config = RoClipConfig.from_preset(
-        "paper", pool_size=48, first_rematch_epoch=1, rematch_every=2, **PLAIN
+        "paper", pool_size=48, first_defended_epoch=1, defend_every=2, **PLAIN
     )
     run = train_tensor(data, _settings(), config, run_dir=tmp_path)
-    assert run.matching_epochs == [2] and sorted(run.suspicious) == [2]
+    assert run.defended_epochs == [2] and sorted(run.suspicious) == [2]
     lines = run.suspicious[2].read_text().splitlines()
     assert lines[0] == "index,key,caption,margin"  # one format for every trainer (empty key)
     rows = [int(line.split(",")[0]) for line in lines[1:]]

@@ -219,7 +219,7 @@ def test_defense_state_with_old_keys_loads() -> None:
     assert any("use 'defend_every'" in m for m in messages)
     assert any("use 'defended_epochs'" in m for m in messages)
     assert resumed.state_dict()["pool"]["total_written"] == state["pool"]["total_written"]
-    assert resumed.epoch == 1 and resumed.loss.matching == defense.loss.matching
+    assert resumed.epoch == 1 and resumed.matching == defense.matching
 
 
 def test_kit_checkpoint_of_old_keys_resumes(tmp_path: Any) -> None:

@@ -100,7 +100,9 @@ class RoClipDefense:
         matcher = self.pm.hook.roclip_make_matcher(config=self.config)
         self.risk = make_engine(self.risk_config(), self.pm, self.info.rank, self.info.world_size)
         loss_class = RoClipSigLipLoss if siglip else RoClipLoss
-        check_action_supported(self.config.match_action, self.risk, loss_class.weighted_objective)
+        check_action_supported(
+            self.config.match_action, loss_class.weighted_objective, self.info.world_size
+        )
         self.criterion: RoClipLoss = loss_class(self.info)
         self.decider = StepDecider(
             self.pool,

@@ -239,12 +239,26 @@ class RoClipLoss(nn.Module):
         return share * unimodal_terms(img[rows], txt[rows], *banks) + 0.0 * (img.sum() + txt.sum())
 
 
-def check_action_supported(action: str, risk: object, weighted: bool) -> None:
-    """Refuse what a loss cannot do: per-pair weights in the sigmoid loss."""
-    if not weighted and action in ("weight", "unimodal"):
+def check_action_supported(action: str, weighted: bool, world_size: int = 1) -> None:
+    """Refuse what a loss cannot do: per-pair weights in the sigmoid loss, a drop across ranks.
+
+    Checked when the defense is built, so a run stops before training rather than at its
+    first defended step.
+    """
+    if weighted:
+        return
+    if action in ("weight", "unimodal"):
         raise ValueError(
             f"match_action (--roclip-match-action) {action} needs per-pair weights, which the "
             "SigLIP loss (--siglip) does not take: use drop or match with --siglip"
+        )
+    if action == "drop" and world_size > 1:
+        raise ValueError(
+            f"match_action (--roclip-match-action) drop with the SigLIP loss (--siglip) on "
+            f"{world_size} processes: dropping a rank's risky rows changes its batch size, and "
+            "SigLIP's exchange of caption blocks between ranks needs equal ones. Use "
+            "--roclip-match-action match (or --roclip-preset paper) with --siglip on several "
+            "processes, or the CLIP loss"
         )
 
 

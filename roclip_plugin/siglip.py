@@ -275,6 +275,9 @@ class RoClipSigLipLoss(RoClipLoss):
     """
 
     gathers_matched = False  # each block of matched captions travels as the loss needs it
+    # The sigmoid blocks take no per-pair weights: a drop leaves the risky rows out of the
+    # local batch instead, and weight and unimodal are refused (check_action_supported).
+    weighted_objective = False
 
     def __init__(self, info: DistInfo | None = None, *legacy_args: Any, **legacy: Any) -> None:
         super().__init__(info, *legacy_args, **legacy)

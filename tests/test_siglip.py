@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from step_harness import StepHarness
 
 from roclip_plugin import RoClipConfig, RoClipDefense
+from roclip_plugin.hookspecs import hookimpl
 from roclip_plugin.loss import DistInfo
 from roclip_plugin.matching import TorchMatcher
 from roclip_plugin.pool import CaptionPool
@@ -143,3 +144,44 @@ def test_the_defense_trains_the_sigmoid_loss_when_asked() -> None:
     defense.start_epoch(0)
     got = defense.compute_loss(img, txt, SCALE, BIAS)
     torch.testing.assert_close(got, _reference(img, txt, SCALE, BIAS))
+
+
+def test_the_default_preset_drops_the_risky_rows_from_the_sigmoid_loss() -> None:
+    """``robust`` (drop) with --siglip: the defended step is the sigmoid loss over the kept
+    rows, on one process (it used to fail at the first defended step)."""
+    config = RoClipConfig.from_preset("robust", pool_size=64, match_fraction=0.25)
+    defense = RoClipDefense(config, siglip=True, dist_info=DistInfo())
+    plans = []
+    defense.pm.register(_PlanSpy(plans))
+    img, txt = _features(7, 8, 8)
+    ids = torch.arange(8)
+    for epoch in range(3):
+        defense.start_epoch(epoch)
+        got = defense.compute_loss(img, txt, SCALE, BIAS, sample_ids=ids)
+    risky = plans[-1]
+    assert defense.matching and int(risky.sum()) == 2
+    keep = ~risky
+    torch.testing.assert_close(got, _reference(img[keep], txt[keep], SCALE, BIAS))
+
+
+class _PlanSpy:
+    """Records which rows the risk split judged risky at each judged step."""
+
+    def __init__(self, out: list[torch.Tensor]) -> None:
+        self.out = out
+
+    @hookimpl
+    def roclip_after_risk(self, stats) -> None:
+        self.out.append(stats.risky.clone())
+
+
+@pytest.mark.parametrize("action", ["weight", "unimodal"])
+def test_actions_that_weigh_pairs_are_refused_before_training(action) -> None:
+    config = RoClipConfig.from_preset("robust", match_action=action)
+    with pytest.raises(ValueError, match=f"match_action .*{action} needs per-pair weights"):
+        RoClipDefense(config, siglip=True, dist_info=DistInfo())
+
+
+def test_a_drop_across_ranks_is_refused_before_training() -> None:
+    with pytest.raises(ValueError, match="drop with the SigLIP loss .* on 2 processes"):
+        RoClipDefense(RoClipConfig(), siglip=True, dist_info=DistInfo(rank=0, world_size=2))

@@ -24,11 +24,22 @@ each pair's image and caption (row ``i`` of both is pair ``i``).
   targeted attack pairs one image with tens of captions of another class. Weighted sum over
   the image's nearest images of the whole dataset of caption agreement, each weighted by how
   close to a duplicate the image is.
-- ``combined``: the highest of the normalised ranks of ``dao``, ``targeted`` and ``cosine``
-  (the smallest empirical p-value): one list in which each kind of poison is caught at the
-  strength of the detector that sees it: ``dao`` a learned backdoor's sparse cluster,
-  ``targeted`` repeated images, ``cosine`` a caption the model did not learn to fit. A rank
-  mean of ``dao`` and ``targeted`` halved each attack's signal (measured in docs/scan.md).
+- ``peers``: how much worse the image fits the images of its caption's peers (the reference
+  pairs whose captions are nearest its own) than those images fit each other. Clean images
+  look like the images their kind of caption usually comes with; a backdoored image carries
+  the target class's caption but another class's content (the trigger is a small part of
+  it), so it sits away from the target class's images even after the model has learned the
+  trigger, which is when ``cosine`` loses it. Cross-modal like ``cosine``, but read against
+  the caption's own spread of images, so loose and tight classes compare fairly.
+- ``joint``: the mean of the normalised ranks of ``cosine``, ``slof`` and ``peers``: three
+  views of a backdoored pair (its caption does not fit, its image sits in a sparse spot,
+  its image does not look like its caption's usual images) that fail on different rows, so
+  their mean separates better than any one of them (measured in docs/scan.md).
+- ``combined``: the higher of the normalised ranks of ``joint`` and ``targeted`` (the
+  smaller empirical p-value): one list in which each kind of poison is caught at the
+  strength of the score that sees it, ``joint`` a backdoor, ``targeted`` repeated images.
+  A mean of ``joint`` and ``targeted`` would halve each attack's signal, since each looks
+  ordinary to the other score.
 """
 
 from __future__ import annotations
@@ -51,9 +62,21 @@ from roclip_plugin.scan.neighbours import (
     row_blocks,
     search,
 )
-from roclip_plugin.scan.ranks import rank_max
+from roclip_plugin.scan.ranks import rank_max, rank_mean
 
-DETECTORS = ("cosine", "margin", "kdist", "slof", "dao", "targeted", "combined")
+DETECTORS = (
+    "cosine",
+    "margin",
+    "kdist",
+    "slof",
+    "dao",
+    "peers",
+    "targeted",
+    "joint",
+    "combined",
+)
+# the scores whose ranks ``joint`` averages: the backdoor views that fail on different rows
+JOINT = ("cosine", "slof", "peers")
 DISTANCE_FLOOR = 1e-6  # duplicates are at distance 0: logs and ratios need a floor
 
 
@@ -248,6 +271,38 @@ def log_dao(
     return np.logaddexp.reduce(exponents, axis=1) - np.log(found.index.shape[1])
 
 
+def peers_score(
+    images: np.ndarray,
+    captions: np.ndarray,
+    k: int,
+    *,
+    query_rows: np.ndarray,
+    reference_rows: np.ndarray,
+    block: int | None = None,
+) -> np.ndarray:
+    """How much worse each image fits its caption's peers' images than they fit each other.
+
+    The peers of pair ``i`` are the ``k`` reference pairs whose captions are nearest
+    ``i``'s caption (``i`` itself left out). With ``m`` the mean of their image embeddings,
+    the score is ``m . m - x_i . m``: the peers' mean fit to their own centre (the mean of
+    ``x_j . m`` over the peers is exactly ``m . m``) minus the image's. About zero for an
+    image typical of its kind of caption, whatever that kind's spread; positive for an
+    image unlike the images its caption usually comes with.
+    """
+    reference_images = np.ascontiguousarray(images[reference_rows], dtype=np.float32)
+    reference_captions = np.ascontiguousarray(captions[reference_rows], dtype=np.float32)
+    built = build_bank(reference_captions, ids=reference_rows)
+    query_rows = np.asarray(query_rows)
+    check_k(k, len(reference_rows), bool(np.isin(query_rows, reference_rows).any()))
+    out = np.empty(len(images), dtype=np.float64)
+    for part in row_blocks(len(images), block):
+        found = search(built, np.asarray(captions[part]), k, query_ids=query_rows[part])
+        centre = reference_images[found.index].astype(np.float64).mean(axis=1)
+        own = np.einsum("nd,nd->n", np.asarray(images[part], dtype=np.float64), centre)
+        out[part] = np.einsum("nd,nd->n", centre, centre) - own
+    return out
+
+
 def targeted_score(
     images: np.ndarray,
     captions: np.ndarray,
@@ -382,5 +437,9 @@ def score_embeddings(
             scratch=scratch,
         ),
     }
-    scores["combined"] = rank_max([scores["dao"], scores["targeted"], scores["cosine"]])
-    return scores
+    scores["peers"] = peers_score(
+        images, captions, settings.k, query_rows=rows, reference_rows=ref, block=block
+    )
+    scores["joint"] = rank_mean([scores[name] for name in JOINT])
+    scores["combined"] = rank_max([scores["joint"], scores["targeted"]])
+    return {name: scores[name] for name in DETECTORS}

@@ -17,7 +17,8 @@ from roclip_plugin.scan import (
     score_embeddings,
     top_rows,
 )
-from roclip_plugin.scan.detectors import local_dimension, margin_score
+from roclip_plugin.scan.detectors import JOINT, local_dimension, margin_score, peers_score
+from roclip_plugin.scan.ranks import rank_max, rank_mean
 
 from .data import planted, unit
 
@@ -66,6 +67,58 @@ def test_mismatched_captions_score_high_on_cosine_and_margin(data, scores) -> No
     for detector in ("cosine", "margin"):
         poisoned_vs_clean = data.targeted[clean | data.targeted]
         assert auroc(scores[detector][clean | data.targeted], poisoned_vs_clean) > 0.95
+
+
+def learned_backdoor(seed: int = 9, clean: int = 500, backdoor: int = 10, dim: int = 16):
+    """A backdoor the model has learned: each poisoned image keeps its own class's content
+    but is pulled half-way to the target class its caption names, so its caption fits it
+    about as well as a clean caption fits a loose class's image."""
+    rng = np.random.default_rng(seed)
+    centres = unit(rng.normal(size=(4, dim)))
+    label = rng.integers(4, size=clean)
+    spread = np.where(label == 3, 0.2, 0.08)[:, None]  # one loose class, three tight ones
+    images = [centres[label] + spread * rng.normal(size=(clean, dim))]
+    captions = [centres[label] + 0.05 * rng.normal(size=(clean, dim))]
+    source = rng.integers(1, 4, size=backdoor)
+    images.append(centres[0] + 0.8 * centres[source] + 0.05 * rng.normal(size=(backdoor, dim)))
+    captions.append(centres[[0] * backdoor] + 0.05 * rng.normal(size=(backdoor, dim)))
+    poisoned = np.arange(clean + backdoor) >= clean
+    return unit(np.concatenate(images)), unit(np.concatenate(captions)), poisoned
+
+
+def test_peers_ranks_images_unlike_their_captions_usual_images_first() -> None:
+    """The loose class's typical images fit their captions worse than the poisoned ones fit
+    theirs (``cosine`` ranks them alike), but they fit their own caption's images as well as
+    those images fit each other, so ``peers`` ranks the poisoned pairs above them."""
+    images, captions, poisoned = learned_backdoor()
+    rows = np.arange(len(images))
+    peers = peers_score(images, captions, 8, query_rows=rows, reference_rows=rows)
+    cosine = score_embeddings(images, captions, ScanSettings(k=8, reference_size=None))["cosine"]
+    assert auroc(peers, poisoned) > 0.97
+    assert auroc(peers, poisoned) > auroc(cosine, poisoned) + 0.05
+
+
+def test_peers_is_the_centre_of_the_nearest_captions_images_against_the_own_image() -> None:
+    """Brute force: the k reference captions nearest each caption (its own row left out),
+    the mean ``m`` of their images, and ``m . m - x . m``."""
+    rng = np.random.default_rng(10)
+    images, captions = unit(rng.normal(size=(50, 6))), unit(rng.normal(size=(50, 6)))
+    reference = np.arange(0, 50, 2)  # every other row: odd rows are not in the reference
+    similarity = captions @ captions[reference].T
+    similarity[reference, np.arange(len(reference))] = -np.inf  # a row is not its own peer
+    peers = np.argsort(-similarity, axis=1, kind="stable")[:, :5]
+    centre = images[reference][peers].astype(np.float64).mean(axis=1)
+    expected = (centre * centre).sum(1) - (images * centre).sum(1)
+    found = peers_score(images, captions, 5, query_rows=np.arange(50), reference_rows=reference)
+    assert np.allclose(found, expected, atol=1e-5)
+
+
+def test_joint_averages_the_backdoor_views_and_combined_keeps_the_stronger_signal(
+    scores,
+) -> None:
+    assert JOINT == ("cosine", "slof", "peers")
+    assert np.array_equal(scores["joint"], rank_mean([scores[name] for name in JOINT]))
+    assert np.array_equal(scores["combined"], rank_max([scores["joint"], scores["targeted"]]))
 
 
 def test_a_cluster_larger_than_k_hides_in_a_full_reference_but_not_in_a_small_one() -> None:

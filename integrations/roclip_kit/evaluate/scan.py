@@ -486,10 +486,12 @@ def draw_histograms(scores: Mapping[str, np.ndarray], path: Path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(10, 6), dpi=100)
+    columns = 4
+    rows = -(-len(DETECTORS) // columns)  # as many rows of panels as the detectors need
+    figure = Figure(figsize=(10, 3 * rows), dpi=100)
     FigureCanvasAgg(figure)
     for i, name in enumerate(DETECTORS):
-        axes = figure.add_subplot(2, 4, i + 1)
+        axes = figure.add_subplot(rows, columns, i + 1)
         axes.hist(scores[name], bins=60, log=True, color="tab:blue")
         axes.set_title(name)
         axes.set_xlabel("score (higher = more suspicious)")

@@ -49,19 +49,21 @@ detection can be scored against the manifest. A **trigger** is an object with ``
 ``apply(PIL.Image) -> PIL.Image`` and ``to_dict()``;
 ``roclip_kit.attack.triggers.trigger_from_dict`` rebuilds the identical trigger at test time.
 
-The readers of these files live here too, one place for each: ``classes.json``
-(:func:`read_classes` with the zero-shot templates, :func:`load_classes` for the class names
-alone), the CSVs and the image paths in them (:func:`read_split`, :func:`read_rows`,
-:func:`read_captions`; :func:`resolve_image` keeps a missing image to be reported,
-:func:`existing_image` refuses it, :func:`absolute_image` leaves it to the decoder) and the
-manifest (:func:`read_manifest` checked against the classes, :func:`load_manifest` as plain
-JSON).
+The readers of these files live here too, one for each file: :func:`read_classes`
+(``classes.json``; ``need_templates=False`` where no zero-shot prompt is built),
+:func:`read_rows` (any kit CSV; :func:`read_split` and :func:`read_captions` build on it),
+:func:`resolve_image` (an image path of a CSV; ``must_exist`` and ``absolute`` choose whether
+a missing file is refused and whether the path comes back resolved) and
+:func:`read_manifest` (the manifest, typed; checked against the classes when given).
+``load_classes``, ``load_manifest``, ``existing_image`` and ``absolute_image`` are deprecated
+names of these.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,10 +134,16 @@ class Target:
 
 # ---------------------------------------------------------------- classes.json
 
+CLASSES_WHAT = f"classes file (--classes or --dataset DIR/{CLASSES_FILE})"
+
 
 @dataclass(frozen=True)
 class ClassInfo:
-    """Class names by label and the zero-shot prompt templates (each with one ``{}``)."""
+    """Class names by label and the zero-shot prompt templates (each with one ``{}``).
+
+    ``templates`` is empty when the file has none and the reader was told they are not
+    needed (poisoning and the tensor path read class names only).
+    """
 
     names: list[str]
     templates: list[str]
@@ -157,17 +165,34 @@ class ClassInfo:
         )
 
 
-def read_classes(path: Path | str, templates: Sequence[str] | None = None) -> ClassInfo:
-    """Read ``classes.json``; ``templates`` replaces its templates when given."""
+def read_classes(
+    path: Path | str, templates: Sequence[str] | None = None, *, need_templates: bool = True
+) -> ClassInfo:
+    """Read ``classes.json``, the one reader of it; ``templates`` replaces its templates.
+
+    Every step reads the file here so that all refuse the same files with the same words:
+    a missing or non-JSON file, no ``classes`` list, a class named twice. ``need_templates``
+    is False for the steps that never build a zero-shot prompt (poisoning, the tensor path):
+    a user's own classes.json need not carry templates for them, though templates it does
+    carry are still checked, since the same file goes on to evaluation.
+    """
     path = Path(path)
-    data = _read_json(path, "classes file (--classes or --dataset DIR/classes.json)")
+    data = _read_json(path, CLASSES_WHAT)
     names = data.get("classes") if isinstance(data, dict) else None
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
         raise ValueError(
-            f'{path} has no "classes" list of class names (the class name of each label, '
-            "in label order)"
+            f'{CLASSES_WHAT} {path} needs a "classes" key holding the class names by label '
+            '(in label order), e.g. {"classes": ["cat", "dog"]}'
         )
+    check_unique_names(names, path)
     chosen = list(templates) if templates else data.get("templates")
+    if not chosen and not need_templates:
+        return ClassInfo(list(names), [], path)
+    return ClassInfo(list(names), _checked_templates(chosen, path), path)
+
+
+def _checked_templates(chosen: Any, path: Path) -> list[str]:
+    """The zero-shot templates, refused unless each has the one ``{}`` a class name fills."""
     if not isinstance(chosen, list) or not chosen:
         raise ValueError(
             f'{path} has no "templates" list; add prompts such as "a photo of a {{}}." or '
@@ -179,37 +204,16 @@ def read_classes(path: Path | str, templates: Sequence[str] | None = None) -> Cl
                 f"template {template!r} (from {path} or --template) must contain exactly one "
                 "{} where the class name goes"
             )
-    return ClassInfo(list(names), list(chosen), path)
+    return list(chosen)
 
 
 def _read_json(path: Path, what: str) -> Any:
+    """A JSON file's content; ``what`` (the file's role and flag) names it in refusals."""
     require_file(path, what)
     try:
         return json.loads(path.read_text(encoding="utf-8-sig"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{what} {path} is not valid JSON: {err}") from err
-
-
-def load_classes(path: Path) -> list[str]:
-    """Class names by label from a classes.json (its ``classes`` list).
-
-    Every refusal names the flags the file came from (``--classes``, or ``--dataset``'s
-    folder), so a user who passed a wrong file sees which flag to change.
-    """
-    where = f"--classes or --dataset DIR/{CLASSES_FILE}"
-    require_file(path, f"classes file ({where})")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
-    except ValueError as err:
-        raise ValueError(f"classes file {path} (--classes) is not valid JSON: {err}") from None
-    classes = data.get("classes") if isinstance(data, dict) else None
-    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
-        raise ValueError(
-            f'classes file {path} ({where}) needs a "classes" key holding the class names by '
-            'label, e.g. {"classes": ["cat", "dog"]}'
-        )
-    check_unique_names(classes, path)
-    return classes
+    except ValueError as err:  # JSONDecodeError, and UnicodeDecodeError of a binary file
+        raise ValueError(f"{what} {path} is not valid JSON: {err}") from None
 
 
 def check_unique_names(classes: list[str], path: Path) -> None:
@@ -230,6 +234,8 @@ def check_unique_names(classes: list[str], path: Path) -> None:
 
 
 # ---------------------------------------------------------------- CSVs and the image paths in them
+
+KIT_COLUMNS = (IMAGE_KEY, CAPTION_KEY, LABEL_KEY)
 
 
 @dataclass(frozen=True)
@@ -254,38 +260,50 @@ class Split:
         )
 
 
-def read_split(path: Path | str, classes: ClassInfo, what: str = "CSV file") -> Split:
-    """Read a tab-separated CSV with ``filepath`` and ``label`` columns (OpenCLIP's format).
+def read_rows(
+    path: Path | str,
+    wanted: Sequence[str] = KIT_COLUMNS,
+    what: str = "CSV file",
+    *,
+    require_rows: bool = False,
+) -> list[dict[str, str]]:
+    """The data rows of a kit CSV as dicts by column: the one reader of the kit's CSVs.
 
-    ``what`` names the file and its flag in messages (``test CSV (--test-csv ...)``).
+    Every reader of a CSV (splits, captions, scanned pairs, the tensor path) comes here so all
+    agree on the format: tab-separated, a byte-order mark ignored, the ``wanted`` columns
+    present. ``what`` names the file and its flag in refusals (``test CSV (--test-csv ...)``);
+    ``require_rows`` refuses a header without rows, for readers that have nothing to do
+    with an empty file. Each dict holds every header column (``None`` for a short row).
     """
     path = require_file(path, what)
     # utf-8-sig: a byte-order mark is not part of the first column's name
     with path.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh, delimiter=CSV_SEPARATOR)
-        columns = reader.fieldnames or []
-        require_columns(path, columns, (IMAGE_KEY, LABEL_KEY))
-        filepaths, labels = [], []
-        for row, record in enumerate(reader):
-            filepaths.append(resolve_image(record[IMAGE_KEY] or "", path))
-            labels.append(classes.label_of(record[LABEL_KEY] or "", f"{path} row {row}"))
-    if not filepaths:
-        raise ValueError(f"CSV file {path} has a header but no rows")
+        require_columns(path, reader.fieldnames or [], wanted)
+        records = list(reader)
+    if require_rows and not records:
+        raise ValueError(f"{what} {path} has a header but no rows")
+    return records
+
+
+def read_split(path: Path | str, classes: ClassInfo, what: str = "CSV file") -> Split:
+    """Image paths and labels of a CSV with ``filepath`` and ``label`` columns (OpenCLIP's).
+
+    ``what`` names the file and its flag in messages (``test CSV (--test-csv ...)``).
+    """
+    records = read_rows(path, (IMAGE_KEY, LABEL_KEY), what, require_rows=True)
+    path = Path(path)
+    filepaths = [resolve_image(r[IMAGE_KEY] or "", path) for r in records]
+    labels = [
+        classes.label_of(r[LABEL_KEY] or "", f"{path} row {i}") for i, r in enumerate(records)
+    ]
     n = len(filepaths)
     return Split(path, filepaths, np.asarray(labels, np.int64), np.arange(n, dtype=np.int64))
 
 
-def resolve_image(value: str, csv_path: Path) -> str:
-    """An image path of a CSV: absolute, or relative to the working directory or to the CSV.
-
-    OpenCLIP reads relative paths from the working directory; the CSV's folder is tried too so
-    a dataset directory can be moved. A missing file is kept as written, to be reported.
-    """
-    path = Path(value).expanduser()
-    if path.is_absolute() or path.is_file():
-        return str(path)
-    beside = csv_path.parent / path
-    return str(beside) if beside.is_file() else value
+def read_captions(path: Path) -> list[str]:
+    """The caption column of a training CSV, by data row."""
+    return [r[CAPTION_KEY] for r in read_rows(path, (CAPTION_KEY,), "training CSV")]
 
 
 def require_columns(path: Path, columns: Sequence[str], wanted: Sequence[str]) -> None:
@@ -299,65 +317,43 @@ def require_columns(path: Path, columns: Sequence[str], wanted: Sequence[str]) -
         if column not in columns:
             hint = " (the class index or class name of each row)" if column == LABEL_KEY else ""
             raise ValueError(
-                f"{path} has no {column!r} column{hint}; its columns are {', '.join(columns)}"
+                f"{path} has no {column!r} column{hint}; its columns are {', '.join(columns)} "
+                "(the kit's CSV format: see roclip_kit.files)"
             )
 
 
-def read_captions(path: Path) -> list[str]:
-    """The caption column of a training CSV, by data row."""
-    with path.open(newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh, delimiter=CSV_SEPARATOR)
-        require_columns(path, reader.fieldnames or [], (CAPTION_KEY,))
-        return [record[CAPTION_KEY] for record in reader]
+def resolve_image(
+    value: str, csv_path: Path, *, must_exist: bool = False, absolute: bool = False
+) -> str:
+    """An image path of a CSV: absolute, or relative to the working directory or to the CSV.
 
+    OpenCLIP reads relative paths from the working directory; the CSV's folder is tried too so
+    a dataset directory can be moved. The one resolver, for three needs:
 
-def existing_image(value: str, csv_path: Path) -> Path:
-    """An image path from a CSV: absolute, or relative to the working directory or the CSV.
-
-    Unlike :func:`resolve_image` the file must exist (the poisoner copies it), and the path
-    comes back resolved.
+    - ``must_exist``: a missing file raises ``ValueError`` naming the CSV and the image (the
+      poisoner copies the file, so it must be there now); otherwise a missing file is given
+      back to be reported by whoever opens it.
+    - ``absolute``: the path comes back resolved (the tensor path and the poisoner record
+      paths that must hold from any working directory), and a missing relative one is
+      guessed beside the CSV; otherwise the path is kept as found, and a missing relative
+      one as written in the CSV, so a report shows the user's own text.
     """
     path = Path(value).expanduser()
-    if path.is_absolute():
-        candidates = [path]
-    else:
-        candidates = [Path.cwd() / path, csv_path.parent / path]
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate.resolve()
-    raise ValueError(f"{csv_path}: image {value!r} not found (looked at {candidates[0]})")
-
-
-def read_rows(path: Path) -> list[dict[str, str]]:
-    """The rows of a kit CSV (tab-separated, ``filepath``, ``title``, ``label``)."""
-    if not path.is_file():
-        raise ValueError(f"CSV file {path} does not exist")
-    with path.open(newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh, delimiter=CSV_SEPARATOR)
-        missing = [
-            k for k in (IMAGE_KEY, CAPTION_KEY, LABEL_KEY) if k not in (reader.fieldnames or [])
-        ]
-        if missing:
-            raise ValueError(
-                f"{path} lacks column(s) {missing}; expected a tab-separated CSV with "
-                f"{IMAGE_KEY}, {CAPTION_KEY} and {LABEL_KEY} (see roclip_kit.files)"
-            )
-        return list(reader)
-
-
-def absolute_image(value: str, csv_path: Path) -> str:
-    """An image path of a CSV, absolute and resolved, without checking that the file exists.
-
-    As written when absolute or a file from the working directory, else relative to the CSV;
-    decoding reports a missing file.
-    """
-    path = Path(value).expanduser()
-    if path.is_absolute() or path.is_file():
-        return str(path.resolve())
-    return str((csv_path.parent / path).resolve())
+    candidates = [path] if path.is_absolute() else [path, csv_path.parent / path]
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None and must_exist:
+        looked = path if path.is_absolute() else Path.cwd() / path
+        raise ValueError(f"{csv_path}: image {value!r} not found (looked at {looked})")
+    if absolute:
+        return str((found or candidates[-1]).resolve())
+    if found is not None or path.is_absolute():
+        return str(found or path)
+    return value
 
 
 # ---------------------------------------------------------------- the manifest
+
+MANIFEST_WHAT = "manifest (--manifest)"
 
 
 @dataclass(frozen=True)
@@ -373,7 +369,11 @@ class Manifest:
     """What was poisoned: poisoned CSV rows (row -> attack), targets and the backdoor.
 
     ``keys`` (``__key__`` -> attack) names poisoned samples of WebDataset shards, which have
-    no row index: a manifest entry gives ``"key"`` in place of ``"row"``.
+    no row index: a manifest entry gives ``"key"`` in place of ``"row"``. ``row_targets``
+    maps each targeted row to its target's ``id``; ``source_csv`` is the clean CSV the
+    poisoned one was made from. ``data`` is the JSON object the fields were parsed from, for
+    a writer that copies the manifest with a few entries changed (the scan benchmark's
+    filtered copy): a view of the same parse, not a second reader.
     """
 
     path: Path
@@ -382,12 +382,20 @@ class Manifest:
     backdoor: Backdoor | None
     poisoned_csv: Path | None
     keys: dict[str, str] = field(default_factory=dict)
+    source_csv: Path | None = None
+    row_targets: dict[int, int] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
-def read_manifest(path: Path | str, classes: ClassInfo) -> Manifest:
-    """Read a ``roclip-poison/1`` manifest and check its classes against ``classes``."""
+def read_manifest(path: Path | str, classes: ClassInfo | None = None) -> Manifest:
+    """Read a ``roclip-poison/1`` manifest, the one reader of it.
+
+    With ``classes`` its class labels and names are checked against that classes.json (a
+    manifest of another dataset is refused); without, as a scan of a bare CSV has no
+    classes.json, they are read as the integers they are.
+    """
     path = Path(path)
-    data = _read_json(path, "manifest (--manifest)")
+    data = _read_json(path, MANIFEST_WHAT)
     if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
         found = data.get("format") if isinstance(data, dict) else None
         raise ValueError(
@@ -398,18 +406,46 @@ def read_manifest(path: Path | str, classes: ClassInfo) -> Manifest:
         entries = data.get("rows") or []
         rows = {int(r["row"]): str(r["attack"]) for r in entries if "key" not in r}
         keys = {str(r["key"]): str(r["attack"]) for r in entries if "key" in r}
+        row_targets = {
+            int(r["row"]): int(r["target"])
+            for r in entries
+            if "key" not in r and r.get("target") is not None
+        }
         targets = _read_targets(data.get("targeted"), classes, path)
         backdoor = _read_backdoor(data.get("backdoor"), classes, path)
     except (KeyError, TypeError) as err:
-        raise ValueError(f"manifest {path} is missing an entry: {err!r}") from err
-    poisoned = data.get("poisoned_csv")
-    return Manifest(path, rows, targets, backdoor, Path(poisoned) if poisoned else None, keys)
+        raise ValueError(f"manifest {path} (--manifest) is missing an entry: {err!r}") from err
+    return Manifest(
+        path,
+        rows,
+        targets,
+        backdoor,
+        _optional_path(data.get("poisoned_csv")),
+        keys,
+        _optional_path(data.get("source_csv")),
+        row_targets,
+        data,
+    )
 
 
-def _class_label(classes: ClassInfo, label: Any, name: Any, where: str) -> int:
+def _optional_path(value: Any) -> Path | None:
+    return Path(value) if value else None
+
+
+def _label(classes: ClassInfo | None, label: Any, where: str) -> int:
+    """A manifest's class index, checked against ``classes.json`` when it is at hand."""
+    if classes is not None:
+        return classes.label_of(str(label), where)
+    try:
+        return int(label)
+    except ValueError:
+        raise ValueError(f"{where}: class {label!r} is not a class index") from None
+
+
+def _class_label(classes: ClassInfo | None, label: Any, name: Any, where: str) -> int:
     """A manifest's class, checked by index and name against ``classes.json``."""
-    index = classes.label_of(str(label), where)
-    if name is not None and classes.names[index] != name:
+    index = _label(classes, label, where)
+    if classes is not None and name is not None and classes.names[index] != name:
         raise ValueError(
             f"{where}: class {label} is {classes.names[index]!r} in {classes.path} but "
             f"{name!r} in the manifest; evaluate with the dataset the manifest was made from"
@@ -417,13 +453,13 @@ def _class_label(classes: ClassInfo, label: Any, name: Any, where: str) -> int:
     return index
 
 
-def _read_targets(section: Any, classes: ClassInfo, path: Path) -> list[Target]:
+def _read_targets(section: Any, classes: ClassInfo | None, path: Path) -> list[Target]:
     if not section:
         return []
     targets = []
     for t in section["targets"]:
         where = f"manifest {path}, target {t['id']}"
-        label = classes.label_of(str(t["label"]), where)
+        label = _label(classes, t["label"], where)
         adversarial = _class_label(
             classes, t["adversarial_label"], t.get("adversarial_class"), where
         )
@@ -440,7 +476,7 @@ def _read_targets(section: Any, classes: ClassInfo, path: Path) -> list[Target]:
     return targets
 
 
-def _read_backdoor(section: Any, classes: ClassInfo, path: Path) -> Backdoor | None:
+def _read_backdoor(section: Any, classes: ClassInfo | None, path: Path) -> Backdoor | None:
     if not section:
         return None
     where = f"manifest {path}, backdoor"
@@ -451,13 +487,36 @@ def _read_backdoor(section: Any, classes: ClassInfo, path: Path) -> Backdoor | N
     return Backdoor(label, trigger)
 
 
+# ---------------------------------------------------------------- deprecated names
+# Kept so code written against the twin readers keeps working; each warns and forwards to the
+# one reader of its file.
+
+
+def load_classes(path: Path) -> list[str]:
+    """Deprecated: ``read_classes(path, need_templates=False).names``."""
+    _deprecated("load_classes", "read_classes(path, need_templates=False).names")
+    return read_classes(path, need_templates=False).names
+
+
 def load_manifest(path: str | Path) -> dict[str, Any]:
-    """Read a poison manifest, checking its format tag."""
-    path = require_file(path, "manifest")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
-    except ValueError as err:
-        raise ValueError(f"manifest {path} is not valid JSON: {err}") from None
-    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
-        raise ValueError(f"{path} is not a poison manifest (format {MANIFEST_FORMAT!r})")
-    return data
+    """Deprecated: ``read_manifest(path).data`` (or the typed fields of ``read_manifest``)."""
+    _deprecated("load_manifest", "read_manifest(path)")
+    return read_manifest(path).data
+
+
+def existing_image(value: str, csv_path: Path) -> Path:
+    """Deprecated: ``resolve_image(value, csv_path, must_exist=True, absolute=True)``."""
+    _deprecated("existing_image", "resolve_image(..., must_exist=True, absolute=True)")
+    return Path(resolve_image(value, csv_path, must_exist=True, absolute=True))
+
+
+def absolute_image(value: str, csv_path: Path) -> str:
+    """Deprecated: ``resolve_image(value, csv_path, absolute=True)``."""
+    _deprecated("absolute_image", "resolve_image(..., absolute=True)")
+    return resolve_image(value, csv_path, absolute=True)
+
+
+def _deprecated(old: str, new: str) -> None:
+    warnings.warn(
+        f"roclip_kit.files.{old} is deprecated; use {new}", DeprecationWarning, stacklevel=3
+    )

@@ -69,7 +69,7 @@ from roclip_kit.evaluate.scan import (
     use_threads,
     write_filtered_csv,
 )
-from roclip_kit.files import read_rows
+from roclip_kit.files import read_manifest, read_rows
 from roclip_kit.train.loaded import LoadedModel
 from roclip_kit.train.models import load_openclip
 from roclip_kit.train.tensor import loaded_model, train_tensor
@@ -299,7 +299,7 @@ def filtered_dataset(poisoned: Any, drop: np.ndarray, folder: Path) -> SimpleNam
     train = write_filtered_csv(poisoned.csv, folder / "train.csv", drop)
     for name in ("test.csv", "classes.json"):
         shutil.copyfile(poisoned.out_dir / name, folder / name)
-    manifest = json.loads(poisoned.manifest_path.read_text(encoding="utf-8"))
+    manifest = dict(read_manifest(poisoned.manifest_path).data)  # a copy to amend and write
     dropped = np.zeros(len(read_rows(poisoned.csv)), dtype=bool)
     dropped[drop] = True
     renumbered = np.cumsum(~dropped) - 1  # old row -> its row in the filtered CSV

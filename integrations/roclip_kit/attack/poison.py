@@ -48,9 +48,9 @@ from roclip_kit.files import (
     TEST_CSV,
     TRAIN_CSV,
     Target,
-    existing_image,
-    load_classes,
+    read_classes,
     read_image,
+    resolve_image,
 )
 from roclip_kit.outputs import check_replaceable, replacing
 from roclip_plugin.io import check_output_dir
@@ -136,7 +136,8 @@ def _stamp(
     paths = {}
     for row in rows:
         where = f"{table.path}, data row {row}"
-        source = existing_image(table.cell(row, table.columns.image), table.path)
+        cell = table.cell(row, table.columns.image)
+        source = resolve_image(cell, table.path, must_exist=True, absolute=True)
         image = read_image(source, where)
         check_trigger_fits(trigger, image.width, image.height, where)
         name = f"row-{row:07d}.png"
@@ -289,7 +290,7 @@ def poison_dataset(
     inputs = resolve_inputs(dataset_dir, csv_path, classes, test_csv)
     sources = [p for p in (inputs.train_csv, inputs.test_csv, inputs.classes) if p]
     out = _check_out(Path(out_dir), sources)
-    names = load_classes(inputs.classes)
+    names = read_classes(inputs.classes, need_templates=False).names
     train = read_table(inputs.train_csv, columns, names, "--csv")
     job = _Job(inputs, train, names, out, [list(r) for r in train.rows])
     plan = None
@@ -404,9 +405,9 @@ def _targeted(
             "result would be mostly poison, not a poisoned dataset; lower either"
         )
     for (test_row, adv), n in zip(chosen, counts, strict=True):
-        image = existing_image(test.cell(test_row, job.train.columns.image), test.path)
-        read_image(image, f"{test.path}, data row {test_row}, a target")
-        path = str(image)
+        cell = test.cell(test_row, job.train.columns.image)
+        path = resolve_image(cell, test.path, must_exist=True, absolute=True)
+        read_image(path, f"{test.path}, data row {test_row}, a target")
         targets.append(Target(test_row, path, int(test.labels[test_row]), adv, n))
         pool = job.caption_pool(adv, "--adversarial-class")
         distinct = len(set(pool))

@@ -23,7 +23,7 @@ from roclip_kit.commands.console import percent, progress_bars
 from roclip_kit.evaluate.features import ProgressFactory
 from roclip_kit.evaluate.metrics import find_suspicious
 from roclip_kit.evaluate.run import EvalData, EvalSettings, evaluate_checkpoint
-from roclip_kit.files import load_classes
+from roclip_kit.files import read_classes
 from roclip_kit.train.models import (
     TRAINER_MODEL_HINT,
     check_checkpoint_path,
@@ -172,7 +172,7 @@ def run_eval(args: argparse.Namespace, console: Console) -> int:
     check_checkpoint_path(args.checkpoint)
     data = resolve_data(args)
     check_json_is_not_an_input(json_path, args.checkpoint, data)
-    load_classes(data.classes)  # readable, and no class named twice
+    read_classes(data.classes, settings.templates)  # readable, no class twice, templates
     model, quick_gelu = resolve_model(args)
     console.print(f"Evaluating [bold]{args.checkpoint}[/bold] (model {model})")
     try:

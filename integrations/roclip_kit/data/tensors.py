@@ -16,7 +16,6 @@ it. Words it has never seen (a synonym that EDA inserts, say) map to one unknown
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -31,8 +30,11 @@ from roclip_kit.files import (
     CLASSES_FILE,
     IMAGE_KEY,
     LABEL_KEY,
-    absolute_image,
+    Manifest,
+    read_classes,
+    read_manifest,
     read_rows,
+    resolve_image,
 )
 
 WORD = re.compile(r"[a-z0-9]+(?:['-][a-z0-9]+)*")
@@ -177,12 +179,10 @@ class TensorSplit:
 
 def load_split(path: Path, classes: Sequence[str], image_size: int | None = None) -> TensorSplit:
     """Decode every row of a CSV into a :class:`TensorSplit`."""
-    rows = read_rows(path)
-    if not rows:
-        raise ValueError(f"CSV file {path} has a header but no rows")
+    rows = read_rows(path, require_rows=True)
     lowered = [c.lower() for c in classes]
     labels = [_label(r[LABEL_KEY], lowered, f"{path} row {i}") for i, r in enumerate(rows)]
-    files = [absolute_image(r[IMAGE_KEY], path) for r in rows]
+    files = [resolve_image(r[IMAGE_KEY], path, absolute=True) for r in rows]
     return TensorSplit(
         images=decode_images(files, image_size),
         captions=[r[CAPTION_KEY] for r in rows],
@@ -274,8 +274,8 @@ def load_poisoned(
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
         raise ValueError(f"dataset directory {root} does not exist (--dataset)")
-    meta = json.loads((root / CLASSES_FILE).read_text(encoding="utf-8"))
-    classes, templates = list(meta["classes"]), list(meta.get("templates") or ["{}"])
+    info = read_classes(root / CLASSES_FILE, need_templates=False)
+    classes, templates = info.names, info.templates or ["{}"]
     train = load_split(root / "train.csv", classes, image_size)
     test = load_split(root / "test.csv", classes, image_size)
     default = root / "manifest.json"
@@ -283,13 +283,12 @@ def load_poisoned(
     kinds = torch.zeros(len(train), dtype=torch.long)
     image_labels = train.labels.clone()
     if path is not None:
-        manifest_data = json.loads(path.read_text(encoding="utf-8"))
-        _apply_manifest(manifest_data, classes, kinds, image_labels)
+        _apply_manifest(read_manifest(path, info), classes, kinds, image_labels)
     return PoisonedData(root, classes, templates, train, test, image_labels, kinds, path)
 
 
 def _apply_manifest(
-    manifest: Mapping[str, Any],
+    manifest: Manifest,
     classes: Sequence[str],
     kinds: torch.Tensor,
     image_labels: torch.Tensor,
@@ -300,20 +299,19 @@ def _apply_manifest(
     same row (backdoors change rows in place). Without the source CSV a backdoored row keeps
     the label of its caption's class.
     """
-    targeted = manifest.get("targeted") or {}
-    targets = {int(t["id"]): int(t["label"]) for t in targeted.get("targets", [])}
-    source = manifest.get("source_csv")
+    targets = {t.id: t.label for t in manifest.targets}
+    source = manifest.source_csv
     source_labels = None
-    if source and Path(source).is_file():
+    if source is not None and source.is_file():
         lowered = [c.lower() for c in classes]
-        rows = read_rows(Path(source))
+        rows = read_rows(source)
         source_labels = [
             _label(r[LABEL_KEY], lowered, f"{source} row {i}") for i, r in enumerate(rows)
         ]
-    for entry in manifest.get("rows") or []:
-        row, kind = int(entry["row"]), _KINDS[str(entry["attack"])]
+    for row, attack in manifest.rows.items():
+        kind = _KINDS[attack]
         kinds[row] = kind
         if kind == TARGETED:
-            image_labels[row] = targets[int(entry["target"])]
+            image_labels[row] = targets[manifest.row_targets[row]]
         elif source_labels is not None:
             image_labels[row] = source_labels[row]

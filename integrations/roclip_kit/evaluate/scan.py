@@ -30,7 +30,8 @@ from roclip_kit.files import (
     CSV_SEPARATOR,
     IMAGE_KEY,
     TRAIN_CSV,
-    require_columns,
+    read_manifest,
+    read_rows,
     resolve_image,
 )
 from roclip_kit.train.loaded import LoadedModel
@@ -119,17 +120,13 @@ def read_pairs(path: Path | str) -> Pairs:
     Image paths resolve as ``roclip eval`` resolves them (absolute, from the working directory,
     or beside the CSV); a ``__key__`` column is kept to name rows of WebDataset samples.
     """
-    path = require_file(path, "--csv")
-    with path.open(newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh, delimiter=CSV_SEPARATOR)
-        columns = reader.fieldnames or []
-        require_columns(path, columns, (IMAGE_KEY, CAPTION_KEY))
-        records = list(reader)
+    path = Path(path)
+    records = read_rows(path, (IMAGE_KEY, CAPTION_KEY), "--csv")
     if not records:
         raise ValueError(f"--csv {path} has a header but no rows; scan a CSV with pairs")
     filepaths = [resolve_image(r[IMAGE_KEY] or "", path) for r in records]
     captions = [r[CAPTION_KEY] or "" for r in records]
-    keys = [r[KEY_COLUMN] or "" for r in records] if KEY_COLUMN in columns else None
+    keys = [r[KEY_COLUMN] or "" for r in records] if KEY_COLUMN in records[0] else None
     return Pairs(path, filepaths, captions, keys)
 
 
@@ -408,19 +405,17 @@ def poisoned_by_attack(manifest: Path | str, pairs: Pairs) -> dict[str, np.ndarr
     the CSV's ``__key__`` column. A manifest of another CSV is refused: rows out of range,
     or keys the CSV does not hold.
     """
-    from roclip_kit.files import load_manifest
-
     try:
-        data = load_manifest(manifest)
+        read = read_manifest(manifest)
     except ValueError as err:
         raise ValueError(f"--manifest: {err}; pass the manifest.json of the poisoned CSV") from None
     masks = {kind: np.zeros(len(pairs), dtype=bool) for kind in ATTACKS}
     key_rows = {k: i for i, k in enumerate(pairs.keys or [])}
-    for entry in data.get("rows") or []:
-        kind = str(entry.get("attack"))
+    entries = [(f"row {r}", r, kind) for r, kind in read.rows.items()]
+    entries += [(f"key {k!r}", key_rows.get(k, -1), kind) for k, kind in read.keys.items()]
+    for entry, row, kind in entries:
         if kind not in masks:
             raise ValueError(f"--manifest {manifest}: unknown attack {kind!r} (not {ATTACKS})")
-        row = int(entry["row"]) if "key" not in entry else key_rows.get(str(entry["key"]), -1)
         if not 0 <= row < len(pairs):
             raise ValueError(
                 f"--manifest {manifest} lists {entry} which is not a row of {pairs.source} "

@@ -14,7 +14,7 @@ from roclip_kit.attack.poison import poison_dataset
 from roclip_kit.attack.tables import Columns
 from roclip_kit.attack.triggers import PatchTrigger, trigger_from_dict
 from roclip_kit.data.datasets import build_captioned_dataset
-from roclip_kit.files import MANIFEST_FORMAT, load_manifest
+from roclip_kit.files import MANIFEST_FORMAT, read_manifest
 
 NAMES = [
     "zero",
@@ -53,7 +53,7 @@ def test_targeted_rows_are_appended_with_test_images_and_adversarial_captions(
     result = poison_dataset(tmp_path, dataset_dir=dataset, targets=4, captions_per_target=7)
     source, poisoned = _rows(dataset / "train.csv"), _rows(result.csv)
     test = _rows(dataset / "test.csv")
-    manifest = load_manifest(result.manifest_path)
+    manifest = read_manifest(result.manifest_path).data
     assert manifest["format"] == MANIFEST_FORMAT and manifest["backdoor"] is None
     assert poisoned[: len(source)] == source and len(poisoned) == len(source) + 28
     assert {r["row"] for r in manifest["rows"]} == _changed(source, poisoned)
@@ -348,9 +348,9 @@ def test_csv_and_dataset_together_are_refused(dataset: Path, tmp_path: Path) -> 
 @pytest.mark.parametrize("names", [["one", "two", "one"], ["Seven", "eight", "seven"]])
 def test_duplicate_class_names_are_refused(tmp_path: Path, names: list[str]) -> None:
     """Labels are read by name in any case: a repeated name makes two labels one class."""
-    from roclip_kit.files import load_classes
+    from roclip_kit.files import read_classes
 
     path = tmp_path / "classes.json"
     path.write_text(json.dumps({"classes": names}))
     with pytest.raises(ValueError, match=r"names .* twice \(labels 0 and 2\)"):
-        load_classes(path)
+        read_classes(path, need_templates=False)

@@ -31,15 +31,12 @@ each pair's image and caption (row ``i`` of both is pair ``i``).
   it), so it sits away from the target class's images even after the model has learned the
   trigger, which is when ``cosine`` loses it. Cross-modal like ``cosine``, but read against
   the caption's own spread of images, so loose and tight classes compare fairly.
-- ``joint``: the mean of the normalised ranks of ``cosine``, ``slof`` and ``peers``: three
-  views of a backdoored pair (its caption does not fit, its image sits in a sparse spot,
-  its image does not look like its caption's usual images) that fail on different rows, so
-  their mean separates better than any one of them (measured in docs/scan.md).
-- ``combined``: the higher of the normalised ranks of ``joint`` and ``targeted`` (the
-  smaller empirical p-value): one list in which each kind of poison is caught at the
-  strength of the score that sees it, ``joint`` a backdoor, ``targeted`` repeated images.
-  A mean of ``joint`` and ``targeted`` would halve each attack's signal, since each looks
-  ordinary to the other score.
+- ``combined``: the highest of the normalised ranks of ``cosine``, ``peers`` and ``targeted``
+  (the smallest empirical p-value): one list in which each kind of poison is caught at the
+  strength of the score that sees it, ``targeted`` repeated images, ``cosine`` a caption the
+  model did not learn to fit, ``peers`` a backdoored image it did. The density scores stay
+  out: whether they rank a tight backdoor first or last turns on how many of its copies the
+  reference draw holds (measured in docs/scan.md), and a maximum passes a wrong signal on.
 """
 
 from __future__ import annotations
@@ -62,7 +59,7 @@ from roclip_plugin.scan.neighbours import (
     row_blocks,
     search,
 )
-from roclip_plugin.scan.ranks import rank_max, rank_mean
+from roclip_plugin.scan.ranks import rank_max
 
 DETECTORS = (
     "cosine",
@@ -72,11 +69,11 @@ DETECTORS = (
     "dao",
     "peers",
     "targeted",
-    "joint",
     "combined",
 )
-# the scores whose ranks ``joint`` averages: the backdoor views that fail on different rows
-JOINT = ("cosine", "slof", "peers")
+# the scores whose highest rank is ``combined``: each sees one kind of poison, none turns on
+# the reference draw
+COMBINED = ("cosine", "peers", "targeted")
 DISTANCE_FLOOR = 1e-6  # duplicates are at distance 0: logs and ratios need a floor
 
 
@@ -440,6 +437,5 @@ def score_embeddings(
     scores["peers"] = peers_score(
         images, captions, settings.k, query_rows=rows, reference_rows=ref, block=block
     )
-    scores["joint"] = rank_mean([scores[name] for name in JOINT])
-    scores["combined"] = rank_max([scores["joint"], scores["targeted"]])
+    scores["combined"] = rank_max([scores[name] for name in COMBINED])
     return {name: scores[name] for name in DETECTORS}

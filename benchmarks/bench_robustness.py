@@ -53,6 +53,7 @@ from roclip_kit.demo.runs import RunsFailed, RunSpec, default_threads, run_specs
 from roclip_kit.demo.settings import TRIGGER_KINDS, DemoSettings
 
 from roclip_plugin.config import preset_name
+from roclip_plugin.config_aliases import saved_defended_epochs
 
 _DROP = {"preset": "paper", "match_action": "drop", "first_defended_epoch": 0, "defend_every": 1}
 VARIANTS: dict[str, tuple[dict[str, Any] | None, bool]] = {
@@ -234,8 +235,7 @@ def row_of(result: dict[str, Any]) -> dict[str, Any]:
         "worst_drop": max(drops) if drops else None,
         "risk_precision": _mean_key(result["matching"].values(), "risk_precision"),
         "risk_recall": _mean_key(result["matching"].values(), "risk_recall"),
-        # run files saved before the rename say matching_epochs
-        "defended_epochs": result.get("defended_epochs", result.get("matching_epochs")),
+        "defended_epochs": saved_defended_epochs(result),
         "zero_shot_by_epoch": {e: v["zero_shot"] for e, v in per_epoch.items()},
         "train_seconds": result["train_seconds"],
         "pairs_per_second": result["pairs_per_second"],

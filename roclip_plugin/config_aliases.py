@@ -127,6 +127,15 @@ def renamed_attribute(old: str, new: str) -> property:
     return property(read, doc=f"Deprecated: ``{new}``.")
 
 
+def saved_defended_epochs(record: Mapping[str, Any], default: Any = None) -> Any:
+    """A saved run's ``defended_epochs``, or its old key ``matching_epochs``.
+
+    Files written before the rename still read; no warning, since a file is data, not code a
+    user can change.
+    """
+    return record.get("defended_epochs", record.get("matching_epochs", default))
+
+
 class _DeprecatedFlag(argparse.Action):
     """An old ``--roclip-*`` flag: stores into the new field's ``dest``, with a warning."""
 

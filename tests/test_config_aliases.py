@@ -236,3 +236,11 @@ def test_kit_checkpoint_of_old_keys_resumes(tmp_path: Any) -> None:
         "'defend_every' (same meaning)",
         "'defended_epochs' (same meaning)",
     }
+
+
+def test_saved_runs_read_defended_epochs_under_either_key() -> None:
+    from roclip_plugin.config_aliases import saved_defended_epochs
+
+    assert saved_defended_epochs({"matching_epochs": [4, 6]}) == [4, 6]  # before the rename
+    assert saved_defended_epochs({"defended_epochs": [1], "matching_epochs": [4]}) == [1]
+    assert saved_defended_epochs({}, []) == [] and saved_defended_epochs({}) is None

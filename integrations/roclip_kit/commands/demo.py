@@ -30,6 +30,7 @@ from roclip_kit.demo.settings import (
     scaled_flags,
 )
 from roclip_plugin.config import RoClipConfig, add_argparse_args, config_from_namespace
+from roclip_plugin.config_aliases import saved_defended_epochs
 from roclip_plugin.matching import check_matcher_settings
 from roclip_plugin.validation import path_arg
 
@@ -203,7 +204,7 @@ def results_table(results: dict[str, Any]) -> Table:
     data = results["dataset"]
     poison = results["poison"]
     runs = [r for r in results["runs"] if r["roclip"]]  # older results.json: matching_epochs
-    defended = next((r.get("defended_epochs", r.get("matching_epochs", [])) for r in runs), [])
+    defended = next((saved_defended_epochs(r, []) for r in runs), [])
     verb = defense_verb((results.get("settings") or {}).get("roclip_flags"))
     captions = captions_text(poison["captions_per_target"])
     table = Table(

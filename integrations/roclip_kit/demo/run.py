@@ -414,12 +414,14 @@ def _pct(value: float | None) -> str:
 
 
 def _tensor_figures(result: dict[str, Any]) -> RunFigures:
+    from roclip_plugin.config_aliases import saved_defended_epochs
+
     return RunFigures(
         name=result["name"],
         roclip=result["roclip"],
         train_seconds=result["train_seconds"],
         eval_seconds=result["eval_seconds"],
-        defended_epochs=result.get("defended_epochs", result.get("matching_epochs", [])),
+        defended_epochs=saved_defended_epochs(result, []),
         per_epoch={int(k): v for k, v in result["per_epoch"].items()},
         final=result["final"],
         matching={int(k): v for k, v in result["matching"].items()},

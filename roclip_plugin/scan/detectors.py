@@ -31,12 +31,21 @@ each pair's image and caption (row ``i`` of both is pair ``i``).
   it), so it sits away from the target class's images even after the model has learned the
   trigger, which is when ``cosine`` loses it. Cross-modal like ``cosine``, but read against
   the caption's own spread of images, so loose and tight classes compare fairly.
-- ``combined``: the highest of the normalised ranks of ``cosine``, ``peers`` and ``targeted``
+- ``misfit``: the image's offset from its caption's peers' mean image, measured against the
+  shape of those offsets over the dataset (a Mahalanobis distance, its covariance fitted on
+  the typical pairs only). ``peers`` weighs every direction alike; a backdoor moves its images
+  along directions (the trigger's, the other class's content) in which a clean image hardly
+  ever differs from its caption's usual images, so the offset's shape finds it where its
+  length does not.
+- ``combined``: the highest of the normalised ranks of ``peers``, ``misfit`` and ``targeted``
   (the smallest empirical p-value): one list in which each kind of poison is caught at the
-  strength of the score that sees it, ``targeted`` repeated images, ``cosine`` a caption the
-  model did not learn to fit, ``peers`` a backdoored image it did. The density scores stay
-  out: whether they rank a tight backdoor first or last turns on how many of its copies the
-  reference draw holds (measured in docs/scan.md), and a maximum passes a wrong signal on.
+  strength of the score that sees it, ``targeted`` repeated images, ``peers`` an image far
+  from its kind of caption's usual images, ``misfit`` one that differs from them in an
+  unusual direction. ``cosine`` stays out: where the model has learned a backdoor, the
+  clean images of loose classes fit their captions as badly as the poisoned ones, and a
+  maximum passes those on (measured in docs/scan.md). The density scores stay out: whether
+  they rank a tight backdoor first or last turns on how many of its copies the reference
+  draw holds.
 """
 
 from __future__ import annotations
@@ -68,12 +77,13 @@ DETECTORS = (
     "slof",
     "dao",
     "peers",
+    "misfit",
     "targeted",
     "combined",
 )
 # the scores whose highest rank is ``combined``: each sees one kind of poison, none turns on
 # the reference draw
-COMBINED = ("cosine", "peers", "targeted")
+COMBINED = ("peers", "misfit", "targeted")
 DISTANCE_FLOOR = 1e-6  # duplicates are at distance 0: logs and ratios need a floor
 
 
@@ -88,6 +98,16 @@ class ScanSettings:
         reference_size: images of the density reference, drawn at random from the dataset
             (None: every image). Small enough that a backdoor's copies in it stay below
             ``k``: at 1,024 a 1% backdoor puts about 10 there.
+        peer_reference_size: pairs among which ``peers`` and ``misfit`` look for a caption's
+            peers (None: every pair). Large, unlike the density reference: the more pairs,
+            the nearer each caption's peers, and a poison stays a minority among the peers of
+            its kind of caption however many of its copies the reference holds.
+        misfit_trim: the share of the most atypical offsets left out when ``misfit`` fits
+            the offsets' covariance (twice refitted without them), so that a poison of up to
+            this share of the pairs does not widen the spread it is measured against.
+        misfit_sample: ``misfit`` fits its covariance on at most this many pairs, drawn at
+            random (None: all): a ``dim x dim`` fit, so a sample of ten thousands is as good
+            as all and bounds the memory at web scale.
         duplicate_quantile: the targeted score's duplicate scale is this quantile of the
             dataset's nearest-image distances: closer than it counts as a (near-)duplicate.
         seed: draws the reference, the caption sample and an IVF's training sample.
@@ -104,6 +124,9 @@ class ScanSettings:
 
     k: int = 16
     reference_size: int | None = 1024
+    peer_reference_size: int | None = 4096
+    misfit_trim: float = 0.1
+    misfit_sample: int | None = 65_536
     duplicate_quantile: float = 0.05
     seed: int = 0
     caption_sample: int | None = 100_000
@@ -117,6 +140,17 @@ class ScanSettings:
         size = self.reference_size
         if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 2):
             raise ValueError(f"reference_size must be None or an integer >= 2, got {size!r}")
+        for name in ("peer_reference_size", "misfit_sample"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 2
+            ):
+                raise ValueError(f"{name} must be None or an integer >= 2, got {value!r}")
+        if not 0.0 <= self.misfit_trim < 0.5:
+            raise ValueError(
+                f"misfit_trim must be in [0, 0.5): the share of pairs left out of the fit, "
+                f"got {self.misfit_trim}"
+            )
         if not 0.0 < self.duplicate_quantile < 1.0:
             raise ValueError(f"duplicate_quantile must be in (0, 1), got {self.duplicate_quantile}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
@@ -187,10 +221,14 @@ def distinct_captions(
 
 def reference_rows(count: int, settings: ScanSettings) -> np.ndarray:
     """Sorted dataset rows of the density reference, drawn from ``settings.seed``."""
-    size = settings.reference_size
+    return draw_rows(count, settings.reference_size, settings.seed)
+
+
+def draw_rows(count: int, size: int | None, seed: int) -> np.ndarray:
+    """``size`` sorted rows of ``count`` drawn from ``seed`` (all rows for None or more)."""
     if size is None or size >= count:
         return np.arange(count)
-    return np.sort(np.random.default_rng(settings.seed).choice(count, size, replace=False))
+    return np.sort(np.random.default_rng(seed).choice(count, size, replace=False))
 
 
 @dataclass(frozen=True)
@@ -286,18 +324,96 @@ def peers_score(
     image typical of its kind of caption, whatever that kind's spread; positive for an
     image unlike the images its caption usually comes with.
     """
-    reference_images = np.ascontiguousarray(images[reference_rows], dtype=np.float32)
-    reference_captions = np.ascontiguousarray(captions[reference_rows], dtype=np.float32)
-    built = build_bank(reference_captions, ids=reference_rows)
-    query_rows = np.asarray(query_rows)
-    check_k(k, len(reference_rows), bool(np.isin(query_rows, reference_rows).any()))
+    peers = Peers(images, captions, k, query_rows=query_rows, reference_rows=reference_rows)
     out = np.empty(len(images), dtype=np.float64)
     for part in row_blocks(len(images), block):
-        found = search(built, np.asarray(captions[part]), k, query_ids=query_rows[part])
-        centre = reference_images[found.index].astype(np.float64).mean(axis=1)
+        centre = peers.centres(part)
         own = np.einsum("nd,nd->n", np.asarray(images[part], dtype=np.float64), centre)
         out[part] = np.einsum("nd,nd->n", centre, centre) - own
     return out
+
+
+class Peers:
+    """Each pair's caption peers among the reference pairs, and the mean of their images."""
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        captions: np.ndarray,
+        k: int,
+        *,
+        query_rows: np.ndarray,
+        reference_rows: np.ndarray,
+    ) -> None:
+        """Index the reference captions; ``query_rows`` names each row so it is not its own peer."""
+        self.images, self.captions, self.k = images, captions, k
+        self.query_rows = np.asarray(query_rows)
+        check_k(k, len(reference_rows), bool(np.isin(self.query_rows, reference_rows).any()))
+        self.reference_images = np.ascontiguousarray(images[reference_rows], dtype=np.float32)
+        reference_captions = np.ascontiguousarray(captions[reference_rows], dtype=np.float32)
+        self.bank = build_bank(reference_captions, ids=reference_rows)
+
+    def centres(self, rows: slice | np.ndarray) -> np.ndarray:
+        """``[len(rows), dim]`` float64: the mean image of each row's ``k`` caption peers."""
+        found = search(
+            self.bank, np.asarray(self.captions[rows]), self.k, query_ids=self.query_rows[rows]
+        )
+        return self.reference_images[found.index].astype(np.float64).mean(axis=1)
+
+    def offsets(self, rows: slice | np.ndarray) -> np.ndarray:
+        """Each row's image minus its peers' mean image (float64)."""
+        return np.asarray(self.images[rows], dtype=np.float64) - self.centres(rows)
+
+
+def misfit_score(
+    images: np.ndarray,
+    captions: np.ndarray,
+    k: int,
+    *,
+    query_rows: np.ndarray,
+    reference_rows: np.ndarray,
+    fit_rows: np.ndarray | None = None,
+    trim: float = 0.1,
+    block: int | None = None,
+) -> np.ndarray:
+    """The Mahalanobis distance of each image's offset from its caption's peers' mean image.
+
+    The offset ``r_i = x_i - m_i`` (``m_i`` as in :func:`peers_score`) is measured against
+    the mean and covariance of the offsets of ``fit_rows`` (all rows for None), fitted by
+    :func:`trimmed_gaussian` so that the most atypical share ``trim`` (the poison among them)
+    does not set the scale. The squared distance ``(r - mu)^T S^+ (r - mu)`` is returned:
+    large where an image differs from its kind of caption's usual images in a direction
+    clean pairs seldom differ in.
+    """
+    peers = Peers(images, captions, k, query_rows=query_rows, reference_rows=reference_rows)
+    fit = np.arange(len(images)) if fit_rows is None else np.asarray(fit_rows)
+    mean, precision = trimmed_gaussian(peers.offsets(fit), trim)
+    out = np.empty(len(images), dtype=np.float64)
+    for part in row_blocks(len(images), block):
+        centred = peers.offsets(part) - mean
+        out[part] = np.einsum("nd,de,ne->n", centred, precision, centred)
+    return out
+
+
+def trimmed_gaussian(
+    rows: np.ndarray, trim: float, refits: int = 2
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and pseudo-inverse covariance of ``rows``, the farthest share ``trim`` left out.
+
+    Fitted on every row, then ``refits`` times again without the ``trim`` share of rows
+    farthest from the last fit: a trimmed estimate in the spirit of the minimum covariance
+    determinant. A poisoned minority inflates a plain covariance along its own direction and
+    so hides in it; left out of the fit, it is measured against the clean pairs' spread.
+    """
+    keep = np.ones(len(rows), dtype=bool)
+    for _ in range(refits + 1 if trim > 0 else 1):
+        mean = rows[keep].mean(axis=0)
+        centred = rows - mean
+        covariance = centred[keep].T @ centred[keep] / max(int(keep.sum()), 1)
+        precision = np.linalg.pinv(covariance, hermitian=True)
+        distance = np.einsum("nd,de,ne->n", centred, precision, centred)
+        keep = distance <= np.quantile(distance, 1.0 - trim)
+    return mean, precision
 
 
 def targeted_score(
@@ -411,6 +527,12 @@ def score_embeddings(
             f"k={settings.k} needs a reference of more than {settings.k} images; the dataset "
             f"gives {len(ref)}: lower k or raise reference_size"
         )
+    peer_ref = draw_rows(n, settings.peer_reference_size, settings.seed)
+    if settings.k > len(peer_ref) - 1:
+        raise ValueError(
+            f"k={settings.k} needs more than {settings.k} peer reference pairs; the dataset "
+            f"gives {len(peer_ref)}: lower k or raise peer_reference_size"
+        )
     reference = np.ascontiguousarray(images[ref])  # in memory: every block searches it
     rows = np.arange(n)
     density = density_scores(
@@ -435,7 +557,17 @@ def score_embeddings(
         ),
     }
     scores["peers"] = peers_score(
-        images, captions, settings.k, query_rows=rows, reference_rows=ref, block=block
+        images, captions, settings.k, query_rows=rows, reference_rows=peer_ref, block=block
+    )
+    scores["misfit"] = misfit_score(
+        images,
+        captions,
+        settings.k,
+        query_rows=rows,
+        reference_rows=peer_ref,
+        fit_rows=draw_rows(n, settings.misfit_sample, seed),
+        trim=settings.misfit_trim,
+        block=block,
     )
     scores["combined"] = rank_max([scores[name] for name in COMBINED])
     return {name: scores[name] for name in DETECTORS}

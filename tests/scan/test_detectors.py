@@ -17,7 +17,14 @@ from roclip_plugin.scan import (
     score_embeddings,
     top_rows,
 )
-from roclip_plugin.scan.detectors import COMBINED, local_dimension, margin_score, peers_score
+from roclip_plugin.scan.detectors import (
+    COMBINED,
+    cosine_score,
+    local_dimension,
+    margin_score,
+    misfit_score,
+    peers_score,
+)
 from roclip_plugin.scan.ranks import rank_max
 
 from .data import planted, unit
@@ -113,10 +120,85 @@ def test_peers_is_the_centre_of_the_nearest_captions_images_against_the_own_imag
     assert np.allclose(found, expected, atol=1e-5)
 
 
+def quiet_backdoor(seed: int = 11, clean: int = 600, backdoor: int = 20, dim: int = 16):
+    """A backdoor that moves its images along a direction clean images hardly vary in.
+
+    Clean images spread widely in most dimensions and barely in the last four; the
+    backdoored images are typical images of the class their caption names, plus a small
+    offset (the trigger) along one quiet dimension: no farther from their caption or their
+    caption's usual images than a clean image is, only in an unusual direction.
+    """
+    rng = np.random.default_rng(seed)
+    centres = np.eye(dim)[:4]
+    label = rng.integers(4, size=clean)
+    spread = np.r_[np.full(dim - 4, 0.08), np.full(4, 0.004)]
+    trigger = np.zeros(dim)
+    trigger[-2] = 0.08
+    images = [centres[label] + spread * rng.normal(size=(clean, dim))]
+    images.append(centres[0] + spread * rng.normal(size=(backdoor, dim)) + trigger)
+    captions = [centres[label] + 0.03 * rng.normal(size=(clean, dim))]
+    captions.append(centres[[0] * backdoor] + 0.03 * rng.normal(size=(backdoor, dim)))
+    poisoned = np.arange(clean + backdoor) >= clean
+    return unit(np.concatenate(images)), unit(np.concatenate(captions)), poisoned
+
+
+def test_misfit_finds_an_offset_in_a_direction_clean_pairs_do_not_vary_in() -> None:
+    images, captions, poisoned = quiet_backdoor()
+    rows = np.arange(len(images))
+    misfit = misfit_score(images, captions, 8, query_rows=rows, reference_rows=rows)
+    peers = peers_score(images, captions, 8, query_rows=rows, reference_rows=rows)
+    assert auroc(misfit, poisoned) > 0.99
+    assert auroc(peers, poisoned) < 0.6  # the offsets' lengths do not tell them apart
+    assert auroc(cosine_score(images, captions), poisoned) < 0.6
+
+
+def test_trimming_keeps_the_poison_out_of_the_spread_it_is_measured_against() -> None:
+    """The 20 backdoored pairs (3% of all) widen a plain covariance along the trigger; fitted
+    without the most atypical tenth, the clean spread is what they are measured against."""
+    images, captions, poisoned = quiet_backdoor()
+    rows = np.arange(len(images))
+    plain, trimmed = (
+        misfit_score(images, captions, 8, query_rows=rows, reference_rows=rows, trim=trim)
+        for trim in (0.0, 0.1)
+    )
+    assert auroc(trimmed, poisoned) > auroc(plain, poisoned)
+    ratio = {
+        name: s[poisoned].mean() / np.median(s[~poisoned])
+        for name, s in (("plain", plain), ("trimmed", trimmed))
+    }
+    assert ratio["trimmed"] > 2 * ratio["plain"]
+
+
+def test_misfit_is_the_mahalanobis_distance_of_the_offset_from_the_peers_mean_image() -> None:
+    """Brute force, untrimmed: offsets ``x - m`` of the fit rows, their mean and (population)
+    covariance, and ``(r - mu)^T S^+ (r - mu)`` for every row."""
+    rng = np.random.default_rng(12)
+    images, captions = unit(rng.normal(size=(80, 5))), unit(rng.normal(size=(80, 5)))
+    reference, fit = np.arange(0, 80, 2), np.arange(0, 80, 3)
+    similarity = captions @ captions[reference].T
+    similarity[reference, np.arange(len(reference))] = -np.inf  # a row is not its own peer
+    peers = np.argsort(-similarity, axis=1, kind="stable")[:, :6]
+    offsets = images - images[reference][peers].astype(np.float64).mean(axis=1)
+    mean = offsets[fit].mean(axis=0)
+    covariance = np.cov(offsets[fit].T, bias=True)
+    centred = offsets - mean
+    expected = np.einsum("nd,de,ne->n", centred, np.linalg.inv(covariance), centred)
+    found = misfit_score(
+        images,
+        captions,
+        6,
+        query_rows=np.arange(80),
+        reference_rows=reference,
+        fit_rows=fit,
+        trim=0.0,
+    )
+    assert np.allclose(found, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_combined_is_the_highest_rank_of_the_scores_that_ignore_the_reference_draw(
     scores,
 ) -> None:
-    assert COMBINED == ("cosine", "peers", "targeted")
+    assert COMBINED == ("peers", "misfit", "targeted")
     assert np.array_equal(scores["combined"], rank_max([scores[name] for name in COMBINED]))
 
 
@@ -164,6 +246,10 @@ def test_local_dimension_of_duplicates_is_capped() -> None:
     [
         ("k", 0, "k must be an integer >= 1"),
         ("reference_size", 1, "reference_size must be None or an integer >= 2"),
+        ("peer_reference_size", 1, "peer_reference_size must be None or an integer >= 2"),
+        ("misfit_sample", 0, "misfit_sample must be None or an integer >= 2"),
+        ("misfit_trim", 0.5, "misfit_trim must be in"),
+        ("misfit_trim", -0.1, "misfit_trim must be in"),
         ("duplicate_quantile", 1.0, "duplicate_quantile must be in"),
         ("seed", -1, "seed must be a non-negative integer"),
         ("caption_sample", 1, "caption_sample must be None or an integer >= 2"),
@@ -179,6 +265,8 @@ def test_bad_settings_name_the_field(field, value, message) -> None:
 def test_a_k_beyond_the_reference_and_mismatched_shapes_are_refused(data) -> None:
     with pytest.raises(ValueError, match="lower k or raise reference_size"):
         score_embeddings(data.images, data.captions, ScanSettings(k=16, reference_size=10))
+    with pytest.raises(ValueError, match="lower k or raise peer_reference_size"):
+        score_embeddings(data.images, data.captions, ScanSettings(k=16, peer_reference_size=12))
     with pytest.raises(ValueError, match="row i of both must be pair i"):
         score_embeddings(data.images, data.captions[:-1])
 

@@ -61,9 +61,9 @@ def add_scan_command(subparsers: Any) -> argparse.ArgumentParser:
         "scan",
         help="Rank a dataset's pairs by how poisoned they look; report; write a filtered CSV.",
         description="Embed every pair of a dataset with a trained checkpoint, score each with "
-        "several poison detectors (own cosine, caption margin, k-distance, SLOF, DAO, a "
-        "targeted-duplicates score and their combination), and write the ranked pairs, a "
-        "report and a filtered training CSV. See docs/scan.md.",
+        "several poison detectors (own cosine, caption margin, k-distance, SLOF, DAO, the "
+        "fit to the caption's peers, a targeted-duplicates score and their combination), and "
+        "write the ranked pairs, a report and a filtered training CSV. See docs/scan.md.",
     )
     add_model_arguments(parser)
     data = parser.add_argument_group("data")
@@ -98,7 +98,14 @@ def add_scan_command(subparsers: Any) -> argparse.ArgumentParser:
         default=defaults.reference_size,
         help="images of the density reference, 0 for all (default: %(default)s)",
     )
-    scan.add_argument("--seed", type=int, default=0, help="draws the reference (default: 0)")
+    scan.add_argument(
+        "--peer-reference-size",
+        type=int,
+        default=defaults.peer_reference_size,
+        help="pairs searched for each caption's peers (peers, misfit), 0 for all "
+        "(default: %(default)s)",
+    )
+    scan.add_argument("--seed", type=int, default=0, help="draws the references (default: 0)")
     scan.add_argument(
         "--threads",
         type=int,
@@ -118,19 +125,33 @@ def add_scan_command(subparsers: Any) -> argparse.ArgumentParser:
 
 def settings_from_args(args: argparse.Namespace) -> ScanSettings:
     """The detectors' settings; a bad value is refused naming its flag."""
-    checks = (("k", 1), ("reference_size", 0), ("seed", 0), ("chunk_size", 1), ("threads", 0))
+    checks = (
+        ("k", 1),
+        ("reference_size", 0),
+        ("peer_reference_size", 0),
+        ("seed", 0),
+        ("chunk_size", 1),
+        ("threads", 0),
+    )
     for flag, low in checks:
         value = getattr(args, flag)
         if value < low:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least {low} (got {value})")
-    if args.reference_size == 1:
-        raise ValueError("--reference-size 1 holds no neighbour: give at least 2, or 0 for all")
-    if args.reference_size and args.k >= args.reference_size:
-        raise ValueError(
-            f"--k {args.k} needs a reference of more than {args.k} images (--reference-size "
-            f"{args.reference_size}): lower --k or raise --reference-size"
-        )
-    return ScanSettings(k=args.k, reference_size=args.reference_size or None, seed=args.seed)
+    for flag in ("reference_size", "peer_reference_size"):
+        size, name = getattr(args, flag), "--" + flag.replace("_", "-")
+        if size == 1:
+            raise ValueError(f"{name} 1 holds no neighbour: give at least 2, or 0 for all")
+        if size and args.k >= size:
+            raise ValueError(
+                f"--k {args.k} needs a reference of more than {args.k} rows ({name} "
+                f"{size}): lower --k or raise {name}"
+            )
+    return ScanSettings(
+        k=args.k,
+        reference_size=args.reference_size or None,
+        peer_reference_size=args.peer_reference_size or None,
+        seed=args.seed,
+    )
 
 
 def check_drop(args: argparse.Namespace) -> None:

@@ -538,6 +538,9 @@ def report_dict(result: ScanResult, detection: dict[str, Any] | None) -> dict[st
         "settings": {
             "k": s.k,
             "reference_size": s.reference_size,
+            "peer_reference_size": s.peer_reference_size,
+            "misfit_trim": s.misfit_trim,
+            "misfit_sample": s.misfit_sample,
             "seed": s.seed,
             "duplicate_quantile": s.duplicate_quantile,
             "caption_sample": s.caption_sample,

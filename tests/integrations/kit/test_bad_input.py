@@ -299,6 +299,7 @@ def _scan_flags(world: dict[str, Path]) -> dict[str, st.SearchStrategy[str]]:
         "--drop-by": not_in(DETECTORS),
         "--k": bad_ints(1),
         "--reference-size": bad_ints(0),
+        "--peer-reference-size": bad_ints(0),
         "--seed": bad_ints(0),
         "--chunk-size": bad_ints(1),
     }
@@ -307,7 +308,7 @@ def _scan_flags(world: dict[str, Path]) -> dict[str, st.SearchStrategy[str]]:
 SCAN_FLAGS = [
     "--checkpoint", "--model", "--device", "--batch-size", "--dataset", "--csv", "--manifest",
     "--out", "--drop-fraction", "--drop-count", "--drop-by", "--k", "--reference-size", "--seed",
-    "--chunk-size",
+    "--chunk-size", "--peer-reference-size",
 ]  # fmt: skip
 
 

@@ -235,6 +235,7 @@ def test_resume_refuses_another_checkpoint(setup, tmp_path) -> None:
     [
         (["--k", "0"], "--k"),
         (["--reference-size", "8"], "--reference-size"),
+        (["--peer-reference-size", "8"], "--peer-reference-size"),
         (["--drop-fraction", "1.5"], "--drop-fraction"),
         (["--drop-fraction", "0.1", "--drop-count", "3"], "--drop-count"),
         (["--csv", "missing.csv"], "--csv"),

@@ -327,10 +327,13 @@ def peers_score(
     peers = Peers(images, captions, k, query_rows=query_rows, reference_rows=reference_rows)
     out = np.empty(len(images), dtype=np.float64)
     for part in row_blocks(len(images), block):
-        centre = peers.centres(part)
-        own = np.einsum("nd,nd->n", np.asarray(images[part], dtype=np.float64), centre)
-        out[part] = np.einsum("nd,nd->n", centre, centre) - own
+        out[part] = peers_value(np.asarray(images[part], dtype=np.float64), peers.centres(part))
     return out
+
+
+def peers_value(images: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    """``m . m - x . m`` row by row (float64 ``images`` ``x`` and peer centres ``m``)."""
+    return np.einsum("nd,nd->n", centres, centres) - np.einsum("nd,nd->n", images, centres)
 
 
 class Peers:
@@ -385,14 +388,48 @@ def misfit_score(
     large where an image differs from its kind of caption's usual images in a direction
     clean pairs seldom differ in.
     """
+    return peer_scores(
+        images,
+        captions,
+        k,
+        query_rows=query_rows,
+        reference_rows=reference_rows,
+        fit_rows=fit_rows,
+        trim=trim,
+        block=block,
+    )[1]
+
+
+def peer_scores(
+    images: np.ndarray,
+    captions: np.ndarray,
+    k: int,
+    *,
+    query_rows: np.ndarray,
+    reference_rows: np.ndarray,
+    fit_rows: np.ndarray | None = None,
+    trim: float = 0.1,
+    block: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``peers`` and ``misfit`` of every row, from one search of each row's caption peers.
+
+    The offsets' Gaussian is fitted first, on ``fit_rows`` (a bounded sample: its own
+    search), then every block of rows is searched once for both scores.
+    """
     peers = Peers(images, captions, k, query_rows=query_rows, reference_rows=reference_rows)
     fit = np.arange(len(images)) if fit_rows is None else np.asarray(fit_rows)
     mean, precision = trimmed_gaussian(peers.offsets(fit), trim)
-    out = np.empty(len(images), dtype=np.float64)
+    peer, misfit = np.empty(len(images)), np.empty(len(images))
     for part in row_blocks(len(images), block):
-        centred = peers.offsets(part) - mean
-        out[part] = np.einsum("nd,de,ne->n", centred, precision, centred)
-    return out
+        own, centres = np.asarray(images[part], dtype=np.float64), peers.centres(part)
+        peer[part] = peers_value(own, centres)
+        misfit[part] = mahalanobis(own - centres - mean, precision)
+    return peer, misfit
+
+
+def mahalanobis(centred: np.ndarray, precision: np.ndarray) -> np.ndarray:
+    """``r^T P r`` for each row ``r``: the same figures for a row in any block (tested)."""
+    return np.einsum("nd,nd->n", centred @ precision, centred)
 
 
 def trimmed_gaussian(
@@ -411,7 +448,7 @@ def trimmed_gaussian(
         centred = rows - mean
         covariance = centred[keep].T @ centred[keep] / max(int(keep.sum()), 1)
         precision = np.linalg.pinv(covariance, hermitian=True)
-        distance = np.einsum("nd,de,ne->n", centred, precision, centred)
+        distance = mahalanobis(centred, precision)
         keep = distance <= np.quantile(distance, 1.0 - trim)
     return mean, precision
 
@@ -556,10 +593,7 @@ def score_embeddings(
             scratch=scratch,
         ),
     }
-    scores["peers"] = peers_score(
-        images, captions, settings.k, query_rows=rows, reference_rows=peer_ref, block=block
-    )
-    scores["misfit"] = misfit_score(
+    scores["peers"], scores["misfit"] = peer_scores(
         images,
         captions,
         settings.k,

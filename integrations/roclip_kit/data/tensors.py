@@ -30,6 +30,7 @@ from roclip_kit.files import (
     CLASSES_FILE,
     IMAGE_KEY,
     LABEL_KEY,
+    ClassInfo,
     Manifest,
     read_classes,
     read_manifest,
@@ -177,11 +178,10 @@ class TensorSplit:
         return len(self.captions)
 
 
-def load_split(path: Path, classes: Sequence[str], image_size: int | None = None) -> TensorSplit:
+def load_split(path: Path, classes: ClassInfo, image_size: int | None = None) -> TensorSplit:
     """Decode every row of a CSV into a :class:`TensorSplit`."""
     rows = read_rows(path, require_rows=True)
-    lowered = [c.lower() for c in classes]
-    labels = [_label(r[LABEL_KEY], lowered, f"{path} row {i}") for i, r in enumerate(rows)]
+    labels = [classes.label_of(r[LABEL_KEY], f"{path} row {i}") for i, r in enumerate(rows)]
     files = [resolve_image(r[IMAGE_KEY], path, absolute=True) for r in rows]
     return TensorSplit(
         images=decode_images(files, image_size),
@@ -190,15 +190,6 @@ def load_split(path: Path, classes: Sequence[str], image_size: int | None = None
         filepaths=files,
         csv=path,
     )
-
-
-def _label(value: str, lowered: list[str], where: str) -> int:
-    text = value.strip()
-    if text.isdigit() and int(text) < len(lowered):
-        return int(text)
-    if text.lower() in lowered:
-        return lowered.index(text.lower())
-    raise ValueError(f"{where}: label {value!r} is no class index or name of classes.json")
 
 
 # ---------------------------------------------------------------- a poisoned dataset
@@ -276,20 +267,20 @@ def load_poisoned(
         raise ValueError(f"dataset directory {root} does not exist (--dataset)")
     info = read_classes(root / CLASSES_FILE, need_templates=False)
     classes, templates = info.names, info.templates or ["{}"]
-    train = load_split(root / "train.csv", classes, image_size)
-    test = load_split(root / "test.csv", classes, image_size)
+    train = load_split(root / "train.csv", info, image_size)
+    test = load_split(root / "test.csv", info, image_size)
     default = root / "manifest.json"
     path = Path(manifest) if manifest is not None else (default if default.is_file() else None)
     kinds = torch.zeros(len(train), dtype=torch.long)
     image_labels = train.labels.clone()
     if path is not None:
-        _apply_manifest(read_manifest(path, info), classes, kinds, image_labels)
+        _apply_manifest(read_manifest(path, info), info, kinds, image_labels)
     return PoisonedData(root, classes, templates, train, test, image_labels, kinds, path)
 
 
 def _apply_manifest(
     manifest: Manifest,
-    classes: Sequence[str],
+    classes: ClassInfo,
     kinds: torch.Tensor,
     image_labels: torch.Tensor,
 ) -> None:
@@ -303,10 +294,9 @@ def _apply_manifest(
     source = manifest.source_csv
     source_labels = None
     if source is not None and source.is_file():
-        lowered = [c.lower() for c in classes]
         rows = read_rows(source)
         source_labels = [
-            _label(r[LABEL_KEY], lowered, f"{source} row {i}") for i, r in enumerate(rows)
+            classes.label_of(r[LABEL_KEY], f"{source} row {i}") for i, r in enumerate(rows)
         ]
     for row, attack in manifest.rows.items():
         kind = _KINDS[attack]

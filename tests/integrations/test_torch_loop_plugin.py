@@ -11,16 +11,23 @@ import sys
 import textwrap
 from pathlib import Path
 
+import roclip_torch
 import torch
 import torch.nn.functional as F
 from roclip_torch import RoClipAdapter, add_arguments
 from roclip_torch.csv_stats import FIELDS, MARGIN_ENV, PATH_ENV, CsvMatchStats
 
+import roclip_plugin
 from roclip_plugin import RoClipConfig, get_plugin_manager, hookimpl
 from roclip_plugin.loss import DistInfo
 from roclip_plugin.plugins import AUTOLOAD_ENV
 
 HERE = Path(__file__).resolve().parent
+# the folders holding the packages this process imported: the subprocess must run the same tree
+# (a worktree's, say), not whatever an editable install points to
+TREE = list(
+    dict.fromkeys(str(Path(m.__file__).resolve().parents[1]) for m in (roclip_plugin, roclip_torch))
+)
 
 SCRIPT = textwrap.dedent(
     """
@@ -55,7 +62,7 @@ def test_entry_point_plugin_writes_match_statistics(tmp_path: Path) -> None:
     _install_entry_point(tmp_path)
     stats = tmp_path / "out" / "stats.csv"
     env = {k: v for k, v in os.environ.items() if k not in (AUTOLOAD_ENV, MARGIN_ENV)}
-    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), str(HERE)])
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), str(HERE), *TREE])
     env[PATH_ENV] = str(stats)
     run = subprocess.run(
         [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, cwd=tmp_path

@@ -128,7 +128,7 @@ KINDS = {
     "0.01": "slow",
     "python benchmarks/bench_robustness.py --out robustness-cpu --report": "slow",
     "python benchmarks/bench_robustness.py --device cuda --datasets mnist fashion-mnist --seeds 0 "
-    "--rates 0.001 0.01 --variants clip roclip reference every-epoch adaptive --ablations "
+    "--rates 0.001 0.01 --variants clip roclip robust safeclip floor --ablations "
     "--ablation-rates --jobs 5 --out WORK/robustness": "external",
 }
 RUN_HERE = {"roclip data --dataset digits --out data/digits"}  # fast ones worth running

@@ -137,10 +137,14 @@ class ScanSettings:
         """Refuse settings that cannot score, naming the field."""
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
             raise ValueError(f"k must be an integer >= 1, got {self.k!r}")
-        size = self.reference_size
-        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 2):
-            raise ValueError(f"reference_size must be None or an integer >= 2, got {size!r}")
-        for name in ("peer_reference_size", "misfit_sample"):
+        sizes = (
+            "reference_size",
+            "peer_reference_size",
+            "misfit_sample",
+            "caption_sample",
+            "exact_limit",
+        )
+        for name in sizes:
             value = getattr(self, name)
             if value is not None and (
                 isinstance(value, bool) or not isinstance(value, int) or value < 2
@@ -160,12 +164,6 @@ class ScanSettings:
             isinstance(block, bool) or not isinstance(block, int) or block < 1
         ):
             raise ValueError(f"block must be None or an integer >= 1, got {block!r}")
-        for name in ("caption_sample", "exact_limit"):
-            value = getattr(self, name)
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int) or value < 2
-            ):
-                raise ValueError(f"{name} must be None or an integer >= 2, got {value!r}")
 
 
 def cosine_score(images: np.ndarray, captions: np.ndarray, block: int | None = None) -> np.ndarray:
@@ -368,38 +366,6 @@ class Peers:
         return np.asarray(self.images[rows], dtype=np.float64) - self.centres(rows)
 
 
-def misfit_score(
-    images: np.ndarray,
-    captions: np.ndarray,
-    k: int,
-    *,
-    query_rows: np.ndarray,
-    reference_rows: np.ndarray,
-    fit_rows: np.ndarray | None = None,
-    trim: float = 0.1,
-    block: int | None = None,
-) -> np.ndarray:
-    """The Mahalanobis distance of each image's offset from its caption's peers' mean image.
-
-    The offset ``r_i = x_i - m_i`` (``m_i`` as in :func:`peers_score`) is measured against
-    the mean and covariance of the offsets of ``fit_rows`` (all rows for None), fitted by
-    :func:`trimmed_gaussian` so that the most atypical share ``trim`` (the poison among them)
-    does not set the scale. The squared distance ``(r - mu)^T S^+ (r - mu)`` is returned:
-    large where an image differs from its kind of caption's usual images in a direction
-    clean pairs seldom differ in.
-    """
-    return peer_scores(
-        images,
-        captions,
-        k,
-        query_rows=query_rows,
-        reference_rows=reference_rows,
-        fit_rows=fit_rows,
-        trim=trim,
-        block=block,
-    )[1]
-
-
 def peer_scores(
     images: np.ndarray,
     captions: np.ndarray,
@@ -413,8 +379,14 @@ def peer_scores(
 ) -> tuple[np.ndarray, np.ndarray]:
     """``peers`` and ``misfit`` of every row, from one search of each row's caption peers.
 
-    The offsets' Gaussian is fitted first, on ``fit_rows`` (a bounded sample: its own
-    search), then every block of rows is searched once for both scores.
+    ``misfit`` is the squared Mahalanobis distance ``(r - mu)^T S^+ (r - mu)`` of each
+    image's offset ``r_i = x_i - m_i`` from its caption's peers' mean image (``m_i`` as in
+    :func:`peers_score`), against the mean and covariance of the offsets of ``fit_rows``
+    (all rows for None), fitted by :func:`trimmed_gaussian` so that the most atypical share
+    ``trim`` (the poison among them) does not set the scale: large where an image differs
+    from its kind of caption's usual images in a direction clean pairs seldom differ in.
+    The Gaussian is fitted first, on ``fit_rows`` (a bounded sample: its own search), then
+    every block of rows is searched once for both scores.
     """
     peers = Peers(images, captions, k, query_rows=query_rows, reference_rows=reference_rows)
     fit = np.arange(len(images)) if fit_rows is None else np.asarray(fit_rows)
@@ -559,17 +531,13 @@ def score_embeddings(
         )
     n, block = len(images), settings.block
     ref = reference_rows(n, settings)
-    if settings.k > len(ref) - 1:
-        raise ValueError(
-            f"k={settings.k} needs a reference of more than {settings.k} images; the dataset "
-            f"gives {len(ref)}: lower k or raise reference_size"
-        )
     peer_ref = draw_rows(n, settings.peer_reference_size, settings.seed)
-    if settings.k > len(peer_ref) - 1:
-        raise ValueError(
-            f"k={settings.k} needs more than {settings.k} peer reference pairs; the dataset "
-            f"gives {len(peer_ref)}: lower k or raise peer_reference_size"
-        )
+    for drawn, field in ((ref, "reference_size"), (peer_ref, "peer_reference_size")):
+        if settings.k > len(drawn) - 1:
+            raise ValueError(
+                f"k={settings.k} needs a reference of more than {settings.k} rows; the dataset "
+                f"gives {len(drawn)}: lower k or raise {field}"
+            )
     reference = np.ascontiguousarray(images[ref])  # in memory: every block searches it
     rows = np.arange(n)
     density = density_scores(

@@ -22,7 +22,7 @@ from roclip_plugin.scan.detectors import (
     cosine_score,
     local_dimension,
     margin_score,
-    misfit_score,
+    peer_scores,
     peers_score,
 )
 from roclip_plugin.scan.ranks import rank_max
@@ -145,7 +145,7 @@ def quiet_backdoor(seed: int = 11, clean: int = 600, backdoor: int = 20, dim: in
 def test_misfit_finds_an_offset_in_a_direction_clean_pairs_do_not_vary_in() -> None:
     images, captions, poisoned = quiet_backdoor()
     rows = np.arange(len(images))
-    misfit = misfit_score(images, captions, 8, query_rows=rows, reference_rows=rows)
+    misfit = peer_scores(images, captions, 8, query_rows=rows, reference_rows=rows)[1]
     peers = peers_score(images, captions, 8, query_rows=rows, reference_rows=rows)
     assert auroc(misfit, poisoned) > 0.99
     assert auroc(peers, poisoned) < 0.6  # the offsets' lengths do not tell them apart
@@ -158,7 +158,7 @@ def test_trimming_keeps_the_poison_out_of_the_spread_it_is_measured_against() ->
     images, captions, poisoned = quiet_backdoor()
     rows = np.arange(len(images))
     plain, trimmed = (
-        misfit_score(images, captions, 8, query_rows=rows, reference_rows=rows, trim=trim)
+        peer_scores(images, captions, 8, query_rows=rows, reference_rows=rows, trim=trim)[1]
         for trim in (0.0, 0.1)
     )
     assert auroc(trimmed, poisoned) > auroc(plain, poisoned)
@@ -183,7 +183,7 @@ def test_misfit_is_the_mahalanobis_distance_of_the_offset_from_the_peers_mean_im
     covariance = np.cov(offsets[fit].T, bias=True)
     centred = offsets - mean
     expected = np.einsum("nd,de,ne->n", centred, np.linalg.inv(covariance), centred)
-    found = misfit_score(
+    found = peer_scores(
         images,
         captions,
         6,
@@ -191,7 +191,7 @@ def test_misfit_is_the_mahalanobis_distance_of_the_offset_from_the_peers_mean_im
         reference_rows=reference,
         fit_rows=fit,
         trim=0.0,
-    )
+    )[1]
     assert np.allclose(found, expected, rtol=1e-4, atol=1e-4)
 
 

@@ -37,29 +37,37 @@ each pair's image and caption (row ``i`` of both is pair ``i``).
   along directions (the trigger's, the other class's content) in which a clean image hardly
   ever differs from its caption's usual images, so the offset's shape finds it where its
   length does not.
-- ``combined``: the highest of the normalised ranks of ``peers``, ``misfit`` and ``targeted``
-  (the smallest empirical p-value): one list in which each kind of poison is caught at the
-  strength of the score that sees it, ``targeted`` repeated images, ``peers`` an image far
-  from its kind of caption's usual images, ``misfit`` one that differs from them in an
-  unusual direction. ``cosine`` stays out: where the model has learned a backdoor, the
-  clean images of loose classes fit their captions as badly as the poisoned ones, and a
-  maximum passes those on (measured in docs/scan.md). The density scores stay out: whether
-  they rank a tight backdoor first or last turns on how many of its copies the reference
-  draw holds.
+- ``peer_group`` and ``misfit_group``: ``peers`` and ``misfit`` of the pair plus the mean of
+  its nearest images' (:mod:`.groups`). Poison comes in groups: a learned backdoor's copies
+  are one another's nearest images, a targeted attack's copies are duplicates, so their
+  neighbours score as high as they do; a clean pair that scores high alone sits among clean
+  neighbours that do not. At 1% a backdoor's copies are too many for any one-pair score to
+  find them rare; as a group they rank first.
+- ``combined``: the higher of the normalised ranks of ``peer_group`` and ``misfit_group``
+  (the smaller empirical p-value): the backdoor at the strength of whichever score sees it
+  (``misfit`` where the trigger moves images in a direction clean pairs do not vary in,
+  ``peers`` where its offsets are merely long), and the targeted attack's duplicates, whose
+  captions all belong to another class, with both. ``targeted`` stays out: its rank of the
+  clean pairs is arbitrary (most clean images have no duplicate), so a maximum with it
+  passes clean pairs on and costs the backdoor's ranking more than it adds to the targeted
+  rows', which the group scores already rank at 0.997 and above. ``cosine`` stays out: where
+  the model has learned a backdoor, the clean images of loose classes fit their captions as
+  badly as the poisoned ones. The density scores stay out: whether they rank a tight
+  backdoor first or last turns on how many of its copies the reference draw holds (all
+  measured in docs/scan.md).
 """
 
 from __future__ import annotations
 
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from roclip_plugin.scan.distinct import distinct_rows
+from roclip_plugin.scan.groups import group_score, image_neighbours, targeted_from
 from roclip_plugin.scan.neighbours import (
+    DISTANCE_FLOOR,
     Neighbours,
     as_rows,
     build_bank,
@@ -79,12 +87,13 @@ DETECTORS = (
     "peers",
     "misfit",
     "targeted",
+    "peer_group",
+    "misfit_group",
     "combined",
 )
-# the scores whose highest rank is ``combined``: each sees one kind of poison, none turns on
-# the reference draw
-COMBINED = ("peers", "misfit", "targeted")
-DISTANCE_FLOOR = 1e-6  # duplicates are at distance 0: logs and ratios need a floor
+# the scores whose highest rank is ``combined``: each reads a pair with its nearest images
+# (poison comes in groups), neither turns on the density reference's draw
+COMBINED = ("peer_group", "misfit_group")
 
 
 @dataclass(frozen=True)
@@ -425,86 +434,6 @@ def trimmed_gaussian(
     return mean, precision
 
 
-def targeted_score(
-    images: np.ndarray,
-    captions: np.ndarray,
-    k: int,
-    duplicate_quantile: float,
-    *,
-    exact_limit: int | None = None,
-    seed: int = 0,
-    block: int | None = None,
-    scratch: Path | str | None = None,
-) -> np.ndarray:
-    """Caption agreement among an image's near-duplicates, over the whole dataset.
-
-    For pair ``i`` and each of its ``k`` nearest images ``j`` (every other row of the dataset,
-    so no copy of a target is missed by sampling): ``exp(-d_ij / h) * max(cos(c_i, c_j), 0)``,
-    summed. ``h`` is the ``duplicate_quantile`` of the nearest-image distances: duplicates
-    weigh about 1, ordinary neighbours next to nothing, so a target image repeated with tens
-    of same-class captions stands out, whatever the model's scale of distances. Above
-    ``exact_limit`` rows the search is an IVF index's (:func:`.neighbours.search_index`).
-
-    ``h`` needs every row's nearest distance before any row is weighed, so the neighbours'
-    distances and agreements are kept between the two passes: in memory, or with ``scratch``
-    in ``.npy`` memory maps there (16 bytes a neighbour), read back block by block.
-    """
-    n = len(images)
-    rows = np.arange(n)
-    k = min(k, n - 1)
-    check_k(k, n, True)
-    built = build_bank(images, ids=rows, exact_limit=exact_limit, seed=seed)
-    with neighbour_tables(n, k, scratch) as (distance, agreement):
-        for part in row_blocks(n, block):
-            found = search(built, images[part], k, query_ids=rows[part])
-            distance[part] = found.distance
-            together = neighbour_agreement(captions, found.index, offset=part.start)
-            agreement[part] = np.clip(together, 0.0, None)
-        nearest_distance = np.asarray(distance[:, 0], dtype=np.float64)
-        scale = max(float(np.quantile(nearest_distance, duplicate_quantile)), DISTANCE_FLOOR)
-        out = np.empty(n, dtype=np.float64)
-        for part in row_blocks(n, block):
-            out[part] = (np.exp(-distance[part] / scale) * agreement[part]).sum(axis=1)
-    return out
-
-
-@contextmanager
-def neighbour_tables(
-    rows: int, k: int, scratch: Path | str | None
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Two float64 ``[rows, k]`` tables: arrays, or memory maps in ``scratch`` removed after."""
-    if scratch is None:
-        yield np.empty((rows, k)), np.empty((rows, k))
-        return
-    Path(scratch).mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=scratch, prefix="targeted-") as folder:
-        tables = [
-            np.lib.format.open_memmap(Path(folder) / f"{name}.npy", "w+", np.float64, (rows, k))
-            for name in ("distance", "agreement")
-        ]
-        try:
-            yield tables[0], tables[1]
-        finally:
-            del tables  # the maps close before their folder goes
-
-
-def neighbour_agreement(
-    captions: np.ndarray, index: np.ndarray, block: int = 8192, offset: int = 0
-) -> np.ndarray:
-    """``cos(c_i, c_j)`` for each row ``i`` and its neighbours ``j = index[i - offset]``.
-
-    Gathering every neighbour's caption at once would hold ``n * k * dim`` floats (250 MB for
-    60,000 pairs); blocks keep it to a few MB. ``offset``: the dataset row of ``index[0]``.
-    """
-    out = np.empty(index.shape, dtype=np.float64)
-    for start in range(0, len(index), block):
-        rows = slice(start, start + block)
-        own = captions[offset + start : offset + min(start + block, len(index))]
-        gathered = captions[index[rows]]
-        out[rows] = np.einsum("nd,nkd->nk", own, gathered, dtype=np.float64)
-    return out
-
-
 def score_embeddings(
     images: np.ndarray,
     captions: np.ndarray,
@@ -520,7 +449,8 @@ def score_embeddings(
         captions: ``[n, dim]`` L2-normalised caption embeddings of the same pairs.
         settings: ``k``, the reference and its seed, the query block (default
             :class:`ScanSettings`).
-        scratch: a folder for the targeted score's neighbour tables (None: in memory).
+        scratch: a folder for the all-images neighbour tables of ``targeted`` and the group
+            scores (None: in memory).
     """
     settings = settings or ScanSettings()
     images, captions = as_rows(images, "image embeddings"), as_rows(captions, "captions")
@@ -550,16 +480,6 @@ def score_embeddings(
         "kdist": density.kdist,
         "slof": density.slof,
         "dao": density.dao,
-        "targeted": targeted_score(
-            images,
-            captions,
-            settings.k,
-            settings.duplicate_quantile,
-            exact_limit=settings.exact_limit,
-            seed=seed,
-            block=block,
-            scratch=scratch,
-        ),
     }
     scores["peers"], scores["misfit"] = peer_scores(
         images,
@@ -571,5 +491,18 @@ def score_embeddings(
         trim=settings.misfit_trim,
         block=block,
     )
+    near = image_neighbours(
+        images,
+        captions,
+        settings.k,
+        exact_limit=settings.exact_limit,
+        seed=seed,
+        block=block,
+        scratch=scratch,
+    )
+    with near as found:
+        scores["targeted"] = targeted_from(found, settings.duplicate_quantile, block)
+        for name, group in (("peers", "peer_group"), ("misfit", "misfit_group")):
+            scores[group] = group_score(scores[name], found, block)
     scores["combined"] = rank_max([scores[name] for name in COMBINED])
     return {name: scores[name] for name in DETECTORS}

@@ -35,6 +35,14 @@ def distinct_rows(rows: np.ndarray, block: int | None = None) -> tuple[np.ndarra
     Hash order depends on the values only, so the result (and a sample drawn from it) is the
     same for any row order.
     """
+    first, counts, _ = row_groups(rows, block)
+    return first, counts
+
+
+def row_groups(
+    rows: np.ndarray, block: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`distinct_rows` and, for every row, its group: the position of its value there."""
     hashes = row_hashes(rows, block)
     order = np.argsort(hashes, kind="stable")  # within a group: rows ascending
     ordered = hashes[order]
@@ -45,7 +53,7 @@ def distinct_rows(rows: np.ndarray, block: int | None = None) -> tuple[np.ndarra
     group[order] = np.repeat(np.arange(len(starts)), counts)
     if not same_as_first(rows, first[group], block):
         return exact_distinct(rows)
-    return first, counts
+    return first, counts, group
 
 
 def same_as_first(rows: np.ndarray, firsts: np.ndarray, block: int | None) -> bool:
@@ -58,9 +66,11 @@ def same_as_first(rows: np.ndarray, firsts: np.ndarray, block: int | None) -> bo
     return True
 
 
-def exact_distinct(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The distinct rows by sorting them as opaque bytes (a full copy; the collision fallback)."""
+def exact_distinct(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`row_groups` from a sort of the rows as opaque bytes (the collision fallback)."""
     array = np.ascontiguousarray(rows)
     as_bytes = array.view(np.dtype((np.void, array.dtype.itemsize * array.shape[1]))).ravel()
-    _, first, counts = np.unique(as_bytes, return_index=True, return_counts=True)
-    return first, counts
+    _, first, group, counts = np.unique(
+        as_bytes, return_index=True, return_inverse=True, return_counts=True
+    )
+    return first, counts, group.reshape(-1).astype(np.int64)

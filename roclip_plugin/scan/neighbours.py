@@ -25,6 +25,7 @@ import faiss
 import numpy as np
 
 IVF_PROBES = 8  # cells an IVF search reads per query
+DISTANCE_FLOOR = 1e-6  # duplicates are at distance 0: logs and ratios need a floor
 
 
 @dataclass(frozen=True)

@@ -30,14 +30,15 @@ dataset, seed, rate and the default scale). ``--floor`` also trains ``clip-clean
 recipe on the clean rows only: the floor of the goals and the clean zero-shot to stay within a
 point of), unless the runs folder holds it already.
 
-Why 5% by default: a user picks the fraction without knowing the poison count. The attacks
+Why 10% by default: a user picks the fraction without knowing the poison count. The attacks
 measured here put 1.6% to 2.6% of the pairs in poison (960 targeted rows, a backdoor of 0.05%
-to 1%), and the combined score's precision at the poison count was 0.37 to 0.61 for the
-targeted rows and 0.05 to 0.37 for the backdoor in the scans of docs/scan.md, so a cut at the
-poison share would leave half of it or more; attack success needs only a few of a target's
-captions to stay. Dropping 5% reaches well past the poison share at a price a CLIP run on
-abundant data can pay (about 3,000 of 61,000 mostly clean pairs). The output also gives the
-poison recall at 1%, 2%, 5% and 10% of the pairs, for choosing another.
+to 1%), and attack success needs only a few of a target's captions, or a few dozen of a
+trigger's copies, to stay (30 backdoored rows gave plain CLIP 35-71% on Fashion-MNIST). With
+the group scores' ``combined``, a drop of 5% still kept 34-54 of a 1% backdoor's 600 rows on
+Fashion-MNIST, a drop of 10% 5-8 (docs/scan.md); retrained on what 10% left, plain CLIP lost
+no clean zero-shot against the same recipe on the clean rows. Dropping 10% is about 6,000 of
+61,000 mostly clean pairs, a price a CLIP run on abundant data can pay. The output also gives
+the poison recall at 1%, 2%, 5% and 10% of the pairs, for choosing another.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_robustness as br  # noqa: E402  (beside this script: its runs, rows and table)
 
 RETRAIN = "scan-filter"
-DROP_FRACTION = 0.05  # the module's docstring says why
+DROP_FRACTION = 0.1  # the module's docstring says why
 RECALL_FRACTIONS = (0.01, 0.02, 0.05, 0.1)
 # the clip variant's recipe (plain CLIP, no augmentation) under the filter's name
 VARIANTS = {**br.VARIANTS, RETRAIN: br.VARIANTS["clip"]}

@@ -101,7 +101,7 @@ KINDS = {
     "roclip-openclip-train --roclip ... --name rn50-roclip --resume latest": "external",
     # docs/scan.md (a trained checkpoint and a poisoned dataset of the user's)
     "roclip scan --checkpoint logs/clip/checkpoints/epoch_12.pt --dataset poisoned --manifest "
-    "poisoned/manifest.json --out scan --drop-fraction 0.02": "external",
+    "poisoned/manifest.json --out scan --drop-fraction 0.1": "external",
     "roclip-openclip-train --train-data scan/train_filtered.csv ...": "external",
     "roclip scan --checkpoint runs/clip/final.pt --csv data/train.csv --out scan --drop-count "
     "500": "external",

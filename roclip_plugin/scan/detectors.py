@@ -395,16 +395,21 @@ def peer_scores(
     ``trim`` (the poison among them) does not set the scale: large where an image differs
     from its kind of caption's usual images in a direction clean pairs seldom differ in.
     The Gaussian is fitted first, on ``fit_rows`` (a bounded sample: its own search), then
-    every block of rows is searched once for both scores.
+    every block of rows is searched once for both scores; where the sample is every row, its
+    offsets serve the scores too and no row is searched twice.
     """
     peers = Peers(images, captions, k, query_rows=query_rows, reference_rows=reference_rows)
-    fit = np.arange(len(images)) if fit_rows is None else np.asarray(fit_rows)
-    mean, precision = trimmed_gaussian(peers.offsets(fit), trim)
-    peer, misfit = np.empty(len(images)), np.empty(len(images))
-    for part in row_blocks(len(images), block):
-        own, centres = np.asarray(images[part], dtype=np.float64), peers.centres(part)
-        peer[part] = peers_value(own, centres)
-        misfit[part] = mahalanobis(own - centres - mean, precision)
+    n = len(images)
+    fit = np.arange(n) if fit_rows is None else np.asarray(fit_rows)
+    fitted = peers.offsets(fit)
+    mean, precision = trimmed_gaussian(fitted, trim)
+    every_row = len(fit) == n and np.array_equal(fit, np.arange(n))  # no second search
+    peer, misfit = np.empty(n), np.empty(n)
+    for part in row_blocks(n, block):
+        own = np.asarray(images[part], dtype=np.float64)
+        offsets = fitted[part] if every_row else own - peers.centres(part)
+        peer[part] = peers_value(own, own - offsets)
+        misfit[part] = mahalanobis(offsets - mean, precision)
     return peer, misfit
 
 

@@ -167,6 +167,26 @@ def test_trimming_keeps_the_poison_out_of_the_spread_it_is_measured_against() ->
     assert ratio["trimmed"] > 2 * ratio["plain"]
 
 
+def test_a_fit_on_every_row_reuses_its_offsets_for_the_scores() -> None:
+    """Fitted on every row, the fit's own offsets give the scores (one search); the same rows
+    in another order are searched again per block: the figures agree."""
+    rng = np.random.default_rng(13)
+    images, captions = unit(rng.normal(size=(120, 6))), unit(rng.normal(size=(120, 6)))
+    rows = np.arange(120)
+    once = peer_scores(images, captions, 5, query_rows=rows, reference_rows=rows[::2], block=50)
+    twice = peer_scores(
+        images,
+        captions,
+        5,
+        query_rows=rows,
+        reference_rows=rows[::2],
+        fit_rows=rows[::-1],
+        block=50,
+    )
+    for a, b in zip(once, twice, strict=True):
+        assert np.allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
 def test_misfit_is_the_mahalanobis_distance_of_the_offset_from_the_peers_mean_image() -> None:
     """Brute force, untrimmed: offsets ``x - m`` of the fit rows, their mean and (population)
     covariance, and ``(r - mu)^T S^+ (r - mu)`` for every row."""

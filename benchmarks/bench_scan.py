@@ -35,9 +35,9 @@ measured here put 1.6% to 2.6% of the pairs in poison (960 targeted rows, a back
 to 1%), and attack success needs only a few of a target's captions, or a few dozen of a
 trigger's copies, to stay (30 backdoored rows gave plain CLIP 35-71% on Fashion-MNIST). With
 the group scores' ``combined``, a drop of 5% still kept 34-54 of a 1% backdoor's 600 rows on
-Fashion-MNIST, a drop of 10% 5-8 (docs/scan.md); retrained on what 10% left, plain CLIP lost
-no clean zero-shot against the same recipe on the clean rows. Dropping 10% is about 6,000 of
-61,000 mostly clean pairs, a price a CLIP run on abundant data can pay. The output also gives
+Fashion-MNIST, a drop of 10% 3-8 (docs/scan.md, with what plain CLIP retrained on the rest
+reached). Dropping 10% is about 6,000 of 61,000 mostly clean pairs, a price a CLIP run on
+abundant data can pay. The output also gives
 the poison recall at 1%, 2%, 5% and 10% of the pairs, for choosing another.
 """
 

@@ -32,13 +32,14 @@ point of), unless the runs folder holds it already.
 
 Why 10% by default: a user picks the fraction without knowing the poison count. The attacks
 measured here put 1.6% to 2.6% of the pairs in poison (960 targeted rows, a backdoor of 0.05%
-to 1%), and attack success needs only a few of a target's captions, or a few dozen of a
-trigger's copies, to stay (30 backdoored rows gave plain CLIP 35-71% on Fashion-MNIST). With
+to 1%), and attack success needs only a few of a target's captions, or a dozen of a
+trigger's copies, to stay (30 backdoored rows gave plain CLIP 35-71% on Fashion-MNIST, 12 left
+by a filter 18%). With
 the group scores' ``combined``, a drop of 5% still kept 34-54 of a 1% backdoor's 600 rows on
-Fashion-MNIST, a drop of 10% 3-8 (docs/scan.md, with what plain CLIP retrained on the rest
+Fashion-MNIST, a drop of 10% 3-12 (docs/scan.md, with what plain CLIP retrained on the rest
 reached). Dropping 10% is about 6,000 of 61,000 mostly clean pairs, a price a CLIP run on
-abundant data can pay. The output also gives
-the poison recall at 1%, 2%, 5% and 10% of the pairs, for choosing another.
+abundant data can pay. The output also gives the poison recall at 1%, 2%, 5% and 10% of the
+pairs, for choosing another.
 """
 
 from __future__ import annotations

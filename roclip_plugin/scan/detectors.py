@@ -407,8 +407,13 @@ def peer_scores(
     peer, misfit = np.empty(n), np.empty(n)
     for part in row_blocks(n, block):
         own = np.asarray(images[part], dtype=np.float64)
-        offsets = fitted[part] if every_row else own - peers.centres(part)
-        peer[part] = peers_value(own, own - offsets)
+        if every_row:
+            offsets = fitted[part]
+            centres = own - offsets
+        else:
+            centres = peers.centres(part)
+            offsets = own - centres
+        peer[part] = peers_value(own, centres)
         misfit[part] = mahalanobis(offsets - mean, precision)
     return peer, misfit
 
@@ -496,7 +501,7 @@ def score_embeddings(
         trim=settings.misfit_trim,
         block=block,
     )
-    near = image_neighbours(
+    with image_neighbours(
         images,
         captions,
         settings.k,
@@ -504,10 +509,9 @@ def score_embeddings(
         seed=seed,
         block=block,
         scratch=scratch,
-    )
-    with near as found:
-        scores["targeted"] = targeted_from(found, settings.duplicate_quantile, block)
+    ) as near:
+        scores["targeted"] = targeted_from(near, settings.duplicate_quantile, block)
         for name, group in (("peers", "peer_group"), ("misfit", "misfit_group")):
-            scores[group] = group_score(scores[name], found, block)
+            scores[group] = group_score(scores[name], near, block)
     scores["combined"] = rank_max([scores[name] for name in COMBINED])
     return {name: scores[name] for name in DETECTORS}

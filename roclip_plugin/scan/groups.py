@@ -155,7 +155,8 @@ def neighbour_tables(
     """
     kinds = (("index", np.int64), ("distance", np.float64), ("agreement", np.float64))
     if scratch is None:
-        yield np.empty((rows, k), np.int64), np.empty((rows, k)), np.empty((rows, k))
+        arrays = [np.empty((rows, k), kind) for _, kind in kinds]
+        yield arrays[0], arrays[1], arrays[2]
         return
     Path(scratch).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=scratch, prefix="neighbours-") as folder:

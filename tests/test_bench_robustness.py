@@ -110,3 +110,29 @@ def test_another_trigger_is_saved_and_tabled_apart(tmp_path: Path) -> None:
     assert [line.split(" | ")[0] for line in lines] == ["| mnist", "| mnist (wanet)"]
     with pytest.raises(SystemExit):
         br.parse_args(["--trigger", "stripes"])
+
+
+def test_every_variant_builds_a_valid_config() -> None:
+    """A misspelt field or value in a variant would fail hours into a grid; here it fails now."""
+    from roclip_plugin.config import RoClipConfig
+
+    for name, (flags, _) in br.VARIANTS.items():
+        if flags is None:
+            continue
+        fields = {k: v for k, v in flags.items() if k != "preset"}
+        config = RoClipConfig.from_preset(flags.get("preset", "default"), **fields)
+        assert all(getattr(config, k) == v for k, v in fields.items()), name
+
+
+def test_the_augmentation_candidates_differ_from_robust_in_augmentation_only() -> None:
+    from roclip_plugin.config import RoClipConfig
+
+    robust = RoClipConfig.from_preset("robust").to_dict()
+    for name, changed in (
+        ("robust-notext", {"text_aug"}),
+        ("robust-noaug", {"text_aug", "image_aug"}),
+    ):
+        flags = {k: v for k, v in br.VARIANTS[name][0].items() if k != "preset"}
+        config = RoClipConfig.from_preset("robust", **flags).to_dict()
+        assert {k for k in robust if robust[k] != config[k]} == changed
+        assert all(config[k] == "none" for k in changed)

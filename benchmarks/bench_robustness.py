@@ -471,6 +471,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="train nothing: the table of every run saved in --out/runs so far",
     )
+    parser.add_argument(
+        "--compare",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("CANDIDATE", "INCUMBENT"),
+        help="with --report, also the verdict table of CANDIDATE against INCUMBENT by the "
+        "default's rule (repeatable; the default's own table is robust against roclip)",
+    )
     return parser.parse_args(argv)
 
 
@@ -488,7 +497,7 @@ def base_settings(args: argparse.Namespace) -> DemoSettings:
     return base
 
 
-def report(out: Path) -> int:
+def report(out: Path, compare: list[list[str]] | None = None) -> int:
     """The table of the runs a (possibly unfinished) grid has saved, whatever plan made them.
 
     A CPU grid takes hours; its runs are saved one by one, so the table can be read at any time,
@@ -505,7 +514,19 @@ def report(out: Path) -> int:
         if ok
         else "robust does not beat roclip in every cell: the default stays"
     )
-    text = "\n\n".join([table(rows), purity_table(rows), verdict, decision])
+    extra = []
+    for candidate, incumbent in compare or []:
+        known = {r["variant"] for r in rows}
+        missing = [name for name in (candidate, incumbent) if name not in known]
+        if missing:
+            raise SystemExit(
+                f"--compare: no saved run of {', '.join(missing)} in {out / 'runs'}; "
+                f"saved variants: {', '.join(sorted(known))}"
+            )
+        extra.append(
+            f"{candidate} against {incumbent}:\n\n" + verdict_table(rows, candidate, incumbent)[0]
+        )
+    text = "\n\n".join([table(rows), purity_table(rows), verdict, decision, *extra])
     print(header)
     print(text)
     (out / "report.md").write_text(f"{header}\n\n{text}\n")
@@ -515,8 +536,10 @@ def report(out: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.compare and not args.report:
+        raise SystemExit("--compare goes with --report (it reads saved runs, it trains nothing)")
     if args.report:
-        return report(args.out)
+        return report(args.out, args.compare)
     base = base_settings(args)
     variants = {**VARIANTS, **parse_extra(args.extra)}
     unknown = sorted(set(args.variants + args.ablations + args.beyond) - set(variants))

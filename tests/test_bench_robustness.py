@@ -136,3 +136,30 @@ def test_the_augmentation_candidates_differ_from_robust_in_augmentation_only() -
         config = RoClipConfig.from_preset("robust", **flags).to_dict()
         assert {k for k in robust if robust[k] != config[k]} == changed
         assert all(config[k] == "none" for k in changed)
+
+
+def test_report_compares_a_candidate_with_an_incumbent_by_the_default_rule(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _save(
+        tmp_path,
+        [
+            _row(0, "robust", 0.80, targeted=0.1, backdoor=0.2),
+            _row(0, "robust-notext", 0.84, targeted=0.05, backdoor=0.1),
+            _row(0, "roclip", 0.75, targeted=0.3, backdoor=0.3),
+        ],
+    )
+    argv = ["--out", str(tmp_path), "--report", "--compare", "robust-notext", "robust"]
+    assert br.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "robust-notext against robust:" in printed
+    assert (
+        "| mnist | 0.1% | 0 (floor none) | 5.0 / 10.0 / - | 10.0 / 20.0 / - | 84.0 / 80.0 | yes |"
+        in printed
+    )
+    with pytest.raises(
+        SystemExit, match=r"--compare: no saved run of robust20 in .*saved variants"
+    ):
+        br.main(["--out", str(tmp_path), "--report", "--compare", "robust20", "robust"])
+    with pytest.raises(SystemExit, match="--compare goes with --report"):
+        br.main(["--out", str(tmp_path), "--compare", "robust-notext", "robust"])

@@ -90,7 +90,7 @@ VARIANTS: dict[str, tuple[dict[str, Any] | None, bool]] = {
 CLEAN_ONLY = ("floor", "clip-clean")
 MAIN = ("clip", "roclip", "robust", "safeclip", "floor")
 ABLATIONS = ("aug-only", "match-only", "reference", "every-epoch", "adaptive")
-BEYOND = ("robust-noimg", "robust-notext", "robust-noaug", "robust20")
+BEYOND = ("robust-noimg", "robust-notext", "robust20")
 COLUMNS = (
     ("zero_shot", "zero-shot"),
     ("linear_probe", "probe"),

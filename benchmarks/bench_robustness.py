@@ -514,9 +514,8 @@ def report(out: Path, compare: list[list[str]] | None = None) -> int:
         if ok
         else "robust does not beat roclip in every cell: the default stays"
     )
-    extra = []
+    extra, known = [], {r["variant"] for r in rows}
     for candidate, incumbent in compare or []:
-        known = {r["variant"] for r in rows}
         missing = [name for name in (candidate, incumbent) if name not in known]
         if missing:
             raise SystemExit(

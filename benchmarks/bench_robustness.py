@@ -24,6 +24,11 @@ Variants (``--variants``), on top of the scale's RoCLIP settings:
                  epoch every K, pool updated in matching epochs only), same pool and images
   every-epoch    matching every epoch after the warm-up (--roclip-defend-every 1)
   adaptive       matching starts once in-batch retrieval accuracy reaches the threshold
+  robust         the default preset (risky tenth dropped, images augmented, captions not)
+  robust-eda     robust with EDA captions, as the default ran until 2026-12-07
+  safeclip       SafeCLIP's preset, its unimodal warm-up scaled to 2 of 12 epochs
+  floor          robust on the clean rows only (floor-eda: robust-eda's), what an attack
+                 scores when nothing is learned from the poison
   NAME:field=value,...   any other RoCLIP settings (--extra)
 
     python benchmarks/bench_robustness.py --out robustness               # the CPU grid
@@ -73,24 +78,25 @@ VARIANTS: dict[str, tuple[dict[str, Any] | None, bool]] = {
     # 5 unimodal warm-up epochs of 32 become 2).
     "robust": ({"preset": "robust"}, True),
     "safeclip": ({"preset": "safeclip", "unimodal_warmup_epochs": 2}, True),
+    # robust as it was before captions lost EDA (2026-12-07): EDA's deletions and synonyms
+    # remove or replace the class word of some short captions ("an image of the pullover" ->
+    # "an image of the"), at a clean-accuracy cost on Fashion-MNIST (docs/results.md).
+    "robust-eda": ({"preset": "robust", "text_aug": "eda"}, True),
     # Candidates for robust: without image augmentation (its clean-accuracy cost on
-    # Fashion-MNIST), and a fifth of each batch instead of a tenth.
-    "robust-noimg": ({"preset": "robust", "image_aug": "none"}, True),
-    # Without text augmentation: EDA's deletions and synonyms remove or replace the class word
-    # of some short captions ("an image of the pullover" -> "an image of the"), clean-accuracy
-    # cost on Fashion-MNIST (docs/results.md); and without either augmentation.
-    "robust-notext": ({"preset": "robust", "text_aug": "none"}, True),
-    "robust-noaug": ({"preset": "robust", "text_aug": "none", "image_aug": "none"}, True),
+    # Fashion-MNIST; noimg kept EDA, as it ran), and a fifth of each batch instead of a tenth.
+    "robust-noimg": ({"preset": "robust", "image_aug": "none", "text_aug": "eda"}, True),
+    "robust-noaug": ({"preset": "robust", "image_aug": "none"}, True),
     "robust20": ({"preset": "robust", "match_fraction": 0.2}, True),
     # The floors: trained on the clean rows only (the poisoned ones removed by the manifest),
-    # what the attacks score when nothing was learned from the poison.
+    # what the attacks score when nothing was learned from the poison; each with its recipe.
     "floor": ({"preset": "robust"}, True),
+    "floor-eda": ({"preset": "robust", "text_aug": "eda"}, True),
     "clip-clean": (None, True),
 }
-CLEAN_ONLY = ("floor", "clip-clean")
+CLEAN_ONLY = ("floor", "floor-eda", "clip-clean")
 MAIN = ("clip", "roclip", "robust", "safeclip", "floor")
 ABLATIONS = ("aug-only", "match-only", "reference", "every-epoch", "adaptive")
-BEYOND = ("robust-noimg", "robust-notext", "robust20")
+BEYOND = ("robust-eda", "robust-noimg", "robust20")
 COLUMNS = (
     ("zero_shot", "zero-shot"),
     ("linear_probe", "probe"),
@@ -355,11 +361,11 @@ def _seeds(rows: list[dict[str, Any]], variant: str) -> dict[int, dict[str, Any]
 
 
 def cell_verdict(
-    rows: list[dict[str, Any]], candidate: str, incumbent: str
+    rows: list[dict[str, Any]], candidate: str, incumbent: str, floor_name: str = "floor"
 ) -> dict[str, Any] | None:
     """One (dataset, rate): means over the seeds both variants ran, each ASR read at its floor.
 
-    The floor is the ``floor`` variant (trained without the poisoned rows): an attack success
+    The floor is the ``floor_name`` variant (trained without the poisoned rows): an attack success
     below it is what the trigger or target scores when nothing was learned from the poison, so
     two figures under the floor are a tie, not a win (Fashion-MNIST's blended trigger alone
     turns a third of the test images into the target class). Zero-shot is compared as measured.
@@ -369,7 +375,7 @@ def cell_verdict(
     seeds = sorted(set(cand) & set(inc))
     if not seeds:
         return None
-    floor = [r for r in rows if r["variant"] == "floor"]
+    floor = [r for r in rows if r["variant"] == floor_name]
     out: dict[str, Any] = {"seeds": seeds, "floor_seeds": sorted(r["seed"] for r in floor)}
     wins = []
     for key in ASR_KEYS:
@@ -388,7 +394,10 @@ def cell_verdict(
 
 
 def verdict_table(
-    rows: list[dict[str, Any]], candidate: str = "robust", incumbent: str = "roclip"
+    rows: list[dict[str, Any]],
+    candidate: str = "robust",
+    incumbent: str = "roclip",
+    floor_name: str = "floor",
 ) -> tuple[str, bool]:
     """Markdown: the candidate against the incumbent per (dataset, rate), and the verdict.
 
@@ -397,16 +406,16 @@ def verdict_table(
     """
     cells = sorted({(label(r), r["rate"]) for r in rows})
     lines = [
-        f"| dataset | backdoor | seeds | targeted {candidate} / {incumbent} / floor "
-        f"| backdoor {candidate} / {incumbent} / floor | zero-shot {candidate} / {incumbent} "
+        f"| dataset | backdoor | seeds | targeted {candidate} / {incumbent} / {floor_name} "
+        f"| backdoor {candidate} / {incumbent} / {floor_name} "
+        f"| zero-shot {candidate} / {incumbent} "
         f"| {candidate} no worse |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     verdicts = []
     for dataset, rate in cells:
-        v = cell_verdict(
-            [r for r in rows if (label(r), r["rate"]) == (dataset, rate)], candidate, incumbent
-        )
+        cell = [r for r in rows if (label(r), r["rate"]) == (dataset, rate)]
+        v = cell_verdict(cell, candidate, incumbent, floor_name)
         if v is None:
             continue
         verdicts.append(v["beats"])
@@ -480,6 +489,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="with --report, also the verdict table of CANDIDATE against INCUMBENT by the "
         "default's rule (repeatable; the default's own table is robust against roclip)",
     )
+    parser.add_argument(
+        "--floor",
+        default="floor",
+        metavar="VARIANT",
+        help="with --report, the clean-rows variant each verdict reads its ASRs at (default: "
+        "floor, the robust preset's recipe; floor-eda for robust-eda's)",
+    )
     return parser.parse_args(argv)
 
 
@@ -497,7 +513,7 @@ def base_settings(args: argparse.Namespace) -> DemoSettings:
     return base
 
 
-def report(out: Path, compare: list[list[str]] | None = None) -> int:
+def report(out: Path, compare: list[list[str]] | None = None, floor_name: str = "floor") -> int:
     """The table of the runs a (possibly unfinished) grid has saved, whatever plan made them.
 
     A CPU grid takes hours; its runs are saved one by one, so the table can be read at any time,
@@ -508,13 +524,19 @@ def report(out: Path, compare: list[list[str]] | None = None) -> int:
         raise SystemExit(f"--report: no saved runs in {out / 'runs'}; run the grid first")
     rows = [json.loads(path.read_text()) for path in paths]
     header = f"{len(rows)} saved runs in {out / 'runs'} (each run's device is in {out}/log.txt)"
-    verdict, ok = verdict_table(rows)
+    known = {r["variant"] for r in rows}
+    if floor_name != "floor" and floor_name not in known:
+        raise SystemExit(
+            f"--floor: no saved run of {floor_name} in {out / 'runs'}; saved variants: "
+            f"{', '.join(sorted(known))}"
+        )
+    verdict, ok = verdict_table(rows, floor_name=floor_name)
     decision = (
         "robust beats roclip in every cell: it can be the default"
         if ok
         else "robust does not beat roclip in every cell: the default stays"
     )
-    extra, known = [], {r["variant"] for r in rows}
+    extra = []
     for candidate, incumbent in compare or []:
         missing = [name for name in (candidate, incumbent) if name not in known]
         if missing:
@@ -523,7 +545,8 @@ def report(out: Path, compare: list[list[str]] | None = None) -> int:
                 f"saved variants: {', '.join(sorted(known))}"
             )
         extra.append(
-            f"{candidate} against {incumbent}:\n\n" + verdict_table(rows, candidate, incumbent)[0]
+            f"{candidate} against {incumbent}:\n\n"
+            + verdict_table(rows, candidate, incumbent, floor_name)[0]
         )
     text = "\n\n".join([table(rows), purity_table(rows), verdict, decision, *extra])
     print(header)
@@ -535,10 +558,12 @@ def report(out: Path, compare: list[list[str]] | None = None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.compare and not args.report:
-        raise SystemExit("--compare goes with --report (it reads saved runs, it trains nothing)")
+    if (args.compare or args.floor != "floor") and not args.report:
+        raise SystemExit(
+            "--compare and --floor go with --report (they read saved runs, they train nothing)"
+        )
     if args.report:
-        return report(args.out, args.compare)
+        return report(args.out, args.compare, args.floor)
     base = base_settings(args)
     variants = {**VARIANTS, **parse_extra(args.extra)}
     unknown = sorted(set(args.variants + args.ablations + args.beyond) - set(variants))

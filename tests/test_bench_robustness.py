@@ -124,18 +124,23 @@ def test_every_variant_builds_a_valid_config() -> None:
         assert all(getattr(config, k) == v for k, v in fields.items()), name
 
 
-def test_the_augmentation_candidates_differ_from_robust_in_augmentation_only() -> None:
+def test_the_augmentation_variants_differ_from_robust_in_augmentation_only() -> None:
     from roclip_plugin.config import RoClipConfig
 
     robust = RoClipConfig.from_preset("robust").to_dict()
     for name, changed in (
-        ("robust-notext", {"text_aug"}),
-        ("robust-noaug", {"text_aug", "image_aug"}),
+        ("robust-eda", {"text_aug"}),
+        ("robust-noimg", {"text_aug", "image_aug"}),
+        ("robust-noaug", {"image_aug"}),
+        ("floor-eda", {"text_aug"}),
+        ("floor", set()),
     ):
         flags = {k: v for k, v in br.VARIANTS[name][0].items() if k != "preset"}
         config = RoClipConfig.from_preset("robust", **flags).to_dict()
-        assert {k for k in robust if robust[k] != config[k]} == changed
-        assert all(config[k] == "none" for k in changed)
+        assert {k for k in robust if robust[k] != config[k]} == changed, name
+    # the saved rows of robust-eda and floor-eda were trained with EDA captions
+    assert br.VARIANTS["robust-eda"][0]["text_aug"] == br.VARIANTS["floor-eda"][0]["text_aug"]
+    assert {"floor", "floor-eda"} <= set(br.CLEAN_ONLY)
 
 
 def test_report_compares_a_candidate_with_an_incumbent_by_the_default_rule(
@@ -145,21 +150,32 @@ def test_report_compares_a_candidate_with_an_incumbent_by_the_default_rule(
         tmp_path,
         [
             _row(0, "robust", 0.80, targeted=0.1, backdoor=0.2),
-            _row(0, "robust-notext", 0.84, targeted=0.05, backdoor=0.1),
+            _row(0, "robust-eda", 0.84, targeted=0.05, backdoor=0.1),
+            _row(0, "floor-eda", 0.80, targeted=0.0, backdoor=0.15),
             _row(0, "roclip", 0.75, targeted=0.3, backdoor=0.3),
         ],
     )
-    argv = ["--out", str(tmp_path), "--report", "--compare", "robust-notext", "robust"]
+    argv = ["--out", str(tmp_path), "--report", "--compare", "robust-eda", "robust"]
     assert br.main(argv) == 0
     printed = capsys.readouterr().out
-    assert "robust-notext against robust:" in printed
+    assert "robust-eda against robust:" in printed
     assert (
         "| mnist | 0.1% | 0 (floor none) | 5.0 / 10.0 / - | 10.0 / 20.0 / - | 84.0 / 80.0 | yes |"
         in printed
     )
+    # read at floor-eda's 15% backdoor, 10% and 20% are 15% and 20%: still a win
+    assert br.main([*argv, "--floor", "floor-eda"]) == 0
+    assert (
+        "| mnist | 0.1% | 0 (floor 0) | 5.0 / 10.0 / 0.0 | 10.0 / 20.0 / 15.0 | 84.0 / 80.0 | yes |"
+        in capsys.readouterr().out
+    )
+    with pytest.raises(SystemExit, match=r"--floor: no saved run of floor-x in .*saved variants"):
+        br.main([*argv, "--floor", "floor-x"])
     with pytest.raises(
         SystemExit, match=r"--compare: no saved run of robust20 in .*saved variants"
     ):
         br.main(["--out", str(tmp_path), "--report", "--compare", "robust20", "robust"])
-    with pytest.raises(SystemExit, match="--compare goes with --report"):
-        br.main(["--out", str(tmp_path), "--compare", "robust-notext", "robust"])
+    with pytest.raises(SystemExit, match="--compare and --floor go with --report"):
+        br.main(["--out", str(tmp_path), "--compare", "robust-eda", "robust"])
+    with pytest.raises(SystemExit, match="--compare and --floor go with --report"):
+        br.main(["--out", str(tmp_path), "--floor", "floor-eda"])

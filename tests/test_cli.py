@@ -89,7 +89,7 @@ def test_smoke_refuses_nltk_synonyms_without_nltk(capsys, monkeypatch) -> None:
 
     monkeypatch.setattr(roclip_plugin.augment.synonyms, "nltk_wordnet_available", lambda: False)
     monkeypatch.setattr(roclip_plugin.smoke, "run_demo", _must_not_run)
-    assert main(["smoke", "--roclip-eda-synonyms", "nltk"]) == 2
+    assert main(["smoke", "--roclip-text-aug", "eda", "--roclip-eda-synonyms", "nltk"]) == 2
     assert "--roclip-eda-synonyms" in capsys.readouterr().out
 
 
@@ -115,7 +115,8 @@ def test_smoke_none_augmentation_turns_its_stand_in_off() -> None:
     s = DemoSettings()
     off = stand_ins(s, RoClipConfig(image_aug="none", text_aug="none"))
     assert (off.image_noise, off.word_dropout) == (0.0, 0.0)
-    assert stand_ins(s, RoClipConfig()) == s
+    assert stand_ins(s, RoClipConfig(text_aug="eda")) == s
+    assert stand_ins(s, RoClipConfig()).word_dropout == 0.0  # the default leaves captions
 
 
 def test_flags_prints_plain_percent_signs(capsys) -> None:

@@ -14,8 +14,9 @@ $B --datasets fashion-mnist --seeds 0 --rates 0.001 0.01 --variants robust-noimg
 $B --datasets mnist fashion-mnist --seeds 0 --rates 0.0005 --variants clip roclip robust floor
 $B --datasets mnist fashion-mnist --seeds 1 2 --rates 0.001 --variants clip roclip robust safeclip floor
 $B --datasets mnist fashion-mnist --seeds 1 2 --rates 0.01 0.0005 --variants clip roclip robust floor
-# the candidate without text augmentation (EDA drops or swaps some captions' class word)
-$B --datasets fashion-mnist mnist --seeds 0 1 2 --rates 0.001 0.01 0.0005 --variants robust-notext
+# robust as it ran before its captions lost EDA (EDA drops or swaps some captions' class
+# word), with its own floor: the saved robust-eda and floor-eda rows
+$B --datasets fashion-mnist mnist --seeds 0 1 2 --rates 0.001 0.01 0.0005 --variants robust-eda floor-eda
 # the other triggers, one seed each at 0.1% (the goal: where they take on plain CLIP)
 $B --datasets mnist fashion-mnist --seeds 0 --rates 0.001 --variants clip robust --trigger patch
 $B --datasets mnist fashion-mnist --seeds 0 --rates 0.001 --variants clip robust --trigger wanet

@@ -55,7 +55,10 @@ CAPTION = "a red dog sits on the photo of a car near the cat"
 
 def test_augmentation_defaults_and_reference_preset() -> None:
     cfg = RoClipConfig()
-    assert (cfg.image_aug, cfg.text_aug) == ("roclip", "eda")
+    # the default augments images only; the paper's presets keep EDA on captions
+    assert (cfg.image_aug, cfg.text_aug) == ("roclip", "none")
+    for name in ("paper", "reference", "safeclip"):
+        assert RoClipConfig.from_preset(name).text_aug == "eda"
     assert (cfg.image_aug_refresh, cfg.text_aug_refresh) == ("epoch", "epoch")
     assert (cfg.eda_alpha, cfg.eda_p, cfg.eda_synonyms) == (0.1, 0.1, "auto")
     ref = RoClipConfig.from_preset("reference")
@@ -105,7 +108,15 @@ def test_augmentation_flags_round_trip() -> None:
 
 
 def test_build_policy_defaults() -> None:
-    policy = build_policy(RoClipConfig(eda_synonyms="table", seed=4), get_plugin_manager())
+    policy = build_policy(RoClipConfig(seed=4), get_plugin_manager())
+    assert (policy.image_name, policy.text_name) == ("roclip", "none")
+    assert policy.text_augment is identity  # captions train as written
+    assert policy.image_keys.seed == 4
+
+
+def test_build_policy_paper_preset_uses_eda() -> None:
+    cfg = RoClipConfig.from_preset("paper", eda_synonyms="table", seed=4)
+    policy = build_policy(cfg, get_plugin_manager())
     assert (policy.image_name, policy.text_name) == ("roclip", "eda")
     assert isinstance(policy.text_augment, Eda) and policy.text_augment.synonyms is not None
     assert policy.image_keys.seed == 4
@@ -251,7 +262,7 @@ class ToyTokenizer:
 
 
 def _text_policy(**kwargs) -> AugmentationPolicy:
-    config = RoClipConfig(image_aug="none", eda_synonyms="table", **kwargs)
+    config = RoClipConfig(image_aug="none", text_aug="eda", eda_synonyms="table", **kwargs)
     return build_policy(config, get_plugin_manager())
 
 
@@ -327,7 +338,8 @@ def _epochs(policy: AugmentationPolicy, loader: torch.utils.data.DataLoader) -> 
 
 @pytest.mark.parametrize("context", ["fork", "spawn"])
 def test_dataloader_workers_reproduce_the_single_process_result(context: str) -> None:
-    policy = build_policy(RoClipConfig(eda_synonyms="table", seed=3), get_plugin_manager())
+    config = RoClipConfig(text_aug="eda", eda_synonyms="table", seed=3)
+    policy = build_policy(config, get_plugin_manager())
     dataset = _dataset(policy)
     single = _epochs(policy, torch.utils.data.DataLoader(dataset, batch_size=2))
     loader = torch.utils.data.DataLoader(

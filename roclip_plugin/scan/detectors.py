@@ -419,7 +419,11 @@ def peer_scores(
 
 
 def mahalanobis(centred: np.ndarray, precision: np.ndarray) -> np.ndarray:
-    """``r^T P r`` for each row ``r``: the same figures for a row in any block (tested)."""
+    """``r^T P r`` for each row ``r``: the same figures for a row in any block.
+
+    Up to float64 rounding: a BLAS may sum a product's terms in another order for another
+    block height.
+    """
     return np.einsum("nd,nd->n", centred @ precision, centred)
 
 

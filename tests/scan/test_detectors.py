@@ -310,7 +310,12 @@ def test_the_margin_over_distinct_captions_equals_the_all_rows_search() -> None:
     ids=["exact", "ivf", "caption-sample"],
 )
 def test_scores_in_blocks_equal_the_scores_of_all_rows_at_once(base, tmp_path) -> None:
-    """Bounded memory changes no score: each row's figures come from the same searches."""
+    """Bounded memory changes no score: each row's figures come from the same searches.
+
+    Equal up to float64 rounding, not bit for bit: a BLAS may pick another kernel for another
+    block height (this CPU's OpenBLAS sums ``misfit``'s products in another order for 37 rows
+    than for 742, a difference of 1e-14), and no BLAS promises otherwise.
+    """
     data = planted(seed=7, clean=700, backdoor=15, targets=2, copies=12)
     captions = data.captions.copy()
     captions[100:160] = captions[100]  # a template: the margin's distinct captions matter
@@ -319,7 +324,7 @@ def test_scores_in_blocks_equal_the_scores_of_all_rows_at_once(base, tmp_path) -
         data.images, captions, replace(base, block=37), scratch=tmp_path / "scratch"
     )
     for name in DETECTORS:
-        assert np.array_equal(blocked[name], whole[name]), name
+        np.testing.assert_allclose(blocked[name], whole[name], rtol=1e-12, atol=1e-12, err_msg=name)
     assert list((tmp_path / "scratch").iterdir()) == []  # the spilled tables are removed
 
 

@@ -12,6 +12,7 @@ from roclip_plugin.augment import (
     eda_factory,
     identity_factory,
     roclip_image_factory,
+    roclip_light_image_factory,
     roclip_small_image_factory,
 )
 from roclip_plugin.config import RoClipConfig
@@ -37,7 +38,7 @@ def roclip_should_match(
 
 @hookimpl(tryfirst=True)
 def roclip_register_augmentations(register: Callable[..., None]) -> None:
-    """``none`` (identity) for both kinds, ``roclip`` and ``roclip-small`` for images, ``eda``.
+    """``none`` for both kinds; ``roclip``, ``roclip-small``, ``roclip-light`` for images; ``eda``.
 
     ``tryfirst`` so that defaults are in place before plugins, which may then replace them.
     Building ``roclip`` imports torchvision and Pillow; registering it does not.
@@ -46,6 +47,7 @@ def roclip_register_augmentations(register: Callable[..., None]) -> None:
     register("text", "none", identity_factory)
     register("image", "roclip", roclip_image_factory)
     register("image", "roclip-small", roclip_small_image_factory)
+    register("image", "roclip-light", roclip_light_image_factory)
     register("text", "eda", eda_factory)
 
 

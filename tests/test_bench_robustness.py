@@ -133,6 +133,8 @@ def test_the_augmentation_variants_differ_from_robust_in_augmentation_only() -> 
         ("robust-noimg", {"text_aug", "image_aug"}),
         ("robust-noaug", {"image_aug"}),
         ("floor-eda", {"text_aug"}),
+        ("robust-light", {"image_aug"}),
+        ("floor-light", {"image_aug"}),
         ("floor", set()),
     ):
         flags = {k: v for k, v in br.VARIANTS[name][0].items() if k != "preset"}
@@ -140,7 +142,8 @@ def test_the_augmentation_variants_differ_from_robust_in_augmentation_only() -> 
         assert {k for k in robust if robust[k] != config[k]} == changed, name
     # the saved rows of robust-eda and floor-eda were trained with EDA captions
     assert br.VARIANTS["robust-eda"][0]["text_aug"] == br.VARIANTS["floor-eda"][0]["text_aug"]
-    assert {"floor", "floor-eda"} <= set(br.CLEAN_ONLY)
+    assert br.VARIANTS["robust-light"][0]["image_aug"] == br.VARIANTS["floor-light"][0]["image_aug"]
+    assert {"floor", "floor-eda", "floor-light"} <= set(br.CLEAN_ONLY)
 
 
 def test_report_compares_a_candidate_with_an_incumbent_by_the_default_rule(

@@ -151,7 +151,7 @@ def test_roclip_register_augmentations() -> None:
     pm.register(Plugin())
     registry = collect_augmentations(pm)
     assert registry.names("text") == ["eda", "none", "shout"]
-    assert registry.names("image") == ["none", "roclip", "roclip-small"]
+    assert registry.names("image") == ["none", "roclip", "roclip-light", "roclip-small"]
     assert registry.build("text", "shout", RoClipConfig.from_preset("paper"))("a cat") == "A CAT"
     assert registry.build("text", "none", RoClipConfig.from_preset("paper"))("a cat") == "A CAT"
     assert registry.build("image", "none", RoClipConfig.from_preset("paper"))(5) == 5

@@ -20,6 +20,7 @@ from. See docs/augmentation.md.
 from roclip_plugin.augment.image import (
     RoClipImageAugment,
     roclip_image_factory,
+    roclip_light_image_factory,
     roclip_small_image_factory,
 )
 from roclip_plugin.augment.keys import IndexedDataset, sample_index
@@ -57,6 +58,7 @@ __all__ = [
     "identity_factory",
     "preprocess_size",
     "roclip_image_factory",
+    "roclip_light_image_factory",
     "roclip_small_image_factory",
     "sample_index",
 ]

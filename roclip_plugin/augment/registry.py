@@ -2,7 +2,8 @@
 
 The core owns names, duplicates and errors; plugins only call ``register`` from their
 ``roclip_register_augmentations`` hook. The built-ins are ``none`` (the identity) for both
-kinds, ``roclip`` and ``roclip-small`` for images and ``eda`` for texts (docs/augmentation.md).
+kinds, ``roclip``, ``roclip-small`` and ``roclip-light`` for images and ``eda`` for texts
+(docs/augmentation.md).
 
 :func:`collect_augmentations` fills a registry from a plugin manager it is *given*: the plugin
 manager imports the built-in plugin, which imports this package, so importing the manager here

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -395,6 +396,17 @@ def test_small_image_set_never_flips_greys_or_shifts_hue() -> None:
     area = params.crop_area_fraction(torch.tensor(32), torch.tensor(32))
     assert area.min() >= 0.5 * 0.9  # integer boxes round the 0.5 area a little
     assert params.jitter.float().mean() == pytest.approx(spec.jitter_p, abs=0.03)
+
+
+def test_light_image_set_is_the_small_set_with_a_crop_of_at_least_four_fifths() -> None:
+    policy = build_policy(RoClipConfig(image_aug="roclip-light"), get_plugin_manager())
+    spec = policy.image.spec
+    assert spec == replace(SMALL_IMAGE_SPEC, crop_scale=(0.8, 1.0))
+    params = draw_params(spec, (0, 3, torch.arange(4000), STREAM_IMAGE), 32, 32)
+    area = params.crop_area_fraction(torch.tensor(32), torch.tensor(32))
+    assert area.min() >= 0.8 * 0.9  # integer boxes round the 0.8 area a little
+    assert area.min() < 0.85  # the range's low end is drawn, not only whole images
+    assert not params.flip.any() and not params.gray.any()
 
 
 def test_a_zero_hue_shift_is_skipped_as_torchvision_skips_hue_zero(monkeypatch) -> None:

@@ -518,6 +518,16 @@ def base_settings(args: argparse.Namespace) -> DemoSettings:
     return base
 
 
+def require_saved(flag: str, names: list[str], known: set[str], runs: Path) -> None:
+    """Refuse a variant a report flag names but no saved run holds, naming the saved ones."""
+    missing = [name for name in names if name not in known]
+    if missing:
+        raise SystemExit(
+            f"{flag}: no saved run of {', '.join(missing)} in {runs}; "
+            f"saved variants: {', '.join(sorted(known))}"
+        )
+
+
 def report(out: Path, compare: list[list[str]] | None = None, floor_name: str = "floor") -> int:
     """The table of the runs a (possibly unfinished) grid has saved, whatever plan made them.
 
@@ -530,11 +540,8 @@ def report(out: Path, compare: list[list[str]] | None = None, floor_name: str = 
     rows = [json.loads(path.read_text()) for path in paths]
     header = f"{len(rows)} saved runs in {out / 'runs'} (each run's device is in {out}/log.txt)"
     known = {r["variant"] for r in rows}
-    if floor_name != "floor" and floor_name not in known:
-        raise SystemExit(
-            f"--floor: no saved run of {floor_name} in {out / 'runs'}; saved variants: "
-            f"{', '.join(sorted(known))}"
-        )
+    if floor_name != "floor":  # the default floor may still be owed: its verdicts say so
+        require_saved("--floor", [floor_name], known, out / "runs")
     verdict, ok = verdict_table(rows, floor_name=floor_name)
     decision = (
         "robust beats roclip in every cell: it can be the default"
@@ -543,12 +550,7 @@ def report(out: Path, compare: list[list[str]] | None = None, floor_name: str = 
     )
     extra = []
     for candidate, incumbent in compare or []:
-        missing = [name for name in (candidate, incumbent) if name not in known]
-        if missing:
-            raise SystemExit(
-                f"--compare: no saved run of {', '.join(missing)} in {out / 'runs'}; "
-                f"saved variants: {', '.join(sorted(known))}"
-            )
+        require_saved("--compare", [candidate, incumbent], known, out / "runs")
         extra.append(
             f"{candidate} against {incumbent}:\n\n"
             + verdict_table(rows, candidate, incumbent, floor_name)[0]

@@ -372,8 +372,9 @@ def cell_verdict(
 
     The floor is the ``floor_name`` variant (trained without the poisoned rows): an attack success
     below it is what the trigger or target scores when nothing was learned from the poison, so
-    two figures under the floor are a tie, not a win (Fashion-MNIST's blended trigger alone
-    turns a third of the test images into the target class). Zero-shot is compared as measured.
+    two figures under the floor are a tie, not a win (on Fashion-MNIST seed 0 the blended trigger
+    alone turns 40-50% of the test images into the target class). Zero-shot is compared as
+    measured.
     Returns None where the two variants share no seed.
     """
     cand, inc = _seeds(rows, candidate), _seeds(rows, incumbent)

@@ -99,7 +99,6 @@ from gpu_evidence_report import collect_rows, environment_report, grid_table, wr
 # -- parts --------------------------------------------------------------------------------------
 
 
-
 def plan(ctx: Context) -> list[Part]:
     """The parts in order, with this mode's sizes and budgets."""
     s = ctx.sizes()

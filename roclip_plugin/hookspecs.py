@@ -44,6 +44,7 @@ class DefenseView(Protocol):
     def matching(self) -> bool:
         """Whether the current step is a matching one."""
 
+
 # -- configuration ----------------------------------------------------------------------------
 
 

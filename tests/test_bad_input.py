@@ -183,8 +183,16 @@ def bad_loss_calls(draw: st.DrawFn) -> tuple[str, object, object, object]:
     fault = draw(
         st.sampled_from(
             [
-                "rows", "dim", "nan", "nan-text", "scale-x", "unnormalised", "scale", "type",
-                "shape", "dtype",
+                "rows",
+                "dim",
+                "nan",
+                "nan-text",
+                "scale-x",
+                "unnormalised",
+                "scale",
+                "type",
+                "shape",
+                "dtype",
             ]  # fmt: skip
         )
     )

@@ -54,7 +54,6 @@ def test_cuda_without_a_gpu_is_a_clear_error(capsys) -> None:
     assert "no CUDA device is visible; use --device cpu" in capsys.readouterr().out
 
 
-
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -143,8 +142,9 @@ def test_smoke_help_shows_the_pool_size_that_runs(capsys) -> None:
     text = " ".join(capsys.readouterr().out.split())
     pool_help = text.split("--roclip-pool-size ROCLIP_POOL_SIZE ")[-1].split("--roclip-")[0]
     runs = smoke_defaults(DemoSettings().pairs)["pool_size"]
-    assert pool_help.endswith(f"(default: 10% of the training pairs, {runs} for the default "
-                              "--train 20000) ")
+    assert pool_help.endswith(
+        f"(default: 10% of the training pairs, {runs} for the default --train 20000) "
+    )
     assert runs == 2024 and "(default: 21845)" not in text
 
 

@@ -85,9 +85,7 @@ def test_grid_goes_through_the_benchmarks_command_line(tmp_path: Path) -> None:
     argv = ge.grid_argv(_ctx(tmp_path, quick=False), tmp_path / "r", [0, 1])
     line = " ".join(argv)
     assert "--device cuda --datasets mnist fashion-mnist --seeds 0 1 --rates 0.001 0.01" in line
-    assert (
-        "--variants clip roclip robust safeclip floor --ablations --ablation-rates" in line
-    )
+    assert "--variants clip roclip robust safeclip floor --ablations --ablation-rates" in line
     assert "--quick" not in argv and "--epochs" not in argv
     assert ge.grid_argv(_ctx(tmp_path), tmp_path / "r", [0])[-1] == "--quick"
 

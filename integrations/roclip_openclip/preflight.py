@@ -228,5 +228,3 @@ def check_columns(args: Any, path: Path) -> None:
                 f"{shown}); set {flag} to the right column, and check --csv-separator "
                 f"{separator!r}"
             )
-
-

@@ -65,7 +65,6 @@ MAX_BLEND_ALPHA = 0.5  # more noise than image beyond this
 MAX_WANET_STRENGTH = 10.0  # mean displacement strength / 2 pixels: 5 px at this bound
 
 
-
 @dataclass
 class PoisonResult:
     """Where the poisoned dataset lies and which rows were changed."""

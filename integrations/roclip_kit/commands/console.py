@@ -19,8 +19,10 @@ def progress_bars(console: Console, *, elapsed: bool = False) -> Progress:
     ``elapsed`` also shows the time spent, for long steps (the demo's training runs) where the
     estimate of the time left only settles after the first units.
     """
-    clocks = (TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn()) if elapsed else (
-        TimeRemainingColumn(),
+    clocks = (
+        (TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn())
+        if elapsed
+        else (TimeRemainingColumn(),)
     )
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), *clocks)
     return Progress(*columns, console=console, transient=True)

@@ -127,8 +127,7 @@ def add_demo_command(subparsers: Any) -> argparse.ArgumentParser:
     add_argparse_args(
         group,
         default_text={
-            key: f"the scale's: {scale_text(key, getattr(base, key))}"
-            for key in scaled_flags(None)
+            key: f"the scale's: {scale_text(key, getattr(base, key))}" for key in scaled_flags(None)
         },
     )
     parser.set_defaults(run=run_demo_command)

@@ -84,6 +84,7 @@ FASHION_DIRS = (
     "/usr/share/datasets/fashion-mnist",
 )
 
+
 @dataclass(frozen=True)
 class SourceData:
     """Grey images of one source (bright object on dark, uint8 [N, H, W]) and labels."""

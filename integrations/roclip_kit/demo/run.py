@@ -484,5 +484,3 @@ def _evaluate_run(
     if progress is not None and task is not None:
         progress.remove_task(task)
     return per_epoch, final
-
-

@@ -251,9 +251,7 @@ def test_flags_are_checked_before_the_checkpoint_is_loaded(
 
 
 @pytest.mark.parametrize("target", ["checkpoint", "test.csv", "classes.json", "manifest"])
-def test_json_that_would_overwrite_an_input_is_refused(
-    run, capsys, monkeypatch, target
-) -> None:
+def test_json_that_would_overwrite_an_input_is_refused(run, capsys, monkeypatch, target) -> None:
     """``--json`` naming the checkpoint or a CSV replaced it with the report: data lost."""
     import roclip_kit.commands.eval
 

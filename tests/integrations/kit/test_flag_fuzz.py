@@ -162,7 +162,10 @@ CASES = [(command, flag) for command, flags in FLAGS.items() for flag in sorted(
 
 
 @pytest.fixture
-def stubbed(monkeypatch: pytest.MonkeyPatch) -> None:
+def stubbed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # An odd value the command accepts (``--out 9821991802529118``) is a relative folder that
+    # the command creates before its stubbed work: made in a scratch folder, not the checkout.
+    monkeypatch.chdir(tmp_path)
     for module, name in STUBS.values():
         monkeypatch.setattr(module, name, _start)
 

@@ -99,6 +99,14 @@ VARIANTS: dict[str, tuple[dict[str, Any] | None, bool]] = {
     "clip-clean": (None, True),
 }
 CLEAN_ONLY = ("floor", "floor-eda", "floor-light", "clip-clean")
+# Each recipe's floor: the same recipe on the clean rows. A recipe not named here (the paper's,
+# safeclip, a candidate given with --extra) is read at the default's floor, `floor`.
+FLOOR_OF = {
+    "robust-eda": "floor-eda",
+    "robust-light": "floor-light",
+    "clip": "clip-clean",
+    "scan-filter": "clip-clean",
+}
 MAIN = ("clip", "roclip", "robust", "safeclip", "floor")
 ABLATIONS = ("aug-only", "match-only", "reference", "every-epoch", "adaptive")
 BEYOND = ("robust-eda", "robust-noimg", "robust20")
@@ -365,31 +373,43 @@ def _seeds(rows: list[dict[str, Any]], variant: str) -> dict[int, dict[str, Any]
     return {r["seed"]: r for r in rows if r["variant"] == variant}
 
 
+def floor_of(variant: str) -> str:
+    """The clean-rows variant a recipe's attack success is read at (:data:`FLOOR_OF`)."""
+    return FLOOR_OF.get(variant, "floor")
+
+
 def cell_verdict(
-    rows: list[dict[str, Any]], candidate: str, incumbent: str, floor_name: str = "floor"
+    rows: list[dict[str, Any]], candidate: str, incumbent: str, floor_name: str | None = None
 ) -> dict[str, Any] | None:
     """One (dataset, rate): means over the seeds both variants ran, each ASR read at its floor.
 
-    The floor is the ``floor_name`` variant (trained without the poisoned rows): an attack success
-    below it is what the trigger or target scores when nothing was learned from the poison, so
-    two figures under the floor are a tie, not a win (on Fashion-MNIST seed 0 the blended trigger
-    alone turns 40-50% of the test images into the target class). Zero-shot is compared as
-    measured.
+    A floor is a variant trained without the poisoned rows: an attack success below it is what
+    the trigger or target scores when nothing was learned from the poison, so two figures under
+    their floors are a tie, not a win (on Fashion-MNIST seed 0 the blended trigger alone turns
+    40-50% of the test images into the target class). Each variant is read at its own recipe's
+    floor (:func:`floor_of`), or both at ``floor_name`` where one is given. Zero-shot is
+    compared as measured.
     Returns None where the two variants share no seed.
     """
     cand, inc = _seeds(rows, candidate), _seeds(rows, incumbent)
     seeds = sorted(set(cand) & set(inc))
     if not seeds:
         return None
-    floor = [r for r in rows if r["variant"] == floor_name]
-    out: dict[str, Any] = {"seeds": seeds, "floor_seeds": sorted(r["seed"] for r in floor)}
+    names = (floor_name or floor_of(candidate), floor_name or floor_of(incumbent))
+    floors = [[r for r in rows if r["variant"] == name] for name in names]
+    out: dict[str, Any] = {
+        "seeds": seeds,
+        "floors": names,
+        "floor_seeds": [sorted(r["seed"] for r in floor) for floor in floors],
+    }
     wins = []
     for key in ASR_KEYS:
-        base = _mean(floor, key)
+        base_c, base_i = (_mean(floor, key) for floor in floors)
         c = statistics.mean(cand[s][key] for s in seeds)
         i = statistics.mean(inc[s][key] for s in seeds)
-        c_read, i_read = (c, i) if base is None else (max(c, base), max(i, base))
-        out[key] = {"candidate": c, "incumbent": i, "floor": base}
+        c_read = c if base_c is None else max(c, base_c)
+        i_read = i if base_i is None else max(i, base_i)
+        out[key] = {"candidate": c, "incumbent": i, "floor": base_c, "incumbent_floor": base_i}
         wins.append(c_read <= i_read)
     zs_c = statistics.mean(cand[s]["zero_shot"] for s in seeds)
     zs_i = statistics.mean(inc[s]["zero_shot"] for s in seeds)
@@ -399,45 +419,57 @@ def cell_verdict(
     return out
 
 
+def _floors_text(floor_names: tuple[str, str]) -> str:
+    """One floor's name, or the candidate's and the incumbent's where they differ."""
+    c, i = floor_names
+    return c if c == i else f"{c}, {i}"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
 def verdict_table(
     rows: list[dict[str, Any]],
     candidate: str = "robust",
     incumbent: str = "roclip",
-    floor_name: str = "floor",
+    floor_name: str | None = None,
 ) -> tuple[str, bool]:
     """Markdown: the candidate against the incumbent per (dataset, rate), and the verdict.
 
     The default changes only where the candidate is no worse on every figure in every cell the
-    grid holds (issue 21's rule); the table says how many seeds each cell's means hold.
+    grid holds (issue 21's rule); the table says how many seeds each cell's means hold, and
+    which floor each variant's attack success is read at.
     """
-    cells = sorted({(label(r), r["rate"]) for r in rows})
+    names = (floor_name or floor_of(candidate), floor_name or floor_of(incumbent))
+    floors = _floors_text(names)
     lines = [
-        f"| dataset | backdoor | seeds | targeted {candidate} / {incumbent} / {floor_name} "
-        f"| backdoor {candidate} / {incumbent} / {floor_name} "
+        f"| dataset | backdoor | seeds | targeted {candidate} / {incumbent} / {floors} "
+        f"| backdoor {candidate} / {incumbent} / {floors} "
         f"| zero-shot {candidate} / {incumbent} "
         f"| {candidate} no worse |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     verdicts = []
-    for dataset, rate in cells:
+    for dataset, rate in sorted({(label(r), r["rate"]) for r in rows}):
         cell = [r for r in rows if (label(r), r["rate"]) == (dataset, rate)]
         v = cell_verdict(cell, candidate, incumbent, floor_name)
         if v is None:
             continue
         verdicts.append(v["beats"])
-        asr = [
-            " / ".join(
-                "-" if x is None else f"{100 * x:.1f}"
-                for x in (v[k]["candidate"], v[k]["incumbent"], v[k]["floor"])
-            )
-            for k in ASR_KEYS
-        ]
+        same = names[0] == names[1]
+        asr = []
+        for k in ASR_KEYS:
+            f = v[k]
+            base = _pct(f["floor"]) + ("" if same else f", {_pct(f['incumbent_floor'])}")
+            asr.append(f"{_pct(f['candidate'])} / {_pct(f['incumbent'])} / {base}")
         zs = f"{100 * v['zero_shot']['candidate']:.1f} / {100 * v['zero_shot']['incumbent']:.1f}"
         seeds = ",".join(map(str, v["seeds"]))
-        floors = ",".join(map(str, v["floor_seeds"])) or "none"
+        listed = v["floor_seeds"][:1] if same else v["floor_seeds"]
+        floor_seeds = "; ".join(",".join(map(str, x)) or "none" for x in listed)
         lines.append(
-            f"| {dataset} | {100 * rate:g}% | {seeds} (floor {floors}) | {asr[0]} | {asr[1]} "
-            f"| {zs} | {'yes' if v['beats'] else 'no'} |"
+            f"| {dataset} | {100 * rate:g}% | {seeds} (floor {floor_seeds}) | {asr[0]} "
+            f"| {asr[1]} | {zs} | {'yes' if v['beats'] else 'no'} |"
         )
     ok = bool(verdicts) and all(verdicts)
     return "\n".join(lines), ok
@@ -497,10 +529,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--floor",
-        default="floor",
+        default=None,
         metavar="VARIANT",
-        help="with --report, the clean-rows variant each verdict reads its ASRs at (default: "
-        "floor, the robust preset's recipe; floor-eda for robust-eda's)",
+        help="with --report, the clean-rows variant every verdict reads both variants' ASRs at "
+        "(default: each variant's own recipe's floor: floor-eda for robust-eda, floor-light "
+        "for robust-light, clip-clean for clip and scan-filter, else floor)",
     )
     return parser.parse_args(argv)
 
@@ -529,7 +562,7 @@ def require_saved(flag: str, names: list[str], known: set[str], runs: Path) -> N
         )
 
 
-def report(out: Path, compare: list[list[str]] | None = None, floor_name: str = "floor") -> int:
+def report(out: Path, compare: list[list[str]] | None = None, floor_name: str | None = None) -> int:
     """The table of the runs a (possibly unfinished) grid has saved, whatever plan made them.
 
     A CPU grid takes hours; its runs are saved one by one, so the table can be read at any time,
@@ -541,7 +574,7 @@ def report(out: Path, compare: list[list[str]] | None = None, floor_name: str = 
     rows = [json.loads(path.read_text()) for path in paths]
     header = f"{len(rows)} saved runs in {out / 'runs'} (each run's device is in {out}/log.txt)"
     known = {r["variant"] for r in rows}
-    if floor_name != "floor":  # the default floor may still be owed: its verdicts say so
+    if floor_name is not None:  # the recipes' own floors may still be owed: verdicts say so
         require_saved("--floor", [floor_name], known, out / "runs")
     verdict, ok = verdict_table(rows, floor_name=floor_name)
     decision = (
@@ -566,7 +599,7 @@ def report(out: Path, compare: list[list[str]] | None = None, floor_name: str = 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if (args.compare or args.floor != "floor") and not args.report:
+    if (args.compare or args.floor is not None) and not args.report:
         raise SystemExit(
             "--compare and --floor go with --report (they read saved runs, they train nothing)"
         )

@@ -83,6 +83,27 @@ def test_verdict_reads_attack_success_at_its_floor() -> None:
     assert not br.cell_verdict(rows, "robust", "roclip")["beats"]
 
 
+def test_verdict_reads_each_recipe_at_its_own_floor_unless_one_is_named() -> None:
+    """robust-light at floor-light, robust at floor: a shared floor would hide the difference."""
+    rows = [
+        _row(0, "robust-light", 0.80, targeted=0.0, backdoor=0.10),
+        _row(0, "robust", 0.80, targeted=0.0, backdoor=0.05),
+        _row(0, "floor-light", 0.80, targeted=0.0, backdoor=0.12),
+        _row(0, "floor", 0.80, targeted=0.0, backdoor=0.02),
+    ]
+    own = br.cell_verdict(rows, "robust-light", "robust")
+    assert own["floors"] == ("floor-light", "floor")
+    assert own["backdoor_asr"]["floor"] == pytest.approx(0.12)
+    assert own["backdoor_asr"]["incumbent_floor"] == pytest.approx(0.02)
+    assert not own["beats"]  # 10% reads as its floor's 12%, against robust's 5%
+    shared = br.cell_verdict(rows, "robust-light", "robust", "floor-light")
+    assert shared["floors"] == ("floor-light", "floor-light") and shared["beats"]
+    assert br.floor_of("robust-eda") == "floor-eda" and br.floor_of("robust-d02") == "floor"
+    table, ok = br.verdict_table(rows, "robust-light", "robust")
+    assert not ok
+    assert "| 0 (floor 0; 0) | 0.0 / 0.0 / 0.0, 0.0 | 10.0 / 5.0 / 12.0, 2.0 |" in table
+
+
 def test_verdict_compares_means_over_shared_seeds_and_zero_shot_as_measured() -> None:
     rows = [
         _row(0, "robust", 0.80, targeted=0.0, backdoor=0.0),
@@ -162,11 +183,13 @@ def test_report_compares_a_candidate_with_an_incumbent_by_the_default_rule(
     assert br.main(argv) == 0
     printed = capsys.readouterr().out
     assert "robust-eda against robust:" in printed
+    # robust-eda read at its own floor (floor-eda, seed 0), robust at floor (none saved)
+    assert "| targeted robust-eda / robust / floor-eda, floor |" in printed
     assert (
-        "| mnist | 0.1% | 0 (floor none) | 5.0 / 10.0 / - | 10.0 / 20.0 / - | 84.0 / 80.0 | yes |"
-        in printed
+        "| mnist | 0.1% | 0 (floor 0; none) | 5.0 / 10.0 / 0.0, - | 10.0 / 20.0 / 15.0, - "
+        "| 84.0 / 80.0 | yes |" in printed
     )
-    # read at floor-eda's 15% backdoor, 10% and 20% are 15% and 20%: still a win
+    # both read at floor-eda's 15% backdoor: 10% and 20% are 15% and 20%, still a win
     assert br.main([*argv, "--floor", "floor-eda"]) == 0
     assert (
         "| mnist | 0.1% | 0 (floor 0) | 5.0 / 10.0 / 0.0 | 10.0 / 20.0 / 15.0 | 84.0 / 80.0 | yes |"

@@ -123,6 +123,12 @@ COLUMNS = (
     ("train_seconds", "train s"),
 )
 
+# The split's recall per attack (runs saved from the evening of 2026-12-07 on)
+SPLIT_BY_ATTACK = (
+    ("risk_recall_targeted", "split R targeted"),
+    ("risk_recall_backdoor", "split R backdoor"),
+)
+
 
 @dataclass(frozen=True)
 class Cell:
@@ -259,6 +265,11 @@ def row_of(result: dict[str, Any]) -> dict[str, Any]:
         "worst_drop": max(drops) if drops else None,
         "risk_precision": _mean_key(result["matching"].values(), "risk_precision"),
         "risk_recall": _mean_key(result["matching"].values(), "risk_recall"),
+        **{k: _mean_key(result["matching"].values(), k) for k, _ in SPLIT_BY_ATTACK},
+        "risk_recall_by_epoch": {
+            e: {k: m.get(k) for k in ("risk_recall", *(k for k, _ in SPLIT_BY_ATTACK))}
+            for e, m in result["matching"].items()
+        },
         "defended_epochs": saved_defended_epochs(result),
         "zero_shot_by_epoch": {e: v["zero_shot"] for e, v in per_epoch.items()},
         "train_seconds": result["train_seconds"],
@@ -294,11 +305,14 @@ def columns_for(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
         },
         key=int,
     )
+    per_attack = [c for c in SPLIT_BY_ATTACK if any(r.get(c[0]) is not None for r in rows)]
     out: list[tuple[str, str]] = []
     for key, label in COLUMNS:
         out.append((key, label))
         if key == "targeted_asr":
             out += [(f"targeted_{n}", f"targeted ({n})") for n in groups]
+        if key == "risk_recall":  # runs saved before 2026-12-07's evening have no such figure
+            out += per_attack
     return out
 
 

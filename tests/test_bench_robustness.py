@@ -65,6 +65,33 @@ def test_report_tables_every_saved_run_with_mean_and_spread(
     assert len(json.loads((tmp_path / "report.json").read_text())["rows"]) == 3
 
 
+def _result(matching: dict) -> dict:
+    """A run's result as the demo runner returns it, with what row_of reads."""
+    return {
+        "extra": {"dataset": "mnist", "seed": 0, "rate": 0.001},
+        "name": "robust",
+        "final": {"zero_shot": {"accuracy": 0.9}},
+        "matching": matching,
+        "per_epoch": {"1": {"zero_shot": 0.8}, "2": {"zero_shot": 0.85}},
+        "train_seconds": 10.0,
+        "pairs_per_second": 1.0,
+    }
+
+
+def test_a_row_keeps_the_split_recall_of_each_attack_and_the_table_shows_it() -> None:
+    epoch = {"purity": None, "risk_recall": 0.9, "risk_recall_targeted": 0.8}
+    row = br.row_of(_result({"2": epoch | {"risk_recall_backdoor": 1.0}, "3": epoch}))
+    assert row["risk_recall_targeted"] == pytest.approx(0.8)
+    assert row["risk_recall_backdoor"] == pytest.approx(1.0)  # the epoch without it is skipped
+    assert row["risk_recall_by_epoch"]["3"] == {
+        "risk_recall": 0.9, "risk_recall_targeted": 0.8, "risk_recall_backdoor": None
+    }  # fmt: skip
+    header = br.table([row | {"zero_shot": 0.9}]).splitlines()[0]
+    assert "| split R | split R targeted | split R backdoor | purity |" in header
+    # rows saved before these figures existed: no such columns
+    assert "split R targeted" not in br.table([_row(0, "robust", 0.8)])
+
+
 def test_report_without_saved_runs_says_what_to_do(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match=r"no saved runs in .*run the grid first"):
         br.main(["--out", str(tmp_path), "--report"])

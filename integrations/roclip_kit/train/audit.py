@@ -17,9 +17,10 @@ from typing import Any
 
 import torch
 
-from roclip_kit.data.tensors import CLEAN, PoisonedData
+from roclip_kit.data.tensors import BACKDOOR, CLEAN, TARGETED, PoisonedData
 from roclip_plugin import hookimpl
 from roclip_plugin.config import RoClipConfig
+from roclip_plugin.contrastive import RiskStats
 from roclip_plugin.loss import MatchStats
 from roclip_plugin.pool import CaptionPool
 from roclip_plugin.stats import SUSPICIOUS_TOP, MatchStatsCollector, write_suspicious
@@ -43,6 +44,10 @@ class MatchingEpoch:
         risky: pairs judged risky.
         risk_precision: share of the risky pairs that are poisoned.
         risk_recall: share of the poisoned pairs of judged steps that were judged risky.
+        risk_recall_targeted: the same over the targeted attack's pairs only.
+        risk_recall_backdoor: the same over the backdoor's pairs only. The two attacks fit
+            the model differently (a target's copies share one image, a trigger's images
+            share a pattern), so one can slip through while the overall recall stays high.
     """
 
     steps: int = 0
@@ -56,6 +61,11 @@ class MatchingEpoch:
     risky: int = 0
     risk_precision: float | None = None
     risk_recall: float | None = None
+    risk_recall_targeted: float | None = None
+    risk_recall_backdoor: float | None = None
+
+
+_ATTACKS = (TARGETED, BACKDOOR)
 
 
 class MatchAudit:
@@ -94,6 +104,7 @@ class MatchAudit:
         """Forget the epoch's counts (the pool mirror is kept)."""
         self.steps = 0
         self.counts = torch.zeros(5, dtype=torch.long)  # clean, pure, poisoned, to poison, self
+        self.risk_counts = torch.zeros(len(_ATTACKS), 2, dtype=torch.long)  # judged, risky
         self.stats.reset()
 
     def state_dict(self) -> dict[str, Any]:
@@ -163,6 +174,21 @@ class MatchAudit:
         )
         self.steps += 1
 
+    @hookimpl
+    def roclip_after_risk(self, stats: RiskStats) -> None:
+        """Count each attack's pairs in a judged step, and how many of them were risky."""
+        if stats.ids is None:
+            return
+        kinds = self.poison_kind[stats.ids.cpu()]
+        risky = stats.risky.cpu()
+        for i, kind in enumerate(_ATTACKS):
+            of_kind = kinds == kind
+            self.risk_counts[i] += torch.stack([of_kind.sum(), (of_kind & risky).sum()])
+
+    def _attack_recall(self, kind: int) -> float | None:
+        judged, risky = self.risk_counts[_ATTACKS.index(kind)].tolist()
+        return risky / judged if judged else None
+
     def summary(self) -> MatchingEpoch:
         """The epoch's figures (None where nothing was counted)."""
         clean, pure, poisoned, to_poison, own = self.counts.tolist()
@@ -173,6 +199,8 @@ class MatchAudit:
             risky=risk.risky,
             risk_precision=risk.precision,
             risk_recall=risk.recall,
+            risk_recall_targeted=self._attack_recall(TARGETED),
+            risk_recall_backdoor=self._attack_recall(BACKDOOR),
             steps=self.steps,
             images=clean,
             purity=pure / clean if clean else None,

@@ -227,6 +227,28 @@ def test_audit_counts_self_matches_and_poison_class(data) -> None:
     assert summary.self_matches == 0.5
 
 
+def test_audit_counts_the_split_recall_of_each_attack(data) -> None:
+    from roclip_kit.data.tensors import BACKDOOR, TARGETED
+
+    from roclip_plugin.contrastive import RiskStats
+
+    kinds = data.poison_kind
+    targeted = torch.nonzero(kinds == TARGETED).flatten()[:3]
+    backdoor = torch.nonzero(kinds == BACKDOOR).flatten()[:2]
+    ids = torch.cat([targeted, backdoor, torch.tensor([0])])
+    assert kinds[0] == 0 and len(targeted) == 3 and len(backdoor) == 2
+    audit = MatchAudit(data)
+    assert audit.summary().risk_recall_targeted is None  # nothing judged yet
+    risky = torch.tensor([True, True, False, False, True, True])
+    audit.roclip_after_risk(RiskStats(1, 0, ids, torch.zeros(6), risky, "drop"))
+    audit.roclip_after_risk(RiskStats(1, 1, None, torch.zeros(6), risky, "drop"))  # no ids
+    summary = audit.summary()
+    assert summary.risk_recall_targeted == pytest.approx(2 / 3)
+    assert summary.risk_recall_backdoor == pytest.approx(1 / 2)
+    audit.reset()
+    assert audit.summary().risk_recall_backdoor is None  # counts start afresh each epoch
+
+
 def test_audit_stops_following_when_the_pool_refuses_rows(data) -> None:
     audit = MatchAudit(data)
     pool = CaptionPool(8)

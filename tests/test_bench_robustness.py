@@ -125,7 +125,7 @@ def test_verdict_reads_each_recipe_at_its_own_floor_unless_one_is_named() -> Non
     assert not own["beats"]  # 10% reads as its floor's 12%, against robust's 5%
     shared = br.cell_verdict(rows, "robust-light", "robust", "floor-light")
     assert shared["floors"] == ("floor-light", "floor-light") and shared["beats"]
-    assert br.floor_of("robust-eda") == "floor-eda" and br.floor_of("robust-d02") == "floor"
+    assert br.floor_of("robust-eda") == "floor-eda" and br.floor_of("robust-x") == "floor"
     table, ok = br.verdict_table(rows, "robust-light", "robust")
     assert not ok
     assert "| 0 (floor 0; 0) | 0.0 / 0.0 / 0.0, 0.0 | 10.0 / 5.0 / 12.0, 2.0 |" in table
@@ -192,6 +192,16 @@ def test_the_augmentation_variants_differ_from_robust_in_augmentation_only() -> 
     assert br.VARIANTS["robust-eda"][0]["text_aug"] == br.VARIANTS["floor-eda"][0]["text_aug"]
     assert br.VARIANTS["robust-light"][0]["image_aug"] == br.VARIANTS["floor-light"][0]["image_aug"]
     assert {"floor", "floor-eda", "floor-light"} <= set(br.CLEAN_ONLY)
+
+
+def test_each_floor_is_its_recipe_on_the_clean_rows() -> None:
+    """A floor that drifts from its recipe would read attack success at the wrong baseline."""
+    pairs = {"robust": "floor", **br.FLOOR_OF}
+    pairs.pop("scan-filter")  # bench_scan.py's workflow: plain CLIP retrained, its floor clip's
+    for recipe, floor in pairs.items():
+        assert floor in br.CLEAN_ONLY and floor in br.VARIANTS, recipe
+        assert br.VARIANTS[recipe][0] == br.VARIANTS[floor][0], (recipe, floor)
+    assert br.floor_of("robust-d02") == "floor-d02"
 
 
 def test_report_compares_a_candidate_with_an_incumbent_by_the_default_rule(

@@ -94,21 +94,26 @@ VARIANTS: dict[str, tuple[dict[str, Any] | None, bool]] = {
     # A longer per-sample memory: the newest visit weighs 0.2 instead of 0.5, so a pair the
     # model has come to fit is remembered as a bad fit for more epochs (results.md).
     "robust-d02": ({"preset": "robust", "history_decay": 0.2}, True),
+    # Judging from the first epoch: a pair's first visit is its whole record then, and the
+    # copies that teach a target get through in the first epochs (results.md).
+    "robust-e0": ({"preset": "robust", "first_defended_epoch": 0}, True),
     # The floors: trained on the clean rows only (the poisoned ones removed by the manifest),
     # what the attacks score when nothing was learned from the poison; each with its recipe.
     "floor": ({"preset": "robust"}, True),
     "floor-eda": ({"preset": "robust", "text_aug": "eda"}, True),
     "floor-light": ({"preset": "robust", "image_aug": "roclip-light"}, True),
     "floor-d02": ({"preset": "robust", "history_decay": 0.2}, True),
+    "floor-e0": ({"preset": "robust", "first_defended_epoch": 0}, True),
     "clip-clean": (None, True),
 }
-CLEAN_ONLY = ("floor", "floor-eda", "floor-light", "floor-d02", "clip-clean")
+CLEAN_ONLY = ("floor", "floor-eda", "floor-light", "floor-d02", "floor-e0", "clip-clean")
 # Each recipe's floor: the same recipe on the clean rows. A recipe not named here (the paper's,
 # safeclip, a candidate given with --extra) is read at the default's floor, `floor`.
 FLOOR_OF = {
     "robust-eda": "floor-eda",
     "robust-light": "floor-light",
     "robust-d02": "floor-d02",
+    "robust-e0": "floor-e0",
     "clip": "clip-clean",
     "scan-filter": "clip-clean",
 }

@@ -397,9 +397,16 @@ def _seeds(rows: list[dict[str, Any]], variant: str) -> dict[int, dict[str, Any]
     return {r["seed"]: r for r in rows if r["variant"] == variant}
 
 
-def floor_of(variant: str) -> str:
-    """The clean-rows variant a recipe's attack success is read at (:data:`FLOOR_OF`)."""
-    return FLOOR_OF.get(variant, "floor")
+def floor_of(variant: str, rows: list[dict[str, Any]] | None = None) -> str:
+    """The clean-rows variant a recipe's attack success is read at (:data:`FLOOR_OF`).
+
+    Given ``rows``, a floor none of them holds gives way to the default's, ``floor``: a recipe
+    whose own floor was not run is read where the default is, not at no floor at all.
+    """
+    own = FLOOR_OF.get(variant, "floor")
+    if rows is not None and not any(r["variant"] == own for r in rows):
+        return "floor"
+    return own
 
 
 def cell_verdict(
@@ -411,7 +418,8 @@ def cell_verdict(
     the trigger or target scores when nothing was learned from the poison, so two figures under
     their floors are a tie, not a win (on Fashion-MNIST seed 0 the blended trigger alone turns
     40-50% of the test images into the target class). Each variant is read at its own recipe's
-    floor (:func:`floor_of`), or both at ``floor_name`` where one is given. Zero-shot is
+    floor (:func:`floor_of`: the default's where its own was not run in the cell), or both at
+    ``floor_name`` where one is given. Zero-shot is
     compared as measured.
     Returns None where the two variants share no seed.
     """
@@ -419,7 +427,7 @@ def cell_verdict(
     seeds = sorted(set(cand) & set(inc))
     if not seeds:
         return None
-    names = (floor_name or floor_of(candidate), floor_name or floor_of(incumbent))
+    names = (floor_name or floor_of(candidate, rows), floor_name or floor_of(incumbent, rows))
     floors = [[r for r in rows if r["variant"] == name] for name in names]
     out: dict[str, Any] = {
         "seeds": seeds,
@@ -465,7 +473,7 @@ def verdict_table(
     grid holds (issue 21's rule); the table says how many seeds each cell's means hold, and
     which floor each variant's attack success is read at.
     """
-    names = (floor_name or floor_of(candidate), floor_name or floor_of(incumbent))
+    names = (floor_name or floor_of(candidate, rows), floor_name or floor_of(incumbent, rows))
     floors = _floors_text(names)
     lines = [
         f"| dataset | backdoor | seeds | targeted {candidate} / {incumbent} / {floors} "

@@ -126,6 +126,13 @@ def test_verdict_reads_each_recipe_at_its_own_floor_unless_one_is_named() -> Non
     shared = br.cell_verdict(rows, "robust-light", "robust", "floor-light")
     assert shared["floors"] == ("floor-light", "floor-light") and shared["beats"]
     assert br.floor_of("robust-eda") == "floor-eda" and br.floor_of("robust-x") == "floor"
+    # a recipe whose own floor was not run is read at the default's
+    unrun = [r | {"variant": "robust-eda"} if r["variant"] == "robust-light" else r for r in rows]
+    unrun = [r for r in unrun if r["variant"] != "floor-light"]
+    assert br.floor_of("robust-eda", unrun) == "floor"
+    fallback = br.cell_verdict(unrun, "robust-eda", "robust")
+    assert fallback["floors"] == ("floor", "floor")
+    assert fallback["backdoor_asr"]["floor"] == pytest.approx(0.02)
     table, ok = br.verdict_table(rows, "robust-light", "robust")
     assert not ok
     assert "| 0 (floor 0; 0) | 0.0 / 0.0 / 0.0, 0.0 | 10.0 / 5.0 / 12.0, 2.0 |" in table

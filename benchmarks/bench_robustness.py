@@ -419,8 +419,7 @@ def cell_verdict(
     their floors are a tie, not a win (on Fashion-MNIST seed 0 the blended trigger alone turns
     40-50% of the test images into the target class). Each variant is read at its own recipe's
     floor (:func:`floor_of`: the default's where its own was not run in the cell), or both at
-    ``floor_name`` where one is given. Zero-shot is
-    compared as measured.
+    ``floor_name`` where one is given. Zero-shot is compared as measured.
     Returns None where the two variants share no seed.
     """
     cand, inc = _seeds(rows, candidate), _seeds(rows, incumbent)

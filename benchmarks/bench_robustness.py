@@ -97,6 +97,9 @@ VARIANTS: dict[str, tuple[dict[str, Any] | None, bool]] = {
     # Judging from the first epoch: a pair's first visit is its whole record then, and the
     # copies that teach a target get through in the first epochs (results.md).
     "robust-e0": ({"preset": "robust", "first_defended_epoch": 0}, True),
+    # Images augmented in the first 8 epochs of 12 only: the last third trains on images as the
+    # test sees them, once the history has judged every pair (results.md).
+    "robust-s8": ({"preset": "robust", "image_aug_stop_epoch": 8}, True),
     # The floors: trained on the clean rows only (the poisoned ones removed by the manifest),
     # what the attacks score when nothing was learned from the poison; each with its recipe.
     "floor": ({"preset": "robust"}, True),
@@ -104,9 +107,18 @@ VARIANTS: dict[str, tuple[dict[str, Any] | None, bool]] = {
     "floor-light": ({"preset": "robust", "image_aug": "roclip-light"}, True),
     "floor-d02": ({"preset": "robust", "history_decay": 0.2}, True),
     "floor-e0": ({"preset": "robust", "first_defended_epoch": 0}, True),
+    "floor-s8": ({"preset": "robust", "image_aug_stop_epoch": 8}, True),
     "clip-clean": (None, True),
 }
-CLEAN_ONLY = ("floor", "floor-eda", "floor-light", "floor-d02", "floor-e0", "clip-clean")
+CLEAN_ONLY = (
+    "floor",
+    "floor-eda",
+    "floor-light",
+    "floor-d02",
+    "floor-e0",
+    "floor-s8",
+    "clip-clean",
+)
 # Each recipe's floor: the same recipe on the clean rows. A recipe not named here (the paper's,
 # safeclip, a candidate given with --extra) is read at the default's floor, `floor`.
 FLOOR_OF = {
@@ -114,6 +126,7 @@ FLOOR_OF = {
     "robust-light": "floor-light",
     "robust-d02": "floor-d02",
     "robust-e0": "floor-e0",
+    "robust-s8": "floor-s8",
     "clip": "clip-clean",
     "scan-filter": "clip-clean",
 }

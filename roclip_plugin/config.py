@@ -340,6 +340,24 @@ class RoClipConfig:
             AUG_REFRESH,
         ),
     )
+    image_aug_stop_epoch: int | None = field(
+        default=None,
+        metadata=_meta(
+            "0-based epoch from which images are no longer augmented; none: every epoch. The "
+            "last epochs then train on images as the test sees them, while the defense goes on "
+            "judging every pair (the augmentation's clean-accuracy cost, docs/augmentation.md).",
+            allowed=Ints(0),
+        ),
+    )
+    image_aug_stop_fraction: float | None = field(
+        default=None,
+        metadata=_meta(
+            "If set, images are no longer augmented from epoch ceil(fraction * total epochs); "
+            "overrides image_aug_stop_epoch and needs the run length (without it every epoch "
+            "is augmented, with a warning).",
+            allowed=Reals(0.0, 1.0, low_open=True),
+        ),
+    )
     text_aug_refresh: str = field(
         default="epoch",
         metadata=_meta(
@@ -417,6 +435,18 @@ class RoClipConfig:
         if self.first_defended_epoch is None:
             return self.defend_every - 1
         return self.first_defended_epoch
+
+    def resolved_image_aug_stop(self, total_epochs: int | None = None) -> int | None:
+        """The epoch from which images pass unaugmented (None: never), for ``total_epochs``.
+
+        A fraction without the run length resolves to None (augment every epoch): the caller
+        warns, rather than refusing a run that only loses the clean-accuracy gain.
+        """
+        if self.image_aug_stop_fraction is None:
+            return self.image_aug_stop_epoch
+        if total_epochs is None:
+            return None
+        return math.ceil(round(self.image_aug_stop_fraction * total_epochs, 9))
 
 
 # -- presets ----------------------------------------------------------------------------------

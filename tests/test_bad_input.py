@@ -99,9 +99,11 @@ INT_RANGES = {  # low, high of the integer fields (high None: 2**31 - 1 or 2**63
     "image_bank_size": 1,
     "gmm_window": 4,
     "unimodal_warmup_epochs": 0,
+    "image_aug_stop_epoch": 0,
 }
 REAL_RANGES = {  # (low, high) of the number fields, both ends included here for simplicity
     "warmup_fraction": (0.0, 1.0),
+    "image_aug_stop_fraction": (0.0, 1.0),
     "adaptive_threshold": (0.0, 1.0),
     "match_fraction": (0.0, 1.0),
     "suspicious_margin": (0.0, 2.0),
@@ -113,7 +115,12 @@ REAL_RANGES = {  # (low, high) of the number fields, both ends included here for
     "safe_share_start": (0.0, 1.0),
     "safe_share_growth": (0.0, 1.0),
 }
-OPTIONAL = ("first_defended_epoch", "warmup_fraction")
+OPTIONAL = (
+    "first_defended_epoch",
+    "warmup_fraction",
+    "image_aug_stop_epoch",
+    "image_aug_stop_fraction",
+)
 
 
 def _bad_field_values(name: str) -> st.SearchStrategy[object]:

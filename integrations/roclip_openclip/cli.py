@@ -253,7 +253,7 @@ def _main(argv: list[str]) -> int:
     from roclip_openclip.patches import OpenClipPatches
 
     try:
-        policy = build_policy(config, pm)
+        policy = build_policy(config, pm, openclip_args.epochs)
     except (ValueError, ImportError) as err:
         raise UsageError(str(err)) from err
     check_resume_state(openclip_args, config)

@@ -206,7 +206,7 @@ class RoClipAdapter:
         ``policy.gpu_batch`` on the device; :meth:`epoch_start` keeps its epoch.
         """
         if self._augmentation is None:
-            self._augmentation = build_policy(self.config, self.pm)
+            self._augmentation = build_policy(self.config, self.pm, self.defense.total_epochs)
             self._augmentation.set_epoch(max(self.defense.epoch, 0))
         return self._augmentation
 
@@ -234,6 +234,9 @@ class RoClipAdapter:
         """Tell the schedule the run length when it was unknown at construction."""
         self.defense.total_epochs = total_epochs
         self.defense.steps_per_epoch = steps_per_epoch
+        if self._augmentation is not None:  # a stop fraction resolves against the new length
+            stop = self.config.resolved_image_aug_stop(total_epochs)
+            self._augmentation.image_stop_epoch = stop
         if samples_per_epoch is not None:
             self.defense.samples_per_epoch = samples_per_epoch
 

@@ -155,6 +155,7 @@ class AugmentationPolicy:
         seed: the run's seed.
         image_refresh: ``epoch`` (new draws each epoch) or ``run`` (fixed for the run).
         text_refresh: the same for captions.
+        image_stop_epoch: from this epoch on images pass unaugmented (None: never).
         image_name: registry name, for messages.
         text_name: registry name, for messages.
     """
@@ -169,8 +170,10 @@ class AugmentationPolicy:
         text_refresh: str = "epoch",
         image_name: str = "custom",
         text_name: str = "custom",
+        image_stop_epoch: int | None = None,
     ) -> None:
         self.image = image
+        self.image_stop_epoch = image_stop_epoch
         self.text_augment = text
         self.image_name = image_name
         self.text_name = text_name
@@ -184,7 +187,8 @@ class AugmentationPolicy:
         return (
             f"AugmentationPolicy(image={self.image_name!r}, text={self.text_name!r}, "
             f"seed={self.image_keys.seed}, image_refresh={self.image_keys.refresh!r}, "
-            f"text_refresh={self.text_keys.refresh!r})"
+            f"text_refresh={self.text_keys.refresh!r}, "
+            f"image_stop_epoch={self.image_stop_epoch!r})"
         )
 
     # -- epoch ---------------------------------------------------------------------------------
@@ -199,6 +203,17 @@ class AugmentationPolicy:
         self.epoch_cell.set(epoch)
 
     # -- images --------------------------------------------------------------------------------
+
+    def images_augmented(self, epoch: int | None = None) -> bool:
+        """Whether images of ``epoch`` (default: the current one) are augmented at all.
+
+        False for the identity, and from ``image_stop_epoch`` on: the epoch is the training
+        epoch, not the key's (under ``run`` refresh keys all read epoch 0).
+        """
+        if self.image is identity:
+            return False
+        current = self.epoch if epoch is None else epoch
+        return self.image_stop_epoch is None or current < self.image_stop_epoch
 
     def image_transform(
         self,
@@ -216,7 +231,7 @@ class AugmentationPolicy:
         size: int | Sequence[int] | None = None,
     ) -> Any:
         """Augment one image (PIL, or ``[C, H, W]`` tensor) without any preprocessing."""
-        if self.image is identity:
+        if not self.images_augmented(epoch):
             return image
         key = self.image_keys.key(index, epoch)
         return self.image(image, **_image_kwargs(self._image_kwargs, key, _size_of(size)))
@@ -242,7 +257,7 @@ class AugmentationPolicy:
         """
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"expected [B, 3, H, W] images, got shape {tuple(images.shape)}")
-        if self.image is identity or images.shape[0] == 0:
+        if not self.images_augmented(epoch) or images.shape[0] == 0:
             return images
         seed, ep, index_tensor, stream = self.image_keys.batch(images.shape[0], indices, epoch)
         x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
@@ -386,7 +401,11 @@ def _warn_once(message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-def build_policy(config: RoClipConfig | None, pm: pluggy.PluginManager) -> AugmentationPolicy:
+def build_policy(
+    config: RoClipConfig | None,
+    pm: pluggy.PluginManager,
+    total_epochs: int | None = None,
+) -> AugmentationPolicy:
     """The augmentation policy a configuration names, from the registry ``pm``'s plugins fill.
 
     The plugin manager is an argument, not built here: it imports the built-in plugin, which
@@ -395,6 +414,8 @@ def build_policy(config: RoClipConfig | None, pm: pluggy.PluginManager) -> Augme
     Args:
         config: a :class:`~roclip_plugin.config.RoClipConfig`; None: the default preset.
         pm: the plugin manager (:func:`roclip_plugin.get_plugin_manager`, or the defense's).
+        total_epochs: the run length, which ``--roclip-image-aug-stop-fraction`` needs (without
+            it images are augmented every epoch, with a warning naming the fix).
 
     Raises:
         ValueError: an unknown augmentation name (naming ``--roclip-image-aug`` or
@@ -403,11 +424,17 @@ def build_policy(config: RoClipConfig | None, pm: pluggy.PluginManager) -> Augme
     """
     config = RoClipConfig() if config is None else config
     registry = collect_augmentations(pm)
+    if config.image_aug_stop_fraction is not None and total_epochs is None:
+        _warn_once(
+            "--roclip-image-aug-stop-fraction needs the run length: images are augmented in "
+            "every epoch; pass total_epochs (or use --roclip-image-aug-stop-epoch)"
+        )
     return AugmentationPolicy(
         registry.build("image", config.image_aug, config),
         registry.build("text", config.text_aug, config),
         seed=config.seed,
         image_refresh=config.image_aug_refresh,
+        image_stop_epoch=config.resolved_image_aug_stop(total_epochs),
         text_refresh=config.text_aug_refresh,
         image_name=config.image_aug,
         text_name=config.text_aug,

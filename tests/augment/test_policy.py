@@ -24,6 +24,7 @@ from roclip_plugin.augment import (
     identity,
 )
 from roclip_plugin.augment import keys as augment_keys
+from roclip_plugin.augment import policy as augment_policy
 from roclip_plugin.augment.keys import (
     EpochCell,
     IndexedDataset,
@@ -75,6 +76,7 @@ def test_augmentation_defaults_and_reference_preset() -> None:
         ("text_aug", 3, "a non-empty registered name"),
         ("image_aug_refresh", "step", "epoch, run"),
         ("text_aug_refresh", "per_run", "epoch, run"),
+        ("image_aug_stop_epoch", -1, "integer in [0, "),
         ("eda_alpha", -0.1, "[0.0, 1.0]"),
         ("eda_alpha", 1.5, "[0.0, 1.0]"),
         ("eda_alpha", float("nan"), "[0.0, 1.0]"),
@@ -95,9 +97,10 @@ def test_augmentation_flags_round_trip() -> None:
     add_argparse_args(parser)
     argv = ["--roclip-image-aug", "myplugin.crop", "--roclip-text-aug", "none"]
     argv += ["--roclip-text-aug-refresh", "run", "--roclip-eda-alpha", "0.2"]
-    argv += ["--roclip-eda-synonyms", "table"]
+    argv += ["--roclip-eda-synonyms", "table", "--roclip-image-aug-stop-epoch", "9"]
     cfg = config_from_namespace(parser.parse_args(argv))
     assert (cfg.image_aug, cfg.text_aug, cfg.text_aug_refresh) == ("myplugin.crop", "none", "run")
+    assert cfg.image_aug_stop_epoch == 9
     assert (cfg.eda_alpha, cfg.eda_synonyms) == (0.2, "table")
     assert config_from_namespace(parser.parse_args(config_to_argv(cfg))) == cfg
     with pytest.raises(argparse.ArgumentError):
@@ -155,6 +158,53 @@ def test_plugins_add_and_replace_augmentations() -> None:
     with pytest.warns(RuntimeWarning, match="no batch method"):
         out = policy.gpu_batch(images, 0, [0, 1, 2])
     assert torch.allclose(out, 1.0 - images)
+
+
+@pytest.mark.filterwarnings("ignore:image augmentation 'invert' has no batch method")
+@pytest.mark.parametrize("refresh", ["epoch", "run"])
+def test_images_pass_unaugmented_from_the_stop_epoch(refresh: str) -> None:
+    pm = get_plugin_manager()
+    pm.register(_Plugin())
+    cfg = RoClipConfig(image_aug="invert", image_aug_stop_epoch=2, image_aug_refresh=refresh)
+    policy = build_policy(cfg, pm)
+    images = torch.rand(2, 3, 8, 8)
+    transform = policy.image_transform(None, size=8)
+    for epoch, augmented in [(0, True), (1, True), (2, False), (5, False)]:
+        expected = 1.0 - images if augmented else images
+        assert policy.images_augmented(epoch) is augmented
+        assert torch.allclose(policy.gpu_batch(images, epoch, [0, 1]), expected)
+        # the CPU transform reads the policy's epoch, as DataLoader workers do
+        policy.set_epoch(epoch)
+        assert policy.images_augmented() is augmented
+        assert torch.allclose(transform(images[0], index=0), expected[0])
+    assert "image_stop_epoch=2" in repr(policy)
+    # without a stop epoch every epoch is augmented, and the identity never is
+    assert build_policy(cfg.replace(image_aug_stop_epoch=None), pm).images_augmented(99)
+    assert not build_policy(cfg.replace(image_aug="none"), pm).images_augmented(0)
+
+
+@pytest.mark.parametrize(
+    ("fraction", "epochs", "stop"),
+    [(2 / 3, 12, 8), (0.07, 100, 7), (0.5, 3, 2), (1.0, 12, 12), (0.01, 12, 1)],
+)
+def test_a_stop_fraction_resolves_against_the_run_length(
+    fraction: float, epochs: int, stop: int
+) -> None:
+    cfg = RoClipConfig(image_aug_stop_fraction=fraction, image_aug_stop_epoch=3)
+    assert cfg.resolved_image_aug_stop(epochs) == stop  # the fraction overrides the epoch
+    policy = build_policy(cfg, get_plugin_manager(), epochs)
+    assert policy.image_stop_epoch == stop
+    assert policy.images_augmented(stop - 1) and not policy.images_augmented(stop)
+
+
+def test_a_stop_fraction_without_the_run_length_augments_every_epoch_and_warns() -> None:
+    cfg = RoClipConfig(image_aug_stop_fraction=0.5)
+    assert cfg.resolved_image_aug_stop(None) is None
+    augment_policy._warned.clear()
+    with pytest.warns(RuntimeWarning, match="--roclip-image-aug-stop-fraction needs the run"):
+        policy = build_policy(cfg, get_plugin_manager())
+    assert policy.image_stop_epoch is None and policy.images_augmented(10**6)
+    assert RoClipConfig(image_aug_stop_epoch=4).resolved_image_aug_stop(None) == 4
 
 
 def test_accepted_kwargs() -> None:

@@ -202,6 +202,25 @@ def test_torch_info_lines_stay_out_of_the_log_unless_asked(
     assert seen["level"] == (want or logging.INFO)
 
 
+def test_the_image_stop_fraction_resolves_against_openclips_epochs(run_dir, monkeypatch) -> None:
+    """Not bad input, but checked at the same point: before OpenCLIP's training starts."""
+    from roclip_openclip import cli
+
+    import roclip_plugin.augment as augment
+
+    built = []
+
+    def recording(config, pm, total_epochs=None):
+        built.append(augment.build_policy(config, pm, total_epochs))
+        return built[-1]
+
+    monkeypatch.setattr(cli, "build_policy", recording)
+    monkeypatch.setattr(open_clip_train.main, "main", lambda argv: None)
+    argv = _argv(run_dir, "--epochs", "9", "--roclip-image-aug-stop-fraction", "0.5")
+    assert run_command(main, argv).code == 0
+    assert [policy.image_stop_epoch for policy in built] == [5]
+
+
 def test_roclip_help_shows_the_defaults_that_run() -> None:
     from roclip_openclip.cli import build_parser
 

@@ -673,6 +673,14 @@ def test_adapter_augmentation_policy_follows_the_epoch() -> None:
     assert [policy.text(caption, epoch=0, index=i) for i in range(20)] == first
 
 
+def test_adapter_image_stop_fraction_follows_the_run_length() -> None:
+    config = RoClipConfig(image_aug="none", image_aug_stop_fraction=0.5)
+    adapter = _adapter(config=config, total_epochs=10)
+    assert adapter.augmentation.image_stop_epoch == 5
+    adapter.set_run_length(4, 100)  # a length learnt later moves the stop with it
+    assert adapter.augmentation.image_stop_epoch == 2
+
+
 def test_adapter_augmentation_none_leaves_captions_alone() -> None:
     adapter = _adapter(config=RoClipConfig.from_preset("paper", text_aug="none", image_aug="none"))
     assert adapter.augmentation.text("a cat", index=0) == "a cat"

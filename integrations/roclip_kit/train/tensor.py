@@ -277,7 +277,7 @@ class _Batches:
     def make(self, rows: torch.Tensor, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         device = self.images.device
         x = self.images[rows.to(device)].float().div_(255.0)
-        if self.policy is not None and self.policy.image_name != "none":
+        if self.policy is not None and self.policy.images_augmented(epoch):
             x = self.policy.gpu_batch(x, epoch, indices=rows)
         x = (x - self.mean) / self.std
         if self.tokens is not None:
@@ -358,7 +358,7 @@ def train_tensor(
     optimizer = make_optimizer(model, settings.lr, settings.wd)
     scheduler = cosine_schedule(optimizer, settings.warmup_steps, steps * settings.epochs)
     pm = get_plugin_manager()
-    policy = build_policy(roclip, pm) if roclip is not None else None
+    policy = build_policy(roclip, pm, settings.epochs) if roclip is not None else None
     batches = _batches(data, tokenizer, policy, device)
     keep = max(SUSPICIOUS_MIN_ROWS, 2 * len(data.poisoned_rows))
     audit = (

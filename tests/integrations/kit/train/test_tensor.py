@@ -148,6 +148,18 @@ def test_augmentation_alone_changes_the_batches_but_builds_no_pool(data) -> None
     assert augmented.epochs[0].loss != pytest.approx(clip.epochs[0].loss, rel=1e-4)
 
 
+def test_images_train_unaugmented_from_the_stop_epoch(data) -> None:
+    settings = _settings(epochs=2)
+    config = RoClipConfig(image_aug="roclip-small", text_aug="none")
+    augmented = train_tensor(data, settings, config, defend=False)
+    stopped = train_tensor(data, settings, config.replace(image_aug_stop_epoch=1), defend=False)
+    never = train_tensor(data, settings, config.replace(image_aug_stop_epoch=0), defend=False)
+    clip = train_tensor(data, settings, None)
+    assert stopped.epochs[0].loss == augmented.epochs[0].loss  # epoch 0 still augmented
+    assert stopped.epochs[1].loss != pytest.approx(augmented.epochs[1].loss, rel=1e-4)
+    assert [e.loss for e in never.epochs] == pytest.approx([e.loss for e in clip.epochs], rel=1e-6)
+
+
 def test_data_order_is_distributed_samplers() -> None:
     sampler = torch.utils.data.DistributedSampler(range(50), num_replicas=1, rank=0, seed=4)
     sampler.set_epoch(2)

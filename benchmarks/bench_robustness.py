@@ -483,7 +483,8 @@ def verdict_table(
 
     The default changes only where the candidate is no worse on every figure in every cell the
     grid holds (issue 21's rule); the table says how many seeds each cell's means hold, and
-    which floor each variant's attack success is read at.
+    which floor each variant's attack success is read at (the header's, or, in a cell that
+    lacks a recipe's own floor, the one its seeds column names).
     """
     names = (floor_name or floor_of(candidate, rows), floor_name or floor_of(incumbent, rows))
     floors = _floors_text(names)
@@ -511,6 +512,11 @@ def verdict_table(
         seeds = ",".join(map(str, v["seeds"]))
         listed = v["floor_seeds"][:1] if same else v["floor_seeds"]
         floor_seeds = "; ".join(",".join(map(str, x)) or "none" for x in listed)
+        # a recipe whose own floor this cell lacks is read at the default's: say so here, as
+        # the header names the floors the rest of the table is read at
+        cell_floors = tuple(v["floors"])
+        if cell_floors != names:
+            floor_seeds += f" at {_floors_text(cell_floors)}"
         lines.append(
             f"| {dataset} | {100 * rate:g}% | {seeds} (floor {floor_seeds}) | {asr[0]} "
             f"| {asr[1]} | {zs} | {'yes' if v['beats'] else 'no'} |"

@@ -136,6 +136,12 @@ def test_verdict_reads_each_recipe_at_its_own_floor_unless_one_is_named() -> Non
     table, ok = br.verdict_table(rows, "robust-light", "robust")
     assert not ok
     assert "| 0 (floor 0; 0) | 0.0 / 0.0 / 0.0, 0.0 | 10.0 / 5.0 / 12.0, 2.0 |" in table
+    # a cell without floor-light is read at floor, and its row says so under a mixed header
+    other = [r | {"dataset": "fashion-mnist"} for r in rows if r["variant"] != "floor-light"]
+    table, _ = br.verdict_table(rows + other, "robust-light", "robust")
+    assert "| targeted robust-light / robust / floor-light, floor |" in table
+    assert "| fashion-mnist | 0.1% | 0 (floor 0; 0 at floor) | 0.0 / 0.0 / 0.0, 0.0 |" in table
+    assert "| mnist | 0.1% | 0 (floor 0; 0) |" in table
 
 
 def test_verdict_compares_means_over_shared_seeds_and_zero_shot_as_measured() -> None:

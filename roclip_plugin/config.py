@@ -430,8 +430,7 @@ class RoClipConfig:
                     "--roclip-warmup-fraction needs the run length: pass total_epochs "
                     "(or use --roclip-first-defended-epoch instead)"
                 )
-            # round first: 0.07 * 100 is 7.000000000000001 in binary floating point
-            return math.ceil(round(self.warmup_fraction * total_epochs, 9))
+            return epoch_at_fraction(self.warmup_fraction, total_epochs)
         if self.first_defended_epoch is None:
             return self.defend_every - 1
         return self.first_defended_epoch
@@ -446,7 +445,16 @@ class RoClipConfig:
             return self.image_aug_stop_epoch
         if total_epochs is None:
             return None
-        return math.ceil(round(self.image_aug_stop_fraction * total_epochs, 9))
+        return epoch_at_fraction(self.image_aug_stop_fraction, total_epochs)
+
+
+def epoch_at_fraction(fraction: float, total_epochs: int) -> int:
+    """``ceil(fraction * total_epochs)``, the first epoch at or past that share of the run.
+
+    Rounded first: 0.07 * 100 is 7.000000000000001 in binary floating point, which a bare
+    ``ceil`` would make epoch 8.
+    """
+    return math.ceil(round(fraction * total_epochs, 9))
 
 
 # -- presets ----------------------------------------------------------------------------------

@@ -204,7 +204,7 @@ class RoClipConfig:
         default=0,
         metadata=_meta(
             "Per-sample history table size (2 bytes a slot, slot = sample id mod slots); 0: "
-            "the samples of an epoch where the trainer says, else 1048576.",
+            "one per training row where the trainer says how many, else 1048576.",
             allowed=Ints(0, 2**40),
         ),
     )

@@ -61,8 +61,11 @@ class RoClipDefense:
         dist_info: distributed set-up; read from ``torch.distributed`` when omitted.
         total_epochs: run length, needed by ``ramp`` schedules and ``warmup_fraction``.
         steps_per_epoch: needed with ``period_steps`` to know the run length in step blocks.
-        samples_per_epoch: training pairs an epoch (all ranks), to warn about a pool that holds
-            too large a share of them (see :meth:`check_run`).
+        samples_per_epoch: the training set's rows (all ranks), to warn about a pool that
+            holds too large a share of them (see :meth:`check_run`), and the per-sample
+            history's size where ``history_slots`` is 0. Give the dataset's length, not the
+            batches' pairs: with ``drop_last`` those are fewer, and row-index ids past them
+            would share the first rows' slots.
         siglip: train the sigmoid loss of SigLIP (OpenCLIP's ``--siglip``;
             ``dist_info.dist_impl`` is its ``--loss-dist-impl``) instead of CLIP's softmax loss.
         accum_freq: loss calls per optimiser step, as OpenCLIP's ``--accum-freq`` makes them
@@ -153,8 +156,8 @@ class RoClipDefense:
     def risk_config(self) -> RoClipConfig:
         """The config the risk engine is built from: ``history_slots`` 0 resolved.
 
-        0 means one slot per sample of an epoch where the trainer says how many
-        (``samples_per_epoch``: row indices then never share a slot), else
+        0 means one slot per row where the trainer says how many (``samples_per_epoch``: row
+        indices below it then never share a slot), else
         :data:`~roclip_plugin.risk.DEFAULT_HISTORY_SLOTS`.
         """
         if self.config.history_slots:

@@ -109,8 +109,10 @@ class RoClipAdapter:
         total_epochs: run length, needed by ``ramp`` schedules and ``warmup_fraction``, and to
             warn when no matching epoch falls inside the run.
         steps_per_epoch: optimiser steps per epoch, needed with ``period_steps``.
-        samples_per_epoch: training pairs per epoch over all ranks, to warn when the pool holds
-            too large a share of them (images would meet their own earlier caption).
+        samples_per_epoch: the training set's rows over all ranks, to warn when the pool holds
+            too large a share of them (images would meet their own earlier caption), and the
+            per-sample history's size: give the dataset's length, not the batches' pairs
+            (with ``drop_last`` row ids past those would share the first rows' slots).
         plugin_manager: hooks; :func:`roclip_plugin.get_plugin_manager` when omitted
             (entry-point plugins included).
         plugins: extra plugin objects to register before the defense is built (the defense

@@ -310,11 +310,22 @@ class Trainer:
         ids = [self.device.index] if self.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
+    def _dataset_rows(self, steps: int) -> int:
+        """The rows the sample ids index: the dataset's length where it has one.
+
+        Not the batches' pairs: with ``drop_last`` those are fewer than the rows, and the
+        per-sample history, sized by them, would give the tail's ids the head's slots.
+        """
+        try:
+            return len(self.loader.dataset)  # type: ignore[arg-type]
+        except TypeError:  # an iterable dataset without a length
+            return steps * self.settings.batch_size * self.world_size
+
     def _make_adapter(
         self, roclip: RoClipConfig | RoClipAdapter | None, pm: pluggy.PluginManager | None
     ) -> RoClipAdapter:
         steps = len(self.loader)
-        samples = steps * self.settings.batch_size * self.world_size
+        samples = self._dataset_rows(steps)
         if not isinstance(roclip, RoClipAdapter):
             return RoClipAdapter(
                 roclip,

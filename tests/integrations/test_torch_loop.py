@@ -716,3 +716,17 @@ def test_the_trainer_gives_each_row_its_dataset_index_as_sample_id(tmp_path: Pat
         assert torch.equal(images, data.images[ids])
     epoch_one = torch.cat([ids for _, ids in seen[8:]])
     assert sorted(epoch_one.tolist()) == list(range(256))  # each row once, under its own id
+
+
+def test_the_history_gives_every_row_its_own_slot_when_the_last_batch_is_dropped() -> None:
+    """250 rows in batches of 32: drop_last trains 224 a epoch, but ids run to 249.
+
+    Sized by the batches' pairs, the history would hand rows 224-249 the slots of rows 0-25
+    (id mod slots), blending their records; sized by the dataset, each row keeps its own.
+    """
+    trainer = make_run(None, RoClipConfig.from_preset("robust", pool_size=64), epochs=2, n=250)
+    assert trainer.settings.drop_last and len(trainer.loader) * 32 == 224
+    trainer.fit()
+    table = trainer.adapter.defense.risk.scorer.table
+    assert table.slots == 250
+    assert table.visited() > 224  # rows from the dropped tail of one epoch trained in another

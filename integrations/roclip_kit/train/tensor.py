@@ -375,7 +375,9 @@ def train_tensor(
             model=model,
             total_epochs=settings.epochs,
             steps_per_epoch=steps,
-            samples_per_epoch=steps * settings.batch_size,
+            # the rows, not the batches' pairs: ids are row indices, and the tail that the
+            # last incomplete batch leaves out must not share history slots with the head
+            samples_per_epoch=len(data.train),
             plugin_manager=pm,
             plugins=[audit, audit.stats],
             device=device,

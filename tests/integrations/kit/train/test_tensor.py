@@ -160,6 +160,20 @@ def test_images_train_unaugmented_from_the_stop_epoch(data) -> None:
     assert [e.loss for e in never.epochs] == pytest.approx([e.loss for e in clip.epochs], rel=1e-6)
 
 
+def test_the_history_gives_every_row_its_own_slot(data) -> None:
+    """The last incomplete batch is left out, but its rows' ids must not share the first's slots.
+
+    Row ids run to ``len(data.train) - 1``; a table sized by the batches' pairs would be
+    shorter and fold the tail's ids onto the head's (id mod slots).
+    """
+    settings = _settings(epochs=2, batch_size=48)
+    assert len(data.train) % settings.batch_size  # a tail is left out of each epoch
+    config = RoClipConfig.from_preset("robust", pool_size=48)
+    run = train_tensor(data, settings, config)
+    table = run.roclip_state["risk"]["scorer"]["table"]
+    assert table["slots"] == len(data.train)
+
+
 def test_data_order_is_distributed_samplers() -> None:
     sampler = torch.utils.data.DistributedSampler(range(50), num_replicas=1, rank=0, seed=4)
     sampler.set_epoch(2)

@@ -27,6 +27,8 @@ MATCHERS = ("torch", "faiss", "faiss-ivf")
 MATCH_ACTIONS = ("match", "drop", "unimodal", "weight")
 RISK_SPLITS = ("fixed", "gmm")
 DUPLICATE_MATCHES = ("mask", "keep")
+# drop and unimodal: whether a risky pair leaves the batch or stays a negative of the others
+RISKY_NEGATIVES = ("out", "keep")
 AUG_REFRESH = ("epoch", "run")
 SYNONYM_SOURCES = ("auto", "nltk", "wordnet", "table", "off")
 _INT32_MAX = 2**31 - 1
@@ -191,6 +193,16 @@ class RoClipConfig:
             "the posterior of the low-risk component is below gmm_threshold; at most "
             "match_fraction of a batch).",
             RISK_SPLITS,
+        ),
+    )
+    risky_negatives: str = field(
+        default="out",
+        metadata=_meta(
+            "match_action drop and unimodal: out leaves a risky pair out of the step's CLIP "
+            "loss altogether, as if it were not in the batch; keep leaves out only its own "
+            "image-caption link, and its image and caption stay negatives of the other "
+            "pairs.",
+            RISKY_NEGATIVES,
         ),
     )
     risk_weight: float = field(

@@ -104,7 +104,10 @@ class RoClipDefense:
         self.risk = make_engine(self.risk_config(), self.pm, self.info.rank, self.info.world_size)
         loss_class = RoClipSigLipLoss if siglip else RoClipLoss
         check_action_supported(
-            self.config.match_action, loss_class.weighted_objective, self.info.world_size
+            self.config.match_action,
+            loss_class.weighted_objective,
+            self.info.world_size,
+            self.config.risky_negatives,
         )
         self.criterion: RoClipLoss = loss_class(self.info)
         self.decider = StepDecider(
@@ -133,6 +136,7 @@ class RoClipDefense:
             duplicate_matches=self.config.duplicate_matches,
             accum_freq=accum_freq,
             risk_weight=self.config.risk_weight,
+            risky_negatives=self.config.risky_negatives,
             gathers_matched=gathers_matched,
         )
 

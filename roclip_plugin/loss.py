@@ -58,6 +58,8 @@ class StepPlan:
         risky_all: the risky rows of every rank (rank order), when the risk engine split.
         action: what the chosen rows get: ``match``, ``drop``, ``weight`` or ``unimodal``.
         risk_weight: ``action="weight"``: the weight of a risky pair's terms.
+        risky_negatives: ``drop`` and ``unimodal``: the risky pairs' images and captions stay
+            negatives of the other pairs (only their own link leaves the loss).
         unimodal_only: the unimodal warm-up: no cross-modal term at all.
         image_bank: the image bank's rows, for the unimodal terms (None: no bank).
         caption_bank: the caption pool's rows, for the unimodal terms.
@@ -70,6 +72,7 @@ class StepPlan:
     risky_all: torch.Tensor | None = None
     action: str = "match"
     risk_weight: float = 0.1
+    risky_negatives: bool = False
     unimodal_only: bool = False
     image_bank: torch.Tensor | None = None
     caption_bank: torch.Tensor | None = None
@@ -216,7 +219,7 @@ class RoClipLoss(nn.Module):
             logit_scale,
             logit_bias,
             weights=(~risky).float(),
-            excluded=risky,
+            excluded=None if plan.risky_negatives else risky,
         )
         if plan.action == "unimodal":
             loss = loss + self._unimodal(image_features, text_features, plan.chosen, plan)
@@ -239,7 +242,9 @@ class RoClipLoss(nn.Module):
         return share * unimodal_terms(img[rows], txt[rows], *banks) + 0.0 * (img.sum() + txt.sum())
 
 
-def check_action_supported(action: str, weighted: bool, world_size: int = 1) -> None:
+def check_action_supported(
+    action: str, weighted: bool, world_size: int = 1, risky_negatives: str = "out"
+) -> None:
     """Refuse what a loss cannot do: per-pair weights in the sigmoid loss, a drop across ranks.
 
     Checked when the defense is built, so a run stops before training rather than at its
@@ -247,6 +252,12 @@ def check_action_supported(action: str, weighted: bool, world_size: int = 1) -> 
     """
     if weighted:
         return
+    if action == "drop" and risky_negatives == "keep":
+        raise ValueError(
+            "risky_negatives (--roclip-risky-negatives) keep needs per-pair weights, which the "
+            "SigLIP loss (--siglip) does not take: use --roclip-risky-negatives out with "
+            "--siglip"
+        )
     if action in ("weight", "unimodal"):
         raise ValueError(
             f"match_action (--roclip-match-action) {action} needs per-pair weights, which the "

@@ -66,6 +66,8 @@ class StepSettings:
             leaves the copies as negatives of the other images.
         accum_freq: loss calls per optimiser step (OpenCLIP's ``--accum-freq``).
         risk_weight: ``match_action="weight"``: the weight of a risky pair's terms.
+        risky_negatives: ``drop`` and ``unimodal``: ``out`` takes a risky pair out of the
+            batch, ``keep`` leaves its image and caption negatives of the other pairs.
         gathers_matched: the loss takes every rank's matched rows gathered once per step
             (the softmax loss; SigLIP passes blocks around instead).
     """
@@ -76,6 +78,7 @@ class StepSettings:
     duplicate_matches: str = "keep"
     accum_freq: int = 1
     risk_weight: float = 0.1
+    risky_negatives: str = "out"
     gathers_matched: bool = True
 
     def __post_init__(self) -> None:
@@ -331,6 +334,7 @@ class StepDecider:
             risky_all=risky_all,
             action=self._action,
             risk_weight=self.settings.risk_weight,
+            risky_negatives=self.settings.risky_negatives == "keep",
             image_bank=banks.image_bank,
             caption_bank=banks.caption_bank,
         )

@@ -81,6 +81,49 @@ def test_history_drop_leaves_the_worst_remembered_tenth_out_from_the_second_epoc
     assert int(stats.risk.argmax()) == int(torch.nonzero(stats.risky))
 
 
+@pytest.mark.parametrize("negatives", ["out", "keep"])
+def test_risky_pairs_stay_negatives_of_the_others_only_with_keep(negatives: str) -> None:
+    """keep leaves out a risky pair's own link only: its caption and image still repel the rest.
+
+    With out the pair is as if not in the batch: its caption gets no gradient at all. With keep
+    its caption gets one (as a negative), and the loss is the safe rows' terms over every
+    column of the batch.
+    """
+    pm = get_plugin_manager(autoload=False)
+    risks = _Risks()
+    pm.register(risks)
+    config = RoClipConfig.from_preset("robust", pool_size=64, risky_negatives=negatives)
+    defense = RoClipDefense(config, plugin_manager=pm, dist_info=DistInfo(), samples_per_epoch=32)
+    defense.start_epoch(0)
+    defense.compute_loss(*_batch(0)[:2], SCALE, sample_ids=_batch(0)[2])
+    defense.start_epoch(1)
+    img, txt, ids = _batch(1)
+    txt = txt.clone().requires_grad_()
+    loss = defense.compute_loss(img, txt, SCALE, sample_ids=ids)
+    loss.backward()
+    (stats,) = risks.seen
+    risky = stats.risky
+    assert int(risky.sum()) == 1
+    if negatives == "out":
+        torch.testing.assert_close(loss, open_clip_loss.ClipLoss()(img[~risky], txt[~risky], SCALE))
+        assert float(txt.grad[risky].abs().sum()) == 0.0
+        return
+    logits = SCALE * img @ txt.detach().T
+    labels = torch.arange(ROWS)
+    terms = F.cross_entropy(logits, labels, reduction="none") + F.cross_entropy(
+        logits.T, labels, reduction="none"
+    )
+    torch.testing.assert_close(loss.detach(), terms[~risky].mean() / 2)
+    assert float(txt.grad[risky].abs().sum()) > 0.0
+
+
+def test_risky_negatives_keep_is_refused_with_the_sigmoid_loss() -> None:
+    config = RoClipConfig.from_preset("robust", risky_negatives="keep")
+    with pytest.raises(ValueError, match=r"--roclip-risky-negatives\) keep") as info:
+        RoClipDefense(config, dist_info=DistInfo(), siglip=True)
+    assert "--roclip-risky-negatives out" in str(info.value)  # the way out
+
+
 def test_the_history_score_without_ids_says_how_to_give_them() -> None:
     defense = _defense()
     defense.start_epoch(0)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from roclip_plugin import RoClipConfig, RoClipDefense, get_plugin_manager
-from roclip_plugin.augment import AugmentationPolicy, build_policy
+from roclip_plugin.augment import AugmentationPolicy, build_policy, warn_unresolved_stop
 from roclip_plugin.config import add_argparse_args, config_from_namespace
 from roclip_plugin.loss import DistInfo
 from roclip_plugin.pool import CaptionPool
@@ -208,7 +208,10 @@ class RoClipAdapter:
         ``policy.gpu_batch`` on the device; :meth:`epoch_start` keeps its epoch.
         """
         if self._augmentation is None:
-            self._augmentation = build_policy(self.config, self.pm, self.defense.total_epochs)
+            # the run length may come later (set_run_length): epoch_start warns if it never does
+            self._augmentation = build_policy(
+                self.config, self.pm, self.defense.total_epochs, warn=False
+            )
             self._augmentation.set_epoch(max(self.defense.epoch, 0))
         return self._augmentation
 
@@ -260,6 +263,7 @@ class RoClipAdapter:
         if self.stats is not None:
             self.stats.reset()
         if self._augmentation is not None:
+            warn_unresolved_stop(self.config, self.defense.total_epochs)
             self._augmentation.set_epoch(epoch)
         self._epoch_started = True
         return self.defense.start_epoch(epoch)

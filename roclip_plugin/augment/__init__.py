@@ -32,6 +32,7 @@ from roclip_plugin.augment.policy import (
     build_policy,
     check_policy_names,
     preprocess_size,
+    warn_unresolved_stop,
 )
 from roclip_plugin.augment.registry import (
     AugmentationRegistry,
@@ -61,4 +62,5 @@ __all__ = [
     "roclip_light_image_factory",
     "roclip_small_image_factory",
     "sample_index",
+    "warn_unresolved_stop",
 ]

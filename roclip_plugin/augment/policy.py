@@ -401,10 +401,21 @@ def _warn_once(message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
+def warn_unresolved_stop(config: RoClipConfig, total_epochs: int | None) -> None:
+    """Warn once where a stop fraction cannot resolve: no run length, so no stop epoch."""
+    if config.image_aug_stop_fraction is not None and total_epochs is None:
+        _warn_once(
+            "--roclip-image-aug-stop-fraction needs the run length: images are augmented in "
+            "every epoch; pass total_epochs (or use --roclip-image-aug-stop-epoch)"
+        )
+
+
 def build_policy(
     config: RoClipConfig | None,
     pm: pluggy.PluginManager,
     total_epochs: int | None = None,
+    *,
+    warn: bool = True,
 ) -> AugmentationPolicy:
     """The augmentation policy a configuration names, from the registry ``pm``'s plugins fill.
 
@@ -416,6 +427,8 @@ def build_policy(
         pm: the plugin manager (:func:`roclip_plugin.get_plugin_manager`, or the defense's).
         total_epochs: the run length, which ``--roclip-image-aug-stop-fraction`` needs (without
             it images are augmented every epoch, with a warning naming the fix).
+        warn: give that warning here; False for a caller that may learn the run length later
+            and warns itself (:func:`warn_unresolved_stop` when training starts without it).
 
     Raises:
         ValueError: an unknown augmentation name (naming ``--roclip-image-aug`` or
@@ -424,11 +437,8 @@ def build_policy(
     """
     config = RoClipConfig() if config is None else config
     registry = collect_augmentations(pm)
-    if config.image_aug_stop_fraction is not None and total_epochs is None:
-        _warn_once(
-            "--roclip-image-aug-stop-fraction needs the run length: images are augmented in "
-            "every epoch; pass total_epochs (or use --roclip-image-aug-stop-epoch)"
-        )
+    if warn:
+        warn_unresolved_stop(config, total_epochs)
     return AugmentationPolicy(
         registry.build("image", config.image_aug, config),
         registry.build("text", config.text_aug, config),

@@ -681,6 +681,30 @@ def test_adapter_image_stop_fraction_follows_the_run_length() -> None:
     assert adapter.augmentation.image_stop_epoch == 2
 
 
+def test_adapter_warns_about_a_stop_fraction_only_if_training_starts_without_a_length() -> None:
+    """A loop builds its transform (the policy) before it knows the run length: no warning then.
+
+    The warning comes at ``epoch_start`` where no length was ever given, not before.
+    """
+    import warnings
+
+    from roclip_plugin.augment import policy as augment_policy
+
+    config = RoClipConfig(image_aug="none", image_aug_stop_fraction=0.5)
+    augment_policy._warned.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        told = _adapter(config=config)
+        assert told.augmentation.image_stop_epoch is None  # built before the length is known
+        told.set_run_length(6, 10)
+        told.epoch_start(0)
+    assert told.augmentation.image_stop_epoch == 3
+    never = _adapter(config=config)
+    never.augmentation  # noqa: B018 - built without a length, as above
+    with pytest.warns(RuntimeWarning, match="--roclip-image-aug-stop-fraction needs the run"):
+        never.epoch_start(0)
+
+
 def test_adapter_augmentation_none_leaves_captions_alone() -> None:
     adapter = _adapter(config=RoClipConfig.from_preset("paper", text_aug="none", image_aug="none"))
     assert adapter.augmentation.text("a cat", index=0) == "a cat"

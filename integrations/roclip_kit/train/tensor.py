@@ -394,7 +394,7 @@ def train_tensor(
     suspicious = {
         r.epoch + 1: Path(r.audit["suspicious_file"])
         for r in records
-        if "suspicious_file" in r.audit
+        if r.audit.get("suspicious_file")  # None where the run wrote none (no run_dir)
     }
     end = settings.epochs if stop_after is None else min(stop_after, settings.epochs)
     for epoch in range(len(records), end):

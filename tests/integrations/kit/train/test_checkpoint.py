@@ -96,6 +96,16 @@ def test_a_run_stopped_and_resumed_equals_the_run_that_never_stopped(
     assert sorted(resumed.suspicious) == sorted(straight.suspicious) == [2, 3]
 
 
+def test_a_defended_run_without_a_run_dir_resumes(data, tmp_path: Path) -> None:
+    """Its defended epochs' records say no suspicious file was written: resume reads none."""
+    settings = _settings(epochs=3)
+    config = RoClipConfig(**MATCHING, image_aug="none", text_aug="none")
+    first = train_tensor(data, settings, config, checkpoint_dir=tmp_path, stop_after=2)
+    assert first.defended_epochs == [2] and not first.suspicious
+    resumed = train_tensor(data, settings, config, checkpoint_dir=tmp_path, resume=True)
+    assert resumed.defended_epochs == [2, 3] and not resumed.suspicious
+
+
 def test_checkpoints_are_kept_as_asked_and_a_finished_run_resumes_to_itself(
     data, tmp_path: Path
 ) -> None:

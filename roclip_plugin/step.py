@@ -24,7 +24,7 @@ import pluggy
 import torch
 import torch.nn.functional as F
 
-from roclip_plugin.config import DUPLICATE_MATCHES
+from roclip_plugin.config import DUPLICATE_MATCHES, RISKY_NEGATIVES
 from roclip_plugin.contrastive import (
     DistInfo,
     MatchStats,
@@ -83,11 +83,17 @@ class StepSettings:
 
     def __post_init__(self) -> None:
         check_accum_freq(self.accum_freq)
-        if self.duplicate_matches not in DUPLICATE_MATCHES:
-            raise ValueError(
-                f"duplicate_matches (--roclip-duplicate-matches): invalid value "
-                f"{self.duplicate_matches!r}; allowed: {', '.join(DUPLICATE_MATCHES)}"
-            )
+        # built directly (not from a RoClipConfig), a misspelt choice would act as the default
+        for name, allowed in (
+            ("duplicate_matches", DUPLICATE_MATCHES),
+            ("risky_negatives", RISKY_NEGATIVES),
+        ):
+            value = getattr(self, name)
+            if value not in allowed:
+                flag = "--roclip-" + name.replace("_", "-")
+                raise ValueError(
+                    f"{name} ({flag}): invalid value {value!r}; allowed: {', '.join(allowed)}"
+                )
 
 
 @dataclass(frozen=True)

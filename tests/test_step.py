@@ -61,3 +61,5 @@ def test_the_settings_refuse_bad_values_naming_the_flag():
         StepSettings(accum_freq=0)
     with pytest.raises(ValueError, match="--roclip-duplicate-matches"):
         StepSettings(duplicate_matches="merge")
+    with pytest.raises(ValueError, match=r"--roclip-risky-negatives\): invalid value 'kep'"):
+        StepSettings(risky_negatives="kep")

@@ -35,7 +35,7 @@ from roclip_plugin.io import atomic_torch_save, read_state_file
 from roclip_plugin.loss import DistInfo, RoClipLoss, StepPlan, check_action_supported
 from roclip_plugin.plugins import BUILTINS_NAME, get_plugin_manager
 from roclip_plugin.pool import CaptionPool
-from roclip_plugin.risk import DEFAULT_HISTORY_SLOTS, make_engine, stable_ids
+from roclip_plugin.risk import DEFAULT_HISTORY_SLOTS, HistoryTable, make_engine, stable_ids
 from roclip_plugin.schedule import ScheduleState, schedule_unit
 from roclip_plugin.siglip import RoClipSigLipLoss
 from roclip_plugin.step import StepContext, StepDecider, StepSettings
@@ -168,6 +168,38 @@ class RoClipDefense:
             return self.config
         slots = self.samples_per_epoch or DEFAULT_HISTORY_SLOTS
         return self.config.replace(history_slots=slots)
+
+    def set_samples_per_epoch(self, samples: int | None) -> None:
+        """Adopt the training set's row count when it was unknown at construction.
+
+        With ``history_slots`` 0 the per-sample history gets one slot per row, as if the
+        count had been given at construction, provided it holds no memory yet. A history
+        already in use keeps its size (moving every id to another slot would scramble the
+        memories), with a warning that says how to size it from the start.
+        """
+        self.samples_per_epoch = check_count("samples_per_epoch", samples)
+        table = self._history_table()
+        if table is None or self.config.history_slots:
+            return
+        slots = int(self.risk_config().history_slots)
+        if slots == table.slots:
+            return
+        if table.visited():
+            warnings.warn(
+                f"samples_per_epoch {samples} came after training started: the per-sample "
+                f"history keeps its {table.slots} slots, so rows beyond it share slots; pass "
+                "samples_per_epoch when building the defense, or set --roclip-history-slots",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return
+        table.resize(slots)
+
+    def _history_table(self) -> HistoryTable | None:
+        """The built-in per-sample history's table, where the risk score is ``history``."""
+        scorer = None if self.risk is None else self.risk.scorer
+        table = getattr(scorer, "table", None)
+        return table if isinstance(table, HistoryTable) else None
 
     def set_sample_ids(self, ids: object) -> None:
         """Stable ids of the next step's rows (row indices, or string keys to hash).

@@ -404,3 +404,33 @@ def test_an_epoch_starting_inside_an_accumulated_step_discards_it():
     with pytest.warns(RuntimeWarning, match="starts after 1 of the 2 loss calls"):
         defense.start_epoch(1)
     assert defense.loss.call_in_step == 0 and len(defense.pool) == 0
+
+
+def test_a_row_count_given_late_sizes_the_history_until_it_holds_memories() -> None:
+    """``history_slots`` 0: a defense built without ``samples_per_epoch`` gets a slot per row
+    when the count comes before training; once the history holds memories it keeps its size
+    and says how to size it from the start."""
+    from roclip_plugin.risk import DEFAULT_HISTORY_SLOTS
+
+    config = RoClipConfig.from_preset("robust", pool_size=16)
+    defense = _make(config, total_epochs=3)
+    table = defense.risk.scorer.table
+    assert table.slots == DEFAULT_HISTORY_SLOTS
+    defense.set_samples_per_epoch(250)
+    assert table.slots == 250 and defense.samples_per_epoch == 250
+    defense.start_epoch(0)
+    defense.set_sample_ids(torch.arange(6))
+    defense.compute_loss(*_batch(0, 0), torch.tensor(8.0))
+    assert table.visited() == 6
+    with pytest.warns(RuntimeWarning, match="keeps its 250 slots.*--roclip-history-slots"):
+        defense.set_samples_per_epoch(5000)
+    assert table.slots == 250 and defense.samples_per_epoch == 5000
+
+
+def test_a_late_row_count_leaves_history_slots_set_by_the_user_alone() -> None:
+    config = RoClipConfig.from_preset("robust", pool_size=16, history_slots=100)
+    defense = _make(config, total_epochs=3)
+    defense.set_samples_per_epoch(250)
+    assert defense.risk.scorer.table.slots == 100
+    with pytest.raises(ValueError, match="samples_per_epoch"):
+        defense.set_samples_per_epoch(-1)

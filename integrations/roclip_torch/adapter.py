@@ -236,14 +236,18 @@ class RoClipAdapter:
         steps_per_epoch: int | None,
         samples_per_epoch: int | None = None,
     ) -> None:
-        """Tell the schedule the run length when it was unknown at construction."""
+        """Tell the schedule the run length when it was unknown at construction.
+
+        ``samples_per_epoch`` (the dataset's rows) also gives the per-sample history a slot
+        per row if nothing has trained yet (:meth:`RoClipDefense.set_samples_per_epoch`).
+        """
         self.defense.total_epochs = total_epochs
         self.defense.steps_per_epoch = steps_per_epoch
         if self._augmentation is not None:  # a stop fraction resolves against the new length
             stop = self.config.resolved_image_aug_stop(total_epochs)
             self._augmentation.image_stop_epoch = stop
-        if samples_per_epoch is not None:
-            self.defense.samples_per_epoch = samples_per_epoch
+        if samples_per_epoch is not None:  # sizes the per-sample history too, before use
+            self.defense.set_samples_per_epoch(samples_per_epoch)
 
     # -- the three calls of a training loop --------------------------------------------------
 

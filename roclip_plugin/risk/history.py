@@ -103,6 +103,23 @@ class HistoryTable:
         """Current memories of ``ids`` (NaN where never visited), float32."""
         return self._table(device)[ids.to(device).long() % self.slots].float()
 
+    def resize(self, slots: int) -> None:
+        """Give the table ``slots`` slots while it holds no memory yet.
+
+        For a trainer that learns its dataset's length after building the defense: ids are
+        row indices, so the table must have a slot per row before the first visit. Once a
+        memory is held, resizing would move every id to another slot, so it is refused.
+        """
+        if slots < 1:
+            raise ValueError(f"history slots: {slots} must be >= 1")
+        if self.visited():
+            raise ValueError(
+                f"the per-sample history holds {self.visited()} memories in {self.slots} "
+                f"slots; it cannot be resized to {slots} after training has started"
+            )
+        self.slots = int(slots)
+        self.values = None
+
     def visited(self) -> int:
         """Slots holding a memory."""
         return 0 if self.values is None else int((~torch.isnan(self.values)).sum())

@@ -109,7 +109,7 @@ def zero_shot_accuracy(model: TwoTower, data: DigitCaptions) -> float:
 
 def make_run(
     tmp: Path | None,
-    config: RoClipConfig,
+    config: RoClipConfig | RoClipAdapter,
     *,
     epochs: int,
     seed: int = 0,
@@ -139,7 +139,9 @@ def make_run(
         ),
         roclip=config,
         scheduler=sched,
-        plugin_manager=plugin_manager or get_plugin_manager(),
+        # an adapter brings its own plugin manager
+        plugin_manager=plugin_manager
+        or (None if isinstance(config, RoClipAdapter) else get_plugin_manager()),
         console=console,
     )
 
@@ -754,3 +756,17 @@ def test_the_history_gives_every_row_its_own_slot_when_the_last_batch_is_dropped
     table = trainer.adapter.defense.risk.scorer.table
     assert table.slots == 250
     assert table.visited() > 224  # rows from the dropped tail of one epoch trained in another
+
+
+def test_an_adapter_built_without_the_run_length_gets_a_slot_per_row_from_the_trainer() -> None:
+    """The Trainer tells a user-built adapter the run length, rows included, before training:
+    the history is sized by them as if the adapter had been built with them."""
+    adapter = RoClipAdapter(
+        RoClipConfig.from_preset("robust", pool_size=64),
+        plugin_manager=get_plugin_manager(),
+        dist_info=DistInfo(),
+    )
+    trainer = make_run(None, adapter, epochs=2, n=250)
+    trainer.fit()
+    assert trainer.adapter is adapter
+    assert adapter.defense.risk.scorer.table.slots == 250

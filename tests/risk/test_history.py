@@ -91,3 +91,17 @@ def test_a_slot_costs_two_bytes() -> None:
     assert table.values is not None
     assert BYTES_PER_SLOT == 2
     assert table.values.element_size() * table.values.numel() == 2000
+
+
+def test_an_empty_table_resizes_and_one_holding_memories_refuses() -> None:
+    """A trainer may learn its row count after building the defense: before the first visit
+    the table takes it; after, resizing would move every id to another slot."""
+    table = HistoryTable(slots=8, decay=0.5)
+    table.resize(20)
+    table.update(torch.tensor([12, 19]), torch.tensor([1.0, -1.0]))
+    assert table.slots == 20 and table.visited() == 2  # no id shares a slot below 20
+    with pytest.raises(ValueError, match="holds 2 memories in 20 slots.*cannot be resized"):
+        table.resize(30)
+    assert table.slots == 20
+    with pytest.raises(ValueError, match="must be >= 1"):
+        HistoryTable(slots=8, decay=0.5).resize(0)

@@ -32,6 +32,31 @@ def test_the_search_finds_each_rows_nearest_other_images() -> None:
         assert (near.index != np.arange(90)[:, None]).all()  # never its own row
 
 
+def test_the_copy_ids_are_hashed_only_when_a_group_score_asks(monkeypatch) -> None:
+    """The targeted score alone never needs them: it must not pay for hashing every row."""
+    import roclip_plugin.scan.groups as groups
+
+    calls: list[int] = []
+    real = groups.row_groups
+
+    def counting(rows: np.ndarray, block: int | None = None):
+        calls.append(len(rows))
+        return real(rows, block)
+
+    monkeypatch.setattr(groups, "row_groups", counting)
+    rng = np.random.default_rng(2)
+    images = unit(rng.normal(size=(40, 5)))
+    images[30:] = images[0]  # ten copies of row 0
+    captions = unit(rng.normal(size=(40, 5)))
+    groups.targeted_score(images, captions, 4, 0.1)
+    assert calls == []
+    with image_neighbours(images, captions, 4) as near:
+        copies = near.copies
+        assert calls == [40] and near.copies is copies  # hashed once, then kept
+    assert (copies[30:] == copies[0]).all() and copies[0] not in copies[1:30]
+    assert len(set(copies[1:30].tolist())) == 29
+
+
 def test_a_group_score_is_the_own_score_plus_the_neighbours_mean() -> None:
     rng = np.random.default_rng(1)
     images, captions = unit(rng.normal(size=(70, 5))), unit(rng.normal(size=(70, 5)))

@@ -1,7 +1,7 @@
 """RoCLIP's sigmoid (SigLIP) loss on one process: plain and matching steps, duplicates.
 
 The comparison with OpenCLIP's own ``SigLipLoss`` (every distributed implementation) is in
-tests/integrations/test_openclip_siglip.py; here the reference is the formula written out.
+tests/integrations/openclip/test_siglip.py; here the reference is the formula written out.
 """
 
 from __future__ import annotations

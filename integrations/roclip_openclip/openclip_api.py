@@ -4,7 +4,7 @@ The adapter changes OpenCLIP's training script at run time instead of forking it
 whole contract with OpenCLIP is the list of names below: module paths, the functions it
 replaces or wraps, the ones it calls, the classes it inspects. When OpenCLIP moves one of them
 (as 4.x does, docs/openclip.md), this module and its test
-(``tests/integrations/test_openclip_api.py``) say which, before any run does. It imports
+(``tests/integrations/openclip/test_api.py``) say which, before any run does. It imports
 nothing of the adapter, so every module of the adapter may import it.
 
 Each name is resolved when it is used, never at import: importing the adapter imports no

@@ -5,7 +5,7 @@ Contract per example: exit 0 or 2, never a traceback, and an exit 2 prints one e
 names the flag; values of the wrong kind, empty values and the values below that are known to
 be bad must be refused. OpenCLIP's training is replaced by a stub, so a value that passes
 every check stops there (exit 0): no example trains, none creates the log folder. CI draws a
-few examples per flag; ``pytest -m slow tests/integrations/test_openclip_flag_fuzz.py`` many.
+few examples per flag; ``pytest -m slow tests/integrations/openclip/test_flag_fuzz.py`` many.
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""End to end: OpenCLIP's real training script with ``--roclip`` on a tiny model, on the CPU."""

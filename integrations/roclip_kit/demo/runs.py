@@ -100,12 +100,14 @@ def _epoch_figures(evaluation: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def run_spec(spec: RunSpec, events: Any = None) -> dict[str, Any]:
+def run_spec(spec: RunSpec, events: Any = None, on_weights: Any = None) -> dict[str, Any]:
     """Train and evaluate one run; returns its figures (JSON-able).
 
     ``events`` (a queue, or None) receives ``{"run", "epoch", "epochs", ...}`` after each epoch
     and ``{"run", "final_evaluation": True}`` when the final evaluation starts (it takes about
     as long as an epoch on a CPU, so a display can say what is going on).
+    ``on_weights`` goes to :func:`~roclip_kit.train.tensor.train_tensor` (the weights after
+    each optimiser step).
     """
     from roclip_kit.data.tensors import load_poisoned
     from roclip_kit.evaluate.run import EvalData, EvalSettings, evaluate_model
@@ -154,6 +156,7 @@ def run_spec(spec: RunSpec, events: Any = None) -> dict[str, Any]:
         name=spec.name,
         run_dir=spec.run_dir,
         on_epoch=on_epoch,
+        on_weights=on_weights,
         **(saved.train_options() if saved else {}),
     )
     if events is not None:

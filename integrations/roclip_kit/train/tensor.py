@@ -313,6 +313,7 @@ def train_tensor(
     run_dir: Path | None = None,
     on_epoch: OnEpoch | None = None,
     on_step: Callable[[int], None] | None = None,
+    on_weights: Callable[[int, torch.nn.Module], None] | None = None,
     checkpoint_dir: Path | None = None,
     resume: bool = False,
     keep_last: int | None = None,
@@ -332,6 +333,10 @@ def train_tensor(
         on_epoch: called after each epoch with its record, the model and the tokenizer
             (evaluation); it must leave the model as it found it.
         on_step: called after each optimiser step with the steps done in the epoch.
+        on_weights: called after each optimiser step with the run's steps done so far (a
+            resumed run counts on from its checkpoint) and the model, to look at the weights
+            between epoch ends (``benchmarks/bench_steps.py``); it must leave the model as it
+            found it.
         checkpoint_dir: where ``epoch_<N>.pt`` goes after every epoch
             (:mod:`roclip_kit.train.checkpoint`); None writes none.
         resume: continue from the newest checkpoint of ``checkpoint_dir``, exactly (the same
@@ -398,7 +403,13 @@ def train_tensor(
     }
     end = settings.epochs if stop_after is None else min(stop_after, settings.epochs)
     for epoch in range(len(records), end):
-        record = loop.epoch(epoch, batches, len(data.train), steps, on_step)
+        record = loop.epoch(
+            epoch,
+            batches,
+            len(data.train),
+            steps,
+            _step_calls(on_step, on_weights, model, epoch * steps),
+        )
         if record.matching and run_dir is not None:
             path = _write_suspicious(audit, run_dir, epoch)
             if path is not None:
@@ -422,6 +433,24 @@ def train_tensor(
         suspicious=suspicious,
         roclip_state=adapter.state_dict() if adapter is not None else None,
     )
+
+
+def _step_calls(
+    on_step: Callable[[int], None] | None,
+    on_weights: Callable[[int, torch.nn.Module], None] | None,
+    model: torch.nn.Module,
+    done_before: int,
+) -> Callable[[int], None] | None:
+    """One per-step callback for the loop: ``on_step`` and ``on_weights`` (run-wide count)."""
+    if on_weights is None:
+        return on_step
+
+    def both(step: int) -> None:
+        if on_step is not None:
+            on_step(step)
+        on_weights(done_before + step, model)
+
+    return both
 
 
 def _check_run_options(checkpoint_dir: Path | None, resume: bool, stop_after: int | None) -> None:

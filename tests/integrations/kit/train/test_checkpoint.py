@@ -172,3 +172,31 @@ def test_resume_on_other_data_is_refused(data, tmp_path: Path) -> None:
     fingerprint = r"another run \(data\.captions_sha256: .*data\.rows: 168 -> 156"
     with pytest.raises(StateError, match=fingerprint):
         train_tensor(data.without_poison(), settings, None, checkpoint_dir=tmp_path, resume=True)
+
+
+def test_on_weights_sees_every_step_counted_across_a_resume(data, tmp_path: Path) -> None:
+    """A trace of the weights between epoch ends: the resumed run's steps count on from its
+    checkpoint and carry the weights the run that never stopped had at that step."""
+    settings = _settings()
+    steps = len(data.train) // settings.batch_size
+
+    def recorder(into: dict[int, torch.Tensor]):
+        def record(step: int, model: torch.nn.Module) -> None:
+            into[step] = model.logit_scale.detach().clone()  # one tensor that moves every step
+
+        return record
+
+    straight: dict[int, torch.Tensor] = {}
+    train_tensor(data, settings, None, on_weights=recorder(straight))
+    assert sorted(straight) == list(range(1, settings.epochs * steps + 1))
+    traced: dict[int, torch.Tensor] = {}
+    checkpoints = tmp_path / "checkpoints"
+    train_tensor(
+        data, settings, None, checkpoint_dir=checkpoints, stop_after=1, on_weights=recorder({})
+    )
+    train_tensor(
+        data, settings, None, checkpoint_dir=checkpoints, resume=True, on_weights=recorder(traced)
+    )
+    assert sorted(traced) == list(range(steps + 1, settings.epochs * steps + 1))
+    assert all(torch.equal(traced[s], straight[s]) for s in traced)
+    assert len({float(v) for v in straight.values()}) > 1  # the recorded tensor does move

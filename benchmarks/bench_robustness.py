@@ -28,6 +28,7 @@ Variants (``--variants``), on top of the scale's RoCLIP settings:
   robust-eda     robust with EDA captions, as the default ran until 2026-12-07
   safeclip       SafeCLIP's preset, its unimodal warm-up scaled to 2 of 12 epochs
   robust-light   robust with the lighter crop roclip-light (0.8-1.0 of the image)
+  robust-augonly the default's image augmentation alone, no defense
   floor          robust on the clean rows only (floor-eda: robust-eda's, floor-light:
                  robust-light's), what an attack scores when nothing is learned from the poison
   NAME:field=value,...   any other RoCLIP settings (--extra)
@@ -87,6 +88,9 @@ VARIANTS: dict[str, tuple[dict[str, Any] | None, bool]] = {
     # Fashion-MNIST; noimg kept EDA, as it ran), and a fifth of each batch instead of a tenth.
     "robust-noimg": ({"preset": "robust", "image_aug": "none", "text_aug": "eda"}, True),
     "robust-noaug": ({"preset": "robust", "image_aug": "none"}, True),
+    # The default's augmentation without its defense (what the image augmentation alone does to
+    # a run: bench_steps.py traces it on the clean rows beside robust-noaug, results.md).
+    "robust-augonly": ({"preset": "robust"}, False),
     "robust20": ({"preset": "robust", "match_fraction": 0.2}, True),
     # A lighter crop (0.8-1.0 of the image, roclip-light): more clean zero-shot than robust in
     # every cell of the CPU grid, more attack success in five of six (results.md).

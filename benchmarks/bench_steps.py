@@ -6,7 +6,8 @@ of one cell exactly as the grid does (the same poisoned data, variant, settings 
 a variant's run equals the grid's run of that cell bit for bit), keeps the weights
 every ``--every`` optimiser steps, and reads zero-shot of each on the first ``--test-limit``
 test images, per class too: how deep and how often zero-shot dips between epoch ends, and which
-classes go. ``--grad-clip-norm`` trains the same runs with OpenCLIP's gradient clipping.
+classes go. ``--grad-clip-norm`` trains the same runs with OpenCLIP's gradient clipping,
+``--clean`` on the clean rows only (the poisoned ones removed, as the grid's floors train).
 
 It prints, per run, the worst dip after ``--after-epoch`` (a reading's fall below the best of
 the ``--window`` readings before it), how many dips pass 10 and 20 points, the classes that
@@ -51,6 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--window", type=int, default=5, help="readings a dip is measured from")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (1 thread each on 2)")
     parser.add_argument("--quick", action="store_true", help="the grid's toy cell: a check")
+    parser.add_argument("--clean", action="store_true", help="train on the clean rows only")
     args = parser.parse_args(argv)
     for name in ("every", "test_limit", "window", "jobs"):
         if getattr(args, name) < 1:
@@ -61,9 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def run_name(variant: str, clip: float | None) -> str:
-    """The trace's folder name: the variant, and the clipping where there is one."""
-    return variant if clip is None else f"{variant}-gc{clip:g}"
+def run_name(variant: str, clip: float | None, clean: bool = False) -> str:
+    """The trace's folder name: the variant, the clipping where there is one, clean rows."""
+    return variant + ("" if clip is None else f"-gc{clip:g}") + ("-clean" if clean else "")
 
 
 class WeightSaver:
@@ -93,9 +95,10 @@ def _cell_spec(args: argparse.Namespace, variant: str) -> tuple[Any, Any]:
     cell = br.Cell(args.dataset, args.seed, args.rate)
     s, poisoned = br.prepare(cell, base, args.out)
     spec = br.spec_for(cell, variant, s, poisoned, br.VARIANTS, args.out, args.jobs)
-    run_dir = args.out / "steps" / cell.key / run_name(variant, args.grad_clip_norm)
+    run_dir = args.out / "steps" / cell.key / run_name(variant, args.grad_clip_norm, args.clean)
     train = replace(spec.train, grad_clip_norm=args.grad_clip_norm)
-    return poisoned, replace(spec, train=train, run_dir=run_dir)
+    clean = spec.clean_only or args.clean  # a floor variant trains on the clean rows anyway
+    return poisoned, replace(spec, train=train, run_dir=run_dir, clean_only=clean)
 
 
 def train_traced(args: argparse.Namespace, variant: str) -> Path:
@@ -244,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         result = json.loads((folder / "run.json").read_text())
         trace = read_trace(folder, poisoned, args.test_limit)
         summary = summarize(trace, result["steps_per_epoch"], args.after_epoch, args.window)
-        print(line(run_name(variant, args.grad_clip_norm), summary, result, names))
+        print(line(run_name(variant, args.grad_clip_norm, args.clean), summary, result, names))
     return 0
 
 

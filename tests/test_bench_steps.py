@@ -88,3 +88,18 @@ def test_a_quick_trace_saves_the_readings_and_resumes_without_training_again(
     assert bs.main(argv) == 0  # finished runs are read back, not trained again
     assert (folder / "run.json").stat().st_mtime_ns == stamp
     assert capsys.readouterr().out == printed
+
+
+def test_clipping_and_clean_rows_change_the_spec_and_name_the_run(tmp_path: Path) -> None:
+    def spec(*flags: str, variant: str = "robust"):
+        args = bs.parse_args(["--quick", "--out", str(tmp_path), "--variants", variant, *flags])
+        return bs._cell_spec(args, variant)[1]
+
+    plain = spec()
+    assert not plain.clean_only and plain.train.grad_clip_norm is None
+    assert plain.run_dir == tmp_path / "steps" / "digits-s0-r0.05" / "robust"
+    traced = spec("--clean", "--grad-clip-norm", "1")
+    assert traced.clean_only and traced.train.grad_clip_norm == 1.0
+    assert traced.run_dir.name == "robust-gc1-clean"
+    assert traced.train == bs.replace(plain.train, grad_clip_norm=1.0)  # nothing else changes
+    assert spec(variant="floor").clean_only  # a floor trains on the clean rows anyway

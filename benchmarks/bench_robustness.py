@@ -38,6 +38,7 @@ Variants (``--variants``), on top of the scale's RoCLIP settings:
     python benchmarks/bench_robustness.py --quick --out /tmp/rb          # a check of the script
     python benchmarks/bench_robustness.py --out robustness --report      # the table so far
     python benchmarks/bench_robustness.py --trigger wanet --rates 0.001 --variants clip robust
+    python benchmarks/bench_robustness.py --grad-clip-norm 1 --out robustness-gc1  # clipped recipe
 """
 
 from __future__ import annotations
@@ -236,10 +237,18 @@ def _log(message: str) -> None:
 
 
 def spec_for(
-    cell: Cell, name: str, s: DemoSettings, poisoned: Any, variants: dict, out: Path, jobs: int
+    cell: Cell,
+    name: str,
+    s: DemoSettings,
+    poisoned: Any,
+    variants: dict,
+    out: Path,
+    jobs: int,
+    grad_clip_norm: float | None = None,
 ) -> RunSpec:
     flags, defend = variants[name]
     train = s.train_settings(default_threads(jobs) if s.device == "cpu" else None)
+    train = replace(train, grad_clip_norm=grad_clip_norm)
     return RunSpec(
         name=name,
         dataset_dir=poisoned.out_dir,
@@ -291,6 +300,7 @@ def row_of(result: dict[str, Any]) -> dict[str, Any]:
         if any(m.get("poison_class") is not None for m in matching)
         else None,
         "worst_drop": max(drops) if drops else None,
+        "grad_clip_norm": result.get("settings", {}).get("grad_clip_norm"),
         "risk_precision": _mean_key(result["matching"].values(), "risk_precision"),
         "risk_recall": _mean_key(result["matching"].values(), "risk_recall"),
         **{k: _mean_key(result["matching"].values(), k) for k, _ in SPLIT_BY_ATTACK},
@@ -565,6 +575,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "tabled apart",
     )
     parser.add_argument("--epochs", type=int, help="(default: the scale's)")
+    parser.add_argument(
+        "--grad-clip-norm",
+        type=float,
+        help="clip every run's gradient norm to this (OpenCLIP's --grad-clip-norm; default: no "
+        "clipping); a --out folder holds runs of one value",
+    )
     parser.add_argument("--jobs", type=int, help="runs at once (default: the scale's)")
     parser.add_argument("--scale", default=None, help="demo scale (default: cpu, or gpu on cuda)")
     parser.add_argument("--quick", action="store_true", help="toy sizes: a check of the script")
@@ -590,7 +606,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(default: each variant's own recipe's floor: floor-eda for robust-eda, floor-light "
         "for robust-light, clip-clean for clip and scan-filter, else floor)",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.grad_clip_norm is not None and not args.grad_clip_norm > 0:
+        parser.error(f"--grad-clip-norm {args.grad_clip_norm}: give a number > 0")
+    return args
 
 
 def base_settings(args: argparse.Namespace) -> DemoSettings:
@@ -653,6 +672,21 @@ def report(out: Path, compare: list[list[str]] | None = None, floor_name: str | 
     return 0
 
 
+def check_one_recipe(store: Path, grad_clip_norm: float | None) -> None:
+    """Refuse to add runs of another gradient clipping to a folder's saved runs.
+
+    The table and the verdicts compare every saved run of a cell, so a folder must hold one
+    recipe; runs saved before the option existed were not clipped.
+    """
+    for path in sorted(store.glob("*.json")):
+        saved = json.loads(path.read_text()).get("grad_clip_norm")
+        if saved != grad_clip_norm:
+            raise SystemExit(
+                f"--grad-clip-norm {grad_clip_norm}: {path} was trained with "
+                f"{saved} (None: no clipping); give its value, or another --out for this recipe"
+            )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if (args.compare or args.floor is not None) and not args.report:
@@ -669,6 +703,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs = int(base.resolved().jobs or 1)
     store = args.out / "runs"
     store.mkdir(parents=True, exist_ok=True)
+    check_one_recipe(store, args.grad_clip_norm)
     specs, cached, prepared = [], [], {}
     for cell, name in plan(args, base):
         path = store / f"{cell.key}-{name}.json"
@@ -678,8 +713,11 @@ def main(argv: list[str] | None = None) -> int:
         if cell not in prepared:
             prepared[cell] = prepare(cell, base, args.out)
         s, poisoned = prepared[cell]
-        specs.append((path, spec_for(cell, name, s, poisoned, variants, args.out, jobs)))
+        spec = spec_for(cell, name, s, poisoned, variants, args.out, jobs, args.grad_clip_norm)
+        specs.append((path, spec))
     header = f"device: {device_name(args.device, jobs)}; torch {torch.__version__}; {date.today()}"
+    if args.grad_clip_norm is not None:
+        header += f"; gradient norm clipped to {args.grad_clip_norm:g}"
     _log(f"{header}; {len(specs)} runs to train, {len(cached)} already done, {jobs} at a time")
     start = time.perf_counter()
 

@@ -57,6 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("every", "test_limit", "window", "jobs"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: give 1 or more")
+    if args.grad_clip_norm is not None and not args.grad_clip_norm > 0:
+        parser.error(f"--grad-clip-norm {args.grad_clip_norm}: give a number > 0")
     unknown = [v for v in args.variants if v not in br.VARIANTS]
     if unknown:
         parser.error(f"--variants {' '.join(unknown)}: not one of {', '.join(br.VARIANTS)}")
@@ -94,11 +96,11 @@ def _cell_spec(args: argparse.Namespace, variant: str) -> tuple[Any, Any]:
         args.dataset, args.seed, args.rate = grid.datasets[0], grid.seeds[0], grid.rates[0]
     cell = br.Cell(args.dataset, args.seed, args.rate)
     s, poisoned = br.prepare(cell, base, args.out)
-    spec = br.spec_for(cell, variant, s, poisoned, br.VARIANTS, args.out, args.jobs)
-    run_dir = args.out / "steps" / cell.key / run_name(variant, args.grad_clip_norm, args.clean)
-    train = replace(spec.train, grad_clip_norm=args.grad_clip_norm)
+    clip = args.grad_clip_norm
+    spec = br.spec_for(cell, variant, s, poisoned, br.VARIANTS, args.out, args.jobs, clip)
+    run_dir = args.out / "steps" / cell.key / run_name(variant, clip, args.clean)
     clean = spec.clean_only or args.clean  # a floor variant trains on the clean rows anyway
-    return poisoned, replace(spec, train=train, run_dir=run_dir, clean_only=clean)
+    return poisoned, replace(spec, run_dir=run_dir, clean_only=clean)
 
 
 def train_traced(args: argparse.Namespace, variant: str) -> Path:

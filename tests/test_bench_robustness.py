@@ -256,3 +256,31 @@ def test_report_compares_a_candidate_with_an_incumbent_by_the_default_rule(
         br.main(["--out", str(tmp_path), "--compare", "robust-eda", "robust"])
     with pytest.raises(SystemExit, match="--compare and --floor go with --report"):
         br.main(["--out", str(tmp_path), "--floor", "floor-eda"])
+
+
+def test_gradient_clipping_reaches_every_run_and_is_saved_with_its_row(tmp_path: Path) -> None:
+    args = br.parse_args(["--quick", "--out", str(tmp_path), "--grad-clip-norm", "1"])
+    base = br.base_settings(args)
+    cell = br.Cell("digits", 0, 0.05)
+    s, poisoned = br.prepare(cell, base, tmp_path)
+    clipped = br.spec_for(cell, "robust", s, poisoned, br.VARIANTS, tmp_path, 1, 1.0)
+    plain = br.spec_for(cell, "robust", s, poisoned, br.VARIANTS, tmp_path, 1)
+    assert clipped.train.grad_clip_norm == 1.0 and plain.train.grad_clip_norm is None
+    assert clipped.train == br.replace(plain.train, grad_clip_norm=1.0)
+
+
+@pytest.mark.parametrize(("saved", "flag"), [(None, ["--grad-clip-norm", "1"]), (1.0, [])])
+def test_a_folder_holds_runs_of_one_gradient_clipping(tmp_path: Path, saved, flag) -> None:
+    """The table compares every saved run of a cell: another recipe goes to another --out."""
+    (tmp_path / "runs").mkdir()
+    row = {**_row(0, "clip", 0.9), "grad_clip_norm": saved}
+    (tmp_path / "runs" / "mnist-s0-r0.001-clip.json").write_text(json.dumps(row))
+    with pytest.raises(SystemExit, match="give its value, or another --out"):
+        br.main(["--quick", "--out", str(tmp_path), *flag])
+    assert not (tmp_path / "data").exists()  # refused before any work
+
+
+def test_a_clipping_limit_must_be_positive(capsys) -> None:
+    with pytest.raises(SystemExit):
+        br.parse_args(["--grad-clip-norm", "-1"])
+    assert "--grad-clip-norm -1.0: give a number > 0" in capsys.readouterr().err

@@ -59,6 +59,7 @@ def test_the_epoch_fall_is_the_largest_drop_between_epoch_ends() -> None:
     [
         (["--variants", "robust", "nope"], "--variants nope: not one of"),
         (["--every", "0"], "--every 0: give 1 or more"),
+        (["--grad-clip-norm", "0"], "--grad-clip-norm 0.0: give a number > 0"),
     ],
 )
 def test_bad_arguments_name_the_flag(argv, message, capsys) -> None:
